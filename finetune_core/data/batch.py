@@ -1,0 +1,54 @@
+"""The batch the dataset hands to the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from finetune_core.model.interface import DiffusionModel
+
+
+@dataclass
+class DataBatch:
+    """One micro-batch of prepared training samples, all of one resolution (one bucket).
+
+    latents: (B, 4, h, w) scaled clean latents, already sampled per the latent sampling method, CPU float32.
+    prompts: the prompt of every sample, template line and tags already drawn for this step.
+    size_cond: (B, 6) original (h, w), crop (top, left), target (h, w) in pixels (SDXL micro-conditioning).
+    loss_weight: (B, 1, h, w) per-latent-cell weight from the PNG alpha channel (min 0, mean 1), or None.
+    pixels: (B, 3, H, W) the cropped/flipped training images in [-1, 1] when the dataset was asked to keep them
+            (DreamArtist's reconstruction loss), else None.
+    extras: per-sample method data (e.g. DreamBooth's `is_class` flags).
+    """
+
+    latents: torch.Tensor
+    prompts: list[str]
+    size_cond: torch.Tensor
+    loss_weight: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    image_paths: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class TrainingData(Protocol):
+    """What the loop needs from a dataset. Deterministic: the same (index, seed) always gives the same batch.
+
+    `prepare` runs once before the autograd phase (it encodes every latent the run can need, so that under
+    medvram the VAE is never needed inside a training step); `get_batch` then needs no model.
+    """
+
+    batch_size: int
+
+    def prepare(self, model: "DiffusionModel", on_progress: Callable[[int, int], None] | None = None) -> None: ...
+
+    def batches_per_epoch(self) -> int: ...
+
+    def get_batch(self, index: int, seed: int) -> DataBatch:
+        """Micro-batch number `index` of the run (0-based); epoch = index // batches_per_epoch()."""
+        ...

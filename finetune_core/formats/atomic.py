@@ -1,0 +1,70 @@
+"""Safe file I/O shared by every format: atomic writes, WebUI-loadable `.pt` files, and a pickle-safe reader."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from finetune_core.errors import ArtifactError
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call `write(tmp_path)` then rename the temporary file onto `path`, so a crash never leaves half a file.
+
+    Refuses to replace an existing file unless `overwrite` is set.
+    """
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise ArtifactError(f"{target} already exists; choose another name or ask to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def save_pt(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """`torch.save` in the legacy (non-zip) format, atomically.
+
+    A stock WebUI v1.10.1 rejects zip entries that newer torch releases add (`.format_version`,
+    `.storage_alignment`); the legacy format is not a zip and goes straight to its restricted unpickler.
+    """
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp, _use_new_zipfile_serialization=False), overwrite)
+
+
+def load_pt(path: str | os.PathLike[str]) -> Any:
+    """Load a `.pt`/`.ckpt`/`.bin` allowing only tensors and plain types (`weights_only=True`).
+
+    Raises ArtifactError for a missing, empty, truncated or unsafe file.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise ArtifactError(f"{source} does not exist")
+    if source.stat().st_size == 0:
+        raise ArtifactError(f"{source} is empty (0 bytes)")
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ArtifactError(
+            f"{source} was refused: it is a pickle that wants to run code or import something other than "
+            f"tensors and plain values ({_first_line(exc)}); only safe files are loaded") from exc
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise ArtifactError(f"{source} is not a readable torch file (truncated or another format): "
+                            f"{_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
