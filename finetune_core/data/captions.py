@@ -1,0 +1,73 @@
+"""Captions: from `<image>.txt` or the file name (WebUI rules), and tag shuffle / keep-first-N / dropout."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+# The WebUI strips a leading run of digits and dashes (e.g. "00012-" from preprocessed files) from file names.
+_LEADING_NUMBERS = re.compile(r"^[-\d]+\s*")
+
+CAPTION_FROM_TXT = "txt"
+CAPTION_FROM_FILENAME = "filename"
+
+
+def caption_from_filename(stem: str, word_regex: str = "", join_string: str = " ") -> str:
+    """Caption from a file stem as the WebUI does: drop leading digits/dashes, optionally keep only regex words."""
+    text = _LEADING_NUMBERS.sub("", stem)
+    if word_regex:
+        text = join_string.join(re.findall(word_regex, text))
+    return text
+
+
+def caption_file(image_path: Path) -> Path:
+    """The `.txt` file whose text captions `image_path` (same folder, same stem)."""
+    return image_path.with_suffix(".txt")
+
+
+def read_caption(image_path: Path, word_regex: str = "", join_string: str = " ") -> tuple[str, str]:
+    """Return (caption, source) for an image: the `.txt` next to it, else its file name."""
+    text_path = caption_file(image_path)
+    if text_path.is_file():
+        text = text_path.read_text(encoding="utf-8", errors="replace")
+        # Caption files often end with a newline or hold one tag list per line; a prompt is one line.
+        return " ".join(text.split()), CAPTION_FROM_TXT
+    return caption_from_filename(image_path.stem, word_regex, join_string), CAPTION_FROM_FILENAME
+
+
+def split_tags(caption: str) -> list[str]:
+    """Split a caption on commas into trimmed, non-empty tags."""
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def join_tags(tags: list[str]) -> str:
+    """Join tags back into a caption."""
+    return ", ".join(tags)
+
+
+def shuffle_tags(tags: list[str], rng: random.Random, keep: int = 0) -> list[str]:
+    """Shuffle the tags after the first `keep`, which stay in place (e.g. a trigger word)."""
+    head, tail = tags[:keep], list(tags[keep:])
+    rng.shuffle(tail)
+    return head + tail
+
+
+def drop_tags(tags: list[str], probability: float, rng: random.Random, keep: int = 0) -> list[str]:
+    """Drop each tag after the first `keep` with `probability`; the kept tags are never dropped."""
+    head, tail = tags[:keep], tags[keep:]
+    # One draw per tag, always, so the random stream does not depend on which tags survive.
+    draws = [rng.random() for _ in tail]
+    return head + [tag for tag, draw in zip(tail, draws) if draw >= probability]
+
+
+def augment_caption(caption: str, rng: random.Random, shuffle: bool, dropout: float, keep: int = 0) -> str:
+    """The `[filewords]` text for one step: tags dropped then shuffled; the caption is untouched when both are off."""
+    if not shuffle and dropout <= 0:
+        return caption
+    tags = split_tags(caption)
+    if dropout > 0:
+        tags = drop_tags(tags, dropout, rng, keep)
+    if shuffle:
+        tags = shuffle_tags(tags, rng, keep)
+    return join_tags(tags)

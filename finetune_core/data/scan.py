@@ -1,0 +1,95 @@
+"""Find the training images of a folder, prove each one decodes, and pair it with its caption."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune_core.data.captions import CAPTION_FROM_TXT, read_caption
+from finetune_core.data.transforms import IMAGE_EXTENSIONS, probe_image
+from finetune_core.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One readable training image: where it is, its upright size, its content hash and its caption."""
+
+    path: Path
+    width: int
+    height: int
+    mode: str
+    has_alpha: bool
+    content_hash: str  # sha256 of the file bytes: the cache key part that notices an edited image
+    caption: str
+    caption_source: str  # "txt" or "filename"
+
+    @property
+    def has_caption_file(self) -> bool:
+        return self.caption_source == CAPTION_FROM_TXT
+
+
+@dataclass
+class ScanResult:
+    """The images of a dataset folder: readable ones as records, unreadable ones with the reason."""
+
+    folder: Path
+    records: list[ImageRecord]
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    text_files: int = 0
+
+
+def find_files(folder: Path, recursive: bool) -> tuple[list[Path], int, int]:
+    """(image files sorted by path, number of .txt files, number of other files) in `folder`."""
+    if not folder.exists():
+        raise DatasetError(f"the dataset folder {folder} does not exist; check the path")
+    if not folder.is_dir():
+        raise DatasetError(f"the dataset path {folder} is a file, not a folder; give the folder of training images")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in candidates if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    texts = sum(1 for p in files if p.suffix.lower() == ".txt")
+    return images, texts, len(files) - len(images) - texts
+
+
+def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", join_string: str = " ") -> ScanResult:
+    """Scan a dataset folder; unreadable images are skipped and named, an unusable folder is a DatasetError."""
+    images, texts, others = find_files(folder, recursive)
+    if not images:
+        raise DatasetError(_no_images_message(folder, recursive, texts, others))
+    result = ScanResult(folder, [], [], texts)
+    for path in images:
+        try:
+            data = path.read_bytes()
+            info = probe_image(data, path)
+        except (DatasetError, OSError) as exc:
+            reason = str(exc.__cause__ or exc)
+            logger.warning("skipping unreadable image %s: %s", path, reason)
+            result.unreadable.append((path, reason))
+            continue
+        caption, source = read_caption(path, word_regex, join_string)
+        result.records.append(ImageRecord(path, info.width, info.height, info.mode, info.has_alpha,
+                                          hashlib.sha256(data).hexdigest(), caption, source))
+    if not result.records:
+        named = ", ".join(f"{p.name} ({why})" for p, why in result.unreadable)
+        raise DatasetError(f"none of the {len(images)} images in the dataset folder {folder} could be read: "
+                           f"{named}; replace them with valid image files")
+    return result
+
+
+def _no_images_message(folder: Path, recursive: bool, texts: int, others: int) -> str:
+    kinds = "/".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+    where = "or its subfolders " if recursive else ""
+    if texts == 0 and others == 0:
+        hint = "" if recursive else " (subfolders are not searched unless recursive scanning is on)"
+        return f"the dataset folder {folder} {where}is empty{hint}; put training images ({kinds}) in it"
+    found = []
+    if texts:
+        found.append(f"{texts} .txt file{'s' if texts != 1 else ''}")
+    if others:
+        found.append(f"{others} other file{'s' if others != 1 else ''}")
+    return (f"the dataset folder {folder} has no images; found {' and '.join(found)}; "
+            f"training needs {kinds} images, each optionally with a .txt caption of the same name")
