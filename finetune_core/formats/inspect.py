@@ -1,0 +1,209 @@
+"""Tell what an artefact file is by its content (not its size): embedding, hypernetwork, checkpoint, LoRA, ..."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from finetune_core.errors import ArtifactError
+from finetune_core.formats import aesthetic, embedding, hypernetwork
+from finetune_core.formats.atomic import load_pt
+from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
+
+logger = logging.getLogger(__name__)
+
+# Above this size a zip-format torch file is memory-mapped rather than read into RAM.
+_MMAP_ABOVE_BYTES = 64 << 20
+_WIDTH_FAMILIES = {768: "SD1", 1024: "SD2", 2048: "SDXL", 1280: "SDXL refiner"}
+_LORA_DOWN_MARKERS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass
+class ArtifactInfo:
+    """What `inspect_file` found; `kind` is embedding, hypernetwork, checkpoint, aesthetic embedding, lora or unknown."""
+
+    path: Path
+    kind: str
+    family: str | None = None
+    name: str | None = None
+    width: int | None = None
+    vectors: int | None = None
+    step: int | None = None
+    sizes: list[int] = field(default_factory=list)
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    tensor_count: int | None = None
+    details: str = ""
+
+    def describe(self) -> str:
+        """One plain sentence for the CLI and the UI."""
+        fam = f" ({self.family})" if self.family else ""
+        if self.kind == "embedding":
+            plural = "vector" if self.vectors == 1 else "vectors"
+            text = f"Textual-inversion embedding '{self.name}': {self.vectors} {plural} of width {self.width}{fam}"
+        elif self.kind == "hypernetwork":
+            text = (f"Hypernetwork '{self.name}': modules for sizes {', '.join(map(str, self.sizes))}{fam}"
+                    + (f", {self.details}" if self.details else ""))
+        elif self.kind == "aesthetic embedding":
+            text = f"Aesthetic embedding: one CLIP image vector of width {self.width}{fam}"
+        elif self.kind == "lora":
+            text = f"LoRA{fam}: {self.details}"
+        elif self.kind == "checkpoint":
+            text = f"Stable Diffusion checkpoint{fam}: {self.tensor_count} tensors" + (
+                f", {self.details}" if self.details else "")
+        else:
+            return f"{self.path.name}: not a file this extension knows ({self.details})"
+        if self.step is not None and self.kind in ("embedding", "hypernetwork"):
+            text += f", step {self.step}"
+        if self.sd_checkpoint_name or self.sd_checkpoint:
+            tag = f"[{self.sd_checkpoint}]" if self.sd_checkpoint else None
+            text += ", trained on " + " ".join(part for part in (self.sd_checkpoint_name, tag) if part)
+        return text
+
+
+def inspect_file(path: str | os.PathLike[str]) -> ArtifactInfo:
+    """Identify an artefact by its content; unreadable or foreign files come back as kind "unknown" with a reason."""
+    source = Path(path)
+    if not source.is_file():
+        raise ArtifactError(f"{source} does not exist or is not a file")
+    suffix = source.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            shapes, metadata = read_safetensors_header(source)
+            return _from_shapes(source, shapes, metadata)
+        if suffix in IMAGE_SUFFIXES:
+            return _from_embedding(source, embedding.embedding_from_obj(read_image_data(source), source))
+        return _from_object(source, _load_torch(source))
+    except ArtifactError as exc:
+        return ArtifactInfo(path=source, kind="unknown", details=str(exc))
+
+
+def family_for_width(width: int | None) -> str | None:
+    """Model family whose text conditioning has this width (768 is SD1, or SDXL's CLIP-L alone)."""
+    return _WIDTH_FAMILIES.get(width) if width is not None else None
+
+
+def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
+    """Tensor shapes and metadata from a .safetensors header, without reading the tensor data."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if length <= 0 or 8 + length > size:
+            raise ArtifactError(f"{path} is not a readable .safetensors file (bad or truncated header)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{path} is not a readable .safetensors file (header is not JSON)") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    shapes: Shapes = {}
+    end = 0
+    for key, entry in header.items():
+        shapes[key] = tuple(int(n) for n in entry.get("shape", []))
+        end = max(end, int(entry.get("data_offsets", [0, 0])[1]))
+    if 8 + length + end > size:
+        raise ArtifactError(f"{path} is truncated: its header promises {end} bytes of tensor data")
+    return shapes, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _load_torch(source: Path) -> Any:
+    if source.stat().st_size > _MMAP_ABOVE_BYTES and zipfile.is_zipfile(source):
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # any failure here means "not a safe, readable torch file"
+            raise ArtifactError(f"{source} could not be read safely: {exc}") from exc
+    return load_pt(source)
+
+
+def _from_object(source: Path, obj: Any) -> ArtifactInfo:
+    if aesthetic.sniff(obj):
+        width = int(obj.shape[-1])
+        return ArtifactInfo(path=source, kind="aesthetic embedding", width=width, vectors=1,
+                            family=family_for_width(width))
+    if embedding.sniff(obj):
+        return _from_embedding(source, embedding.embedding_from_obj(obj, source))
+    if hypernetwork.sniff(obj):
+        return _from_hypernetwork(source, hypernetwork.hypernetwork_from_obj(obj, source))
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _from_shapes(source, {str(k): tuple(v.shape) for k, v in obj.items()}, {})
+    return ArtifactInfo(path=source, kind="unknown", details=embedding.describe_object(obj))
+
+
+def _from_embedding(source: Path, emb: embedding.EmbeddingFile) -> ArtifactInfo:
+    return ArtifactInfo(path=source, kind="embedding", name=emb.name, width=emb.width, vectors=emb.num_vectors,
+                        family=family_for_width(emb.width), step=emb.step, sd_checkpoint=emb.sd_checkpoint,
+                        sd_checkpoint_name=emb.sd_checkpoint_name, tensor_count=len(emb.vectors))
+
+
+def _from_hypernetwork(source: Path, hn: hypernetwork.HypernetworkFile) -> ArtifactInfo:
+    family = next((_WIDTH_FAMILIES[w] for w in (2048, 1024, 768) if w in hn.layers), None)
+    structure = ", ".join(f"{x:g}" for x in hn.layer_structure)
+    details = f"layer structure {structure}, activation {hn.activation_func or 'linear'}"
+    if hn.is_layer_norm:
+        details += ", layer norm"
+    return ArtifactInfo(path=source, kind="hypernetwork", name=hn.name, sizes=hn.sizes, family=family,
+                        step=hn.step, sd_checkpoint=hn.sd_checkpoint, sd_checkpoint_name=hn.sd_checkpoint_name,
+                        details=details)
+
+
+def _from_shapes(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> ArtifactInfo:
+    """Classify a flat name -> shape map (a .safetensors header or a loaded state dict)."""
+    downs = {k: s for k, s in shapes.items() if k.endswith(_LORA_DOWN_MARKERS)}
+    if downs:
+        return _lora_info(source, shapes, downs)
+    checkpoint_info = _checkpoint_info(source, shapes)
+    if checkpoint_info is not None:
+        return checkpoint_info
+    if set(shapes) == {"clip_l", "clip_g"} or (len(shapes) == 1 and len(next(iter(shapes.values()))) in (1, 2)):
+        width = sum(s[-1] for s in shapes.values())
+        first = next(iter(shapes.values()))
+        step = metadata.get("step")
+        return ArtifactInfo(path=source, kind="embedding", name=metadata.get("name") or source.stem, width=width,
+                            vectors=first[0] if len(first) == 2 else 1, family=family_for_width(width),
+                            step=int(step) if step and step.isdigit() else None,
+                            sd_checkpoint=metadata.get("sd_checkpoint"),
+                            sd_checkpoint_name=metadata.get("sd_checkpoint_name"), tensor_count=len(shapes))
+    keys = ", ".join(list(shapes)[:5]) + (", ..." if len(shapes) > 5 else "")
+    return ArtifactInfo(path=source, kind="unknown", tensor_count=len(shapes),
+                        details=f"{len(shapes)} tensors with names such as {keys or '(none)'}")
+
+
+def _lora_info(source: Path, shapes: Shapes, downs: Shapes) -> ArtifactInfo:
+    kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in downs)
+    ranks = sorted({s[0] for s in downs.values() if s})
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in downs):
+        family = "SDXL"
+    else:
+        te_widths = {s[-1] for k, s in downs.items() if k.startswith("lora_te_") and s}
+        family = family_for_width(next(iter(te_widths))) if len(te_widths) == 1 else None
+    rank = ", ".join(map(str, ranks)) if ranks else "?"
+    naming = "kohya naming" if kohya else "diffusers/PEFT naming"
+    return ArtifactInfo(path=source, kind="lora", family=family, tensor_count=len(shapes),
+                        details=f"{len(downs)} modules, rank {rank} ({naming})")
+
+
+def _checkpoint_info(source: Path, shapes: Shapes) -> ArtifactInfo | None:
+    try:
+        from finetune_core.formats import checkpoint  # written separately; optional for inspection
+    except ImportError:
+        logger.debug("formats.checkpoint is not available; checkpoints are reported as unknown")
+        return None
+    if not checkpoint.sniff(shapes):
+        return None
+    try:
+        family: str | None = checkpoint.detect_family(shapes).upper()
+        details = ""
+    except ArtifactError as exc:
+        family, details = None, str(exc)
+    return ArtifactInfo(path=source, kind="checkpoint", family=family, tensor_count=len(shapes), details=details)
