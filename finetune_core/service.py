@@ -6,9 +6,18 @@ settings dicts (what a form, a JSON body or argparse produces), so every host va
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
+
+from finetune_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from finetune_core.data.lint import LintReport
+    from finetune_core.formats.inspect import ArtifactInfo
+    from finetune_core.methods import MethodSpec
+    from finetune_core.model.interface import DiffusionModel
 
 
 @dataclass(frozen=True)
@@ -63,3 +72,103 @@ class JobResult:
     step: int
     interrupted: bool
     message: str
+
+
+def load(spec: str, device: str | None = None) -> "DiffusionModel":
+    """Load a model for standalone use: a built-in tiny name, a single-file checkpoint or a diffusers folder."""
+    import torch
+
+    from finetune_core.model.loading import load_model
+    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(spec, device=chosen)
+
+
+def method_spec(method: str) -> "MethodSpec":
+    """The registry entry for `method`, or a ConfigError listing the known methods."""
+    from finetune_core.methods import METHODS
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def form_defaults(method: str) -> dict[str, dict[str, Any]]:
+    """Default values of every setting a method's forms show, with the method's overrides applied."""
+    from finetune_core.data.config import DatasetConfig
+    from finetune_core.train.config import TrainConfig
+    spec = method_spec(method)
+    return {"method": _defaults(spec.config_type), "data": {**_defaults(DatasetConfig), **spec.data_defaults},
+            "train": {**_defaults(TrainConfig), **spec.train_defaults}}
+
+
+def _defaults(config_type: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
+
+
+def build_config(config_type: type, defaults: Mapping[str, Any], settings: Mapping[str, Any], what: str) -> Any:
+    """A validated settings dataclass from defaults + user settings; unknown keys and bad values are ConfigErrors."""
+    known = {f.name: f for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {**{k: v for k, v in defaults.items() if k in known}, **settings}
+    problems = []
+    for name, value in list(values.items()):
+        try:
+            values[name] = _coerce(value, str(known[name].type))
+        except (TypeError, ValueError):
+            problems.append(f"{what} setting {name!r} must be {known[name].type}, got {value!r}")
+    if problems:
+        raise ConfigError(problems)
+    config = config_type(**values)
+    config.validate()
+    return config
+
+
+def _coerce(value: Any, type_name: str) -> Any:
+    """Accept what forms and JSON send ("10" for 10, 10.0 for an int field), refusing anything lossy."""
+    base = type_name.replace("typing.", "").split("|")[0].strip()
+    if value is None or value == "" and "None" in type_name:
+        return None if "None" in type_name else value
+    if base == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, (bool, int)):
+            return bool(value)
+        raise ValueError(value)
+    if base == "int":
+        number = float(value)
+        if number != int(number):
+            raise ValueError(value)
+        return int(number)
+    if base == "float":
+        return float(value)
+    if base == "str":
+        return str(value)
+    return value
+
+
+def create(method: str, name: str, settings: Mapping[str, Any], model: "DiffusionModel", folders: OutputFolders,
+           overwrite: bool = False) -> list[Path]:
+    """Create a new, untrained artefact file (the WebUI's Create embedding / Create hypernetwork)."""
+    from finetune_core.formats.names import sanitize_name
+    spec = method_spec(method)
+    if spec.create_type is None or spec.create is None:
+        raise ConfigError(f"{spec.label} has no separate create step; train it directly")
+    clean = sanitize_name(name)
+    config = build_config(spec.create_type, form_defaults(method)["method"], settings, spec.label)
+    return spec.create(model, clean, config, folders.for_kind(spec.output_kind), overwrite)
+
+
+def lint(data_settings: Mapping[str, Any], method: str = "textual-inversion",
+         model: "DiffusionModel | None" = None) -> "LintReport":
+    """Check a dataset before training: images, unreadable files, captions, sizes, token lengths, buckets."""
+    from finetune_core.data.config import DatasetConfig
+    from finetune_core.data.lint import lint_dataset
+    config = build_config(DatasetConfig, form_defaults(method)["data"], data_settings, "dataset")
+    return lint_dataset(config, token_counter=model.count_tokens if model is not None else None)
+
+
+def inspect(path: str | Path) -> "ArtifactInfo":
+    """Say what an artefact file is (embedding, hypernetwork, checkpoint, aesthetic embedding, LoRA)."""
+    from finetune_core.formats.inspect import inspect_file
+    return inspect_file(path)

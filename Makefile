@@ -1,0 +1,57 @@
+# Set-up and everyday commands. `make demo` trains an embedding on the built-in tiny model; `make test` runs the tests.
+# Both create the virtual environment on first use (torch is the small CPU build where one is on local disk).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WEBUI_VENV ?= .venv-webui
+WPY := $(WEBUI_VENV)/bin/python
+TORCH ?= torch==2.13.0
+OUT ?= outputs
+
+.PHONY: setup demo ui test test-webui-pins lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[standalone,test]'
+	# The CLIP BPE vocabulary only; its torchvision/timm dependencies would pull a second torch.
+	$(PY) -m pip install -q --no-deps "open_clip_torch>=2.20"
+	touch $@
+
+demo: setup
+	$(PY) -m finetune_core train textual-inversion --model tiny-sd1 --data examples/dataset --name demo-shapes \
+		--init-text "shape" --vectors 2 --steps 40 --width 64 --height 64 --preview-every 20 --save-every 20 \
+		--output-dir $(OUT) --overwrite
+
+ui: setup
+	$(PY) -m finetune_core ui --model tiny-sd1 --output-dir $(OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+# Host-facing tests again with the WebUI's pinned packages (gradio 3.41.2, transformers 4.30.2, pydantic 1, ...).
+test-webui-pins: $(WEBUI_VENV)/.installed
+	$(WPY) -m pytest -q tests/webui tests/test_imports.py
+
+$(WEBUI_VENV)/.installed: pyproject.toml
+	python3 -m venv $(WEBUI_VENV)
+	$(WPY) -m pip install -q --upgrade pip
+	$(WPY) -m pip install -q "$(TORCH)"
+	$(WPY) -m pip install -q gradio==3.41.2 transformers==4.30.2 "pydantic<2" fastapi==0.94.0 numpy==1.26.2 \
+		safetensors==0.4.2 Pillow==9.5.0 httpx==0.24.1 pytest ftfy regex
+	$(WPY) -m pip install -q --no-deps open-clip-torch==2.20.0
+	$(WPY) -m pip install -q --no-deps -e .
+	touch $@
+
+lint: setup
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check finetune_core scripts tests install.py
+
+bench: setup
+	$(PY) -m finetune_core bench
+
+clean:
+	rm -rf $(VENV) $(WEBUI_VENV) $(OUT)

@@ -1,0 +1,196 @@
+"""`python -m finetune_core`: train / create / lint / inspect / bench / ui.
+
+Flags are generated from the settings dataclasses (the same fields the tab shows), so the CLI, the tab and the REST
+API accept the same settings under the same names (`learning_rate` -> `--learning-rate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from finetune_core.errors import FinetuneError
+
+# The flags issue #2 names, kept short; each maps to a settings field.
+ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "learning_rate": ["--lr"]}
+SECTIONS = ("method", "data", "train")
+
+
+def _setting_types() -> dict[str, type]:
+    from finetune_core.data.config import DatasetConfig
+    from finetune_core.train.config import TrainConfig
+    return {"data": DatasetConfig, "train": TrainConfig}
+
+
+def _add_settings(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
+    group = parser.add_argument_group(f"{section} settings")
+    for f in fields(config_type):
+        if f.name in taken or f.name in {"version", "placeholder"}:
+            continue
+        taken.add(f.name)
+        meta = f.metadata or {}
+        flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{meta.get('help', '')} (default: {default!r})"
+        dest = f"{section}:{f.name}"
+        if f.type in (bool, "bool"):
+            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), None) or (f.type if f.type in (int, float) else str)
+        group.add_argument(*flags, dest=dest, type=kind, default=None, choices=meta.get("choices"), help=help_text,
+                           metavar=f.name.upper())
+
+
+def _settings_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for dest, value in vars(args).items():
+        if ":" in dest and value is not None:
+            section, name = dest.split(":", 1)
+            out[section][name] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from finetune_core.methods import METHODS
+    parser = argparse.ArgumentParser(prog="python -m finetune_core", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics (paths, cache hits, devices)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for verb in ("train", "create"):
+        verb_parser = commands.add_parser(verb, help=f"{verb} an artefact with a method")
+        methods = verb_parser.add_subparsers(dest="method", required=True)
+        for spec in METHODS.values():
+            sub = methods.add_parser(spec.key, help=spec.description, description=spec.description)
+            _common_flags(sub, training=verb == "train")
+            taken: set[str] = set()
+            _add_settings(sub, "method", spec.config_type if verb == "train" else (spec.create_type or
+                                                                                   spec.config_type), taken)
+            if verb == "train":
+                for section, config_type in _setting_types().items():
+                    _add_settings(sub, section, config_type, taken)
+    lint = commands.add_parser("lint", help="check a dataset folder before training")
+    lint.add_argument("--model", default=None, help="count tokens with this model's tokenizer (optional)")
+    lint.add_argument("--method", default="textual-inversion", choices=list(METHODS))
+    _add_settings(lint, "data", _setting_types()["data"], set())
+    inspect = commands.add_parser("inspect", help="say what an artefact file is and which model it fits")
+    inspect.add_argument("file")
+    bench = commands.add_parser("bench", help="print speed, memory and compute-floor figures")
+    bench.add_argument("--full", action="store_true", help="also the full-size SD1.5 architecture at 256x256")
+    bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    bench.add_argument("--models", default="tiny-sd1,tiny-sd2,tiny-sdxl")
+    bench.add_argument("--methods", default=",".join(METHODS))
+    ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
+    ui.add_argument("rest", nargs=argparse.REMAINDER, help="options of the app (see `ui --help`)")
+    return parser
+
+
+def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
+    parser.add_argument("--model", default="tiny-sd1",
+                        help="tiny-sd1, tiny-sd2, tiny-sdxl, a .safetensors/.ckpt checkpoint or a diffusers folder")
+    parser.add_argument("--name", required=True, help="the artefact's name (the word you will type in prompts)")
+    parser.add_argument("--output-dir", default="outputs", help="laid out like the WebUI: embeddings/, models/...")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file of the same name")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    if training:
+        parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run exactly")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ui"]:
+        from finetune_core.ui.app import main as ui_main
+        return int(ui_main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return _dispatch(args)
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from finetune_core import service
+    if args.command == "inspect":
+        print(service.inspect(args.file).describe())
+        return 0
+    if args.command == "bench":
+        from finetune_core.bench import run_bench
+        run_bench(models=args.models.split(","), methods=args.methods.split(","), steps=args.steps, full=args.full)
+        return 0
+    settings = _settings_from_args(args)
+    if args.command == "lint":
+        model = service.load(args.model) if args.model else None
+        print(service.lint(settings["data"], args.method, model).format())
+        return 0
+    folders = service.OutputFolders.standalone(args.output_dir)
+    model = service.load(args.model, args.device)
+    if args.command == "create":
+        for path in service.create(args.method, args.name, settings["method"], model, folders, args.overwrite):
+            print(f"wrote {path}")
+        return 0
+    request = service.TrainRequest(args.method, args.name, settings["method"], settings["data"], settings["train"],
+                                   overwrite=args.overwrite, resume_run=args.resume)
+    progress = ProgressLine()
+    result = service.train(request, model, folders, on_event=progress)
+    progress.close()
+    print(result.message)
+    return 0
+
+
+class ProgressLine:
+    """Turns loop events into one rewritten terminal line with step, loss, speed and ETA."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.last_draw = 0.0
+        self.width = 0
+
+    def __call__(self, event: Any) -> None:
+        from finetune_core.train import events
+        if isinstance(event, events.StepEvent):
+            now = time.monotonic()
+            if now - self.last_draw < 0.2 and event.step < event.total_steps:
+                return
+            self.last_draw = now
+            done = int(30 * event.step / max(event.total_steps, 1))
+            line = (f"[{'#' * done}{'.' * (30 - done)}] {event.step}/{event.total_steps} loss {event.loss:.4f} "
+                    f"lr {event.learning_rate:.2g} {1 / max(event.seconds_per_step, 1e-9):.2f} it/s "
+                    f"ETA {_duration(event.eta_seconds)}")
+            self._draw(line)
+        elif isinstance(event, events.Warning_):
+            self._newline()
+            print(f"warning: {event.message}", file=self.stream)
+        elif isinstance(event, events.PreviewEvent):
+            self._newline()
+            print(f"preview at step {event.step}: {event.path}", file=self.stream)
+
+    def _draw(self, line: str) -> None:
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+        self.width = len(line)
+
+    def _newline(self) -> None:
+        if self.width:
+            self.stream.write("\n")
+            self.width = 0
+
+    def close(self) -> None:
+        self._newline()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Textual Inversion: train the vectors of one embedding word; everything else stays frozen.
+
+Objective: the LDM loss (eps or v) with the prompt containing the embedding's name (methods.md §2.1).
+Artefact: the WebUI's embedding formats (.pt dict, .safetensors, SDXL clip_l/clip_g, preview .png).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ContextManager, Mapping
+
+import torch
+
+from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
+from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
+from finetune_core.methods.base import ArtifactMeta, InferenceExtras, ParamGroup
+from finetune_core.model.interface import DiffusionModel, TrainableEmbedding
+from finetune_core.train.batch import TrainBatch
+from finetune_core.train.objective import weighted_mse
+
+SAVE_FORMATS = ("pt", "safetensors")
+
+
+@dataclass(frozen=True)
+class TextualInversionCreate:
+    """How a new embedding starts (the WebUI's "Create embedding" form)."""
+
+    init_text: str = field(default="*", metadata={
+        "label": "Initialization text",
+        "help": "Words whose token vectors start the embedding, spread over its vectors; empty starts from zeros."})
+    num_vectors: int = field(default=1, metadata={
+        "label": "Number of vectors per token", "help": "More vectors hold more detail but overfit sooner "
+        "and use more of the 75-token prompt budget.", "minimum": 1, "maximum": 75})
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem."""
+        problems = _create_problems(self)
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class TextualInversionConfig(TextualInversionCreate):
+    """Settings of a Textual Inversion run."""
+
+    continue_from: str = field(default="", metadata={
+        "label": "Continue from embedding",
+        "help": "An existing embedding file (path, or name in the embeddings folder) to keep training from its "
+                "step; empty starts a new embedding from the initialization text."})
+    save_format: str = field(default="pt", metadata={
+        "label": "File format", "choices": list(SAVE_FORMATS),
+        "help": "pt: the WebUI's classic format; safetensors: cannot run code when loaded."})
+    save_image_with_embedding: bool = field(default=True, metadata={
+        "label": "Save images with embedding in PNG chunks",
+        "help": "Each preview also goes to image_embeddings/ as a PNG that carries the embedding (SD1/SD2)."})
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem."""
+        problems = _create_problems(self)
+        if self.save_format not in SAVE_FORMATS:
+            problems.append(f"file format {self.save_format!r} is not one of {', '.join(SAVE_FORMATS)}")
+        if problems:
+            raise ConfigError(problems)
+
+
+def _create_problems(config: TextualInversionCreate) -> list[str]:
+    if not 1 <= config.num_vectors <= 75:
+        return [f"number of vectors per token must be between 1 and 75, got {config.num_vectors}"]
+    return []
+
+
+def initial_vectors(model: DiffusionModel, init_text: str, num_vectors: int) -> dict[str, torch.Tensor]:
+    """Spread the init text's token vectors over `num_vectors` rows: row i = token[i*m//n] (WebUI create_embedding).
+
+    An empty init text gives zeros.
+    """
+    if not init_text:
+        return {enc.key: torch.zeros(num_vectors, enc.width) for enc in model.text_encoders}
+    tokens = model.token_vectors(init_text)
+    out = {}
+    for key, emb in tokens.items():
+        count = emb.shape[0]
+        if count == 0:
+            raise ConfigError(f"the initialization text {init_text!r} has no tokens; type a word or leave it empty")
+        rows = [emb[i * count // num_vectors] for i in range(num_vectors)]
+        out[key] = torch.stack(rows).float().clone()
+    return out
+
+
+def create_embedding(model: DiffusionModel, name: str, config: TextualInversionCreate) -> EmbeddingFile:
+    """A new embedding at step 0, stamped with the model's identity."""
+    config.validate()
+    return EmbeddingFile(name=name, vectors=initial_vectors(model, config.init_text, config.num_vectors), step=0,
+                         sd_checkpoint=model.identity.shorthash, sd_checkpoint_name=model.identity.name)
+
+
+def check_fits(model: DiffusionModel, embedding: EmbeddingFile, source: str) -> None:
+    """Refuse an embedding whose widths are not the loaded model's text widths."""
+    expected = {enc.key: enc.width for enc in model.text_encoders}
+    got = {key: int(vec.shape[-1]) for key, vec in embedding.vectors.items()}
+    if set(got) != set(expected) or any(got[k] != expected[k] for k in expected):
+        raise ModelMismatchError(
+            f"{source} has vectors {_widths(got)} but the loaded {model.family.upper()} model needs {_widths(expected)}; "
+            f"an embedding only works on the model family it was trained for")
+
+
+def _widths(widths: Mapping[str, int]) -> str:
+    return " + ".join(f"{k} {w}" for k, w in widths.items())
+
+
+class TextualInversion:
+    """The Method for Textual Inversion: one embedding's vectors are the only trainable parameters."""
+
+    name = "textual-inversion"
+    caches_text = False  # gradients flow through the text encoder into the vectors
+
+    def __init__(self, config: TextualInversionConfig, embedding: EmbeddingFile) -> None:
+        self.config = config
+        self.file = embedding
+        self.embedding = TrainableEmbedding(embedding.name, {k: v.detach().clone().float().requires_grad_(True)
+                                                             for k, v in embedding.vectors.items()})
+
+    @property
+    def placeholder(self) -> str:
+        return self.file.name
+
+    @property
+    def start_step(self) -> int:
+        return int(self.file.step or 0)
+
+    def trainable_parameters(self, model: DiffusionModel) -> list[ParamGroup]:
+        return [ParamGroup("embedding", list(self.embedding.vectors.values()), weight_decay=0.0)]
+
+    def loss(self, model: DiffusionModel, batch: TrainBatch) -> torch.Tensor:
+        cond = model.encode_prompts(batch.prompts, {self.embedding.name: self.embedding})
+        pred = model.predict(batch.noisy_latents, batch.timesteps, cond, batch.size_cond)
+        return weighted_mse(pred, batch.target, batch.loss_weight, batch.snr_weight)
+
+    def after_step(self, model: DiffusionModel) -> None:
+        """Nothing: the WebUI puts no constraint on embedding norms."""
+
+    def training_context(self, model: DiffusionModel) -> ContextManager[None]:
+        return nullcontext()
+
+    def inference_extras(self) -> InferenceExtras:
+        return InferenceExtras(embeddings={self.embedding.name: self.embedding})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: vec.detach().clone() for key, vec in self.embedding.vectors.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, vec in self.embedding.vectors.items():
+                vec.copy_(state[key])
+
+    def current_file(self, meta: ArtifactMeta) -> EmbeddingFile:
+        """The embedding as a file object at `meta.step`, with detached CPU float32 vectors."""
+        vectors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.embedding.vectors.items()}
+        return EmbeddingFile(name=self.file.name, vectors=vectors, step=meta.step,
+                             sd_checkpoint=meta.model.shorthash, sd_checkpoint_name=meta.model.name)
+
+    def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
+        path = Path(directory) / f"{stem}.{self.config.save_format}"
+        write_embedding(self.current_file(meta), path, overwrite=overwrite)
+        return [path]
+
+
+def load_for_training(model: DiffusionModel, name: str, config: TextualInversionConfig,
+                      embeddings_dir: Path) -> TextualInversion:
+    """Build the method: continue an existing embedding file, or start a new one from the init text."""
+    config.validate()
+    if config.continue_from:
+        source = resolve_embedding(config.continue_from, embeddings_dir)
+        existing = read_embedding(source)
+        check_fits(model, existing, str(source))
+        existing.name = name
+        return TextualInversion(config, existing)
+    return TextualInversion(config, create_embedding(model, name, config))
+
+
+def resolve_embedding(reference: str, embeddings_dir: Path) -> Path:
+    """A path, or a name looked up in the embeddings folder with any of the WebUI's extensions."""
+    direct = Path(reference).expanduser()
+    if direct.is_file():
+        return direct
+    for ext in (".pt", ".safetensors", ".bin", ".png", ".webp"):
+        candidate = Path(embeddings_dir) / f"{reference}{ext}"
+        if candidate.is_file():
+            return candidate
+    raise ArtifactError(f"no embedding {reference!r} found: it is not a file and {embeddings_dir} has no "
+                        f"{reference}.pt/.safetensors/.bin/.png/.webp")
+
+
+def config_from_settings(settings: Mapping[str, Any]) -> TextualInversionConfig:
+    """Build the config from plain settings, naming unknown keys."""
+    known = {f.name for f in fields(TextualInversionConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown Textual Inversion setting(s): {', '.join(unknown)}")
+    return TextualInversionConfig(**dict(settings))
+
+
+def create_file(model: DiffusionModel, name: str, config: TextualInversionCreate, directory: Path,
+                overwrite: bool) -> list[Path]:
+    """Write a new, untrained embedding `<directory>/<name>.pt` (the WebUI's Create embedding)."""
+    return [write_embedding(create_embedding(model, name, config), Path(directory) / f"{name}.pt", overwrite)]
+
+
+def build(model: DiffusionModel, name: str, config: TextualInversionConfig, directory: Path,
+          seed: int) -> TextualInversion:
+    """The registry's constructor: continue a file or start from the init text (seed unused: init is exact)."""
+    return load_for_training(model, name, config, directory)
