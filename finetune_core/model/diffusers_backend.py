@@ -1,0 +1,202 @@
+"""The standalone `DiffusionModel`: diffusers UNet and VAE, transformers CLIP text encoders, our CLIP tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from finetune_core.errors import FinetuneError, ModelMismatchError
+from finetune_core.model import chunks as chunking
+from finetune_core.model.interface import (SD1, SDXL, ContextTransform, LatentMoments, ModelIdentity, TextConditioning,
+                                           TextEncoderSpec, TrainableEmbedding)
+from finetune_core.model.schedule import scaled_linear_alphas_cumprod
+from finetune_core.model.tokenizer import ClipTokenizer
+
+logger = logging.getLogger(__name__)
+
+Fixes = list[list[tuple[int, str]]]  # per encoded row: (position in the 77 ids, embedding name)
+
+
+class DiffusersModel:
+    """SD1 / SD2 / SDXL over diffusers components; frozen until a method unfreezes `trainable_modules()`."""
+
+    latent_channels: int
+    vae_scale = 8
+
+    def __init__(self, unet: Any, vae: Any, text_encoder: Any, text_encoder_2: Any = None, *, family: str,
+                 prediction_type: str, identity: ModelIdentity, tokenizer: ClipTokenizer | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 vae_dtype: torch.dtype | None = None) -> None:
+        if (family == SDXL) != (text_encoder_2 is not None):
+            raise ModelMismatchError(f"An {family} model needs {'two text encoders' if family == SDXL else 'one'}.")
+        self.family, self.prediction_type, self.identity = family, prediction_type, identity
+        self._device, self._dtype = torch.device(device), dtype
+        self.unet = unet.to(self._device, dtype).eval().requires_grad_(False)
+        self.vae = vae.to(self._device, vae_dtype or dtype).eval().requires_grad_(False)
+        encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+        self._encoders = [e.to(self._device, dtype).eval().requires_grad_(False) for e in encoders]
+        keys = ("clip_l", "clip_g")
+        self.text_encoders = tuple(TextEncoderSpec(keys[i], e.config.hidden_size) for i, e in enumerate(encoders))
+        self.latent_channels = int(vae.config.latent_channels)
+        self.tokenizer = tokenizer or ClipTokenizer()
+        self._comma_id = self.tokenizer.encode(",")[0]
+        # Embeddings the prompts of this model may name without passing them (loaded ones); the caller fills it.
+        self.known_embeddings: dict[str, TrainableEmbedding] = {}
+
+    # --- properties -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def context_width(self) -> int:
+        return sum(t.width for t in self.text_encoders)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """SD's scaled-linear training schedule (all three families train on it)."""
+        return scaled_linear_alphas_cumprod()
+
+    # --- text -------------------------------------------------------------------------------------------------
+    def _pad_ids(self) -> list[int]:
+        """Pad id per encoder: CLIP-L pads with EOS; OpenCLIP (SD2, SDXL's second encoder) pads with 0."""
+        first = self.tokenizer.eos_id if self.family in (SD1, SDXL) else 0
+        return [first, 0][:len(self._encoders)]
+
+    def _chunks(self, text: str, embeddings: Mapping[str, TrainableEmbedding]) -> list[chunking.Chunk]:
+        names = {name: (self.tokenizer.encode(name), emb.n_vectors) for name, emb in embeddings.items()}
+        return chunking.split_chunks(self.tokenizer.encode(text), names, self._comma_id)
+
+    def count_tokens(self, text: str) -> int:
+        return chunking.count_tokens(self._chunks(text, self.known_embeddings))
+
+    def token_vectors(self, text: str) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long, device=self._device)
+        with torch.no_grad():
+            return {spec.key: enc.get_input_embeddings()(ids).float().cpu()
+                    for spec, enc in zip(self.text_encoders, self._encoders)}
+
+    def encode_prompts(self, prompts: list[str],
+                       embeddings: Mapping[str, TrainableEmbedding] | None = None) -> TextConditioning:
+        known = {**self.known_embeddings, **(embeddings or {})}
+        self._check_embeddings(known)
+        per_prompt = [self._chunks(p, known) for p in prompts]
+        k = max(len(c) for c in per_prompt)
+        rows = [c[i] if i < len(c) else chunking.Chunk() for c in per_prompt for i in range(k)]
+        fixes = [[(offset + 1, name) for offset, name in row.fixes] for row in rows]  # +1: after BOS
+        contexts, pooled = [], None
+        for index, (encoder, pad) in enumerate(zip(self._encoders, self._pad_ids())):
+            ids = torch.tensor([chunking.chunk_ids(r, self.tokenizer.bos_id, self.tokenizer.eos_id, pad)
+                                for r in rows], device=self._device)
+            hidden, text_embeds = self._run_encoder(index, ids, fixes, known)
+            contexts.append(hidden)
+            if index == 1:
+                pooled = text_embeds.reshape(len(prompts), k, -1)[:, 0]  # the first chunk's, as the WebUI does
+        context = torch.cat(contexts, dim=-1).reshape(len(prompts), k * 77, self.context_width)
+        return TextConditioning(context, pooled)
+
+    def _check_embeddings(self, embeddings: Mapping[str, TrainableEmbedding]) -> None:
+        for name, emb in embeddings.items():
+            for spec in self.text_encoders:
+                vec = emb.vectors.get(spec.key)
+                if vec is None or vec.ndim != 2 or vec.shape[1] != spec.width:
+                    have = {k: tuple(v.shape) for k, v in emb.vectors.items()}
+                    raise ModelMismatchError(f"The embedding {name!r} has vectors {have}, but this {self.family} "
+                                             f"model needs {spec.key!r} vectors of width {spec.width}: use an "
+                                             f"embedding made for this model family.")
+            if emb.n_vectors > chunking.CHUNK_LENGTH:
+                raise FinetuneError(f"The embedding {name!r} has {emb.n_vectors} vectors; at most 75 fit a prompt.")
+
+    def _run_encoder(self, index: int, ids: torch.Tensor, fixes: Fixes,
+                     embeddings: Mapping[str, TrainableEmbedding]) -> tuple[torch.Tensor, Any]:
+        """Encode id rows with the embeddings' vectors spliced into the token embeddings (differentiably)."""
+        encoder, key = self._encoders[index], self.text_encoders[index].key
+
+        def splice(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            out = []
+            for row, row_fixes in zip(output, fixes):
+                for offset, name in row_fixes:
+                    vec = embeddings[name].vectors[key].to(row.device, row.dtype)
+                    row = torch.cat([row[:offset], vec, row[offset + vec.shape[0]:]])
+                out.append(row)
+            return torch.stack(out)
+
+        handle = encoder.get_input_embeddings().register_forward_hook(splice)
+        try:
+            # SDXL reads the penultimate layer without the final LayerNorm; SD1 and SD2 (whose diffusers encoder
+            # already ends at the real model's penultimate layer) read the last layer with it.
+            out = encoder(input_ids=ids, output_hidden_states=self.family == SDXL)
+        finally:
+            handle.remove()
+        hidden = out.hidden_states[-2] if self.family == SDXL else out.last_hidden_state
+        return hidden, getattr(out, "text_embeds", None)
+
+    # --- images -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> LatentMoments:
+        dist = self.vae.encode(pixels.to(self._device, self.vae.dtype)).latent_dist
+        scale = float(self.vae.config.scaling_factor)
+        return LatentMoments(dist.mean.float() * scale, dist.std.float() * scale)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        scaled = latents.to(self._device, self.vae.dtype) / float(self.vae.config.scaling_factor)
+        return self.vae.decode(scaled).sample.float().clamp(-1, 1)
+
+    # --- denoiser ---------------------------------------------------------------------------------------------
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
+                size_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet output in float32 (eps or v per `prediction_type`)."""
+        x = noisy_latents.to(self._device, self._dtype)
+        added = None
+        if self.family == SDXL:
+            if cond.pooled is None:
+                raise ModelMismatchError("SDXL needs pooled text conditioning; encode prompts with this model.")
+            if size_cond is None:
+                h, w = x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale
+                size_cond = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(x.shape[0], 6)
+            added = {"text_embeds": cond.pooled.to(self._device, self._dtype),
+                     "time_ids": size_cond.to(self._device, self._dtype)}
+        out = self.unet(x, timesteps.to(self._device), encoder_hidden_states=cond.context.to(self._device, self._dtype),
+                        added_cond_kwargs=added).sample
+        return out.float()
+
+    def context_transform(self, transform: ContextTransform | None) -> AbstractContextManager[None]:
+        if transform is None:
+            return nullcontext()
+        return self._transformed_attention(transform)
+
+    @contextmanager
+    def _transformed_attention(self, transform: ContextTransform) -> Iterator[None]:
+        from finetune_core.model.attention import ContextTransformProcessor
+
+        original = self.unet.attn_processors
+        self.unet.set_attn_processor(ContextTransformProcessor(transform))
+        try:
+            yield
+        finally:
+            self.unet.set_attn_processor(original)
+
+    def attention_context_widths(self) -> dict[str, set[int]]:
+        from diffusers.models.attention_processor import Attention
+
+        widths: dict[str, set[int]] = {"cross": set(), "self": set()}
+        for module in self.unet.modules():
+            if isinstance(module, Attention):
+                widths["cross" if module.is_cross_attention else "self"].add(module.to_k.in_features)
+        return widths
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"unet": self.unet, "text_encoder": self._encoders[0]}
+        if len(self._encoders) > 1:
+            modules["text_encoder_2"] = self._encoders[1]
+        return modules
+
+    def placement(self) -> AbstractContextManager[None]:
+        return nullcontext()
