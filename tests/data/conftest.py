@@ -63,3 +63,15 @@ def folder(tmp_path: Path) -> Path:
         write_image(root / f"img{i}.png", seed=i)
         (root / f"img{i}.txt").write_text(f"tag{i}a, tag{i}b, tag{i}c, tag{i}d", encoding="utf-8")
     return root
+
+
+@pytest.fixture
+def make_image():
+    """The `write_image` helper, as a fixture so test modules need not import this file."""
+    return write_image
+
+
+@pytest.fixture
+def make_model():
+    """Build a FakeModel with a given VAE short hash."""
+    return FakeModel

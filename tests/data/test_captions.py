@@ -1,0 +1,51 @@
+import random
+from pathlib import Path
+
+from finetune_core.data.captions import (augment_caption, caption_from_filename, drop_tags, read_caption,
+                                         shuffle_tags, split_tags)
+
+
+def test_filename_caption_strips_leading_digits_and_dashes():
+    assert caption_from_filename("00012-0-a red fox") == "a red fox"
+    assert caption_from_filename("12-34 dog") == "dog"
+    assert caption_from_filename("cat 2") == "cat 2"
+
+
+def test_filename_caption_regex_and_join():
+    assert caption_from_filename("001-red_fox_(sitting)", r"\w+", " ") == "red_fox_ sitting"
+    assert caption_from_filename("001-red fox, sitting", r"[a-z]+", "+") == "red+fox+sitting"
+
+
+def test_read_caption_prefers_txt(tmp_path: Path):
+    image = tmp_path / "005-a dog.png"
+    image.write_bytes(b"")
+    assert read_caption(image) == ("a dog", "filename")
+    (tmp_path / "005-a dog.txt").write_text("a cat,\n sitting\n", encoding="utf-8")
+    assert read_caption(image) == ("a cat, sitting", "txt")
+
+
+def test_shuffle_keeps_first_n_and_all_tags():
+    tags = [f"t{i}" for i in range(8)]
+    seen_orders = set()
+    for seed in range(20):
+        out = shuffle_tags(tags, random.Random(seed), keep=2)
+        assert out[:2] == ["t0", "t1"]
+        assert sorted(out) == sorted(tags)
+        seen_orders.add(tuple(out))
+    assert len(seen_orders) > 5
+
+
+def test_dropout_never_drops_kept_tags():
+    tags = [f"t{i}" for i in range(6)]
+    assert drop_tags(tags, 1.0, random.Random(0), keep=2) == ["t0", "t1"]
+    assert drop_tags(tags, 0.0, random.Random(0), keep=0) == tags
+    counts = [len(drop_tags(tags, 0.5, random.Random(s))) for s in range(50)]
+    assert min(counts) < 6 and max(counts) > 0 and 1 < sum(counts) / 50 < 5
+
+
+def test_augment_is_identity_when_off_and_uses_comma_tags_when_on():
+    caption = "a,  b ,c"
+    assert augment_caption(caption, random.Random(0), shuffle=False, dropout=0.0) == caption
+    out = augment_caption(caption, random.Random(0), shuffle=True, dropout=0.0)
+    assert sorted(split_tags(out)) == ["a", "b", "c"]
+    assert augment_caption(caption, random.Random(3), True, 0.0) == augment_caption(caption, random.Random(3), True, 0.0)
