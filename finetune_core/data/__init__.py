@@ -7,5 +7,18 @@ from finetune_core.data.dataset import ImageDataset
 from finetune_core.data.lint import LintReport, LintRow, lint_dataset
 from finetune_core.data.templates import available_templates, load_template, resolve_template
 
-__all__ = ["DataBatch", "TrainingData", "LatentCache", "TextCache", "latent_key", "DatasetConfig", "ImageDataset",
-           "LintReport", "LintRow", "lint_dataset", "available_templates", "load_template", "resolve_template"]
+__all__ = [
+           "DataBatch",
+           "DatasetConfig",
+           "ImageDataset",
+           "LatentCache",
+           "LintReport",
+           "LintRow",
+           "TextCache",
+           "TrainingData",
+           "available_templates",
+           "latent_key",
+           "lint_dataset",
+           "load_template",
+           "resolve_template",
+]

@@ -53,4 +53,4 @@ def target_size(mode: str, size: Size, train_size: Size, buckets: list[Size] | N
 
 
 def _round_to(value: int, step: int) -> int:
-    return max(step, int(round(value / step)) * step)
+    return max(step, round(value / step) * step)

@@ -6,9 +6,10 @@ import hashlib
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,8 +20,15 @@ from finetune_core.data.captions import augment_caption
 from finetune_core.data.config import DatasetConfig
 from finetune_core.data.scan import ImageRecord, scan_dataset
 from finetune_core.data.templates import draw_line, load_template, render_prompt
-from finetune_core.data.transforms import (CropPlan, alpha_weight, apply_plan, flipped_crop_left, load_image,
-                                           plan_crop, to_model_range)
+from finetune_core.data.transforms import (
+    CropPlan,
+    alpha_weight,
+    apply_plan,
+    flipped_crop_left,
+    load_image,
+    plan_crop,
+    to_model_range,
+)
 from finetune_core.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -95,7 +103,7 @@ class ImageDataset:
         return (False, True) if self.config.flip_p > 0 else (False,)
 
     # --- prepare ------------------------------------------------------------------------------------------
-    def prepare(self, model: "DiffusionModel", on_progress: Callable[[int, int], None] | None = None) -> None:
+    def prepare(self, model: DiffusionModel, on_progress: Callable[[int, int], None] | None = None) -> None:
         """Encode (or fetch from the cache) every latent the run can use, so `get_batch` never needs the model."""
         vae_id = vae_identity(model)
         total, done = len(self.records) * len(self.flips()), 0
@@ -112,7 +120,7 @@ class ImageDataset:
         logger.info("dataset ready: %d images, %d latent cache hits, %d encoded", len(self.records),
                     self.cache.hits, self.cache.misses)
 
-    def _prepare_one(self, model: "DiffusionModel", vae_id: str, index: int, flip: bool) -> PreparedSample:
+    def _prepare_one(self, model: DiffusionModel, vae_id: str, index: int, flip: bool) -> PreparedSample:
         record, plan, cfg = self.records[index], self.plans[index], self.config
         key = latent_key(record.content_hash, plan, flip, vae_id)
         moments = self.cache.get(key)
@@ -131,7 +139,7 @@ class ImageDataset:
         return PreparedSample(*self._sampled(mean, std, key), weight, pixels if cfg.keep_pixels else None)
 
     @staticmethod
-    def _encode(model: "DiffusionModel", pixels: torch.Tensor | None) -> "LatentMoments":
+    def _encode(model: DiffusionModel, pixels: torch.Tensor | None) -> LatentMoments:
         if pixels is None:  # never: a cache miss always loads the image first
             raise RuntimeError("no pixels to encode")
         with torch.no_grad():

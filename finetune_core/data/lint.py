@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from finetune_core.data.buckets import RESIZE_BUCKETS, Size, make_buckets, target_size
 from finetune_core.data.config import DatasetConfig
@@ -59,11 +59,12 @@ class LintReport:
 
     def format(self) -> str:
         """A human-readable summary followed by one line per image that has a problem."""
+        counts = (f"  unreadable: {len(self.unreadable)}, missing captions: {self.missing_captions}, "
+                  f"smaller than the training size: {self.too_small}, "
+                  f"longer than {CHUNK_TOKENS} tokens: {self.too_long}")
+        buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in self.buckets.items())
         lines = [f"Dataset {self.folder}: {self.images_found} images found, {len(self.rows)} readable",
-                 f"  unreadable: {len(self.unreadable)}, missing captions: {self.missing_captions}, "
-                 f"smaller than the training size: {self.too_small}, longer than {CHUNK_TOKENS} tokens: "
-                 f"{self.too_long}",
-                 "  buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in self.buckets.items())]
+                 counts, f"  buckets: {buckets}"]
         lines += [f"  warning: {text}" for text in self.warnings]
         lines += [f"  unreadable {path}: {reason}" for path, reason in self.unreadable]
         for row in self.rows:

@@ -1,8 +1,14 @@
 import random
 from pathlib import Path
 
-from finetune_core.data.captions import (augment_caption, caption_from_filename, drop_tags, read_caption,
-                                         shuffle_tags, split_tags)
+from finetune_core.data.captions import (
+    augment_caption,
+    caption_from_filename,
+    drop_tags,
+    read_caption,
+    shuffle_tags,
+    split_tags,
+)
 
 
 def test_filename_caption_strips_leading_digits_and_dashes():

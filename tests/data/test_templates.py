@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_core.data.templates import (available_templates, draw_line, load_template, render_prompt,
-                                          resolve_template)
+from finetune_core.data.templates import available_templates, draw_line, load_template, render_prompt, resolve_template
 from finetune_core.errors import ConfigError
 
 WEBUI_NAMES = ["hypernetwork.txt", "none.txt", "style.txt", "style_filewords.txt", "subject.txt",

@@ -6,8 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune_core.data.transforms import (CropPlan, alpha_weight, apply_plan, flipped_crop_left, load_image,
-                                           plan_crop, probe_image)
+from finetune_core.data.transforms import (
+    CropPlan,
+    alpha_weight,
+    apply_plan,
+    flipped_crop_left,
+    load_image,
+    plan_crop,
+    probe_image,
+)
 from finetune_core.errors import DatasetError
 
 
