@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from finetune_core.errors import ConfigError
 
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from finetune_core.formats.inspect import ArtifactInfo
     from finetune_core.methods import MethodSpec
     from finetune_core.model.interface import DiffusionModel
+    from finetune_core.train.control import Control
+    from finetune_core.train.events import EventSink
 
 
 @dataclass(frozen=True)
@@ -172,3 +174,129 @@ def inspect(path: str | Path) -> "ArtifactInfo":
     """Say what an artefact file is (embedding, hypernetwork, checkpoint, aesthetic embedding, LoRA)."""
     from finetune_core.formats.inspect import inspect_file
     return inspect_file(path)
+
+
+def train(request: TrainRequest, model: "DiffusionModel", folders: OutputFolders, on_event: "EventSink | None" = None,
+          control: "Control | None" = None, template_dirs: Sequence[Path] = ()) -> JobResult:
+    """Run one training job to the end (or to an interrupt) and say what it wrote.
+
+    Settings are validated before any work; an existing artefact is never replaced unless `overwrite` is set
+    (continuing an embedding or hypernetwork in place counts as asked).
+    """
+    from finetune_core.train.events import Warning_, ignore_events
+    from finetune_core.train.loop import OutputSpec, resume_training, run_training
+    emit = on_event or ignore_events
+    run_dir = Path(request.resume_run) if request.resume_run else None
+    if run_dir is not None:
+        request = _saved_request(run_dir, request)
+    job = _prepare_job(request, model, folders, template_dirs)
+    for message in job.warnings:
+        emit(Warning_(message))
+    from finetune_core.model.sampler import sample
+    from finetune_core.train.run_folder import RunFolder
+    output = OutputSpec(job.final_dir, job.name, overwrite=request.overwrite or job.in_place,
+                        settings={"method": request.method, **job.method_settings})
+    if run_dir is None:
+        run_dir = _new_run_dir(folders, job.spec.log_folder, job.name)
+        _write_request(run_dir, request)
+        result = run_training(model, job.method, job.data, job.train_config, RunFolder(run_dir), output,
+                              on_event=emit, control=control, sampler=sample)
+    else:
+        result = resume_training(model, job.method, job.data, RunFolder(run_dir), output, on_event=emit,
+                                 control=control, sampler=sample)
+    verb = "interrupted at" if result.interrupted else "finished at"
+    written = ", ".join(str(p) for p in result.artifacts)
+    message = f"Training {verb} step {result.step}. Wrote {written}. Run folder: {result.run_dir}"
+    return JobResult(list(result.artifacts), result.run_dir, result.step, result.interrupted, message)
+
+
+@dataclass
+class _Job:
+    spec: "MethodSpec"
+    name: str
+    method: Any
+    method_settings: dict[str, Any]
+    data: Any
+    train_config: Any
+    final_dir: Path
+    in_place: bool
+    warnings: list[str]
+
+
+def _prepare_job(request: TrainRequest, model: "DiffusionModel", folders: OutputFolders,
+                 template_dirs: Sequence[Path]) -> _Job:
+    """Validate every setting (all problems at once), then build the dataset and the method."""
+    from finetune_core.data.config import DatasetConfig
+    from finetune_core.data.dataset import ImageDataset
+    from finetune_core.formats.names import sanitize_name
+    from finetune_core.train.config import TrainConfig
+    from finetune_core.train.randomness import resolve_seed
+    spec = method_spec(request.method)
+    name = sanitize_name(request.name)
+    defaults = form_defaults(request.method)
+    problems: list[str] = []
+    configs = {}
+    for key, config_type, settings, what in (
+            ("method", spec.config_type, request.method_settings, spec.label),
+            ("data", DatasetConfig, {**request.data_settings, "placeholder": name}, "dataset"),
+            ("train", TrainConfig, request.train_settings, "training")):
+        try:
+            configs[key] = build_config(config_type, defaults[key], settings, what)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    data_config = _with_template_path(configs["data"], template_dirs)
+    data = ImageDataset(data_config, placeholder=name)
+    final_dir = folders.for_kind(spec.output_kind)
+    seed = resolve_seed(configs["train"].seed)
+    method = spec.build(model, name, configs["method"], final_dir, seed)
+    check = getattr(method, "check", None)
+    warnings = list(check(model)) if check is not None else []
+    continue_from = getattr(configs["method"], "continue_from", "")
+    in_place = bool(continue_from) and _same_stem(continue_from, final_dir, name)
+    return _Job(spec, name, method, dataclasses.asdict(configs["method"]), data,
+                dataclasses.replace(configs["train"], seed=seed), final_dir, in_place, warnings)
+
+
+def _with_template_path(config: Any, template_dirs: Sequence[Path]) -> Any:
+    """A template named like the WebUI's (a basename) is looked up in the host's template folders first."""
+    for folder in template_dirs:
+        matches = sorted(Path(folder).rglob(config.template)) if Path(folder).is_dir() else []
+        if matches and not Path(config.template).is_absolute():
+            return dataclasses.replace(config, template=str(matches[0]))
+    return config
+
+
+def _same_stem(reference: str, final_dir: Path, name: str) -> bool:
+    path = Path(reference)
+    return path.stem == name and (not path.parent.parts or path.parent.resolve() == final_dir.resolve())
+
+
+def _new_run_dir(folders: OutputFolders, log_folder: str, name: str) -> Path:
+    import datetime
+    now = datetime.datetime.now()
+    base = folders.logs / log_folder / now.strftime("%Y-%m-%d") / f"{name}-{now.strftime('%H%M%S')}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def _write_request(run_dir: Path, request: TrainRequest) -> None:
+    import json
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "request.json").write_text(json.dumps(dataclasses.asdict(request), indent=2, default=str))
+
+
+def _saved_request(run_dir: Path, request: TrainRequest) -> TrainRequest:
+    """The request a run was started with, so a resume rebuilds the same method and data."""
+    import json
+    saved = run_dir / "request.json"
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder of this tool (no request.json); pass the folder that "
+                          f"holds state/ and request.json")
+    values = json.loads(saved.read_text())
+    values["resume_run"] = str(run_dir)
+    return TrainRequest(**values)
