@@ -71,11 +71,12 @@ class ImageDataset:
                             config.filename_join_string)
         self.records: list[ImageRecord] = scan.records
         self.unreadable = scan.unreadable
+        self._buckets = make_buckets(config.width, config.height) if config.resize_mode == RESIZE_BUCKETS else None
         if config.batch_size > len(self.records):
             raise DatasetError(f"the batch size {config.batch_size} is larger than the dataset: {config.data_dir} "
                                f"has {len(self.records)} readable image{'s' if len(self.records) != 1 else ''}; "
                                f"lower the batch size to {len(self.records)} or add images")
-        self.plans = [self._plan(i, record) for i, record in enumerate(self.records)]
+        self.plans = [self._plan(record) for record in self.records]
         self.groups = self._group_by_size()
         self.cache = cache if cache is not None else LatentCache(Path(config.cache_dir) if config.cache_dir else None)
         self._samples: list[dict[bool, PreparedSample]] | None = None
@@ -84,12 +85,15 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def _plan(self, index: int, record: ImageRecord) -> CropPlan:
-        """Resize and crop box of an image, fixed for the run (a random crop is seeded by the image's content)."""
+    def _plan(self, record: ImageRecord) -> CropPlan:
+        """Resize and crop box of an image, fixed for the run.
+
+        A random crop is seeded by the crop seed and the image's content, not its position in the folder, so
+        adding an image leaves the other crops (and their cached latents) as they were.
+        """
         cfg = self.config
-        buckets = make_buckets(cfg.width, cfg.height) if cfg.resize_mode == RESIZE_BUCKETS else None
-        size = target_size(cfg.resize_mode, (record.width, record.height), (cfg.width, cfg.height), buckets)
-        rng = random.Random(_derived_seed("crop", cfg.crop_seed, record.content_hash, index))
+        size = target_size(cfg.resize_mode, (record.width, record.height), (cfg.width, cfg.height), self._buckets)
+        rng = random.Random(_derived_seed("crop", cfg.crop_seed, record.content_hash))
         return plan_crop((record.width, record.height), size, cfg.crop, rng)
 
     def _group_by_size(self) -> dict[Size, list[int]]:

@@ -59,7 +59,9 @@ def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", jo
     """Scan a dataset folder; unreadable images are skipped and named, an unusable folder is a DatasetError."""
     images, texts, others = find_files(folder, recursive)
     if not images:
-        raise DatasetError(_no_images_message(folder, recursive, texts, others))
+        has_subfolders = any(p.is_dir() for p in folder.iterdir())
+        raise DatasetError(_no_images_message(folder, recursive and has_subfolders, texts, others,
+                                              has_subfolders and not recursive))
     result = ScanResult(folder, [], [], texts)
     for path in images:
         try:
@@ -80,11 +82,11 @@ def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", jo
     return result
 
 
-def _no_images_message(folder: Path, recursive: bool, texts: int, others: int) -> str:
+def _no_images_message(folder: Path, searched_subfolders: bool, texts: int, others: int, skipped: bool) -> str:
     kinds = "/".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
-    where = "or its subfolders " if recursive else ""
+    where = "with its subfolders " if searched_subfolders else ""
     if texts == 0 and others == 0:
-        hint = "" if recursive else " (subfolders are not searched unless recursive scanning is on)"
+        hint = " (its subfolders are not searched unless 'Search subfolders' is on)" if skipped else ""
         return f"the dataset folder {folder} {where}is empty{hint}; put training images ({kinds}) in it"
     found = []
     if texts:

@@ -206,3 +206,17 @@ def test_random_crop_is_fixed_per_image(tmp_path: Path, make_image, fake_model):
         batch = dataset.get_batch(index, 0)
         image = [str(r.path) for r in dataset.records].index(batch.image_paths[0])
         assert batch.size_cond[0].tolist() == [64, 256, 0, lefts[image], 64, 64]
+
+
+def test_own_size_mode_progress_and_prepare_first(tmp_path: Path, make_image, fake_model):
+    make_image(tmp_path / "a.png", (100, 60))
+    make_image(tmp_path / "b.png", (64, 64), seed=1)
+    dataset = ImageDataset(_config(tmp_path, resize_mode="none"))
+    with pytest.raises(RuntimeError, match="prepare"):
+        dataset.get_batch(0, 0)
+    calls = []
+    dataset.prepare(fake_model, lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 2), (2, 2)]
+    shapes = sorted(tuple(dataset.get_batch(i, 0).latents.shape) for i in range(dataset.batches_per_epoch()))
+    assert shapes == [(1, 4, 8, 8), (1, 4, 8, 16)]
+    assert dataset.get_batch(0, 0).pixels is None

@@ -60,3 +60,10 @@ def test_recursion_captions_and_hash(tmp_path: Path, make_image):
     assert by_name["003-deep one.webp"].caption_source == "filename"
     assert by_name["top.png"].caption == "from txt" and by_name["top.png"].has_caption_file
     assert by_name["top.png"].content_hash != by_name["003-deep one.webp"].content_hash
+
+
+def test_empty_folder_with_subfolders_hints_at_recursion(tmp_path: Path, make_image):
+    make_image(tmp_path / "sub" / "a.png")
+    with pytest.raises(DatasetError, match="not searched"):
+        scan_dataset(tmp_path)
+    assert len(scan_dataset(tmp_path, recursive=True).records) == 1
