@@ -1,0 +1,348 @@
+"""The one training loop every method shares: schedule, steps, NaN guard, saves, previews, events, interrupt, resume.
+
+A step itself lives in `finetune_core.train.step`; this module runs steps and does the side duties between them.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune_core.data.batch import TrainingData
+from finetune_core.errors import ArtifactError
+from finetune_core.methods.base import ArtifactMeta
+from finetune_core.model.interface import DiffusionModel
+from finetune_core.train import randomness
+from finetune_core.train.config import TrainConfig, config_from_dict
+from finetune_core.train.control import Control
+from finetune_core.train.events import (
+    ArtifactSaved,
+    EventSink,
+    Failed,
+    Finished,
+    PreviewEvent,
+    Started,
+    StepEvent,
+    Warning_,
+    ignore_events,
+)
+from finetune_core.train.guard import GuardState, NanGuard
+from finetune_core.train.optim import build_optimizer, set_learning_rate
+from finetune_core.train.run_folder import LossRow, RunFolder
+from finetune_core.train.schedule import end_step, parse_schedule, rate_at
+from finetune_core.train.step import OVERFLOW, StepContext, StepOutcome, make_grad_scaler, train_step
+from finetune_core.train.text_cache import TextCache
+
+if TYPE_CHECKING:
+    from finetune_core.methods.base import Method
+
+logger = logging.getLogger(__name__)
+
+# sample(model, prompts, negative_prompts, *, steps, cfg_scale, width, height, seed, embeddings, context_transform)
+Sampler = Callable[..., list[Any]]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where the final artefact goes: `final_dir`, file stem `name`, and whether an existing file may be replaced."""
+
+    final_dir: Path
+    name: str
+    overwrite: bool = False
+    settings: Mapping[str, Any] = field(default_factory=dict)  # method settings stamped into the artefact
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    interrupted: bool
+    artifacts: tuple[Path, ...]
+    run_dir: Path
+    seed: int
+
+
+@dataclass
+class Counters:
+    """Loop position, saved with every resume state. attempt counts tried steps (skipped ones too): it keys
+    the data order and the noise, so a skipped or rolled-back step never redraws the same batch."""
+
+    step: int
+    attempt: int
+    seed: int
+    guard: GuardState = field(default_factory=GuardState)
+    final_written: bool = False
+    csv_losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "attempt": self.attempt, "seed": self.seed, "final_written": self.final_written,
+                "csv_losses": list(self.csv_losses), "bad_streak": self.guard.bad_streak,
+                "rollbacks": self.guard.rollbacks, "lr_factor": self.guard.lr_factor}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Counters:
+        guard = GuardState(int(d["bad_streak"]), int(d["rollbacks"]), float(d["lr_factor"]))
+        return Counters(int(d["step"]), int(d["attempt"]), int(d["seed"]), guard, bool(d["final_written"]),
+                        [float(x) for x in d["csv_losses"]])
+
+
+@dataclass
+class TrainJob:
+    """What to train: the model, the method, the data, the settings, the run folder and the output."""
+
+    model: DiffusionModel
+    method: Method
+    data: TrainingData
+    config: TrainConfig
+    run: RunFolder
+    output: OutputSpec
+
+
+def run_training(model: DiffusionModel, method: Method, data: TrainingData, config: TrainConfig, run: RunFolder,
+                 output: OutputSpec, *, on_event: EventSink = ignore_events, control: Control | None = None,
+                 sampler: Sampler | None = None) -> TrainResult:
+    """Train `method` on `data` from its current state; writes the final artefact into `output.final_dir`."""
+    return Trainer(TrainJob(model, method, data, config, run, output), on_event, control, sampler).run()
+
+
+def resume_training(model: DiffusionModel, method: Method, data: TrainingData, run: RunFolder, output: OutputSpec,
+                    *, on_event: EventSink = ignore_events, control: Control | None = None,
+                    sampler: Sampler | None = None, config: TrainConfig | None = None) -> TrainResult:
+    """Continue the run saved in `run` exactly where it stopped (same config unless one is given)."""
+    job = TrainJob(model, method, data, config or config_from_dict(run.load_config()), run, output)
+    return Trainer(job, on_event, control, sampler, resume=True).run()
+
+
+def existing_artifacts(method: Method, directory: Path, stem: str) -> list[Path]:
+    """Files a final write would replace: the method's `artifact_paths` hook if it has one, else `<stem>.*`."""
+    paths_hook = getattr(method, "artifact_paths", None)
+    if paths_hook is not None:
+        return [p for p in paths_hook(directory, stem) if p.exists()]
+    return sorted(p for p in directory.glob(glob.escape(stem) + ".*") if p.is_file())
+
+
+class Trainer:
+    """Runs one job; `run()` returns a TrainResult, emits Failed and re-raises on any error."""
+
+    def __init__(self, job: TrainJob, on_event: EventSink = ignore_events, control: Control | None = None,
+                 sampler: Sampler | None = None, resume: bool = False) -> None:
+        self.job, self.emit, self.sampler, self.resume = job, on_event, sampler, resume
+        self.control = control or Control()
+        self.counters = Counters(step=0, attempt=0, seed=0)
+
+    def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except Exception as exc:
+            self.emit(Failed(str(exc), self.counters.step, exc))
+            raise
+
+    def _run(self) -> TrainResult:
+        job, config = self.job, self.job.config
+        config.validate()
+        checkpoint = self._start_counters()
+        self._check_output()
+        schedule = parse_schedule(config.learning_rate, config.steps)
+        total = min(config.steps, end_step(schedule))
+        job.data.prepare(job.model)
+        with job.method.training_context(job.model):
+            ctx = self._build_context(checkpoint, schedule)
+            guard = NanGuard(self.counters.guard, config.nan_guard_bad_steps, config.nan_guard_max_rollbacks,
+                             config.nan_guard_lr_factor)
+            guard.take_snapshot(self.counters.step, ctx.params, ctx.optimizer, ctx.scaler)
+            job.run.write_settings(self._settings())
+            self.emit(Started(job.run.path, total, self.counters.step))
+            interrupted = self._loop(ctx, guard, schedule, total)
+            artifacts = self._finish(ctx, interrupted)
+        self.emit(Finished(self.counters.step, interrupted, artifacts, job.run.path))
+        return TrainResult(self.counters.step, interrupted, artifacts, job.run.path, self.counters.seed)
+
+    # --- setup ---------------------------------------------------------------------------------------------------
+    def _start_counters(self) -> dict[str, Any] | None:
+        """Fresh counters, or the saved ones (returns the checkpoint to restore) when resuming."""
+        if not self.resume:
+            start = self.job.method.start_step
+            self.counters = Counters(start, start, randomness.resolve_seed(self.job.config.seed))
+            return None
+        checkpoint, _config = self.job.run.load_state()
+        self.counters = Counters.from_dict(checkpoint["counters"])
+        self.job.run.truncate_loss_rows(self.counters.step)
+        saved_model = checkpoint.get("model", {})
+        if saved_model.get("shorthash") != self.job.model.identity.shorthash:
+            self.emit(Warning_(f"resuming {self.job.run.path} with model {self.job.model.identity.name}, but the run "
+                               f"was started with {saved_model.get('name')}; results will differ"))
+        return checkpoint
+
+    def _check_output(self) -> None:
+        """Refuse, before any work, to replace an existing artefact the user did not ask to overwrite."""
+        out = self.job.output
+        if out.overwrite or self.counters.final_written:
+            return
+        found = existing_artifacts(self.job.method, Path(out.final_dir), out.name)
+        if found:
+            raise ArtifactError(f"{found[0]} already exists; choose another name, or ask to overwrite it")
+
+    def _build_context(self, checkpoint: dict[str, Any] | None, schedule: list[tuple[float, int]]) -> StepContext:
+        job, config = self.job, self.job.config
+        model, method, device = job.model, job.method, job.model.device
+        if checkpoint is not None:
+            method.load_state_dict(checkpoint["method"])
+        groups = method.trainable_parameters(model)
+        params = [p for g in groups for p in g.params]
+        for p in params:
+            if p.device != device:
+                p.data = p.data.to(device)  # in place: the method keeps referencing the same tensor
+            p.requires_grad_(True)
+        optimizer = build_optimizer(groups, config, rate_at(schedule, self.counters.step) or 0.0)
+        scaler = make_grad_scaler(device, config.precision)
+        if checkpoint is not None:
+            _restore_params(params, checkpoint["params"], job.run.path)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+        clip = parse_schedule(config.clip_grad_value, config.steps, "clip value") \
+            if config.clip_grad_mode != "disabled" else []
+        return StepContext(model, method, job.data, optimizer, scaler, params, self.counters.seed,
+                           config.gradient_accumulation, config.precision, config.min_snr_gamma, config.noise_offset,
+                           config.clip_grad_mode, clip, model.alphas_cumprod().float(),
+                           TextCache() if method.caches_text else None)
+
+    # --- the loop --------------------------------------------------------------------------------------------------
+    def _loop(self, ctx: StepContext, guard: NanGuard, schedule: list[tuple[float, int]], total: int) -> bool:
+        """Run steps until the schedule or max steps ends (False) or an interrupt (True)."""
+        c, started, paused, session_steps = self.counters, time.monotonic(), 0.0, 0
+        while True:
+            before = time.monotonic()
+            self.control.wait_while_paused()
+            paused += time.monotonic() - before
+            if self.control.interrupted:
+                return True
+            rate = rate_at(schedule, c.step)
+            if rate is None or c.step >= total:
+                return False
+            lr = rate * c.guard.lr_factor
+            set_learning_rate(ctx.optimizer, lr)
+            with self.job.model.placement():
+                outcome = train_step(ctx, c.attempt, c.step)
+            c.attempt += 1
+            if not outcome.ok:
+                self._on_bad_step(ctx, guard, outcome)
+                continue
+            guard.record_good()
+            c.step += 1
+            session_steps += 1
+            per_step = (time.monotonic() - started - paused) / session_steps
+            self._after_step(ctx, guard, outcome, lr, total, per_step)
+
+    def _on_bad_step(self, ctx: StepContext, guard: NanGuard, outcome: StepOutcome) -> None:
+        c = self.counters
+        logger.warning("step %d skipped: %s (loss %s)", c.step + 1, outcome.reason, outcome.loss)
+        if outcome.reason == OVERFLOW or not guard.record_bad():
+            return
+        c.step = guard.rollback(ctx.params, ctx.optimizer, ctx.scaler)
+        c.csv_losses.clear()
+        self.job.run.truncate_loss_rows(c.step)
+        self.emit(Warning_(f"the loss or the gradients were not finite for {guard.bad_steps} steps in a row; "
+                           f"rolled back to step {c.step} and lowered the learning rate to "
+                           f"x{c.guard.lr_factor:g} of the schedule"))
+
+    def _after_step(self, ctx: StepContext, guard: NanGuard, outcome: StepOutcome, lr: float, total: int,
+                    per_step: float) -> None:
+        """Events, CSV, saves, snapshots and previews after a good step."""
+        c, config, control = self.counters, self.job.config, self.control
+        epoch, epoch_step = self._epoch()
+        self.emit(StepEvent(c.step, total, outcome.loss, lr, epoch, per_step, per_step * (total - c.step),
+                            outcome.prompt))
+        c.csv_losses.append(outcome.loss)
+        if config.csv_every and c.step % config.csv_every == 0:
+            mean = sum(c.csv_losses) / len(c.csv_losses)
+            self.job.run.append_loss_row(LossRow(c.step, epoch, epoch_step, mean, lr))
+            c.csv_losses.clear()
+        if (config.save_every and c.step % config.save_every == 0) or control.save_requested:
+            control.save_requested = False
+            self._save_intermediate(ctx)
+            guard.take_snapshot(c.step, ctx.params, ctx.optimizer, ctx.scaler)
+        elif config.nan_guard_snapshot_every and c.step % config.nan_guard_snapshot_every == 0:
+            guard.take_snapshot(c.step, ctx.params, ctx.optimizer, ctx.scaler)
+        if (config.preview_every and c.step % config.preview_every == 0) or control.preview_requested:
+            control.preview_requested = False
+            self._preview(outcome)
+
+    def _epoch(self) -> tuple[int, int]:
+        """(epoch, 1-based step within the epoch) of the step just done, from its first micro-batch number."""
+        accumulation = self.job.config.gradient_accumulation
+        per_epoch = max(1, self.job.data.batches_per_epoch())
+        index = (self.counters.attempt - 1) * accumulation
+        return index // per_epoch, (index % per_epoch) // accumulation + 1
+
+    # --- side duties -----------------------------------------------------------------------------------------------
+    def _meta(self) -> ArtifactMeta:
+        settings = {**self.job.output.settings, "train": {**self.job.config.to_dict(), "seed": self.counters.seed}}
+        model = self.job.model
+        return ArtifactMeta(self.job.output.name, self.counters.step, model.identity, model.family, settings)
+
+    def _save_intermediate(self, ctx: StepContext) -> None:
+        run, step = self.job.run, self.counters.step
+        paths = self.job.method.write_artifact(run.artifacts_dir, f"{self.job.output.name}-{step}", self._meta(), True)
+        self._save_state(ctx)
+        self.emit(ArtifactSaved(step, tuple(paths), final=False))
+
+    def _save_state(self, ctx: StepContext) -> None:
+        identity = self.job.model.identity
+        state = {"format": 1, "counters": self.counters.to_dict(), "method": self.job.method.state_dict(),
+                 "params": [p.detach().cpu() for p in ctx.params], "optimizer": ctx.optimizer.state_dict(),
+                 "scaler": ctx.scaler.state_dict(),
+                 "model": {"name": identity.name, "shorthash": identity.shorthash, "family": self.job.model.family}}
+        self.job.run.save_state(state, self.job.config.to_dict())
+
+    def _finish(self, ctx: StepContext, interrupted: bool) -> tuple[Path, ...]:
+        """Write the final artefact (also on interrupt, as the WebUI does) and the resume state."""
+        out, c = self.job.output, self.counters
+        paths = self.job.method.write_artifact(Path(out.final_dir), out.name, self._meta(),
+                                               out.overwrite or c.final_written)
+        c.final_written = True
+        self._save_state(ctx)
+        self.emit(ArtifactSaved(c.step, tuple(paths), final=True))
+        return tuple(paths)
+
+    def _preview(self, outcome: StepOutcome) -> None:
+        """Sample a preview image with the method's extras; its randomness is forked off the training RNG."""
+        if self.sampler is None:
+            return
+        config, model, c = self.job.config, self.job.model, self.counters
+        extras = self.job.method.inference_extras()
+        prompt = config.preview_prompt or outcome.prompt
+        negative = ", ".join(p for p in (config.preview_negative_prompt, extras.negative_prompt_suffix.strip()) if p)
+        seed = config.preview_seed if config.preview_seed >= 0 else \
+            randomness.stream_seed(c.seed, randomness.PREVIEW, c.step) & 0x7FFFFFFF
+        with torch.no_grad(), randomness.seeded_global_rng(seed, model.device), model.placement():
+            images = self.sampler(model, [prompt], [negative], steps=config.preview_steps,
+                                  cfg_scale=config.preview_cfg_scale, width=config.preview_width or outcome.pixel_size[1],
+                                  height=config.preview_height or outcome.pixel_size[0], seed=seed,
+                                  embeddings=extras.embeddings or None, context_transform=extras.context_transform)
+        path = self.job.run.save_image(images[0], f"{self.job.output.name}-{c.step}")
+        self.emit(PreviewEvent(c.step, path, images[0], prompt))
+
+    def _settings(self) -> dict[str, Any]:
+        job = self.job
+        return {"config": job.config.to_dict(), "seed": self.counters.seed, "start_step": self.counters.step,
+                "resumed": self.resume, "method": job.method.name, "method_settings": dict(job.output.settings),
+                "model": {"name": job.model.identity.name, "shorthash": job.model.identity.shorthash,
+                          "family": job.model.family, "prediction_type": job.model.prediction_type},
+                "output": {"dir": str(job.output.final_dir), "name": job.output.name}}
+
+
+def _restore_params(params: list[torch.Tensor], saved: list[torch.Tensor], where: Path) -> None:
+    """Copy saved trainable tensors into the live ones; ArtifactError when the shapes do not match."""
+    if len(saved) != len(params) or any(p.shape != s.shape for p, s in zip(params, saved)):
+        raise ArtifactError(f"the resume state in {where} does not match this method's trainable parameters "
+                            "(another method or settings); start a new run instead")
+    with torch.no_grad():
+        for param, value in zip(params, saved):
+            param.copy_(value.to(param.device, param.dtype))

@@ -1,0 +1,98 @@
+"""The diffusion training objective as pure functions: timesteps, noise, noisy latents, targets, weights, loss.
+
+Notation of Ho et al. (2020), "Denoising Diffusion Probabilistic Models": x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,
+with a_t = alphas_cumprod[t]. Randomness comes from explicit per-sample generators so a run is reproducible
+and resumable sample by sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from finetune_core.errors import ConfigError
+
+EPSILON = "epsilon"
+V_PREDICTION = "v_prediction"
+
+
+def sample_timesteps(generators: list[torch.Generator], num_timesteps: int) -> torch.Tensor:
+    """One integer timestep per sample, uniform over {0..T-1} (Ho et al. 2020, Algorithm 1)."""
+    return torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in generators])
+
+
+def sample_noise(shape: tuple[int, ...], generators: list[torch.Generator], offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise per sample, plus `offset` times a per-channel constant (Guttenberg 2023, "offset noise").
+
+    shape is (B, C, h, w) with one generator per sample; noise += offset * randn(B, C, 1, 1).
+    """
+    per_sample = shape[1:]
+    noise = torch.stack([torch.randn(per_sample, generator=g) for g in generators])
+    if offset:
+        channel = torch.stack([torch.randn((shape[1], 1, 1), generator=g) for g in generators])
+        noise = noise + offset * channel
+    return noise
+
+
+def _gather(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """a_t for each sample, shaped to broadcast over `like` (B, ...), in float32 on `like`'s device."""
+    a = alphas_cumprod.to(like.device, torch.float32)[timesteps.to(like.device).long()]
+    return a.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The forward process q(x_t | x0): sqrt(a_t) x0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 4)."""
+    a = _gather(alphas_cumprod, timesteps, latents)
+    return a.sqrt() * latents + (1 - a).sqrt() * noise
+
+
+def velocity(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022, LDM `get_v`)."""
+    a = _gather(alphas_cumprod, timesteps, latents)
+    return a.sqrt() * noise - (1 - a).sqrt() * latents
+
+
+def training_target(prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """What the model should predict: eps for epsilon models, v for v-prediction models."""
+    if prediction_type == EPSILON:
+        return noise
+    if prediction_type == V_PREDICTION:
+        return velocity(latents, noise, timesteps, alphas_cumprod)
+    raise ConfigError(f"unknown prediction type {prediction_type!r}; expected {EPSILON!r} or {V_PREDICTION!r}")
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio a_t / (1 - a_t) per sample (Kingma et al. 2021, "Variational Diffusion Models")."""
+    a = alphas_cumprod.to(torch.float32)[timesteps.to(alphas_cumprod.device).long()]
+    return a / (1 - a)
+
+
+def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, arXiv 2303.09556), as diffusers' `--snr_gamma`.
+
+    eps: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1), since the v loss already carries SNR + 1.
+    """
+    s = snr(timesteps, alphas_cumprod)
+    clipped = torch.clamp(s, max=gamma)
+    if prediction_type == V_PREDICTION:
+        return clipped / (s + 1)
+    return clipped / s
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, loss_weight: torch.Tensor | None = None,
+                 snr_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in float32: per-sample mean (times the alpha-channel weight), then the SNR-weighted mean.
+
+    loss_weight: (B, 1, h, w) element weights (the WebUI's PNG-alpha `weighted_loss`); snr_weight: (B,).
+    fp32 as diffusers does (`F.mse_loss(pred.float(), target.float())`): fp16 squares overflow.
+    """
+    err = (pred.float() - target.float()) ** 2
+    if loss_weight is not None:
+        err = err * loss_weight.to(err.device, torch.float32)
+    per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
+    if snr_weight is not None:
+        per_sample = per_sample * snr_weight.to(per_sample.device, torch.float32)
+    return per_sample.mean()

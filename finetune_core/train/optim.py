@@ -1,0 +1,81 @@
+"""Optimizer construction by name, learning-rate application and gradient clipping.
+
+An unknown optimizer, or one whose package is missing, is a ConfigError: never a silent fallback to AdamW
+(the WebUI's `hypernetwork.py` prints a line and falls back; we do not).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune_core.errors import ConfigError
+from finetune_core.train.config import TrainConfig
+
+if TYPE_CHECKING:  # train sits below methods: the protocol types are for hints only
+    from finetune_core.methods.base import ParamGroup
+
+# name -> (module, class, pip package)
+_OPTIONAL = {
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+}
+_DEFAULT_DECAY = {"adamw": 1e-2, "adamw8bit": 1e-2, "prodigy": 0.0, "lion": 0.0, "adam": 0.0, "sgd": 0.0}
+
+
+def optimizer_class(name: str) -> Callable[..., torch.optim.Optimizer]:
+    """The optimizer class for a config name; ConfigError when unknown or its package is not installed."""
+    builtin: dict[str, Any] = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    if name in builtin:
+        return builtin[name]
+    if name not in _OPTIONAL:
+        known = ", ".join(list(builtin) + list(_OPTIONAL))
+        raise ConfigError(f"optimizer {name!r} is not known; choose one of {known}")
+    module_name, class_name, package = _OPTIONAL[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"optimizer {name!r} needs the Python package {package!r}, which is not installed "
+                          f"({exc}); install it (pip install {package}) or choose adamw") from None
+    return getattr(module, class_name)
+
+
+def build_optimizer(groups: list[ParamGroup], config: TrainConfig, base_lr: float) -> torch.optim.Optimizer:
+    """An optimizer over the method's parameter groups; each group's lr is base_lr x its lr_scale."""
+    cls = optimizer_class(config.optimizer)
+    param_groups = []
+    for group in groups:
+        decay = config.weight_decay
+        if decay is None:
+            decay = group.weight_decay if group.weight_decay is not None else _DEFAULT_DECAY[config.optimizer]
+        param_groups.append({"params": list(group.params), "lr": base_lr * group.lr_scale,
+                             "weight_decay": decay, "lr_scale": group.lr_scale, "name": group.name})
+    if config.optimizer == "sgd":
+        return cls(param_groups, lr=base_lr, momentum=config.momentum)
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "lion":
+        return cls(param_groups, lr=base_lr, betas=betas)
+    return cls(param_groups, lr=base_lr, betas=betas, eps=config.adam_epsilon)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:
+    """Write rate x the group's lr_scale into every param group (the WebUI writes one rate to all groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = rate * group.get("lr_scale", 1.0)
+
+
+def clip_gradients(params: list[torch.Tensor], mode: str, value: float) -> None:
+    """Clip gradients by value (`clip_grad_value_`) or by total norm (`clip_grad_norm_`), as the WebUI does."""
+    if mode == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+    elif mode == "norm":
+        torch.nn.utils.clip_grad_norm_(params, value)
+
+
+def gradients_finite(params: list[torch.Tensor]) -> bool:
+    """True when every gradient is finite (missing gradients count as finite)."""
+    return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)

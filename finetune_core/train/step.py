@@ -1,0 +1,159 @@
+"""One optimizer step, read like the diffusers step: batch -> noise -> timesteps -> noisy -> target -> loss ->
+backward -> clip -> step, each stage a named call. The maths lives in `objective`, the randomness in `randomness`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune_core.data.batch import DataBatch, TrainingData
+from finetune_core.model.interface import DiffusionModel
+from finetune_core.train import objective, randomness
+from finetune_core.train.batch import TrainBatch
+from finetune_core.train.optim import clip_gradients, gradients_finite
+from finetune_core.train.schedule import value_at
+from finetune_core.train.text_cache import TextCache
+
+if TYPE_CHECKING:  # train sits below methods: the protocol is for hints only
+    from finetune_core.methods.base import Method
+
+OVERFLOW = "fp16 overflow"  # a skipped step the NaN guard does not count
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs, built once per run by the loop."""
+
+    model: DiffusionModel
+    method: Method
+    data: TrainingData
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # torch GradScaler (a pass-through when disabled)
+    params: list[torch.Tensor]
+    seed: int
+    accumulation: int
+    precision: str
+    min_snr_gamma: float
+    noise_offset: float
+    clip_mode: str
+    clip_schedule: list[tuple[float, int]]
+    alphas_cumprod: torch.Tensor
+    text_cache: TextCache | None
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What a step did: ok False means it was skipped (non-finite loss or gradients)."""
+
+    ok: bool
+    loss: float
+    prompt: str
+    pixel_size: tuple[int, int]  # (height, width) of the training images, for previews
+    reason: str = ""
+
+
+def make_grad_scaler(device: torch.device, precision: str) -> Any:
+    """A GradScaler enabled only for fp16 on CUDA, where fp16 gradients can underflow; elsewhere a pass-through."""
+    enabled = device.type == "cuda" and precision == "fp16"
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # the WebUI's torch 2.1
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to fp16/bf16 on the model's device, or nothing for fp32."""
+    if precision not in _AUTOCAST:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
+
+
+def to_device(batch: DataBatch, device: torch.device) -> DataBatch:
+    """The data batch with its tensors (and tensor extras) on `device`."""
+    def move(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+    return dataclasses.replace(batch, latents=batch.latents.to(device, torch.float32), size_cond=move(batch.size_cond),
+                               loss_weight=move(batch.loss_weight), pixels=move(batch.pixels),
+                               extras={k: move(v) for k, v in batch.extras.items()})
+
+
+def build_train_batch(ctx: StepContext, data: DataBatch, index: int) -> TrainBatch:
+    """Draw noise and timesteps for micro-batch `index` and assemble the noisy latents and the target."""
+    device = ctx.model.device
+    data = to_device(data, device)
+    latents = data.latents
+    # one generator per sample, keyed by the global sample number: batch 2 x accumulation 1 and batch 1 x
+    # accumulation 2 draw the same noise for the same samples
+    samples = range(index * len(data), (index + 1) * len(data))
+    noise = objective.sample_noise(tuple(latents.shape), randomness.generators(ctx.seed, randomness.NOISE, samples),
+                                   ctx.noise_offset).to(device)
+    timesteps = objective.sample_timesteps(randomness.generators(ctx.seed, randomness.TIMESTEPS, samples),
+                                           ctx.alphas_cumprod.shape[0]).to(device)
+    alphas = ctx.alphas_cumprod.to(device)
+    noisy = objective.add_noise(latents, noise, timesteps, alphas)
+    target = objective.training_target(ctx.model.prediction_type, latents, noise, timesteps, alphas)
+    snr_weight = None
+    if ctx.min_snr_gamma > 0:
+        snr_weight = objective.min_snr_weights(timesteps, alphas, ctx.min_snr_gamma, ctx.model.prediction_type)
+    cond = None
+    if ctx.text_cache is not None:
+        with autocast(device, ctx.precision):
+            cond = ctx.text_cache.encode(ctx.model, data.prompts)
+    return TrainBatch(data=data, latents=latents, noise=noise, timesteps=timesteps, noisy_latents=noisy,
+                      target=target, alphas_cumprod=alphas, size_cond=data.size_cond, loss_weight=data.loss_weight,
+                      snr_weight=snr_weight, cond=cond)
+
+
+def compute_loss(ctx: StepContext, batch: TrainBatch, index: int) -> torch.Tensor:
+    """The method's loss under autocast, with the global RNG (dropout) seeded from the micro-batch number."""
+    device = ctx.model.device
+    seed = randomness.stream_seed(ctx.seed, randomness.FORWARD, index)
+    with randomness.seeded_global_rng(seed, device), autocast(device, ctx.precision):
+        return ctx.method.loss(ctx.model, batch)
+
+
+def apply_update(ctx: StepContext, step: int) -> tuple[bool, str]:
+    """Unscale, check and clip the gradients, then step the optimizer; (False, why) when the step is skipped."""
+    ctx.scaler.unscale_(ctx.optimizer)
+    if not gradients_finite(ctx.params):
+        if not ctx.scaler.is_enabled():
+            return False, "non-finite gradients"
+        # fp16: the scaler backs off; an overflow at a scale >= 1 is calibration, not yet a divergence
+        overflow = ctx.scaler.get_scale() >= 1.0
+        ctx.scaler.update()
+        return False, OVERFLOW if overflow else "non-finite gradients"
+    if ctx.clip_mode != "disabled":
+        clip_gradients(ctx.params, ctx.clip_mode, value_at(ctx.clip_schedule, step))
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    return True, ""
+
+
+def train_step(ctx: StepContext, attempt: int, step: int) -> StepOutcome:
+    """One optimizer step over `accumulation` micro-batches; skips the update when anything is non-finite."""
+    total, prompt, size = 0.0, "", (0, 0)
+    try:
+        for micro in range(ctx.accumulation):
+            index = attempt * ctx.accumulation + micro
+            batch = build_train_batch(ctx, ctx.data.get_batch(index, ctx.seed), index)
+            prompt = batch.prompts[0] if batch.prompts else ""
+            scale = ctx.model.vae_scale
+            size = (batch.latents.shape[-2] * scale, batch.latents.shape[-1] * scale)
+            loss = compute_loss(ctx, batch, index) / ctx.accumulation  # WebUI: loss / gradient_step
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                return StepOutcome(False, value, prompt, size, "non-finite loss")
+            ctx.scaler.scale(loss).backward()
+            total += value
+        ok, reason = apply_update(ctx, step)
+    finally:
+        ctx.optimizer.zero_grad(set_to_none=True)
+    if ok:
+        ctx.method.after_step(ctx.model)
+    return StepOutcome(ok, total, prompt, size, reason)
