@@ -116,12 +116,14 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
 
 
 def _load_torch(source: Path) -> Any:
-    if source.stat().st_size > _MMAP_ABOVE_BYTES and zipfile.is_zipfile(source):
-        try:
+    try:
+        if source.stat().st_size > _MMAP_ABOVE_BYTES and zipfile.is_zipfile(source):
             return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # any failure here means "not a safe, readable torch file"
-            raise ArtifactError(f"{source} could not be read safely: {exc}") from exc
-    return load_pt(source)
+        return load_pt(source)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # torch's safe unpickler raises assorted errors on garbage; all mean "unreadable"
+        raise ArtifactError(f"{source} is not a readable or safe torch file: {exc}") from exc
 
 
 def _from_object(source: Path, obj: Any) -> ArtifactInfo:
