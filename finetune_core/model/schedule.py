@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def scaled_linear_alphas_cumprod(n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+def scaled_linear_alphas_cumprod(n: int = 1000, beta_start: float = 0.00085,
+                                 beta_end: float = 0.012) -> torch.Tensor:
     """Stable Diffusion's "scaled linear" schedule (ldm `make_beta_schedule("linear")`): betas linear in sqrt."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
@@ -23,7 +24,8 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
     return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
 
 
-def velocity_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                    alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The v-prediction target of Salimans & Ho (2022), sec. 4: v = sqrt(a)·eps − sqrt(1−a)·x0."""
     a = _gather(alphas_cumprod, t, x0)
     return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
@@ -41,7 +43,7 @@ def predicted_x0(noisy: torch.Tensor, output: torch.Tensor, t: torch.Tensor, alp
 
 def predicted_noise(noisy: torch.Tensor, output: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                     prediction_type: str) -> torch.Tensor:
-    """The noise estimate from a model output; for v-prediction eps = sqrt(1−a)·x_t + sqrt(a)·v (Salimans & Ho 2022)."""
+    """The noise estimate from a model output; for v: eps = sqrt(1−a)·x_t + sqrt(a)·v (Salimans & Ho 2022)."""
     if prediction_type != "v_prediction":
         return output.float()
     a = _gather(alphas_cumprod, t, noisy)

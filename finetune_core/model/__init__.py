@@ -1,0 +1,35 @@
+"""The model side: the `DiffusionModel` interface trainers use, and loading a model for standalone use.
+
+Importing this package does not import diffusers or transformers; `load_model` imports them when called.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from finetune_core.model.interface import (EPSILON, FAMILIES, SD1, SD2, SDXL, V_PREDICTION, ContextTransform,
+                                           DiffusionModel, LatentMoments, ModelIdentity, ModelSummary,
+                                           TextConditioning, TextEncoderSpec, TrainableEmbedding, summarize)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["EPSILON", "FAMILIES", "SD1", "SD2", "SDXL", "V_PREDICTION", "ContextTransform", "DiffusionModel",
+           "LatentMoments", "ModelIdentity", "ModelSummary", "TextConditioning", "TextEncoderSpec",
+           "TrainableEmbedding", "summarize", "load_model", "list_builtin_models"]
+
+
+def load_model(spec: str, device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None) -> DiffusionModel:
+    """Load a built-in tiny model, a diffusers folder or a single-file checkpoint (see `model.loading`)."""
+    import torch
+
+    from finetune_core.model import loading
+
+    return loading.load_model(spec, device=device, dtype=dtype or torch.float32)
+
+
+def list_builtin_models() -> list[str]:
+    """Names of the built-in tiny models."""
+    from finetune_core.model.tiny import TINY_MODELS
+
+    return list(TINY_MODELS)

@@ -1,0 +1,114 @@
+"""Turn a model spec (built-in tiny name, diffusers folder or single-file checkpoint) into a `DiffusionModel`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from finetune_core.errors import FinetuneError, ModelMismatchError
+from finetune_core.model.interface import EPSILON, SD1, SD2, SDXL, V_PREDICTION, DiffusionModel, ModelIdentity
+from finetune_core.model.tiny import TINY_MODELS
+
+logger = logging.getLogger(__name__)
+
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+_ACCEPTED = (f"a built-in model ({', '.join(TINY_MODELS)}), a diffusers model folder (with model_index.json) "
+             f"or a single-file checkpoint ({' / '.join(_SINGLE_FILE_SUFFIXES)})")
+
+
+def list_builtin_models() -> list[str]:
+    """Names of the tiny models built in code (for tests and the demo)."""
+    return list(TINY_MODELS)
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """Load the model `spec` names, with every weight frozen, on `device` in `dtype`."""
+    if spec in TINY_MODELS:
+        from finetune_core.model.tiny import build_tiny
+
+        return build_tiny(spec, device=device, dtype=dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return load_diffusers_folder(path, device, dtype)
+    if path.is_file() and path.suffix.lower() in _SINGLE_FILE_SUFFIXES:
+        return _load_single_file(path, device, dtype)
+    if path.is_dir():
+        raise FinetuneError(f"The folder {path} has no model_index.json, so it is not a diffusers model; "
+                            f"give {_ACCEPTED}.")
+    if path.exists():
+        raise FinetuneError(f"{path} is not a model file this trainer reads; give {_ACCEPTED}.")
+    raise FinetuneError(f"There is no model {spec!r}: give {_ACCEPTED}.")
+
+
+def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:
+    from finetune_core.model.diffusers_backend import DiffusersModel
+    from finetune_core.model.single_file import load_single_file
+
+    c = load_single_file(path)
+    return DiffusersModel(c.unet, c.vae, c.text_encoder, c.text_encoder_2, family=c.family,
+                          prediction_type=c.prediction_type, identity=c.identity, device=device, dtype=dtype)
+
+
+def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:
+    """Load a diffusers pipeline folder offline; the tokenizers are always our own CLIP tokenizer."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from finetune_core.model.diffusers_backend import DiffusersModel
+
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    for part in ("unet", "vae", "text_encoder"):
+        if part not in index or not (folder / part).is_dir():
+            raise FinetuneError(f"The diffusers folder {folder} has no {part}/ component; this trainer needs a full "
+                                "Stable Diffusion pipeline (unet, vae, text_encoder).")
+    kwargs = dict(local_files_only=True, torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)
+    text_encoder_2 = None
+    if (folder / "text_encoder_2").is_dir():
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kwargs)
+    family = _folder_family(folder, text_encoder.config.hidden_size, text_encoder_2 is not None)
+    identity = ModelIdentity(folder.name, _folder_shorthash(folder))
+    logger.info("loaded diffusers folder %s as %s (%s)", folder, family, identity.shorthash)
+    return DiffusersModel(unet, vae, text_encoder, text_encoder_2, family=family,
+                          prediction_type=_folder_prediction_type(folder), identity=identity,
+                          device=device, dtype=dtype)
+
+
+def _folder_family(folder: Path, text_width: int, has_second_encoder: bool) -> str:
+    if has_second_encoder:
+        return SDXL
+    if text_width in (768, 1024):
+        return SD1 if text_width == 768 else SD2
+    raise ModelMismatchError(f"The text encoder in {folder / 'text_encoder'} is {text_width} wide; SD1 models use 768 "
+                             "and SD2 models 1024, so this is not a Stable Diffusion 1/2/XL pipeline.")
+
+
+def _folder_prediction_type(folder: Path) -> str:
+    """eps or v from the pipeline's scheduler config (SD2-768 models say v_prediction there)."""
+    config = folder / "scheduler" / "scheduler_config.json"
+    if not config.is_file():
+        return EPSILON
+    value = json.loads(config.read_text(encoding="utf-8")).get("prediction_type", EPSILON)
+    return V_PREDICTION if value == V_PREDICTION else EPSILON
+
+
+def _folder_shorthash(folder: Path) -> str:
+    """sha256[:10] of the UNet weight file(s): the part that makes one model of a family differ from another."""
+    from finetune_core.formats.checkpoint import file_sha256
+
+    # from_pretrained loads the files without a variant infix ("model.fp16.safetensors" is another copy).
+    found = [f for ext in ("*.safetensors", "*.bin") for f in sorted((folder / "unet").glob(ext))]
+    files = [f for f in found if f.name.count(".") == 1]
+    files = files[:1] if len(files) > 1 and not any("-of-" in f.name for f in files) else files
+    if not files:
+        raise FinetuneError(f"The diffusers folder {folder} has no UNet weights in unet/; it may be incomplete.")
+    if len(files) == 1:
+        return file_sha256(files[0])[:10]
+    import hashlib
+
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:10]
