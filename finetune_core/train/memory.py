@@ -1,0 +1,190 @@
+"""A rough peak-memory estimate for a training run, shown before Train, with a suggestion when it will not fit.
+
+It is an estimate, not a measurement: weights and optimizer state are counted exactly from the model, activations
+use a rule of thumb (see `ACTIVATION_VALUES_PER_CELL`) that scales with batch × latent pixels × UNet channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from finetune_core.errors import ConfigError
+from finetune_core.model.interface import DiffusionModel
+
+# Values the UNet keeps for backward per latent cell per base channel, at batch 1, without gradient checkpointing.
+# Calibrated so SD1 at 512x512, batch 1, fp16 lands near the ~6 GB the WebUI's TI training is known to take.
+ACTIVATION_VALUES_PER_CELL = 1500
+CHECKPOINTING_FACTOR = 0.2  # gradient checkpointing keeps roughly a fifth of the activations
+ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32
+GIB = 1024 ** 3
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The settings that drive memory: method, batch, size, precision and the method's trainable size knobs."""
+
+    method: str
+    batch_size: int = 1
+    width: int = 512
+    height: int = 512
+    precision: str = "fp16"  # compute dtype of the frozen weights: fp32 / fp16 / bf16
+    gradient_checkpointing: bool = False
+    vectors: int = 1  # textual inversion / dreamartist vectors per token
+    hypernetwork_layers: tuple[float, ...] = (1, 2, 1)  # the WebUI's layer structure
+    hypernetwork_sizes: tuple[int, ...] = ()  # context widths with modules; empty: the model's cross widths
+    train_text_encoder: bool = False  # dreambooth
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak bytes by kind; `device_total` is the device's memory (None when unknown)."""
+
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    total: int
+    device_total: int | None
+    suggestion: str
+
+    def describe(self) -> str:
+        """One paragraph for the tab: the parts, the total against the device, and the suggestion."""
+        parts = (f"weights {_gib(self.parameters_bytes)}, gradients {_gib(self.gradients_bytes)}, optimizer "
+                 f"{_gib(self.optimizer_bytes)}, activations ≈{_gib(self.activations_bytes)}")
+        device = "" if self.device_total is None else f" of {_gib(self.device_total)} available"
+        text = f"Estimated peak memory ≈{_gib(self.total)}{device} ({parts}). This is an estimate, not a measurement."
+        return f"{text} {self.suggestion}".strip()
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def dtype_bytes(precision: str) -> int:
+    """Bytes per value of a precision name; ConfigError for an unknown one."""
+    if precision not in _DTYPE_BYTES:
+        raise ConfigError(f"precision '{precision}' is unknown; use one of fp32, fp16 or bf16")
+    return _DTYPE_BYTES[precision]
+
+
+def model_parameters(model: DiffusionModel) -> int:
+    """Number of weights in the model's modules (UNet, text encoders, and the VAE when the backend exposes it)."""
+    modules = list(model.trainable_modules().values())
+    vae = getattr(model, "vae", None)
+    if isinstance(vae, torch.nn.Module):
+        modules.append(vae)
+    return _count(modules)
+
+
+def _count(modules: list[torch.nn.Module]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for param in module.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel()
+    return total
+
+
+def hypernetwork_parameters(widths: set[int], layers: tuple[float, ...]) -> int:
+    """Weights of a WebUI hypernetwork: per context width, a k and a v MLP with layer sizes width × `layers`."""
+    total = 0
+    for width in widths:
+        sizes = [int(width * m) for m in layers]
+        per_mlp = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+        total += 2 * per_mlp
+    return total
+
+
+def trainable_parameters(model: DiffusionModel, plan: MemoryPlan) -> int:
+    """How many weights `plan.method` trains on `model`."""
+    counters: dict[str, Callable[[], int]] = {
+        "textual-inversion": lambda: plan.vectors * sum(t.width for t in model.text_encoders),
+        "dreamartist": lambda: 2 * plan.vectors * sum(t.width for t in model.text_encoders),
+        "hypernetwork": lambda: hypernetwork_parameters(
+            set(plan.hypernetwork_sizes) or model.attention_context_widths().get("cross", set()),
+            plan.hypernetwork_layers),
+        "dreambooth": lambda: _count([m for k, m in model.trainable_modules().items()
+                                      if k == "unet" or (plan.train_text_encoder and k.startswith("text_encoder"))]),
+        "aesthetic-gradients": lambda: _count([m for k, m in model.trainable_modules().items()
+                                               if k.startswith("text_encoder")]),
+    }
+    if plan.method not in counters:
+        raise ConfigError(f"no memory estimate for method '{plan.method}'; known: {', '.join(sorted(counters))}")
+    return counters[plan.method]()
+
+
+def unet_base_channels(model: DiffusionModel) -> int:
+    """Channels of the UNet's first convolution (320 for SD1/SD2/SDXL), found by module inspection."""
+    unet = model.trainable_modules().get("unet")
+    if unet is not None:
+        for module in unet.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.in_channels == model.latent_channels:
+                return int(module.out_channels)
+    return 320
+
+
+def activation_bytes(plan: MemoryPlan, base_channels: int, vae_scale: int = 8) -> int:
+    """Rule of thumb: batch × latent cells × base channels × ACTIVATION_VALUES_PER_CELL values of the compute dtype."""
+    cells = (plan.width // vae_scale) * (plan.height // vae_scale)
+    values = plan.batch_size * cells * base_channels * ACTIVATION_VALUES_PER_CELL
+    if plan.gradient_checkpointing:
+        values = int(values * CHECKPOINTING_FACTOR)
+    return values * dtype_bytes(plan.precision)
+
+
+def device_memory(device: torch.device | str) -> int | None:
+    """Total memory of `device`: CUDA from torch, CPU from /proc/meminfo; None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        meminfo = Path("/proc/meminfo")
+        if meminfo.is_file():
+            for line in meminfo.read_text().splitlines():
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def estimate_memory(model: DiffusionModel, plan: MemoryPlan, device_total: int | None = -1) -> MemoryEstimate:
+    """Peak memory of training `plan` on `model`; `device_total=-1` asks the model's device for its size."""
+    size = dtype_bytes(plan.precision)
+    trainable = trainable_parameters(model, plan)
+    frozen = model_parameters(model)
+    if plan.method in ("dreambooth", "aesthetic-gradients"):
+        frozen -= trainable  # these train weights of the model itself; they are held in fp32 below
+    params = frozen * size + trainable * 4
+    grads = trainable * 4
+    optimizer = trainable * 4 * ADAM_STATES
+    activations = activation_bytes(plan, unet_base_channels(model), model.vae_scale)
+    total = params + grads + optimizer + activations
+    if device_total == -1:
+        device_total = device_memory(model.device)
+    return MemoryEstimate(params, grads, optimizer, activations, total, device_total,
+                          suggest(plan, total, device_total))
+
+
+def suggest(plan: MemoryPlan, total: int, device_total: int | None) -> str:
+    """What to change when `total` will not fit (or barely fits) in `device_total`."""
+    if device_total is None or total <= 0.9 * device_total:
+        return ""
+    steps = []
+    if not plan.gradient_checkpointing:
+        steps.append("turn on gradient checkpointing")
+    if plan.precision in ("fp32", "float32"):
+        steps.append("train in fp16 or bf16")
+    if plan.batch_size > 1:
+        steps.append(f"lower the batch size (e.g. {max(1, plan.batch_size // 2)}) and use gradient accumulation")
+    if plan.width * plan.height > 512 * 512:
+        steps.append("train at a smaller size")
+    if not steps:
+        steps.append("use --medvram in the WebUI or a smaller model")
+    verdict = "exceeds" if total > device_total else "is close to"
+    return f"This {verdict} the device's memory: " + "; ".join(steps) + "."

@@ -1,0 +1,150 @@
+"""What the tab's buttons do, as plain functions of form values (testable without Gradio)."""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_core.errors import ConfigError, FinetuneError
+from finetune_core.service import TrainRequest
+from finetune_core.train.memory import MemoryPlan, estimate_memory
+from finetune_core.ui import presets
+from finetune_core.ui.dataset_view import lint_html, steps_arithmetic
+from finetune_core.ui.host import Host
+from finetune_core.ui.job_runner import JobRunner, JobState
+from finetune_core.ui.panels import gallery_items, loss_svg, progress_html, result_html
+from finetune_core.ui.schema import FieldSpec, coerce_all
+
+log = logging.getLogger(__name__)
+SECTIONS = ("method", "data", "train")
+Values = dict[str, dict[str, Any]]  # section -> field -> value
+
+
+def message_html(text: str, kind: str = "info") -> str:
+    """A one-line message box (info / error) for the status area."""
+    return f"<div class='finetune-message finetune-{kind}'>{html.escape(text)}</div>"
+
+
+@dataclass
+class StatusView:
+    """Everything the status panel shows, rendered."""
+
+    progress: str
+    plot: str
+    gallery: list[tuple[Path, str]]
+    result: str
+
+
+@dataclass
+class MethodActions:
+    """The actions of one method's sub-tab."""
+
+    host: Host
+    runner: JobRunner
+    service: Any  # finetune_core.service, or a stand-in with the same functions
+    method: str
+    output_kind: str
+    sections: dict[str, list[FieldSpec]]  # "method" / "data" / "train" -> fields
+
+    def typed(self, values: Values) -> Values:
+        """Form values coerced to their field types; one ConfigError for every bad field."""
+        problems: list[str] = []
+        out: Values = {}
+        for section in SECTIONS:
+            try:
+                out[section] = coerce_all(self.sections.get(section, []), values.get(section, {}))
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise ConfigError(problems)
+        return out
+
+    def request(self, name: str, values: Values, overwrite: bool = False, resume_run: str = "") -> TrainRequest:
+        """The TrainRequest the form describes."""
+        typed = self.typed(values)
+        if not name.strip() and not resume_run.strip():
+            raise ConfigError("the name is empty; type the name the new file should have")
+        return TrainRequest(method=self.method, name=name.strip(), method_settings=typed["method"],
+                            data_settings=typed["data"], train_settings=typed["train"], overwrite=bool(overwrite),
+                            resume_run=resume_run.strip() or None)
+
+    def train(self, name: str, values: Values, overwrite: bool, resume_run: str, task_id: str | None) -> str:
+        """Start a job; returns the message for the status line (JobBusy / ConfigError propagate)."""
+        job_id = self.runner.start(self.request(name, values, overwrite, resume_run), task_id=task_id)
+        return message_html(f"Training '{name.strip() or resume_run}' started (job {job_id}).")
+
+    def lint(self, values: Values) -> tuple[str, str]:
+        """(lint table HTML, steps arithmetic) for the dataset the form points at."""
+        typed = self.typed(values)
+        data, train = typed["data"], typed["train"]
+        report = self.service.lint(data, self.method, self._model_or_none())
+        arithmetic = steps_arithmetic(len(report.rows), int(data.get("repeats", 1)), int(data.get("batch_size", 1)),
+                                      int(train.get("gradient_accumulation", 1)), int(train.get("steps", 0)))
+        return lint_html(report, str(data.get("crop", "center"))), arithmetic
+
+    def _model_or_none(self) -> Any:
+        try:
+            return self.host.get_model()
+        except FinetuneError as exc:  # token counts need a model; the rest of the lint does not
+            log.info("lint without token counts: %s", exc)
+            return None
+
+    def estimate(self, values: Values) -> str:
+        """The memory estimate for the form's settings, as a sentence."""
+        typed = self.typed(values)
+        method, data, train = typed["method"], typed["data"], typed["train"]
+        plan = MemoryPlan(method=self.method, batch_size=int(data.get("batch_size", 1)),
+                          width=int(data.get("width", 512)), height=int(data.get("height", 512)),
+                          precision=str(train.get("precision", "fp32")),
+                          gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
+                          vectors=int(method.get("num_vectors", 1)),
+                          hypernetwork_layers=_numbers(method.get("layer_structure", "1, 2, 1"), float),
+                          hypernetwork_sizes=_numbers(method.get("sizes", ""), int),
+                          train_text_encoder=bool(method.get("train_text_encoder", False)))
+        return estimate_memory(self.host.get_model(), plan).describe()
+
+    def create(self, name: str, settings: dict[str, Any], create_specs: list[FieldSpec], overwrite: bool) -> str:
+        """Create an empty artefact; returns a message naming the files."""
+        if not name.strip():
+            raise ConfigError("the name is empty; type the name the new file should have")
+        typed = coerce_all(create_specs, settings)
+        paths = self.service.create(self.method, name.strip(), typed, self.host.get_model(), self.host.folders(),
+                                    overwrite=bool(overwrite))
+        self.host.artifacts_written(self.output_kind, list(paths))
+        return "Created " + ", ".join(str(p) for p in paths)
+
+    def status(self, state: JobState | None = None) -> StatusView:
+        """The status panel for the current job."""
+        state = state or self.runner.state()
+        mine = state.method == self.method
+        return StatusView(progress_html(state, self.method),
+                          loss_svg(state.losses, state.learning_rates) if mine else loss_svg([], []),
+                          gallery_items(state, self.method),
+                          result_html(state) if mine else result_html(JobState()))
+
+    # --- presets ------------------------------------------------------------------------------------------
+    def _presets_dir(self) -> Path:
+        return presets.presets_dir(self.host.folders().logs)
+
+    def list_presets(self) -> list[str]:
+        return presets.list_presets(self._presets_dir(), self.method)
+
+    def save_preset(self, preset: str, name: str, values: Values) -> str:
+        path = presets.save_preset(self._presets_dir(), self.method, preset, {"name": name, **self.typed(values)})
+        return f"Saved preset '{preset}' to {path}"
+
+    def load_preset(self, preset: str) -> tuple[str, Values]:
+        settings = presets.load_preset(self._presets_dir(), self.method, preset)
+        return str(settings.get("name", "")), {s: dict(settings.get(s, {})) for s in SECTIONS}
+
+
+def _numbers(text: Any, kind: type) -> tuple[Any, ...]:
+    """'1, 2, 1' -> (1.0, 2.0, 1.0); an unparsable list is a ConfigError."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        return tuple(kind(float(p)) if kind is int else kind(p) for p in parts)
+    except ValueError as exc:
+        raise ConfigError(f"'{text}' is not a comma-separated list of numbers") from exc

@@ -1,0 +1,117 @@
+"""The event handlers of a method's sub-tab and their wiring to its components."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from finetune_core.ui.actions import message_html
+from finetune_core.ui.compat import gallery_value, js_kwargs
+
+if TYPE_CHECKING:
+    from finetune_core.ui.method_tab import MethodTab
+
+
+def wire(tab: "MethodTab") -> None:
+    """Attach every button of `tab` to its handler."""
+    from finetune_core.ui.method_tab import guarded
+
+    gr, c, actions = tab.gr, tab.c, tab.actions
+    fields = [comp for _, _, comp in tab.fields]
+    status_outputs = [c["progress"], c["plot"], c["gallery"], c["result"], c["poll"]]
+
+    def on_train(task: Any, name: str, overwrite: bool, resume_run: str, *values: Any) -> tuple:
+        task_id = task if isinstance(task, str) and task.startswith("task(") else None
+        message = actions.train(name or "", tab.collect(list(values)), overwrite, resume_run or "", task_id)
+        return (message, *_status(actions, None)[:-1], None)
+
+    c["train"].click(fn=guarded(gr, on_train, 6, 0),
+                     inputs=[c["task"], c["name"], c["overwrite"], c["resume_run"], *fields],
+                     outputs=[c["status"], *status_outputs], **js_kwargs(gr, tab.ctx.train_js))
+    c["refresh"].click(fn=guarded(gr, lambda last: _refresh(gr, actions, last), 5, 0), inputs=[c["poll"]],
+                       outputs=status_outputs)
+    for key, command in (("pause", actions.runner.pause), ("resume", actions.runner.resume),
+                         ("interrupt", actions.runner.interrupt)):
+        c[key].click(fn=guarded(gr, _command_handler(actions, key, command), 2, 0), inputs=[],
+                     outputs=[c["status"], c["progress"]])
+
+    def on_lint(*values: Any) -> tuple:
+        table, arithmetic = actions.lint(tab.collect(list(values)))
+        return table, arithmetic, ""
+
+    c["lint"].click(fn=guarded(gr, on_lint, 3, 2), inputs=fields, outputs=[c["lint_html"], c["arithmetic"], c["status"]])
+    c["estimate"].click(fn=guarded(gr, lambda *v: (message_html(actions.estimate(tab.collect(list(v)))),), 1, 0),
+                        inputs=fields, outputs=[c["memory"]])
+    _wire_create(tab)
+    _wire_presets(tab)
+
+
+def _status(actions: Any, last: Any) -> tuple:
+    view = actions.status()
+    return view.progress, view.plot, gallery_value(view.gallery), view.result, last
+
+
+def _refresh(gr: Any, actions: Any, last: Any) -> tuple:
+    """Redraw only what changed since this browser's last poll (`last` = [job id, version, previews])."""
+    state = actions.runner.state()
+    key = [state.job_id, state.version, len(state.previews)]
+    if last == key:
+        return gr.update(), gr.update(), gr.update(), gr.update(), last
+    view = actions.status(state)
+    same_gallery = bool(last) and last[0] == key[0] and last[2] == key[2]
+    gallery = gr.update() if same_gallery else gallery_value(view.gallery)
+    return view.progress, view.plot, gallery, view.result, key
+
+
+def _command_handler(actions: Any, key: str, command: Any) -> Any:
+    def handler() -> tuple:
+        done = command()
+        words = {"pause": "Pausing at the next step.", "resume": "Resumed.",
+                 "interrupt": "Interrupting: the job saves and stops at the next step."}
+        text = words[key] if done else "No training job is running."
+        return message_html(text), actions.status().progress
+
+    return handler
+
+
+def _wire_create(tab: "MethodTab") -> None:
+    if "create" not in tab.c:
+        return
+    gr, c, actions = tab.gr, tab.c, tab.actions
+    create_fields = c["create_fields"]
+    names = list(create_fields)
+    continue_from = [comp for section, name, comp in tab.fields if section == "method" and name == "continue_from"]
+
+    def on_create(name: str, overwrite: bool, *values: Any) -> tuple:
+        message = actions.create(name or "", dict(zip(names, values)), tab.create_specs, overwrite)
+        refreshed = [gr.update(choices=[""] + tab.ctx.host.list_existing(tab.spec.output_kind))] * len(continue_from)
+        return (message_html(message), *refreshed)
+
+    c["create"].click(fn=guarded_for(tab, on_create, 1 + len(continue_from)),
+                      inputs=[c["name"], c["overwrite"], *create_fields.values()],
+                      outputs=[c["create_message"], *continue_from])
+
+
+def guarded_for(tab: "MethodTab", fn: Any, n_outputs: int) -> Any:
+    from finetune_core.ui.method_tab import guarded
+
+    return guarded(tab.gr, fn, n_outputs, 0)
+
+
+def _wire_presets(tab: "MethodTab") -> None:
+    gr, c, actions = tab.gr, tab.c, tab.actions
+    fields = [comp for _, _, comp in tab.fields]
+
+    def on_save(preset: str, name: str, *values: Any) -> tuple:
+        message = actions.save_preset(preset or "", name or "", tab.collect(list(values)))
+        return message_html(message), gr.update(choices=actions.list_presets(), value=preset)
+
+    def on_load(preset: str) -> tuple:
+        name, values = actions.load_preset(preset or "")
+        updates = [gr.update(value=values[section][field]) if field in values.get(section, {}) else gr.update()
+                   for section, field, _ in tab.fields]
+        return (message_html(f"Loaded preset '{preset}'."), gr.update(value=name), *updates)
+
+    c["preset_save"].click(fn=guarded_for(tab, on_save, 2), inputs=[c["preset"], c["name"], *fields],
+                           outputs=[c["preset_message"], c["preset"]])
+    c["preset_load"].click(fn=guarded_for(tab, on_load, 2 + len(fields)), inputs=[c["preset"]],
+                           outputs=[c["preset_message"], c["name"], *fields])
