@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -180,7 +181,7 @@ def _load_safetensors(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     try:
         with safe_open(str(source), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata  # noqa: SIM118 (not iterable)
     except Exception as exc:  # safetensors raises its own SafetensorError or OSError for damaged files
         raise ArtifactError(f"{source} is not a readable .safetensors file (truncated or another format): "
                             f"{exc}") from exc

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -165,7 +167,7 @@ def _check_module(name: str, size: int, which: str, state: Any, linear_count: in
             weights[int(match.group(1))] = tensor
     chain = [weights[i] for i in sorted(weights)]
     widths_ok = bool(chain) and chain[0].shape[1] == size and chain[-1].shape[0] == size and all(
-        a.shape[0] == b.shape[1] for a, b in zip(chain, chain[1:]))
+        a.shape[0] == b.shape[1] for a, b in itertools.pairwise(chain))
     if len(chain) != linear_count or not widths_ok:
         shapes = [tuple(w.shape) for w in chain]
         raise ArtifactError(f"hypernetwork '{name}': module {size}/{which} has Linear weights {shapes}; they must "
@@ -179,7 +181,8 @@ def _plain_state(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Te
 
 def _describe_other(obj: Any) -> str:
     # Imported here because embedding.py imports this module for its own messages.
-    from finetune_core.formats.embedding import describe_object, sniff as is_embedding
+    from finetune_core.formats.embedding import describe_object
+    from finetune_core.formats.embedding import sniff as is_embedding
 
     if is_embedding(obj):
         return "this file is an embedding, not a hypernetwork"

@@ -11,7 +11,11 @@ from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import save_pt
 from finetune_core.formats.embedding import EmbeddingFile, write_embedding
 from finetune_core.formats.hypernetwork import (
-    METADATA_KEYS, HypernetworkFile, dropout_structure_for, read_hypernetwork, write_hypernetwork,
+    METADATA_KEYS,
+    HypernetworkFile,
+    dropout_structure_for,
+    read_hypernetwork,
+    write_hypernetwork,
 )
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 
 from finetune_core.formats.optim import (
-    OptimizerSidecar, file_shorthash, read_optimizer_sidecar, sidecar_path, write_optimizer_sidecar,
+    OptimizerSidecar,
+    file_shorthash,
+    read_optimizer_sidecar,
+    sidecar_path,
+    write_optimizer_sidecar,
 )
 
 
