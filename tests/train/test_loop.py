@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def train(tmp: Path, config: TrainConfig = BASE, method: FakeMethod | None = Non
 
 
 def test_training_changes_the_vector_and_writes_the_final_artifact(tmp_path: Path) -> None:
-    result, method, events = train(tmp_path)
+    result, method, _events = train(tmp_path)
     assert result.step == 6 and not result.interrupted
     assert result.artifacts == (tmp_path / "out" / "emb.pt",)
     assert torch.equal(read_vector(result.artifacts[0]), method.vector.detach())
@@ -99,7 +100,6 @@ def test_two_runs_with_the_same_seed_are_equal_and_another_seed_differs(tmp_path
 def test_random_seed_is_resolved_and_recorded(tmp_path: Path) -> None:
     result, _method, _events = train(tmp_path, dataclasses.replace(BASE, seed=-1))
     assert result.seed >= 0
-    import json
     assert json.loads((tmp_path / "run" / "settings.json").read_text())["seed"] == result.seed
 
 
@@ -192,8 +192,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path: Path) -> None:
 def test_clipping_limits_the_update(tmp_path: Path, mode: str) -> None:
     config = dataclasses.replace(BASE, steps=2, optimizer="sgd", learning_rate="1.0", clip_grad_mode=mode,
                                  clip_grad_value="0.001:1, 0.01")
-    _r, method, events = train(tmp_path, config, method=FakeMethod(dropout=0))
-    first_run_delta = None
+    _r, method, _events = train(tmp_path, config, method=FakeMethod(dropout=0))
     # replay step by step: step 1 uses clip 0.001, step 2 uses 0.01
     one = dataclasses.replace(config, steps=1)
     _r, m1, _ = train(tmp_path, one, method=FakeMethod(dropout=0), run="r1", out="o1")
