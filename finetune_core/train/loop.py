@@ -8,8 +8,7 @@ from __future__ import annotations
 import glob
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,8 @@ from finetune_core.train.events import (
     Warning_,
     ignore_events,
 )
-from finetune_core.train.guard import GuardState, NanGuard
+from finetune_core.train.guard import NanGuard
+from finetune_core.train.job import Counters, OutputSpec, TrainJob, TrainResult
 from finetune_core.train.optim import build_optimizer, set_learning_rate
 from finetune_core.train.run_folder import LossRow, RunFolder
 from finetune_core.train.schedule import end_step, parse_schedule, rate_at
@@ -47,61 +47,6 @@ logger = logging.getLogger(__name__)
 
 # sample(model, prompts, negative_prompts, *, steps, cfg_scale, width, height, seed, embeddings, context_transform)
 Sampler = Callable[..., list[Any]]
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """Where the final artefact goes: `final_dir`, file stem `name`, and whether an existing file may be replaced."""
-
-    final_dir: Path
-    name: str
-    overwrite: bool = False
-    settings: Mapping[str, Any] = field(default_factory=dict)  # method settings stamped into the artefact
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    step: int
-    interrupted: bool
-    artifacts: tuple[Path, ...]
-    run_dir: Path
-    seed: int
-
-
-@dataclass
-class Counters:
-    """Loop position, saved with every resume state. attempt counts tried steps (skipped ones too): it keys
-    the data order and the noise, so a skipped or rolled-back step never redraws the same batch."""
-
-    step: int
-    attempt: int
-    seed: int
-    guard: GuardState = field(default_factory=GuardState)
-    final_written: bool = False
-    csv_losses: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "attempt": self.attempt, "seed": self.seed, "final_written": self.final_written,
-                "csv_losses": list(self.csv_losses), "bad_streak": self.guard.bad_streak,
-                "rollbacks": self.guard.rollbacks, "lr_factor": self.guard.lr_factor}
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> Counters:
-        guard = GuardState(int(d["bad_streak"]), int(d["rollbacks"]), float(d["lr_factor"]))
-        return Counters(int(d["step"]), int(d["attempt"]), int(d["seed"]), guard, bool(d["final_written"]),
-                        [float(x) for x in d["csv_losses"]])
-
-
-@dataclass
-class TrainJob:
-    """What to train: the model, the method, the data, the settings, the run folder and the output."""
-
-    model: DiffusionModel
-    method: Method
-    data: TrainingData
-    config: TrainConfig
-    run: RunFolder
-    output: OutputSpec
 
 
 def run_training(model: DiffusionModel, method: Method, data: TrainingData, config: TrainConfig, run: RunFolder,
