@@ -1,4 +1,4 @@
-"""Single-file LDM checkpoints (`.safetensors` / `.ckpt`): read, write, detect the family, convert to and from diffusers.
+"""Single-file LDM checkpoints (`.safetensors` / `.ckpt`): read, write, detect the family, convert to/from diffusers.
 
 The WebUI's layout and reading rules are those of webui-integration.md §6c; the key mapping is in `checkpoint_keys`.
 """
@@ -9,8 +9,8 @@ import hashlib
 import logging
 import os
 import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import safetensors
 import safetensors.torch
@@ -51,8 +51,9 @@ def _load_safetensors(source: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(source), device="cpu")
     except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise ArtifactError(f"{source} is not a readable .safetensors file (truncated or another format): "
-                            f"{exc}") from exc
+        raise ArtifactError(
+            f"{source} is not a readable .safetensors file (truncated or another format): {exc}"
+        ) from exc
 
 
 def _load_pickle(source: Path) -> object:
@@ -60,8 +61,9 @@ def _load_pickle(source: Path) -> object:
     try:
         return load_pt(source)
     except (IndexError, KeyError, struct.error, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{source} is not a readable torch file (truncated or another format): "
-                            f"{type(exc).__name__}: {exc}") from exc
+        raise ArtifactError(
+            f"{source} is not a readable torch file (truncated or another format): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _unwrap(obj: object, source: Path) -> dict[str, torch.Tensor]:
@@ -105,7 +107,7 @@ def sniff(state_dict: Mapping[str, object]) -> bool:
 
 
 def detect_family(names: Iterable[str]) -> str:
-    """"sd1", "sd2" or "sdxl" from the LDM keys, by the text encoder they carry, as the WebUI guesses its config."""
+    """ "sd1", "sd2" or "sdxl" from the LDM keys, by the text encoder they carry, as the WebUI guesses its config."""
     names = list(names)
     prefixes = {
         "sdxl": ("conditioner.embedders.1.", keys.UNET_PREFIX + "label_emb."),
@@ -116,19 +118,25 @@ def detect_family(names: Iterable[str]) -> str:
         if any(k.startswith(starts) for k in names):
             return family
     if any(k.startswith(keys.UNET_PREFIX) for k in names):
-        raise ArtifactError("the checkpoint has UNet weights but no text encoder, so SD1 and SD2 cannot be told "
-                            "apart; use a full checkpoint that includes its text encoder")
+        raise ArtifactError(
+            "the checkpoint has UNet weights but no text encoder, so SD1 and SD2 cannot be told "
+            "apart; use a full checkpoint that includes its text encoder"
+        )
     found = ", ".join(sorted(names)[:4]) or "nothing"
-    raise ArtifactError(f"this is not a Stable Diffusion checkpoint: it has {len(names)} weights such as {found}, "
-                        "but none under model.diffusion_model. (it may be a LoRA, embedding or another model)")
+    raise ArtifactError(
+        f"this is not a Stable Diffusion checkpoint: it has {len(names)} weights such as {found}, "
+        "but none under model.diffusion_model. (it may be a LoRA, embedding or another model)"
+    )
 
 
 def _normalise_ldm(state_dict: Mapping[str, torch.Tensor], family: str) -> Mapping[str, torch.Tensor]:
     """Rename SD2-Turbo's text encoder prefix to the SD2 one, as the WebUI does on load."""
     if family != "sd2" or not any(k.startswith(_SD2_TURBO_PREFIX) for k in state_dict):
         return state_dict
-    return {("cond_stage_model." + k[len("conditioner.embedders.0."):] if k.startswith(_SD2_TURBO_PREFIX) else k): v
-            for k, v in state_dict.items()}
+    return {
+        ("cond_stage_model." + k[len("conditioner.embedders.0.") :] if k.startswith(_SD2_TURBO_PREFIX) else k): v
+        for k, v in state_dict.items()
+    }
 
 
 def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], family: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -138,8 +146,10 @@ def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], family: str) -> dic
     """
     _check_family(family)
     state_dict = _normalise_ldm(state_dict, family)
-    out = {"unet": keys.unet_from_ldm(keys.strip_prefix(keys.UNET_PREFIX, state_dict), family),
-           "vae": keys.vae_from_ldm(keys.strip_prefix(keys.VAE_PREFIX, state_dict))}
+    out = {
+        "unet": keys.unet_from_ldm(keys.strip_prefix(keys.UNET_PREFIX, state_dict), family),
+        "vae": keys.vae_from_ldm(keys.strip_prefix(keys.VAE_PREFIX, state_dict)),
+    }
     for component, (prefix, kind) in keys.TEXT_PREFIXES[family].items():
         part = keys.strip_prefix(prefix, state_dict)
         if kind == "hf":
@@ -159,8 +169,10 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, torch.Tensor]], famil
     text = keys.TEXT_PREFIXES[family]
     unknown = set(components) - {"unet", "vae"} - set(text)
     if unknown:
-        raise ArtifactError(f"a {family} checkpoint has no component named {', '.join(sorted(unknown))}; "
-                            f"it has unet, vae, {', '.join(text)}")
+        raise ArtifactError(
+            f"a {family} checkpoint has no component named {', '.join(sorted(unknown))}; "
+            f"it has unet, vae, {', '.join(text)}"
+        )
     out: dict[str, torch.Tensor] = {}
     if "unet" in components:
         out.update(keys.with_prefix(keys.UNET_PREFIX, keys.unet_to_ldm(components["unet"], family)))
@@ -170,8 +182,11 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, torch.Tensor]], famil
         if component not in components:
             continue
         sd = components[component]
-        part = ({k: v for k, v in sd.items() if not k.endswith("position_ids")} if kind == "hf"
-                else keys.openclip_to_ldm(sd))
+        part = (
+            {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+            if kind == "hf"
+            else keys.openclip_to_ldm(sd)
+        )
         out.update(keys.with_prefix(prefix, part))
     return out
 
@@ -181,8 +196,13 @@ def _check_family(family: str) -> None:
         raise ArtifactError(f"unknown model family {family!r}; expected one of {', '.join(keys.TEXT_PREFIXES)}")
 
 
-def write_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], overwrite: bool = False,
-                     half: bool = False, metadata: Mapping[str, str] | None = None) -> Path:
+def write_checkpoint(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    overwrite: bool = False,
+    half: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write an LDM state dict atomically: `.safetensors` flat with string metadata, or `.ckpt` as {"state_dict": ...}.
 
     The `.ckpt` uses the legacy serializer so a stock WebUI's restricted unpickler accepts it; its metadata, if any,
@@ -198,8 +218,9 @@ def write_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
         raise ArtifactError(f"checkpoint metadata must be text; these entries are not: {', '.join(map(str, bad))}")
     tensors = _prepare(state_dict, half)
     if suffix == ".safetensors":
-        return atomic_write(target, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta or None),
-                            overwrite)
+        return atomic_write(
+            target, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta or None), overwrite
+        )
     payload: dict[str, object] = {"state_dict": tensors}
     if meta:
         payload["metadata"] = meta

@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from finetune_core.errors import ArtifactError
-from finetune_core.formats.checkpoint import (detect_family, diffusers_to_ldm, file_sha256, ldm_to_diffusers,
-                                              read_safetensors_metadata, read_state_dict, sniff, write_checkpoint)
+from finetune_core.formats.checkpoint import (
+    detect_family,
+    diffusers_to_ldm,
+    file_sha256,
+    ldm_to_diffusers,
+    read_safetensors_metadata,
+    read_state_dict,
+    sniff,
+    write_checkpoint,
+)
 from finetune_core.model.configs import tiny_overrides
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -25,14 +33,18 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, dict[str, torch.Ten
 
     torch.manual_seed(seed)
     configs = tiny_overrides(family)
-    models = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
-              "vae": AutoencoderKL.from_config(configs["vae"]),
-              "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))}
+    models = {
+        "unet": UNet2DConditionModel.from_config(configs["unet"]),
+        "vae": AutoencoderKL.from_config(configs["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
+    }
     if family == "sdxl":
         models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
     # Random values everywhere (biases and norms included), so a swapped key cannot go unnoticed.
-    return {name: {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in m.state_dict().items()}
-            for name, m in models.items()}
+    return {
+        name: {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in m.state_dict().items()}
+        for name, m in models.items()
+    }
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -45,21 +57,39 @@ def one_key(family: str, component: str, key: str, shape=(2, 2)) -> dict[str, to
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-@pytest.mark.parametrize("component,key,expected", [
-    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight",
-     "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"),
-    ("unet", "down_blocks.1.resnets.0.conv_shortcut.weight", "model.diffusion_model.input_blocks.4.0.skip_connection.weight"),
-    ("unet", "down_blocks.2.downsamplers.0.conv.bias", "model.diffusion_model.input_blocks.9.0.op.bias"),
-    ("unet", "up_blocks.0.upsamplers.0.conv.weight", "model.diffusion_model.output_blocks.2.1.conv.weight"),
-    ("unet", "up_blocks.3.resnets.2.time_emb_proj.weight", "model.diffusion_model.output_blocks.11.0.emb_layers.1.weight"),
-    ("unet", "mid_block.resnets.1.norm2.bias", "model.diffusion_model.middle_block.2.out_layers.0.bias"),
-    ("unet", "time_embedding.linear_2.weight", "model.diffusion_model.time_embed.2.weight"),
-    ("unet", "conv_out.bias", "model.diffusion_model.out.2.bias"),
-    ("vae", "decoder.up_blocks.0.resnets.2.conv1.weight", "first_stage_model.decoder.up.3.block.2.conv1.weight"),
-    ("vae", "decoder.up_blocks.2.upsamplers.0.conv.weight", "first_stage_model.decoder.up.1.upsample.conv.weight"),
-    ("vae", "encoder.down_blocks.1.resnets.0.conv_shortcut.bias", "first_stage_model.encoder.down.1.block.0.nin_shortcut.bias"),
-    ("vae", "decoder.mid_block.resnets.1.norm1.weight", "first_stage_model.decoder.mid.block_2.norm1.weight"),
-])
+@pytest.mark.parametrize(
+    "component,key,expected",
+    [
+        (
+            "unet",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight",
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight",
+        ),
+        (
+            "unet",
+            "down_blocks.1.resnets.0.conv_shortcut.weight",
+            "model.diffusion_model.input_blocks.4.0.skip_connection.weight",
+        ),
+        ("unet", "down_blocks.2.downsamplers.0.conv.bias", "model.diffusion_model.input_blocks.9.0.op.bias"),
+        ("unet", "up_blocks.0.upsamplers.0.conv.weight", "model.diffusion_model.output_blocks.2.1.conv.weight"),
+        (
+            "unet",
+            "up_blocks.3.resnets.2.time_emb_proj.weight",
+            "model.diffusion_model.output_blocks.11.0.emb_layers.1.weight",
+        ),
+        ("unet", "mid_block.resnets.1.norm2.bias", "model.diffusion_model.middle_block.2.out_layers.0.bias"),
+        ("unet", "time_embedding.linear_2.weight", "model.diffusion_model.time_embed.2.weight"),
+        ("unet", "conv_out.bias", "model.diffusion_model.out.2.bias"),
+        ("vae", "decoder.up_blocks.0.resnets.2.conv1.weight", "first_stage_model.decoder.up.3.block.2.conv1.weight"),
+        ("vae", "decoder.up_blocks.2.upsamplers.0.conv.weight", "first_stage_model.decoder.up.1.upsample.conv.weight"),
+        (
+            "vae",
+            "encoder.down_blocks.1.resnets.0.conv_shortcut.bias",
+            "first_stage_model.encoder.down.1.block.0.nin_shortcut.bias",
+        ),
+        ("vae", "decoder.mid_block.resnets.1.norm1.weight", "first_stage_model.decoder.mid.block_2.norm1.weight"),
+    ],
+)
 def test_worked_examples_of_methods_7_6(family, component, key, expected):
     assert list(one_key(family, component, key)) == [expected]
 
@@ -72,19 +102,31 @@ def test_sd1_text_encoder_is_a_pure_prefix():
 
 def test_sdxl_upsampler_follows_the_attention():
     assert list(one_key("sdxl", "unet", "up_blocks.0.upsamplers.0.conv.weight")) == [
-        "model.diffusion_model.output_blocks.2.2.conv.weight"]
+        "model.diffusion_model.output_blocks.2.2.conv.weight"
+    ]
     assert list(one_key("sdxl", "unet", "up_blocks.1.upsamplers.0.conv.bias")) == [
-        "model.diffusion_model.output_blocks.5.2.conv.bias"]
-    assert list(one_key("sdxl", "unet", "add_embedding.linear_2.weight")) == ["model.diffusion_model.label_emb.0.2.weight"]
+        "model.diffusion_model.output_blocks.5.2.conv.bias"
+    ]
+    assert list(one_key("sdxl", "unet", "add_embedding.linear_2.weight")) == [
+        "model.diffusion_model.label_emb.0.2.weight"
+    ]
     assert list(one_key("sdxl", "unet", "down_blocks.1.attentions.1.proj_in.weight")) == [
-        "model.diffusion_model.input_blocks.5.1.proj_in.weight"]
+        "model.diffusion_model.input_blocks.5.1.proj_in.weight"
+    ]
 
 
 def test_vae_attention_becomes_1x1_conv_and_legacy_names_are_normalised():
     q = torch.randn(4, 4)
-    ldm = diffusers_to_ldm({"vae": {"encoder.mid_block.attentions.0.to_q.weight": q,
-                                    "decoder.mid_block.attentions.0.proj_attn.weight": q,
-                                    "decoder.mid_block.attentions.0.to_q.bias": q[0]}}, "sd1")
+    ldm = diffusers_to_ldm(
+        {
+            "vae": {
+                "encoder.mid_block.attentions.0.to_q.weight": q,
+                "decoder.mid_block.attentions.0.proj_attn.weight": q,
+                "decoder.mid_block.attentions.0.to_q.bias": q[0],
+            }
+        },
+        "sd1",
+    )
     assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (4, 4, 1, 1)
     assert torch.equal(ldm["first_stage_model.decoder.mid.attn_1.proj_out.weight"][:, :, 0, 0], q)
     assert ldm["first_stage_model.decoder.mid.attn_1.q.bias"].shape == (4,)
@@ -121,15 +163,19 @@ def test_round_trip_diffusers_ldm_diffusers_is_bit_identical(family_components):
 def test_ldm_prefixes_per_family(family_components):
     family, components = family_components
     ldm = diffusers_to_ldm(components, family)
-    text_prefix = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model.",
-                   "sdxl": "conditioner.embedders."}[family]
+    text_prefix = {
+        "sd1": "cond_stage_model.transformer.text_model.",
+        "sd2": "cond_stage_model.model.",
+        "sdxl": "conditioner.embedders.",
+    }[family]
     allowed = ("model.diffusion_model.", "first_stage_model.", text_prefix)
     assert all(k.startswith(allowed) for k in ldm)
     if family != "sd1":
         te = "text_encoder_2" if family == "sdxl" else "text_encoder"
         prefix = "conditioner.embedders.1.model." if family == "sdxl" else "cond_stage_model.model."
-        assert torch.equal(ldm[prefix + "positional_embedding"],
-                           components[te]["text_model.embeddings.position_embedding.weight"])
+        assert torch.equal(
+            ldm[prefix + "positional_embedding"], components[te]["text_model.embeddings.position_embedding.weight"]
+        )
         assert torch.equal(ldm[prefix + "ln_final.weight"], components[te]["text_model.final_layer_norm.weight"])
     if family == "sdxl":
         proj = components["text_encoder_2"]["text_projection.weight"]
@@ -140,10 +186,16 @@ def test_ldm_only_keys_are_ignored():
     components = tiny_components("sd2", seed=1)
     ldm = diffusers_to_ldm(components, "sd2")
     layer = {k.replace("resblocks.1.", "resblocks.23."): v for k, v in ldm.items() if ".resblocks.1." in k}
-    extra = {**layer, "cond_stage_model.model.text_projection": torch.randn(16, 16),
-             "cond_stage_model.model.logit_scale": torch.tensor(4.6), "alphas_cumprod": torch.rand(1000),
-             "betas": torch.rand(1000), "model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(1),
-             "model_ema.diffusion_modelconv_inweight": torch.randn(2)}
+    extra = {
+        **layer,
+        "cond_stage_model.model.text_projection": torch.randn(16, 16),
+        "cond_stage_model.model.logit_scale": torch.tensor(4.6),
+        "alphas_cumprod": torch.rand(1000),
+        "betas": torch.rand(1000),
+        "model_ema.decay": torch.tensor(0.999),
+        "model_ema.num_updates": torch.tensor(1),
+        "model_ema.diffusion_modelconv_inweight": torch.randn(2),
+    }
     back = ldm_to_diffusers({**ldm, **extra}, "sd2")
     assert set(back["text_encoder"]) == set(components["text_encoder"])
     assert not any("layers.23." in k for k in back["text_encoder"])
@@ -154,8 +206,9 @@ def test_old_sd1_keys_without_text_model_and_position_ids():
     old = {k.replace("transformer.text_model.", "transformer."): v for k, v in ldm.items()}
     old["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77)[None]
     back = ldm_to_diffusers(old, "sd1")
-    assert set(back["text_encoder"]) == {k[len("cond_stage_model.transformer."):] for k in ldm
-                                         if k.startswith("cond_stage_model.")}
+    assert set(back["text_encoder"]) == {
+        k[len("cond_stage_model.transformer.") :] for k in ldm if k.startswith("cond_stage_model.")
+    }
 
 
 def test_unknown_unet_key_is_named():
@@ -169,8 +222,15 @@ def test_detect_family_and_refusals():
     assert detect_family(["cond_stage_model.transformer.text_model.final_layer_norm.weight"]) == "sd1"
     assert detect_family(["cond_stage_model.model.ln_final.weight"]) == "sd2"
     assert detect_family(["conditioner.embedders.0.model.ln_final.weight"]) == "sd2"  # SD2-Turbo
-    assert detect_family(["conditioner.embedders.1.model.ln_final.weight",
-                          "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"]) == "sdxl"
+    assert (
+        detect_family(
+            [
+                "conditioner.embedders.1.model.ln_final.weight",
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+            ]
+        )
+        == "sdxl"
+    )
     with pytest.raises(ArtifactError, match="no text encoder"):
         detect_family(["model.diffusion_model.out.2.weight"])
     with pytest.raises(ArtifactError, match="lora_unet_down"):
@@ -255,3 +315,57 @@ def test_non_tensor_payload_is_refused(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(ArtifactError, match="not a dictionary"):
         read_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    "family,expected",
+    [
+        (
+            "sd1",
+            {
+                "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+                "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+                "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+                "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.bias": (768,),
+            },
+        ),
+        (
+            "sd2",
+            {
+                "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
+                "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight": (3072, 1024),
+                "cond_stage_model.model.positional_embedding": (77, 1024),
+            },
+        ),
+        (
+            "sdxl",
+            {
+                "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+                "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+                "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+                "conditioner.embedders.1.model.text_projection": (1280, 1280),
+                "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_bias": (3840,),
+            },
+        ),
+    ],
+)
+def test_full_size_layout_on_meta_tensors(family, expected):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from finetune_core.model.configs import load_config
+
+    with torch.device("meta"):  # real shapes, no memory
+        models = {
+            "unet": UNet2DConditionModel.from_config(load_config(family, "unet")),
+            "vae": AutoencoderKL.from_config(load_config(family, "vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(load_config(family, "text_encoder"))),
+        }
+        if family == "sdxl":
+            config = CLIPTextConfig.from_dict(load_config(family, "text_encoder_2"))
+            models["text_encoder_2"] = CLIPTextModelWithProjection(config)
+    components = {n: m.state_dict() for n, m in models.items()}
+    ldm = diffusers_to_ldm(components, family)
+    assert {k: tuple(ldm[k].shape) for k in expected} == expected
+    back = ldm_to_diffusers(ldm, family)
+    assert {n: set(sd) for n, sd in back.items()} == {n: set(sd) for n, sd in components.items()}

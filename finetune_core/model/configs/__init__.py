@@ -33,17 +33,37 @@ def load_config(family: str, component: str) -> dict:
 
 def tiny_overrides(family: str) -> dict[str, dict]:
     """Shipped configs shrunk to a few channels, keeping the topology the LDM key mapping depends on (for tests)."""
-    unet: dict = {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 2,
-                  "cross_attention_dim": 16, "sample_size": 8}
+    unet: dict = {
+        "block_out_channels": [8, 8, 16, 16],
+        "norm_num_groups": 4,
+        "attention_head_dim": 2,
+        "cross_attention_dim": 16,
+        "sample_size": 8,
+    }
     if family == "sd2":
         unet["attention_head_dim"] = [2, 2, 4, 4]
     if family == "sdxl":
-        unet.update(block_out_channels=[8, 16, 16], attention_head_dim=[2, 2, 4], transformer_layers_per_block=[1, 2, 2],
-                    cross_attention_dim=32, addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
-    text = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2,
-            "vocab_size": 64, "projection_dim": 16}
-    tiny = {"unet": unet, "vae": {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4, "sample_size": 32},
-            "text_encoder": text}
+        unet.update(
+            block_out_channels=[8, 16, 16],
+            attention_head_dim=[2, 2, 4],
+            transformer_layers_per_block=[1, 2, 2],
+            cross_attention_dim=32,
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=16 + 6 * 4,
+        )
+    text = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "vocab_size": 64,
+        "projection_dim": 16,
+    }
+    tiny = {
+        "unet": unet,
+        "vae": {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4, "sample_size": 32},
+        "text_encoder": text,
+    }
     if family == "sdxl":
         tiny["text_encoder_2"] = dict(text)
     return {name: {**load_config(family, name), **values} for name, values in tiny.items()}
