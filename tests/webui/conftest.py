@@ -1,0 +1,53 @@
+"""Puts the WebUI stand-in (tests/webui_stub) first on sys.path for this folder's test modules only.
+
+Each test module gets a fresh import of the stub `modules` package, and everything is removed again afterwards,
+so no other test folder can see a `modules` package.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+STUB = str(Path(__file__).resolve().parent.parent / "webui_stub")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _forget_stub_modules() -> None:
+    for name in list(sys.modules):
+        if name == "modules" or name.startswith("modules.") or name == "tiny_webui_model":
+            del sys.modules[name]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def webui_stub_on_path():
+    """The stub is importable while this folder's tests run, and only then."""
+    sys.path.insert(0, STUB)
+    _forget_stub_modules()
+    yield
+    _forget_stub_modules()
+    sys.path.remove(STUB)
+
+
+@pytest.fixture()
+def webui(tmp_path):
+    """A fresh WebUI state rooted in tmp_path, with a tiny SD1 model loaded as shared.sd_model."""
+    from modules import devices, lowvram, sd_hijack, shared
+
+    shared.reset(str(tmp_path))
+    devices.device = __import__("torch").device("cpu")
+    lowvram.module_in_gpu = None
+    lowvram.hook_calls.clear()
+    lowvram.location.clear()
+    sd_hijack.new_model_hijack()
+    return shared
+
+
+@pytest.fixture()
+def sd1(webui):
+    """The tiny SD1 model, built like the WebUI loads one (after any cmd_opts the test set)."""
+    import tiny_webui_model
+
+    return tiny_webui_model.build_sd1()

@@ -1,0 +1,39 @@
+"""Stand-in for modules/ui_components.py (Gradio subclasses as in the WebUI; needs gradio)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+
+class FormComponent:
+    def get_expected_parent(self):
+        return FormComponent
+
+
+class ToolButton(gr.Button, FormComponent):
+    def __init__(self, *args, **kwargs):
+        classes = kwargs.pop("elem_classes", [])
+        super().__init__(*args, elem_classes=["tool", *classes], **kwargs)
+
+    def get_block_name(self):
+        return "button"
+
+
+class FormRow(gr.Row, FormComponent):
+    def get_block_name(self):
+        return "row"
+
+
+class FormColumn(gr.Column, FormComponent):
+    def get_block_name(self):
+        return "column"
+
+
+class FormGroup(gr.Group, FormComponent):
+    def get_block_name(self):
+        return "group"
+
+
+class FormHTML(gr.HTML, FormComponent):
+    def get_block_name(self):
+        return "html"

@@ -1,0 +1,261 @@
+"""Tiny random models shaped like the WebUI's loaded `shared.sd_model` (ldm LatentDiffusion, SD1 flavour).
+
+The attribute names, call signatures and the load order (lowvram.apply, then the hijack) follow the WebUI, so the
+backend under test meets the same objects it meets there. Weights are random and small; the text encoder keeps the
+real CLIP vocabulary size and width 768 so embedding files have the SD1 shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from finetune_core.model.tokenizer import ClipTokenizer
+from modules import devices, lowvram, sd_hijack, sd_models, shared
+from modules.hypernetworks import hypernetwork
+
+CHANNELS = 32
+
+
+class HFLikeTokenizer:
+    """The parts of transformers' CLIPTokenizer the WebUI wrapper calls."""
+
+    def __init__(self):
+        self._tok = ClipTokenizer()
+        self.bos_token_id = self._tok.bos_id
+        self.eos_token_id = self._tok.eos_id
+
+    def get_vocab(self):
+        return dict(self._tok._encoder)
+
+    def __call__(self, texts, truncation=False, add_special_tokens=False, max_length=None, return_tensors=None,
+                 **_):
+        single = isinstance(texts, str)
+        ids = [self._tok.encode(t) for t in ([texts] if single else texts)]
+        if max_length is not None:
+            ids = [x[:max_length] for x in ids]
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor(ids)}
+        return {"input_ids": ids[0] if single else ids}
+
+
+class FrozenCLIPEmbedder(nn.Module):
+    """ldm's FrozenCLIPEmbedder: `.tokenizer`, `.transformer` (a transformers CLIPTextModel), `.layer`."""
+
+    def __init__(self, width=768, layer="last", layer_idx=None):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
+                                eos_token_id=49407, pad_token_id=49407)
+        self.tokenizer = HFLikeTokenizer()
+        self.transformer = CLIPTextModel(config)
+        # Random LayerNorm affine parameters: with the defaults the WebUI's emphasis rescaling divides by ~0.
+        for module in self.transformer.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.normal_(module.weight, 1.0, 0.3)
+                nn.init.normal_(module.bias, 0.2, 0.3)
+        self.layer = layer
+        self.layer_idx = layer_idx
+
+
+class CrossAttention(nn.Module):
+    """ldm CrossAttention; like the WebUI's hijacked forwards it routes the context through the hypernetworks."""
+
+    def __init__(self, query_dim, context_dim=None):
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim))
+
+    def forward(self, x, context=None, mask=None):
+        context = x if context is None else context
+        context_k, context_v = hypernetwork.apply_hypernetworks(shared.loaded_hypernetworks, context, self)
+        q, k, v = self.to_q(x), self.to_k(context_k), self.to_v(context_v)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        return self.to_out(attn @ v)
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels, context_dim):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, channels)
+        self.attn1 = CrossAttention(channels)
+        self.attn2 = CrossAttention(channels, context_dim)
+
+    def forward(self, x, context=None):
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.attn1(tokens)
+        tokens = tokens + self.attn2(tokens, context)
+        return x + tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, emb_ch):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(8, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
+        self.out_layers = nn.Sequential(nn.GroupNorm(8, out_ch), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    def forward(self, x, emb, context=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+def timestep_embedding(t, dim):
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class UNetModel(nn.Module):
+    """ldm/sgm UNetModel shape: time_embed, input_blocks, middle_block, output_blocks, out (lowvram hooks these)."""
+
+    def __init__(self, context_dim, adm_in_channels=None):
+        super().__init__()
+        ch, emb = CHANNELS, CHANNELS * 2
+        self.model_channels = ch
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.label_emb = nn.Sequential(nn.Linear(adm_in_channels, emb)) if adm_in_channels else None
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(4, ch, 3, padding=1)),
+                                           TimestepEmbedSequential(ResBlock(ch, ch, emb),
+                                                                   SpatialTransformer(ch, context_dim))])
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, ch, emb), SpatialTransformer(ch, context_dim))
+        self.output_blocks = nn.ModuleList([TimestepEmbedSequential(ResBlock(2 * ch, ch, emb),
+                                                                    SpatialTransformer(ch, context_dim))])
+        self.out = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 4, 3, padding=1))
+
+    def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y)
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.out(h)
+
+
+class DiffusionWrapper(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.diffusion_model = unet
+        self.conditioning_key = "crossattn"
+
+    def forward(self, x, t, c_concat=None, c_crossattn=None, c_adm=None):
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+
+
+class DiagonalGaussianDistribution:
+    def __init__(self, parameters):
+        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self):
+        return self.mean + self.std * torch.randn_like(self.mean)
+
+    def mode(self):
+        return self.mean
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 8, 8, stride=8)
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+        self.decoder = nn.ConvTranspose2d(4, 3, 8, stride=8)
+
+    def encode(self, x):
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        return torch.tanh(self.decoder(self.post_quant_conv(z)))
+
+    def forward(self, x):
+        return self.decode(self.encode(x).sample())
+
+
+def linear_alphas_cumprod():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+class LatentDiffusion(nn.Module):
+    """ldm.models.diffusion.ddpm.LatentDiffusion as the WebUI holds it (SD1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = DiffusionWrapper(UNetModel(context_dim=768))
+        self.first_stage_model = AutoencoderKL()
+        self.cond_stage_model = FrozenCLIPEmbedder()
+        self.scale_factor = 0.18215
+        self.parameterization = "eps"
+        self.num_timesteps = 1000
+        self.register_buffer("alphas_cumprod", linear_alphas_cumprod())
+        self.is_sd1, self.is_sd2, self.is_sdxl, self.is_ssd, self.is_sd3 = True, False, False, False, False
+        self.latent_channels = 4
+        self.lowvram = False
+        info = sd_models.CheckpointInfo(sd_models.model_path() + "/tiny-sd1.safetensors", "abcdef0123")
+        self.sd_checkpoint_info = info
+        self.sd_model_hash = info.shorthash
+        self.sd_model_checkpoint = info.filename
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior):
+        return self.scale_factor * encoder_posterior.sample()
+
+    @torch.no_grad()
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_learned_conditioning(self, c):
+        return self.cond_stage_model(c)
+
+    def apply_model(self, x_noisy, t, cond):
+        cond = cond if isinstance(cond, dict) else {"c_crossattn": [cond]}
+        return self.model(x_noisy.to(devices.dtype_unet), t, **cond)
+
+
+def build_sd1(seed=0):
+    """Build, lowvram-apply (per cmd_opts), hijack and install a tiny SD1 model as `shared.sd_model`."""
+    torch.manual_seed(seed)
+    model = LatentDiffusion().eval()
+    model.requires_grad_(False)
+    lowvram.apply(model)
+    if not model.lowvram:
+        model.to(devices.device)
+    hijack = sd_hijack.model_hijack or sd_hijack.new_model_hijack()
+    hijack.hijack(model)
+    shared.sd_model = model
+    sd_models.model_data.sd_model = model
+    hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+    hijack.embedding_db.load_calls.clear()
+    return model
