@@ -109,6 +109,8 @@ def sniff(state_dict: Mapping[str, object]) -> bool:
 def detect_family(names: Iterable[str]) -> str:
     """ "sd1", "sd2" or "sdxl" from the LDM keys, by the text encoder they carry, as the WebUI guesses its config."""
     names = list(names)
+    if any(k.startswith(_SD2_TURBO_PREFIX) for k in names) and any(".label_emb." in k for k in names):
+        raise ArtifactError("this is an SDXL refiner checkpoint; only SD1, SD2 and SDXL base models can be trained")
     prefixes = {
         "sdxl": ("conditioner.embedders.1.", keys.UNET_PREFIX + "label_emb."),
         "sd2": ("cond_stage_model.model.", _SD2_TURBO_PREFIX),

@@ -179,7 +179,8 @@ def unet_from_ldm(sd: Mapping[str, torch.Tensor], family: str) -> dict[str, torc
 
 
 def _is_vae_attn_weight(ldm_key: str) -> bool:
-    return ".mid.attn_1." in ldm_key and ldm_key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight"))
+    parts = ldm_key.split(".")
+    return ".mid.attn_1." in ldm_key and parts[-1] == "weight" and parts[-2] in ("q", "k", "v", "proj_out")
 
 
 def vae_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -231,6 +231,8 @@ def test_detect_family_and_refusals():
         )
         == "sdxl"
     )
+    with pytest.raises(ArtifactError, match="SDXL refiner"):
+        detect_family(["conditioner.embedders.0.model.ln_final.weight", "model.diffusion_model.label_emb.0.0.weight"])
     with pytest.raises(ArtifactError, match="no text encoder"):
         detect_family(["model.diffusion_model.out.2.weight"])
     with pytest.raises(ArtifactError, match="lora_unet_down"):
