@@ -7,7 +7,7 @@ Objective: the LDM loss with the modules applied (methods.md §3.2). Artefact: t
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ContextManager, Mapping
 
@@ -137,10 +137,11 @@ class Hypernetwork:
         available = set().union(*widths.values())
         sizes = sorted(int(s) for s in self.pairs)
         text_sizes = [s for s in sizes if s in TEXT_WIDTH_FAMILY]
-        if text_sizes and model.context_width not in text_sizes and not set(sizes) & available:
+        if text_sizes and model.context_width not in sizes:
             raise ModelMismatchError(
                 f"this hypernetwork has modules for {TEXT_WIDTH_FAMILY[text_sizes[0]]} text ({text_sizes[0]} wide) "
-                f"but the loaded {model.family.upper()} model's text context is {model.context_width} wide")
+                f"but the loaded {model.family.upper()} model's text context is {model.context_width} wide; "
+                f"a hypernetwork only works on the model family it was made for")
         unused = [s for s in sizes if s not in available]
         if unused and len(unused) == len(sizes):
             raise ModelMismatchError(f"none of the module sizes {sizes} matches an attention layer of the loaded "
@@ -281,7 +282,14 @@ def create_file(model: DiffusionModel, name: str, config: HypernetworkCreate, di
 
 
 def build(model: DiffusionModel, name: str, config: HypernetworkConfig, directory: Path, seed: int) -> Hypernetwork:
-    """The registry's constructor: continue a file or create new modules seeded by the run seed."""
+    """The registry's constructor: continue a file or create new modules seeded by the run seed.
+
+    The WebUI's default sizes name SD1's 768-wide text; on SD2/SDXL that module is made at the model's text width
+    instead, so the defaults train on every family.
+    """
+    default_sizes = HypernetworkCreate.sizes
+    if not config.continue_from and config.sizes == default_sizes and model.context_width != 768:
+        config = replace(config, sizes=default_sizes.replace("768", str(model.context_width)))
     method = load_for_training(name, config, directory, seed)
     method.check(model)
     return method
