@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _forget_stub_modules() -> None:
     for name in list(sys.modules):
-        if name == "modules" or name.startswith("modules.") or name == "tiny_webui_model":
+        if name == "modules" or name.startswith("modules.") or name in ("tiny_webui_model", "launch"):
             del sys.modules[name]
 
 
@@ -51,3 +51,16 @@ def sd1(webui):
     import tiny_webui_model
 
     return tiny_webui_model.build_sd1()
+
+
+@pytest.fixture()
+def extension(webui):
+    """scripts/finetune_tab.py imported the way the WebUI's script loader imports it (callbacks registered)."""
+    from modules import script_callbacks, scripts
+
+    script_callbacks.clear_callbacks()
+    module = scripts.load_script(str(REPO / "scripts" / "finetune_tab.py"))
+    yield module
+    if module.EXTENSION.runner.busy:
+        module.EXTENSION.runner.interrupt()
+        module.EXTENSION.runner.wait(30)

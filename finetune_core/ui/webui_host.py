@@ -1,0 +1,195 @@
+"""The WebUI host: the loaded model, the WebUI's folders, its GPU queue lock, `shared.state` progress and the
+refresh calls that make new files visible without a restart. Imports the WebUI's `modules` lazily."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from finetune_core.service import OutputFolders
+from finetune_core.train.events import (ArtifactSaved, Event, Failed, Finished, PreviewEvent, Started, StepEvent,
+                                        Warning_)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Settings in the WebUI's Settings page, section ("finetune", "Fine-tune", category "training").
+SETTINGS = {
+    "finetune_log_dir": ("", "Folder for fine-tune run logs (empty: outputs/finetune in the WebUI data folder)"),
+    "finetune_refresh_after_training": (True, "Reload embeddings / hypernetworks / checkpoints after training"),
+    "finetune_live_preview": (True, "Show fine-tune preview images in the live preview"),
+}
+
+
+def setting(key: str) -> Any:
+    """An option's value, or its default when the option was never registered (`--nowebui` skips registration)."""
+    from modules import shared
+
+    return getattr(shared.opts, key, SETTINGS[key][0])
+
+
+def settings_options(option_info: Any) -> dict[str, Any]:
+    """OptionInfo objects for SETTINGS (the script puts them into an options_section)."""
+    return {key: option_info(default, label) for key, (default, label) in SETTINGS.items()}
+
+
+def api_auth_dependency(cmd_opts: Any) -> list[Any]:
+    """FastAPI dependencies enforcing `--api-auth user:pass[,user:pass]` as the WebUI's own API does; [] if unset."""
+    credentials = getattr(cmd_opts, "api_auth", None)
+    if not credentials:
+        return []
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    pairs = [item.strip().split(":", 1) for item in credentials.split(",") if ":" in item]
+    allowed = {user: password for user, password in pairs}
+    basic = HTTPBasic()
+
+    def check(creds: HTTPBasicCredentials = Depends(basic)) -> bool:  # noqa: B008 - FastAPI idiom
+        expected = allowed.get(creds.username)
+        if expected is not None and secrets.compare_digest(creds.password, expected):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return [Depends(check)]
+
+
+class WebUIHost:
+    """The Host protocol over the running WebUI (see finetune_core.ui.host.Host)."""
+
+    name = "webui"
+
+    def __init__(self) -> None:
+        self._model: Any = None
+        # Called when the WebUI's Interrupt button (shared.state.interrupted) is seen; the script sets it to the
+        # job runner's interrupt, so the loop saves and stops after the current step.
+        self.interrupt_handler: Callable[[], Any] | None = None
+        self._interrupt_forwarded = False
+
+    # --- model and folders ------------------------------------------------------------------------------------
+    def get_model(self) -> Any:
+        from modules import shared
+
+        from finetune_core.model.webui_backend import WebUIModel
+
+        sd_model = shared.sd_model
+        if self._model is None or self._model.sd_model is not sd_model:
+            self._model = WebUIModel(sd_model)
+        return self._model
+
+    def folders(self) -> OutputFolders:
+        from modules import paths, shared
+
+        opts = shared.cmd_opts
+        models = Path(paths.models_path)
+        logs = setting("finetune_log_dir") or os.path.join(paths.data_path, "outputs", "finetune")
+        return OutputFolders(embeddings=Path(opts.embeddings_dir), hypernetworks=Path(opts.hypernetwork_dir),
+                             checkpoints=Path(getattr(opts, "ckpt_dir", None) or models / "Stable-diffusion"),
+                             aesthetic_embeddings=models / "aesthetic_embeddings", logs=Path(logs))
+
+    def template_dirs(self) -> list[Path]:
+        from modules import shared
+
+        folder = getattr(shared.cmd_opts, "textual_inversion_templates_dir", None)
+        return [Path(folder)] if folder else []
+
+    # --- jobs -------------------------------------------------------------------------------------------------
+    def run_exclusive(self, job: Callable[[], T], task_id: str | None = None) -> T:
+        """Run `job` holding `call_queue.queue_lock`, with `shared.state` showing it as the current job; whatever
+        the job did to the loaded model's weights is undone before the lock is released."""
+        from modules import call_queue, progress, shared
+
+        if task_id:
+            progress.add_task_to_queue(task_id)
+        with call_queue.queue_lock:
+            shared.state.begin(job=task_id or "finetune")
+            self._interrupt_forwarded = False
+            if task_id:
+                progress.start_task(task_id)
+            try:
+                return job()
+            finally:
+                if self._model is not None:
+                    self._model.restore_weights()
+                if task_id:
+                    progress.finish_task(task_id)
+                shared.state.end()
+
+    def on_event(self, event: Event) -> None:
+        """Mirror loop events into `shared.state` (the WebUI's progress bar and live preview)."""
+        from modules import shared
+
+        state = shared.state
+        if isinstance(event, Started):
+            state.job_count, state.job_no = event.total_steps, event.start_step
+            state.textinfo = f"Fine-tune: starting at step {event.start_step} of {event.total_steps}"
+        elif isinstance(event, StepEvent):
+            state.job_count, state.job_no = event.total_steps, event.step
+            state.textinfo = (f"Step {event.step}/{event.total_steps}, loss {event.loss:.5f}, "
+                              f"lr {event.learning_rate:.3g}, ETA {_duration(event.eta_seconds)}")
+        elif isinstance(event, PreviewEvent) and setting("finetune_live_preview"):
+            state.assign_current_image(event.image)
+        elif isinstance(event, ArtifactSaved):
+            state.textinfo = f"Step {event.step}: saved {', '.join(p.name for p in event.paths)}"
+        elif isinstance(event, Finished):
+            state.job_no = event.step
+            verb = "Interrupted" if event.interrupted else "Finished"
+            state.textinfo = f"{verb} at step {event.step}: {', '.join(p.name for p in event.artifacts)}"
+        elif isinstance(event, Failed):
+            state.textinfo = f"Failed at step {event.step}: {event.message}"
+        elif isinstance(event, Warning_):
+            logger.warning("%s", event.message)
+        self._forward_interrupt(state)
+
+    def _forward_interrupt(self, state: Any) -> None:
+        if state.interrupted and not self._interrupt_forwarded and self.interrupt_handler is not None:
+            self._interrupt_forwarded = True
+            self.interrupt_handler()
+
+    # --- outputs ----------------------------------------------------------------------------------------------
+    def artifacts_written(self, kind: str, paths: list[Path]) -> None:
+        """Make new files visible now: the embedding database only notices a changed top folder, so force it."""
+        if not setting("finetune_refresh_after_training"):
+            return
+        from modules import shared
+
+        if kind == "embeddings":
+            from modules import sd_hijack
+
+            sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+        elif kind == "hypernetworks":
+            shared.reload_hypernetworks()
+        elif kind == "checkpoints":
+            shared.refresh_checkpoints()
+        logger.info("made %d new %s file(s) visible", len(paths), kind)
+
+    def list_existing(self, kind: str) -> list[str]:
+        """Names for the dropdowns."""
+        from modules import shared
+
+        if kind == "embeddings":
+            from modules import sd_hijack
+
+            return sorted(sd_hijack.model_hijack.embedding_db.word_embeddings)
+        if kind == "hypernetworks":
+            return sorted(shared.hypernetworks)
+        if kind == "checkpoints":
+            from modules import sd_models
+
+            return list(sd_models.checkpoint_tiles())
+        if kind == "templates":
+            return sorted({f for d in self.template_dirs() if d.is_dir() for f in _text_files(d)})
+        return []
+
+
+def _text_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*.txt")]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,106 @@
+"""scripts/finetune_tab.py and install.py as the WebUI runs them: registration, settings, the tab, the REST routes."""
+
+from __future__ import annotations
+
+import runpy
+
+import pytest
+
+from conftest import REPO
+
+
+def test_registers_the_four_callbacks(extension):
+    from modules import script_callbacks
+
+    for key in ("callbacks_ui_tabs", "callbacks_ui_settings", "callbacks_app_started", "callbacks_script_unloaded"):
+        assert [c.name for c in script_callbacks.callback_map[key]] == ["finetune"], key
+
+
+def test_settings_section_and_safe_reads(extension, webui):
+    from modules import script_callbacks
+
+    from finetune_core.ui.webui_host import setting
+
+    assert setting("finetune_refresh_after_training") is True  # before registration (as under --nowebui)
+    script_callbacks.ui_settings_callback()
+    info = webui.opts.data_labels["finetune_log_dir"]
+    assert info.section == ("finetune", "Fine-tune") and info.category_id == "training"
+    webui.opts.set("finetune_log_dir", "/tmp/ft-logs")
+    assert str(extension.EXTENSION.host.folders().logs) == "/tmp/ft-logs"
+
+
+def test_tab_builds_with_the_installed_gradio(extension, sd1):
+    import gradio as gr
+    from modules import script_callbacks
+
+    tabs = script_callbacks.ui_tabs_callback()
+    assert len(tabs) == 1
+    blocks, title, elem_id = tabs[0]
+    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("Fine-tune", "finetune")
+    assert blocks.finetune_runner is extension.EXTENSION.runner  # the tab and the REST routes share one runner
+
+
+def _client(extension, api_auth=None):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from modules import script_callbacks, shared
+
+    shared.cmd_opts.api_auth = api_auth
+    app = FastAPI()
+    script_callbacks.app_started_callback(None, app)
+    return TestClient(app)
+
+
+def test_api_routes_without_auth(extension, sd1):
+    client = _client(extension)
+    status = client.get("/finetune/v1/status")
+    assert status.status_code == 200 and status.json()["status"] == "idle"
+    assert "textual-inversion" in client.get("/finetune/v1/methods").json()
+    assert client.post("/finetune/v1/interrupt").status_code == 200
+    bad = client.post("/finetune/v1/train", json={"method": "no-such-method", "name": "x"})
+    assert bad.status_code == 400 and "no-such-method" in bad.json()["detail"]
+
+
+def test_api_routes_honour_api_auth(extension, sd1):
+    client = _client(extension, api_auth="alice:secret,bob:pw2")
+    assert client.get("/finetune/v1/status").status_code == 401
+    assert client.get("/finetune/v1/status", auth=("alice", "wrong")).status_code == 401
+    assert client.get("/finetune/v1/status", auth=("alice", "secret")).status_code == 200
+    assert client.get("/finetune/v1/status", auth=("bob", "pw2")).status_code == 200
+
+
+def test_script_unloaded_interrupts_a_running_job_loudly(extension, caplog):
+    from modules import script_callbacks
+
+    extension.EXTENSION.runner._state.status = "running"  # a job that is running
+    calls = []
+    extension.EXTENSION.runner._control = type("C", (), {"interrupt": lambda self: calls.append(1)})()
+    with caplog.at_level("WARNING"):
+        script_callbacks.script_unloaded_callback()
+    assert calls == [1] and "interrupting" in caplog.text
+    extension.EXTENSION.runner._state.status = "idle"
+
+
+def test_install_py_installs_nothing_the_webui_pins(capsys):
+    import launch
+
+    runpy.run_path(str(REPO / "install.py"))
+    out = capsys.readouterr().out
+    assert launch.pip_calls == []
+    for name in ("torch", "safetensors", "Pillow", "numpy"):
+        assert f"[Fine-tune] {name}: present" in out
+    assert "nothing to install" in out
+
+
+@pytest.mark.parametrize("kind", ["embeddings", "hypernetworks", "checkpoints", "templates"])
+def test_list_existing(extension, sd1, kind, tmp_path):
+    from modules import shared
+
+    host = extension.EXTENSION.host
+    (tmp_path / "textual_inversion_templates" / "mine.txt").write_text("a [name]\n")
+    (tmp_path / "models" / "Stable-diffusion" / "base.safetensors").write_bytes(b"x")
+    shared.refresh_checkpoints()
+    names = host.list_existing(kind)
+    expected = {"embeddings": [], "hypernetworks": [], "checkpoints": ["base.safetensors [0123456789]"],
+                "templates": ["mine.txt"]}[kind]
+    assert names == expected
