@@ -16,13 +16,15 @@ log = logging.getLogger(__name__)
 
 
 def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: JobRunner | None = None,
-              service: Any = None, methods: Mapping[str, Any] | None = None) -> Any:
+              service: Any = None, methods: Mapping[str, Any] | None = None,
+              blocks_kwargs: dict[str, Any] | None = None) -> Any:
     """Build the whole tab as a `gr.Blocks`: a sub-tab per registered method, plus the artefact inspector.
 
     gr: the gradio module (imported when None). train_js: name of a JS function called on Train as
     `fn(method_slug, ...inputs)` that must return the inputs with the first replaced by a WebUI task id
     ("task(...)"); the WebUI passes "finetune_start_training". runner: share one JobRunner with the REST routes.
     service / methods: stand-ins for tests (default: finetune_core.service and finetune_core.methods.METHODS).
+    blocks_kwargs: extra gr.Blocks arguments (the standalone app passes title, css and head).
     """
     if gr is None:
         import gradio as gr
@@ -31,7 +33,7 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
     if methods is None:
         from finetune_core.methods import METHODS as methods
     ctx = TabContext(gr, host, runner or JobRunner(host), service, train_js)
-    with gr.Blocks(analytics_enabled=False, elem_id="finetune_tab") as blocks:
+    with gr.Blocks(analytics_enabled=False, elem_id="finetune_tab", **(blocks_kwargs or {})) as blocks:
         if hasattr(host, "load_model"):
             _model_row(ctx)
         with gr.Tabs(elem_id="finetune_tabs"):

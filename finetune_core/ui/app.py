@@ -1,0 +1,76 @@
+"""`python -m finetune_core ui`: the Fine-tune tab as its own Gradio app, with the REST routes on the same server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from finetune_core.ui.compat import gradio_major, js_kwargs
+from finetune_core.ui.job_runner import JobRunner
+from finetune_core.ui.standalone_host import StandaloneHost
+
+log = logging.getLogger(__name__)
+# The WebUI loads these from the extension root; the standalone app injects the same files.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+JS_FILE = REPO_ROOT / "javascript" / "finetune.js"
+CSS_FILE = REPO_ROOT / "style.css"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m finetune_core ui",
+                                     description="Serve the Fine-tune tab on localhost.")
+    parser.add_argument("--model", default="tiny-sd1",
+                        help="tiny-sd1 / tiny-sd2 / tiny-sdxl, a checkpoint file or a diffusers folder (loaded lazily)")
+    parser.add_argument("--output-dir", default="outputs", help="where embeddings, models and run folders go")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)")
+    return parser
+
+
+def _read(path: Path) -> str:
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    log.warning("%s is missing: the app runs without it (live progress needs finetune.js)", path)
+    return ""
+
+
+def build_app(host: StandaloneHost, runner: JobRunner | None = None, gr: Any = None) -> tuple[Any, Any, JobRunner]:
+    """(gradio Blocks, FastAPI app with /finetune/v1 routes and the UI mounted at /, runner)."""
+    if gr is None:
+        import gradio as gr
+    from fastapi import FastAPI
+
+    from finetune_core.ui.api import mount_api
+    from finetune_core.ui.tab import build_tab
+
+    runner = runner or JobRunner(host)
+    js, css = _read(JS_FILE), _read(CSS_FILE)
+    extra: dict[str, Any] = {"title": "Fine-tune", "css": css}
+    if gradio_major(gr) >= 4:
+        extra["head"] = f"<script>\n{js}\n</script>"
+    demo = build_tab(host, gr, runner=runner, blocks_kwargs=extra)
+    if gradio_major(gr) < 4 and js:
+        with demo:  # Gradio 3 has no head=: run the script through a load event
+            demo.load(fn=None, inputs=[], outputs=[], **js_kwargs(gr, f"() => {{ {js}\n }}"))
+    app = FastAPI(title="finetune_core")
+    mount_api(app, host, runner)  # before the UI: the UI's mount at "/" would shadow later routes
+    demo.queue()
+    # Gradio 4 serves only allowed folders: previews and results live in the output folder.
+    allowed = {"allowed_paths": [str(Path(host.folders().logs).parent.resolve())]} if gradio_major(gr) >= 4 else {}
+    app = gr.mount_gradio_app(app, demo, path="/", **allowed)
+    return demo, app, runner
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry of the `ui` subcommand."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    host = StandaloneHost(args.output_dir, args.model)
+    _, app, _ = build_app(host)
+    print(f"Fine-tune app on http://{args.host}:{args.port}/ (REST under /finetune/v1/)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

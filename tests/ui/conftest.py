@@ -1,0 +1,82 @@
+"""Fakes shared by the UI tests: a host, a service and a method registry that need no model."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from finetune_core.service import JobResult, OutputFolders
+
+
+class FakeHost:
+    """A Host that records what the runner and tab tell it."""
+
+    name = "fake"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.events: list[Any] = []
+        self.written: list[tuple[str, list[Path]]] = []
+        self.lock = threading.Lock()
+        self.model = object()
+
+    def get_model(self) -> Any:
+        return self.model
+
+    def folders(self) -> OutputFolders:
+        return OutputFolders.standalone(self.root)
+
+    def template_dirs(self) -> list[Path]:
+        return []
+
+    def run_exclusive(self, job: Callable[[], Any]) -> Any:
+        with self.lock:
+            return job()
+
+    def on_event(self, event: Any) -> None:
+        self.events.append(event)
+
+    def artifacts_written(self, kind: str, paths: list[Path]) -> None:
+        self.written.append((kind, paths))
+
+    def list_existing(self, kind: str) -> list[str]:
+        return ["style.txt", "subject.txt"] if kind == "templates" else ["old-one"]
+
+
+@dataclass(frozen=True)
+class FakeMethodConfig:
+    init_text: str = field(default="*", metadata={"label": "Initialization text", "help": "start words"})
+    num_vectors: int = field(default=1, metadata={"label": "Vectors", "help": "vectors per token"})
+    continue_from: str = field(default="", metadata={"label": "Continue from", "help": ""})
+
+
+@dataclass(frozen=True)
+class FakeCreate:
+    init_text: str = field(default="*", metadata={"label": "Initialization text", "help": ""})
+
+
+@dataclass(frozen=True)
+class FakeSpec:
+    key: str
+    label: str
+    config_type: type
+    create_type: type | None
+    output_kind: str
+    description: str = ""
+
+
+FAKE_METHODS = {"fake-method": FakeSpec("fake-method", "Fake Method", FakeMethodConfig, FakeCreate, "embeddings",
+                                        "A method for tests.")}
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> FakeHost:
+    return FakeHost(tmp_path / "out")
+
+
+def finished_result(paths: list[Path]) -> JobResult:
+    return JobResult(artifacts=paths, run_dir=None, step=2, interrupted=False, message="done")

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from finetune_core.errors import ConfigError
+from finetune_core.ui.schema import coerce, coerce_all, field_specs, with_advanced, with_defaults
+
+
+@dataclass(frozen=True)
+class Settings:
+    version: int = 1
+    steps: int = field(default=10, metadata={"label": "Max steps", "help": "how many"})
+    rate: float = field(default=0.5, metadata={"label": "Rate", "help": "", "advanced": True})
+    mode: str = field(default="a", metadata={"label": "Mode", "help": "", "choices": ["a", "b"]})
+    flag: bool = field(default=False, metadata={"label": "Flag", "help": ""})
+    decay: Optional[float] = field(default=None, metadata={"label": "Decay", "help": ""})
+    other: int | None = None
+
+
+def test_field_specs_read_types_metadata_and_skip_version() -> None:
+    specs = {s.name: s for s in field_specs(Settings)}
+    assert "version" not in specs
+    assert [specs[n].kind for n in ("steps", "rate", "mode", "flag", "decay", "other")] == \
+        ["int", "float", "str", "bool", "float", "int"]
+    assert specs["steps"].label == "Max steps" and specs["steps"].help == "how many"
+    assert specs["rate"].advanced and not specs["steps"].advanced
+    assert specs["mode"].choices == ("a", "b")
+    assert specs["decay"].optional and specs["other"].optional and not specs["steps"].optional
+    assert specs["other"].label == "Other"
+
+
+def test_coerce_converts_form_values_and_names_bad_fields() -> None:
+    specs = {s.name: s for s in field_specs(Settings)}
+    assert coerce(specs["steps"], 6.0) == 6 and isinstance(coerce(specs["steps"], "6"), int)
+    assert coerce(specs["flag"], "true") is True and coerce(specs["flag"], 0) is False
+    assert coerce(specs["decay"], "") is None
+    with pytest.raises(ConfigError, match="Max steps"):
+        coerce(specs["steps"], 2.5)
+    with pytest.raises(ConfigError) as info:
+        coerce_all(list(specs.values()), {"steps": "x", "rate": "y", "unknown": 3})
+    assert len(info.value.problems) == 2
+
+
+def test_defaults_and_advanced_overrides() -> None:
+    specs = field_specs(Settings)
+    changed = {s.name: s.default for s in with_defaults(specs, {"steps": 99})}
+    assert changed["steps"] == 99 and changed["rate"] == 0.5
+    # The dataclass marks `rate` advanced itself, so the fallback list is ignored.
+    assert {s.name for s in with_advanced(specs, {"flag"}) if s.advanced} == {"rate"}
+    plain = [s for s in specs if s.name != "rate"]
+    assert {s.name for s in with_advanced(plain, {"flag"}) if s.advanced} == {"flag"}
