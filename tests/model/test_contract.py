@@ -1,0 +1,203 @@
+"""The contract every `DiffusionModel` backend passes, run here on the three tiny diffusers models.
+
+The tests use only the interface and a `model` fixture, so another backend reuses them by importing the
+`test_*` functions into its own module and defining its own `model` fixture there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from finetune_core.model.interface import EPSILON, SD1, SD2, SDXL, V_PREDICTION, DiffusionModel, TrainableEmbedding
+from finetune_core.model.sampler import sample
+
+CONTEXT_WIDTH = {SD1: 768, SD2: 1024, SDXL: 2048}
+LONG_PROMPT = "a photo of " + ", ".join(f"tag{i} detail" for i in range(20))
+NAME = "zqxemb"
+
+
+@pytest.fixture(scope="module", params=["tiny-sd1", "tiny-sd2", "tiny-sdxl"])
+def model(request: pytest.FixtureRequest) -> DiffusionModel:
+    from finetune_core.model.tiny import build_tiny
+
+    return build_tiny(request.param)
+
+
+def make_embedding(model: DiffusionModel, n_vectors: int = 2, seed: int = 0) -> TrainableEmbedding:
+    generator = torch.Generator().manual_seed(seed)
+    vectors = {spec.key: (0.05 * torch.randn(n_vectors, spec.width, generator=generator)).requires_grad_()
+               for spec in model.text_encoders}
+    return TrainableEmbedding(NAME, vectors)
+
+
+def latents_for(model: DiffusionModel, batch: int = 2, size: int = 64) -> torch.Tensor:
+    cells = size // model.vae_scale
+    return torch.randn(batch, model.latent_channels, cells, cells, generator=torch.Generator().manual_seed(1))
+
+
+def test_identity_and_widths(model: DiffusionModel) -> None:
+    assert isinstance(model, DiffusionModel)
+    assert model.context_width == CONTEXT_WIDTH[model.family] == sum(t.width for t in model.text_encoders)
+    assert len(model.identity.shorthash) == 10 and int(model.identity.shorthash, 16) >= 0
+    assert model.latent_channels == 4 and model.vae_scale == 8
+
+
+def test_prediction_type_matches_family(model: DiffusionModel) -> None:
+    assert model.prediction_type == (V_PREDICTION if model.family == SD2 else EPSILON)
+
+
+def test_alphas_cumprod(model: DiffusionModel) -> None:
+    ac = model.alphas_cumprod()
+    assert ac.shape == (1000,) and ac.dtype == torch.float32 and ac.device.type == "cpu"
+    assert bool((ac[1:] < ac[:-1]).all()) and 0 < float(ac[-1]) < float(ac[0]) < 1
+
+
+def test_encode_prompts_shapes(model: DiffusionModel) -> None:
+    with torch.no_grad():
+        cond = model.encode_prompts(["a cat", ""])
+    assert cond.context.shape == (2, 77, model.context_width)
+    if model.family == SDXL:
+        assert cond.pooled is not None and cond.pooled.shape == (2, 1280)
+    else:
+        assert cond.pooled is None
+    assert bool(torch.isfinite(cond.context).all())
+    assert not torch.equal(cond.context[0], cond.context[1])
+
+
+def test_long_prompt_takes_two_chunks_and_batch_is_padded(model: DiffusionModel) -> None:
+    assert model.count_tokens(LONG_PROMPT) > 75
+    with torch.no_grad():
+        cond = model.encode_prompts([LONG_PROMPT, "a cat"])
+        short = model.encode_prompts(["a cat"])
+    assert cond.context.shape == (2, 154, model.context_width)
+    # The short prompt's first chunk is what it is alone; its second is an empty chunk.
+    torch.testing.assert_close(cond.context[1, :77], short.context[0], rtol=1e-4, atol=1e-5)
+
+
+def test_count_tokens(model: DiffusionModel) -> None:
+    assert model.count_tokens("") == 0
+    assert model.count_tokens("a photo of a cat") == 5
+
+
+def test_token_vectors(model: DiffusionModel) -> None:
+    vectors = model.token_vectors("a photo of a cat")
+    assert set(vectors) == {t.key for t in model.text_encoders}
+    for spec in model.text_encoders:
+        assert vectors[spec.key].shape == (5, spec.width) and vectors[spec.key].dtype == torch.float32
+    assert torch.equal(vectors[model.text_encoders[0].key][1], model.token_vectors("photo")[model.text_encoders[0].key][0])
+
+
+def test_embedding_changes_output_only_where_named(model: DiffusionModel) -> None:
+    embedding = make_embedding(model)
+    prompts = [f"a photo of {NAME}", "a photo of a cat"]
+    with torch.no_grad():
+        plain = model.encode_prompts(prompts)
+        spliced = model.encode_prompts(prompts, {NAME: embedding})
+        other = model.encode_prompts(prompts, {NAME: make_embedding(model, seed=5)})
+    assert torch.equal(plain.context[1], spliced.context[1])  # the prompt without the name is untouched
+    # CLIP attention is causal: BOS and "a photo of" (positions 0-3) cannot see the embedding at 4-5.
+    torch.testing.assert_close(plain.context[0, :4], spliced.context[0, :4], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain.context[0, 4:6], spliced.context[0, 4:6])
+    assert not torch.allclose(spliced.context[0, 4:6], other.context[0, 4:6])
+    assert model.count_tokens(f"a photo of {NAME}") == len(model.token_vectors(f"a photo of {NAME}")["clip_l"])
+    if model.family == SDXL:
+        assert torch.equal(plain.pooled[1], spliced.pooled[1])
+        assert not torch.allclose(plain.pooled[0], spliced.pooled[0])
+
+
+def test_gradients_reach_only_the_embedding(model: DiffusionModel) -> None:
+    embedding = make_embedding(model, n_vectors=3)
+    cond = model.encode_prompts([f"{NAME} in a garden", f"a {NAME}"], {NAME: embedding})
+    out = model.predict(latents_for(model), torch.tensor([10, 700]), cond)
+    out.square().mean().backward()
+    for key, vec in embedding.vectors.items():
+        assert vec.grad is not None and float(vec.grad.abs().sum()) > 0, key
+    for name, module in model.trainable_modules().items():
+        assert all(p.grad is None for p in module.parameters()), name
+
+
+def test_encode_and_decode_images(model: DiffusionModel) -> None:
+    pixels = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    moments = model.encode_images(pixels)
+    assert moments.mean.shape == moments.std.shape == (2, 4, 8, 6)
+    assert bool((moments.std > 0).all()) and not moments.mean.requires_grad
+    decoded = model.decode_latents(moments.mean)
+    assert decoded.shape == (2, 3, 64, 48) and float(decoded.abs().max()) <= 1.0
+
+
+def test_predict_shape_and_finite(model: DiffusionModel) -> None:
+    with torch.no_grad():
+        cond = model.encode_prompts(["a cat", "a dog"])
+        out = model.predict(latents_for(model), torch.tensor([1, 999]), cond)
+    assert out.shape == (2, 4, 8, 8) and bool(torch.isfinite(out).all()) and float(out.abs().mean()) > 1e-3
+    if model.family == SDXL:  # size conditioning is used
+        size = torch.tensor([[512.0, 512.0, 32.0, 0.0, 64.0, 64.0]]).expand(2, 6)
+        with torch.no_grad():
+            assert not torch.allclose(out, model.predict(latents_for(model), torch.tensor([1, 999]), cond, size))
+
+
+def test_identity_context_transform_is_exact_and_undone(model: DiffusionModel) -> None:
+    x, t = latents_for(model), torch.tensor([100, 600])
+    seen: set[bool] = set()
+
+    def identity(ctx: torch.Tensor, is_cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.add(is_cross)
+        return ctx, ctx
+
+    with torch.no_grad():
+        cond = model.encode_prompts(["a cat", "a dog"])
+        before = model.predict(x, t, cond)
+        with model.context_transform(identity):
+            during = model.predict(x, t, cond)
+        after = model.predict(x, t, cond)
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert seen == {True, False}
+    seen.clear()
+    with pytest.raises(RuntimeError), model.context_transform(identity):
+        raise RuntimeError("boom")
+    with torch.no_grad():
+        model.predict(x, t, cond)
+    assert not seen  # the transform is gone after an exception too
+
+
+def test_context_transform_changes_output(model: DiffusionModel) -> None:
+    x, t = latents_for(model), torch.tensor([100, 600])
+    with torch.no_grad():
+        cond = model.encode_prompts(["a cat", "a dog"])
+        before = model.predict(x, t, cond)
+        with model.context_transform(lambda ctx, is_cross: (ctx * 1.5, ctx) if is_cross else (ctx, ctx)):
+            changed = model.predict(x, t, cond)
+    assert not torch.allclose(before, changed)
+
+
+def test_attention_widths(model: DiffusionModel) -> None:
+    widths = model.attention_context_widths()
+    assert widths["cross"] == {model.context_width}
+    assert widths["self"] and model.context_width not in widths["self"]
+
+
+def test_trainable_modules(model: DiffusionModel) -> None:
+    modules = model.trainable_modules()
+    expected = {"unet", "text_encoder"} | ({"text_encoder_2"} if model.family == SDXL else set())
+    assert set(modules) == expected
+    assert all(not p.requires_grad for m in modules.values() for p in m.parameters())
+    with model.placement():
+        pass
+
+
+def test_sampler_is_deterministic(model: DiffusionModel) -> None:
+    kwargs = dict(steps=2, cfg_scale=5.0, width=64, height=48)
+    first = sample(model, ["a cat"], seed=7, **kwargs)
+    again = sample(model, ["a cat"], seed=7, **kwargs)
+    other = sample(model, ["a cat"], seed=8, **kwargs)
+    assert len(first) == 1 and first[0].size == (64, 48) and first[0].mode == "RGB"
+    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
+
+
+def test_sampler_with_embedding_long_negative_and_transform(model: DiffusionModel) -> None:
+    images = sample(model, [f"a {NAME}"], [LONG_PROMPT], steps=1, width=64, height=64, sampler="euler",
+                    embeddings={NAME: make_embedding(model)}, context_transform=lambda c, cross: (c, c))
+    assert images[0].size == (64, 64)
