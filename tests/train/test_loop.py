@@ -15,7 +15,7 @@ from finetune_core.errors import ArtifactError, ConfigError, TrainingDiverged
 from finetune_core.train.config import TrainConfig
 from finetune_core.train.control import Control
 from finetune_core.train.events import ArtifactSaved, Failed, Finished, PreviewEvent, Started, StepEvent, Warning_
-from finetune_core.train.loop import OutputSpec, resume_training, run_training
+from finetune_core.train.loop import OutputSpec, existing_artifacts, resume_training, run_training
 from finetune_core.train.run_folder import RunFolder
 
 from .fakes import FakeData, FakeMethod, FakeModel, FakeSampler, read_vector
@@ -281,3 +281,16 @@ def test_pause_blocks_until_resumed(tmp_path: Path) -> None:
             threading.Timer(0.2, lambda: (resumed.set(), control.resume())).start()
     _result, _method, events = train(tmp_path, control=control, on_event=pause_at_2)
     assert resumed.is_set() and events[-1].step == 6
+
+
+def test_a_method_can_name_its_artifact_files(tmp_path: Path) -> None:
+    class Named(FakeMethod):
+        def artifact_paths(self, directory: Path, stem: str) -> list[Path]:
+            return [directory / f"{stem}.safetensors"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "emb.txt").write_text("unrelated")
+    assert existing_artifacts(Named(), tmp_path / "out", "emb") == []
+    assert existing_artifacts(FakeMethod(), tmp_path / "out", "emb") == [tmp_path / "out" / "emb.txt"]
+    (tmp_path / "out" / "emb.safetensors").write_text("x")
+    with pytest.raises(ArtifactError, match="emb.safetensors"):
+        train(tmp_path, method=Named())
