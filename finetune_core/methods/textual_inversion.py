@@ -161,10 +161,16 @@ class TextualInversion:
         return EmbeddingFile(name=self.file.name, vectors=vectors, step=meta.step,
                              sd_checkpoint=meta.model.shorthash, sd_checkpoint_name=meta.model.name)
 
+    def artifact_paths(self, directory: Path, stem: str) -> list[Path]:
+        """The file a write produces. SDXL is always .safetensors: its .pt form can hold only the two tensors, so
+        the name and step (needed to continue training) would be lost; the WebUI reads both."""
+        fmt = "safetensors" if len(self.embedding.vectors) > 1 else self.config.save_format
+        return [Path(directory) / f"{stem}.{fmt}"]
+
     def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
-        path = Path(directory) / f"{stem}.{self.config.save_format}"
-        write_embedding(self.current_file(meta), path, overwrite=overwrite)
-        return [path]
+        paths = self.artifact_paths(directory, stem)
+        write_embedding(self.current_file(meta), paths[0], overwrite=overwrite)
+        return paths
 
 
 def load_for_training(model: DiffusionModel, name: str, config: TextualInversionConfig,

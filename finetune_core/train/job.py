@@ -14,7 +14,7 @@ from finetune_core.train.guard import GuardState
 from finetune_core.train.run_folder import RunFolder
 
 if TYPE_CHECKING:  # train sits below methods: the protocol is for hints only
-    from finetune_core.methods.base import Method
+    from finetune_core.train.method import Method
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 
 from finetune_core.data.batch import TrainingData
 from finetune_core.errors import ArtifactError
-from finetune_core.methods.base import ArtifactMeta
+from finetune_core.train.method import ArtifactMeta
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train import randomness
 from finetune_core.train.config import TrainConfig, config_from_dict
@@ -41,7 +41,7 @@ from finetune_core.train.step import OVERFLOW, StepContext, StepOutcome, make_gr
 from finetune_core.train.text_cache import TextCache
 
 if TYPE_CHECKING:
-    from finetune_core.methods.base import Method
+    from finetune_core.train.method import Method
 
 logger = logging.getLogger(__name__)
 

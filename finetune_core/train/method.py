@@ -1,4 +1,5 @@
-"""The Method protocol: what trains, the loss, and the artefact. Nothing else (no devices, no files, no UI)."""
+"""The Method protocol the loop trains: what trains, the loss, and the artefact. Nothing else (no devices, no files,
+no UI). It lives in train/ because the loop defines what it needs; methods/ implements it."""
 
 from __future__ import annotations
 

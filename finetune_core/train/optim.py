@@ -16,7 +16,7 @@ from finetune_core.errors import ConfigError
 from finetune_core.train.config import TrainConfig
 
 if TYPE_CHECKING:  # train sits below methods: the protocol types are for hints only
-    from finetune_core.methods.base import ParamGroup
+    from finetune_core.train.method import ParamGroup
 
 # name -> (module, class, pip package)
 _OPTIONAL = {

@@ -21,7 +21,7 @@ from finetune_core.train.schedule import value_at
 from finetune_core.train.text_cache import TextCache
 
 if TYPE_CHECKING:  # train sits below methods: the protocol is for hints only
-    from finetune_core.methods.base import Method
+    from finetune_core.train.method import Method
 
 OVERFLOW = "fp16 overflow"  # a skipped step the NaN guard does not count
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
