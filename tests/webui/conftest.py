@@ -6,10 +6,12 @@ so no other test folder can see a `modules` package.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 STUB = str(Path(__file__).resolve().parent.parent / "webui_stub")
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +39,8 @@ def webui(tmp_path):
     from modules import devices, lowvram, sd_hijack, shared
 
     shared.reset(str(tmp_path))
-    devices.device = __import__("torch").device("cpu")
+    # FINETUNE_WEBUI_CUDA=1 on a GPU machine: a real second device, so a misplaced tensor fails for real.
+    devices.device = torch.device("cuda" if os.environ.get("FINETUNE_WEBUI_CUDA") == "1" else "cpu")
     lowvram.module_in_gpu = None
     lowvram.hook_calls.clear()
     lowvram.location.clear()

@@ -7,7 +7,7 @@ from functools import wraps
 
 from modules import progress, shared
 
-queue_lock = threading.RLock()  # the WebUI's is a FIFOLock (acquire/release/context manager)
+queue_lock = threading.Lock()  # the WebUI's FIFOLock is not re-entrant either
 
 
 def wrap_queued_call(func):
