@@ -15,6 +15,7 @@ import torch
 
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
+from finetune_core.formats.image_embedding import write_embedding_png
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, ParamGroup
 from finetune_core.model.interface import DiffusionModel, TrainableEmbedding
 from finetune_core.train.batch import TrainBatch
@@ -166,6 +167,14 @@ class TextualInversion:
         the name and step (needed to continue training) would be lost; the WebUI reads both."""
         fmt = "safetensors" if len(self.embedding.vectors) > 1 else self.config.save_format
         return [Path(directory) / f"{stem}.{fmt}"]
+
+    def preview_artifact(self, image: Any, directory: Path, stem: str, meta: ArtifactMeta) -> list[Path]:
+        """The WebUI's preview PNG carrying the embedding (SD1/SD2 only: SDXL embeddings have no image form)."""
+        if not self.config.save_image_with_embedding or len(self.embedding.vectors) > 1:
+            return []
+        path = Path(directory) / f"{stem}.png"
+        write_embedding_png(self.current_file(meta), image, path, overwrite=True)
+        return [path]
 
     def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
         paths = self.artifact_paths(directory, stem)

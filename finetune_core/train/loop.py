@@ -273,6 +273,12 @@ class Trainer:
                                   embeddings=extras.embeddings or None, context_transform=extras.context_transform)
         path = self.job.run.save_image(images[0], f"{self.job.output.name}-{c.step}")
         self.emit(PreviewEvent(c.step, path, images[0], prompt))
+        preview_artifact = getattr(self.job.method, "preview_artifact", None)  # optional Method hook
+        if preview_artifact is not None:
+            stem = f"{self.job.output.name}-{c.step}"
+            paths = preview_artifact(images[0], self.job.run.path / "image_embeddings", stem, self._meta())
+            if paths:
+                self.emit(ArtifactSaved(c.step, tuple(paths), final=False))
 
     def _settings(self) -> dict[str, Any]:
         job = self.job

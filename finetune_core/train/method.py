@@ -85,3 +85,10 @@ class Method(Protocol):
     def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
         """Write the artefact file(s) into `directory` named from `stem`; returns the paths written."""
         ...
+
+    # Optional hooks (looked up with getattr; a method may leave them out):
+    #   artifact_paths(directory, stem) -> list[Path]: the files write_artifact would produce (overwrite check).
+    #   preview_artifact(image, directory, stem, meta) -> list[Path]: files made from a preview image (the WebUI's
+    #     PNG that carries the embedding).
+    #   check(model) -> list[str]: warnings about the method's fit to the loaded model, raised as ModelMismatchError
+    #     when it cannot work at all.

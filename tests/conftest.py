@@ -1,0 +1,52 @@
+"""Shared fixtures: the built-in tiny models (built once per session, they take a few seconds each)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "dataset"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[[str], object]:
+    """A factory returning the (cached) built-in tiny model of a name."""
+    from finetune_core.model.tiny import build_tiny
+    built: dict[str, object] = {}
+
+    def get(name: str) -> object:
+        if name not in built:
+            built[name] = build_tiny(name)
+        return built[name]
+    return get
+
+
+@pytest.fixture
+def one_image_dataset(tmp_path: Path) -> Path:
+    """A dataset folder with one example image and a caption, plus a one-line template `[name]`."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "ball-01.png", folder / "ball-01.png")
+    (folder / "ball-01.txt").write_text("a ball")
+    (tmp_path / "name_only.txt").write_text("a picture of [name]\n")
+    return folder
+
+
+def weights_checksum(model: object) -> str:
+    """sha256 over every parameter and buffer of the model's modules, in a fixed order."""
+    digest = hashlib.sha256()
+    modules = dict(model.trainable_modules())  # type: ignore[attr-defined]
+    vae = getattr(model, "vae", None)
+    if vae is not None:
+        modules["vae"] = vae
+    for name in sorted(modules):
+        for key, tensor in sorted(modules[name].state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
