@@ -7,19 +7,49 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from finetune_core.model.interface import (EPSILON, FAMILIES, SD1, SD2, SDXL, V_PREDICTION, ContextTransform,
-                                           DiffusionModel, LatentMoments, ModelIdentity, ModelSummary,
-                                           TextConditioning, TextEncoderSpec, TrainableEmbedding, summarize)
+from finetune_core.model.interface import (
+    EPSILON,
+    FAMILIES,
+    SD1,
+    SD2,
+    SDXL,
+    V_PREDICTION,
+    ContextTransform,
+    DiffusionModel,
+    LatentMoments,
+    ModelIdentity,
+    ModelSummary,
+    TextConditioning,
+    TextEncoderSpec,
+    TrainableEmbedding,
+    summarize,
+)
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EPSILON", "FAMILIES", "SD1", "SD2", "SDXL", "V_PREDICTION", "ContextTransform", "DiffusionModel",
-           "LatentMoments", "ModelIdentity", "ModelSummary", "TextConditioning", "TextEncoderSpec",
-           "TrainableEmbedding", "summarize", "load_model", "list_builtin_models"]
+__all__ = [
+    "EPSILON",
+    "FAMILIES",
+    "SD1",
+    "SD2",
+    "SDXL",
+    "V_PREDICTION",
+    "ContextTransform",
+    "DiffusionModel",
+    "LatentMoments",
+    "ModelIdentity",
+    "ModelSummary",
+    "TextConditioning",
+    "TextEncoderSpec",
+    "TrainableEmbedding",
+    "list_builtin_models",
+    "load_model",
+    "summarize",
+]
 
 
-def load_model(spec: str, device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None) -> DiffusionModel:
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DiffusionModel:
     """Load a built-in tiny model, a diffusers folder or a single-file checkpoint (see `model.loading`)."""
     import torch
 

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
 from finetune_core.model import chunks as chunking
-from finetune_core.model.interface import (SD1, SDXL, ContextTransform, LatentMoments, ModelIdentity, TextConditioning,
-                                           TextEncoderSpec, TrainableEmbedding)
+from finetune_core.model.interface import (
+    SD1,
+    SDXL,
+    ContextTransform,
+    LatentMoments,
+    ModelIdentity,
+    TextConditioning,
+    TextEncoderSpec,
+    TrainableEmbedding,
+)
 from finetune_core.model.schedule import scaled_linear_alphas_cumprod
 from finetune_core.model.tokenizer import ClipTokenizer
 

@@ -64,7 +64,7 @@ def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch
         if part not in index or not (folder / part).is_dir():
             raise FinetuneError(f"The diffusers folder {folder} has no {part}/ component; this trainer needs a full "
                                 "Stable Diffusion pipeline (unet, vae, text_encoder).")
-    kwargs = dict(local_files_only=True, torch_dtype=dtype)
+    kwargs: dict = {"local_files_only": True, "torch_dtype": dtype}
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)

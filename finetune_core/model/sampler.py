@@ -5,8 +5,8 @@ DDIM (eta 0) and Euler, with classifier-free guidance, for eps- and v-prediction
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 from PIL import Image

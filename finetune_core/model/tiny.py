@@ -68,9 +68,9 @@ def _unet(spec: TinySpec) -> Any:
     """A 2-level UNet with cross-attention at the real context width (SDXL: text_time added conditioning)."""
     from diffusers import UNet2DConditionModel
 
-    common: dict[str, Any] = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                  layers_per_block=1, cross_attention_dim=sum(spec.text_widths),
-                                  norm_num_groups=16, attention_head_dim=4)
+    common: dict[str, Any] = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
+                              "layers_per_block": 1, "cross_attention_dim": sum(spec.text_widths),
+                              "norm_num_groups": 16, "attention_head_dim": 4}
     if spec.family == SDXL:
         # As SDXL: no attention at the highest resolution; pooled text (1280) + 6 size values x 256 Fourier dims.
         return UNet2DConditionModel(**common, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def bpe_vocab_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FinetuneError("The CLIP tokenizer needs the vocabulary file that the package open_clip_torch ships, "
                             "but open_clip_torch is not installed: install it with `pip install open_clip_torch`.")
-    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
         raise FinetuneError(f"The CLIP vocabulary file {path} is missing: reinstall open_clip_torch.")
     return path
@@ -60,7 +61,8 @@ class ClipTokenizer:
         import regex
 
         path = Path(vocab_path) if vocab_path is not None else bpe_vocab_path()
-        lines = gzip.open(path).read().decode("utf-8").split("\n")[1:_N_MERGES + 1]
+        with gzip.open(path) as handle:
+            lines = handle.read().decode("utf-8").split("\n")[1:_N_MERGES + 1]
         merges = [tuple(line.split()) for line in lines]
         self._byte_encoder = byte_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
@@ -107,7 +109,7 @@ class ClipTokenizer:
             return cached
         parts = [*word[:-1], word[-1] + "</w>"]
         while len(parts) > 1:
-            ranked = [(self._ranks.get((a, b), _N_MERGES), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            ranked = [(self._ranks.get((a, b), _N_MERGES), i) for i, (a, b) in enumerate(pairwise(parts))]
             best_rank = min(ranked)[0]
             if best_rank >= _N_MERGES:
                 break

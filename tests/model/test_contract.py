@@ -188,7 +188,7 @@ def test_trainable_modules(model: DiffusionModel) -> None:
 
 
 def test_sampler_is_deterministic(model: DiffusionModel) -> None:
-    kwargs = dict(steps=2, cfg_scale=5.0, width=64, height=48)
+    kwargs = {"steps": 2, "cfg_scale": 5.0, "width": 64, "height": 48}
     first = sample(model, ["a cat"], seed=7, **kwargs)
     again = sample(model, ["a cat"], seed=7, **kwargs)
     other = sample(model, ["a cat"], seed=8, **kwargs)
