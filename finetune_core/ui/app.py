@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from finetune_core.ui.compat import gradio_major, js_kwargs
+from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs
 from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.standalone_host import StandaloneHost
 
@@ -49,6 +49,7 @@ def build_app(host: StandaloneHost, runner: JobRunner | None = None, gr: Any = N
     js, css = _read(JS_FILE), _read(CSS_FILE)
     extra: dict[str, Any] = {"title": "Fine-tune", "css": css}
     if gradio_major(gr) >= 4:
+        fix_gradio4_templates()
         extra["head"] = f"<script>\n{js}\n</script>"
     demo = build_tab(host, gr, runner=runner, blocks_kwargs=extra)
     if gradio_major(gr) < 4 and js:

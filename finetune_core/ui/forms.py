@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from finetune_core.ui.compat import NO_API
 from finetune_core.ui.schema import FieldSpec
 
 REFRESH_SYMBOL = "\U0001f504"
@@ -61,5 +62,5 @@ def _render(gr: Any, specs: list[FieldSpec], elem_prefix: str, dynamic: dict[str
 def refresh_button(gr: Any, target: Any, choices: ChoicesFn, elem_id: str) -> Any:
     """A small 🔄 button that refills `target`'s choices (the WebUI's create_refresh_button, without `modules`)."""
     button = gr.Button(value=REFRESH_SYMBOL, elem_id=elem_id, elem_classes=["finetune-tool"], size="sm")
-    button.click(fn=lambda: gr.update(choices=choices()), inputs=[], outputs=[target])
+    button.click(fn=lambda: gr.update(choices=choices()), inputs=[], outputs=[target], **NO_API)
     return button

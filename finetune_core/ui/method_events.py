@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from finetune_core.ui.actions import message_html
-from finetune_core.ui.compat import gallery_value, js_kwargs
+from finetune_core.ui.compat import NO_API, gallery_value, js_kwargs
 
 if TYPE_CHECKING:
     from finetune_core.ui.method_tab import MethodTab
@@ -26,21 +26,22 @@ def wire(tab: "MethodTab") -> None:
 
     c["train"].click(fn=guarded(gr, on_train, 6, 0),
                      inputs=[c["task"], c["name"], c["overwrite"], c["resume_run"], *fields],
-                     outputs=[c["status"], *status_outputs], **js_kwargs(gr, tab.ctx.train_js))
+                     outputs=[c["status"], *status_outputs], **js_kwargs(gr, tab.ctx.train_js), **NO_API)
     c["refresh"].click(fn=guarded(gr, lambda last: _refresh(gr, actions, last), 5, 0), inputs=[c["poll"]],
-                       outputs=status_outputs)
+                       outputs=status_outputs, **NO_API)
     for key, command in (("pause", actions.runner.pause), ("resume", actions.runner.resume),
                          ("interrupt", actions.runner.interrupt)):
         c[key].click(fn=guarded(gr, _command_handler(actions, key, command), 2, 0), inputs=[],
-                     outputs=[c["status"], c["progress"]])
+                     outputs=[c["status"], c["progress"]], **NO_API)
 
     def on_lint(*values: Any) -> tuple:
         table, arithmetic = actions.lint(tab.collect(list(values)))
         return table, arithmetic, ""
 
-    c["lint"].click(fn=guarded(gr, on_lint, 3, 2), inputs=fields, outputs=[c["lint_html"], c["arithmetic"], c["status"]])
+    c["lint"].click(fn=guarded(gr, on_lint, 3, 2), inputs=fields,
+                    outputs=[c["lint_html"], c["arithmetic"], c["status"]], **NO_API)
     c["estimate"].click(fn=guarded(gr, lambda *v: (message_html(actions.estimate(tab.collect(list(v)))),), 1, 0),
-                        inputs=fields, outputs=[c["memory"]])
+                        inputs=fields, outputs=[c["memory"]], **NO_API)
     _wire_create(tab)
     _wire_presets(tab)
 
@@ -88,7 +89,7 @@ def _wire_create(tab: "MethodTab") -> None:
 
     c["create"].click(fn=guarded_for(tab, on_create, 1 + len(continue_from)),
                       inputs=[c["name"], c["overwrite"], *create_fields.values()],
-                      outputs=[c["create_message"], *continue_from])
+                      outputs=[c["create_message"], *continue_from], **NO_API)
 
 
 def guarded_for(tab: "MethodTab", fn: Any, n_outputs: int) -> Any:
@@ -112,6 +113,6 @@ def _wire_presets(tab: "MethodTab") -> None:
         return (message_html(f"Loaded preset '{preset}'."), gr.update(value=name), *updates)
 
     c["preset_save"].click(fn=guarded_for(tab, on_save, 2), inputs=[c["preset"], c["name"], *fields],
-                           outputs=[c["preset_message"], c["preset"]])
+                           outputs=[c["preset_message"], c["preset"]], **NO_API)
     c["preset_load"].click(fn=guarded_for(tab, on_load, 2 + len(fields)), inputs=[c["preset"]],
-                           outputs=[c["preset_message"], c["name"], *fields])
+                           outputs=[c["preset_message"], c["name"], *fields], **NO_API)

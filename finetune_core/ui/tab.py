@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from finetune_core.errors import ConfigError
 from finetune_core.ui.actions import message_html
-from finetune_core.ui.compat import file_path
+from finetune_core.ui.compat import NO_API, file_path
 from finetune_core.ui.host import Host
 from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.method_tab import MethodTab, TabContext, guarded
@@ -63,7 +63,7 @@ def _model_row(ctx: TabContext) -> None:
     def on_load(spec: str) -> tuple:
         return (message_html(host.load_model(spec.strip())),)  # type: ignore[attr-defined]
 
-    load.click(fn=guarded(gr, on_load, 1, 0), inputs=[path], outputs=[status])
+    load.click(fn=guarded(gr, on_load, 1, 0), inputs=[path], outputs=[status], **NO_API)
 
 
 def _inspector(ctx: TabContext) -> None:
@@ -82,5 +82,5 @@ def _inspector(ctx: TabContext) -> None:
             raise ConfigError("choose a file to inspect: drop one on the File box or type its path")
         return (message_html(ctx.service.inspect(chosen).describe()),)
 
-    button.click(fn=guarded(gr, on_inspect, 1, 0), inputs=[upload, path], outputs=[result])
+    button.click(fn=guarded(gr, on_inspect, 1, 0), inputs=[upload, path], outputs=[result], **NO_API)
 

@@ -42,13 +42,14 @@ def api_auth_dependency(cmd_opts: Any) -> list[Any]:
     if not credentials:
         return []
     from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from fastapi.security import HTTPBasic
 
     pairs = [item.strip().split(":", 1) for item in credentials.split(",") if ":" in item]
     allowed = {user: password for user, password in pairs}
     basic = HTTPBasic()
 
-    def check(creds: HTTPBasicCredentials = Depends(basic)) -> bool:  # noqa: B008 - FastAPI idiom
+    # No annotation on `creds`: with postponed annotations FastAPI 0.94 (the WebUI's) cannot resolve a local name.
+    def check(creds=Depends(basic)) -> bool:  # noqa: B008, ANN001 - FastAPI idiom
         expected = allowed.get(creds.username)
         if expected is not None and secrets.compare_digest(creds.password, expected):
             return True

@@ -74,6 +74,11 @@ FAKE_METHODS = {"fake-method": FakeSpec("fake-method", "Fake Method", FakeMethod
 
 
 @pytest.fixture
+def fake_methods() -> dict[str, FakeSpec]:
+    return dict(FAKE_METHODS)
+
+
+@pytest.fixture
 def host(tmp_path: Path) -> FakeHost:
     return FakeHost(tmp_path / "out")
 

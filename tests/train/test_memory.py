@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from finetune_core.errors import ConfigError
+from finetune_core.model.interface import TextEncoderSpec
+from finetune_core.train.memory import (ACTIVATION_VALUES_PER_CELL, GIB, MemoryPlan, activation_bytes,
+                                        estimate_memory, hypernetwork_parameters, model_parameters,
+                                        unet_base_channels)
+
+
+class TinyModel:
+    """Just what the estimate reads: modules, text encoder widths, attention widths, latent layout, device."""
+
+    latent_channels = 4
+    vae_scale = 8
+    text_encoders = (TextEncoderSpec("clip_l", 8),)
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.unet = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3), torch.nn.Linear(16, 16))  # 592 + 272
+        self.text = torch.nn.Linear(8, 8)  # 72
+        self.vae = torch.nn.Linear(4, 4)  # 20
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text}
+
+    def attention_context_widths(self) -> dict[str, set[int]]:
+        return {"cross": {8}, "self": {16}}
+
+    def placement(self):
+        return nullcontext()
+
+
+def test_weights_are_counted_from_the_modules() -> None:
+    model = TinyModel()
+    assert model_parameters(model) == 592 + 272 + 72 + 20
+    assert unet_base_channels(model) == 16
+
+
+def test_textual_inversion_trains_only_its_vectors() -> None:
+    model = TinyModel()
+    plan = MemoryPlan("textual-inversion", batch_size=2, width=64, height=32, precision="fp16", vectors=3)
+    est = estimate_memory(model, plan, device_total=None)
+    trainable = 3 * 8
+    assert est.parameters_bytes == 956 * 2 + trainable * 4
+    assert est.gradients_bytes == trainable * 4 and est.optimizer_bytes == trainable * 8
+    assert est.activations_bytes == 2 * (8 * 4) * 16 * ACTIVATION_VALUES_PER_CELL * 2
+    assert est.total == est.parameters_bytes + est.gradients_bytes + est.optimizer_bytes + est.activations_bytes
+    assert est.suggestion == "" and "estimate" in est.describe()
+
+
+def test_dreambooth_holds_the_unet_in_fp32_and_hypernetwork_sizes() -> None:
+    model = TinyModel()
+    est = estimate_memory(model, MemoryPlan("dreambooth", precision="bf16", width=64, height=64), device_total=None)
+    assert est.parameters_bytes == (956 - 864) * 2 + 864 * 4 and est.optimizer_bytes == 864 * 8
+    # (1, 2, 1) on width 8: Linear(8,16) + Linear(16,8) = 144 + 136, for k and v.
+    assert hypernetwork_parameters({8}, (1, 2, 1)) == 2 * (144 + 136)
+    hn = estimate_memory(model, MemoryPlan("hypernetwork", width=64, height=64), device_total=None)
+    assert hn.gradients_bytes == 2 * (144 + 136) * 4
+
+
+def test_a_plan_that_does_not_fit_gets_a_suggestion() -> None:
+    model = TinyModel()
+    plan = MemoryPlan("textual-inversion", batch_size=4, width=1024, height=1024, precision="fp32")
+    est = estimate_memory(model, plan, device_total=GIB // 4)
+    assert est.total > GIB // 4
+    assert "exceeds" in est.suggestion and "gradient checkpointing" in est.suggestion
+    assert "fp16" in est.suggestion and "batch size" in est.suggestion
+    checkpointed = activation_bytes(MemoryPlan("x", gradient_checkpointing=True), 320)
+    assert checkpointed < activation_bytes(MemoryPlan("x"), 320)
+
+
+def test_unknown_method_and_precision_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="no memory estimate"):
+        estimate_memory(TinyModel(), MemoryPlan("lora"), device_total=None)
+    with pytest.raises(ConfigError, match="precision"):
+        estimate_memory(TinyModel(), MemoryPlan("textual-inversion", precision="fp8"), device_total=None)
+
+
+def test_cpu_device_total_comes_from_meminfo() -> None:
+    est = estimate_memory(TinyModel(), MemoryPlan("textual-inversion", width=64, height=64))
+    assert est.device_total is None or est.device_total > 0
