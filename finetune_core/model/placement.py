@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -93,7 +94,7 @@ class Residency:
     def active(self) -> bool:
         return self._depth > 0 and self.managed
 
-    def __enter__(self) -> "Residency":
+    def __enter__(self) -> Residency:  # noqa: PYI034
         self._depth += 1
         if self._depth == 1 and self.managed:
             self._lowvram.send_everything_to_cpu()
@@ -101,7 +102,7 @@ class Residency:
             logger.debug("placement: lowvram hooks suspended for the step")
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._depth -= 1
         if self._depth == 0 and self._restore_hooks is not None:
             self.release_all()

@@ -67,3 +67,16 @@ def extension(webui):
     if module.EXTENSION.runner.busy:
         module.EXTENSION.runner.interrupt()
         module.EXTENSION.runner.wait(30)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    """Two tiny captioned images."""
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, color in enumerate([(200, 30, 30), (20, 40, 220)]):
+        Image.new("RGB", (64, 64), color).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a red thing, number {i}")
+    return folder

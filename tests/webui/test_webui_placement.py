@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from test_webui_training import dataset, run, ti_request, weights_checksum  # noqa: F401  (dataset is a fixture)
+from test_webui_training import run, ti_request, weights_checksum
 
 from finetune_core.model.placement import LOWVRAM_HOOK_NAME, Residency
 from finetune_core.model.webui_backend import WebUIModel

@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-from PIL import Image
 
 from finetune_core.service import TrainRequest
 
@@ -20,16 +19,6 @@ def weights_checksum(sd_model) -> str:
         digest.update(str(value.dtype).encode())
         digest.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-@pytest.fixture()
-def dataset(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, color in enumerate([(200, 30, 30), (20, 40, 220)]):
-        Image.new("RGB", (64, 64), color).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"a red thing, number {i}")
-    return folder
 
 
 def ti_request(dataset, steps=3, name="tinyemb", method="textual-inversion", method_settings=None):
@@ -90,7 +79,7 @@ def test_ti_run_updates_state_holds_the_lock_writes_and_refreshes(extension, sd1
 
 
 def test_webui_interrupt_stops_after_the_current_step_and_saves(extension, sd1, dataset, webui):
-    state, recorder = run(extension, ti_request(dataset, steps=50), on_step=lambda e: webui.state.interrupt())
+    state, _recorder = run(extension, ti_request(dataset, steps=50), on_step=lambda e: webui.state.interrupt())
     assert state.status == "interrupted"
     assert state.step <= 2
     assert state.artifacts and state.artifacts[0].is_file()

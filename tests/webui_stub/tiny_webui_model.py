@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
+from modules import devices, lowvram, sd_hijack, sd_models, shared
+from modules.hypernetworks import hypernetwork
 from torch import nn
 
 from finetune_core.model.tokenizer import ClipTokenizer
-from modules import devices, lowvram, sd_hijack, sd_models, shared
-from modules.hypernetworks import hypernetwork
 
 CHANNELS = 32
 

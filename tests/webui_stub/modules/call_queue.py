@@ -41,7 +41,7 @@ def wrap_gradio_call(func, extra_outputs=None, add_stats=False):
     def f(*args, **kwargs):
         try:
             res = list(func(*args, **kwargs))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the WebUI shows any error in the UI
             res = list(extra_outputs or [None, ""]) + [f"<div class='error'>{type(e).__name__}: {e}</div>"]
         shared.state.skipped = False
         shared.state.interrupted = False

@@ -48,7 +48,7 @@ def _track(module, name):
 
     def to(*args, **kwargs):
         target = args[0] if args else kwargs.get("device")
-        if isinstance(target, torch.device) or isinstance(target, str):
+        if isinstance(target, (torch.device, str)):
             is_device = target is devices.device or (isinstance(target, torch.device) and target.type != "cpu")
             location[name] = "device" if is_device else "cpu"
         return original_to(*args, **kwargs)
