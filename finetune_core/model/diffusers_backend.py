@@ -93,6 +93,8 @@ class DiffusersModel:
 
     def encode_prompts(self, prompts: list[str],
                        embeddings: Mapping[str, TrainableEmbedding] | None = None) -> TextConditioning:
+        if not prompts:
+            raise FinetuneError("encode_prompts got no prompts; give at least one (an empty string is fine).")
         known = {**self.known_embeddings, **(embeddings or {})}
         self._check_embeddings(known)
         per_prompt = [self._chunks(p, known) for p in prompts]
