@@ -79,7 +79,7 @@ class TextConditioning:
         return TextConditioning(torch.cat([p.context for p in parts]), pooled)
 
 
-# Signature of a context transform (hypernetworks): given the attention context and the attention's query width,
+# Signature of a context transform (hypernetworks): given the attention context and whether it is cross-attention,
 # return the (context for k, context for v). `is_cross` tells text cross-attention from self-attention.
 ContextTransform = Callable[[torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor]"]
 
