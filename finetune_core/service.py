@@ -247,6 +247,8 @@ def _prepare_job(request: TrainRequest, model: "DiffusionModel", folders: Output
     if problems:
         raise ConfigError(problems)
     data_config = _with_template_path(configs["data"], template_dirs)
+    if getattr(spec.config_type, "needs_name_in_prompt", False):
+        _require_name_in_template(data_config)
     data = ImageDataset(data_config, placeholder=name)
     final_dir = folders.for_kind(spec.output_kind)
     seed = resolve_seed(configs["train"].seed)
@@ -266,6 +268,16 @@ def _with_template_path(config: Any, template_dirs: Sequence[Path]) -> Any:
         if matches and not Path(config.template).is_absolute():
             return dataclasses.replace(config, template=str(matches[0]))
     return config
+
+
+def _require_name_in_template(config: Any) -> None:
+    """A method that trains the word `[name]` learns nothing from a template that never says it."""
+    from finetune_core.data.templates import load_template
+    lines = load_template(config.template)
+    if not any("[name]" in line for line in lines):
+        raise ConfigError(f"the prompt template {config.template!r} never uses [name], so the embedding would never "
+                          f"appear in a prompt and nothing would train; pick a template with [name] such as "
+                          f"style_filewords.txt or subject.txt")
 
 
 def _same_stem(reference: str, final_dir: Path, name: str) -> bool:

@@ -46,6 +46,8 @@ class TextualInversionCreate:
 class TextualInversionConfig(TextualInversionCreate):
     """Settings of a Textual Inversion run."""
 
+    needs_name_in_prompt = True  # class attribute, not a setting: the trained word must appear in the prompts
+
     continue_from: str = field(default="", metadata={
         "label": "Continue from embedding",
         "help": "An existing embedding file (path, or name in the embeddings folder) to keep training from its "

@@ -178,6 +178,8 @@ def test_bad_inputs_each_give_one_clear_sentence(tiny_model, one_image_dataset, 
         _bad(tmp_path, model, one_image_dataset, train={"steps": -5})
     with pytest.raises(DatasetError, match="batch size 4.*1|1.*batch size 4"):
         _bad(tmp_path, model, one_image_dataset, batch_size=4)
+    with pytest.raises(ConfigError, match=r"never uses \[name\]"):
+        _bad(tmp_path, model, one_image_dataset, template="none.txt")
     for name in ("../evil", "a/b", "  "):
         with pytest.raises(ConfigError, match="name"):
             _bad(tmp_path, model, one_image_dataset, name=name)
