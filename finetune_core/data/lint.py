@@ -58,7 +58,7 @@ class LintReport:
         return dict(sorted(Counter(row.bucket for row in self.rows).items()))
 
     def format(self) -> str:
-        """A human-readable summary followed by one line per image that has a problem."""
+        """A human-readable summary, then one line per image: size -> bucket, caption source, tokens, problems."""
         counts = (f"  unreadable: {len(self.unreadable)}, missing captions: {self.missing_captions}, "
                   f"smaller than the training size: {self.too_small}, "
                   f"longer than {CHUNK_TOKENS} tokens: {self.too_long}")
@@ -68,9 +68,10 @@ class LintReport:
         lines += [f"  warning: {text}" for text in self.warnings]
         lines += [f"  unreadable {path}: {reason}" for path, reason in self.unreadable]
         for row in self.rows:
-            if row.problems:
-                lines.append(f"  {row.path.name} ({row.size[0]}x{row.size[1]} -> {row.bucket[0]}x{row.bucket[1]}): "
-                             + "; ".join(row.problems))
+            tokens = "" if row.tokens is None else f", {row.tokens} tokens"
+            problems = f" -- {'; '.join(row.problems)}" if row.problems else ""
+            lines.append(f"  {row.path.name}: {row.size[0]}x{row.size[1]} -> bucket {row.bucket[0]}x{row.bucket[1]}, "
+                         f"caption from {row.caption_source}{tokens}{problems}")
         return "\n".join(lines)
 
 
