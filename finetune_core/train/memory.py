@@ -6,9 +6,10 @@ use a rule of thumb (see `ACTIVATION_VALUES_PER_CELL`) that scales with batch ×
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -97,7 +98,7 @@ def hypernetwork_parameters(widths: set[int], layers: tuple[float, ...]) -> int:
     total = 0
     for width in widths:
         sizes = [int(width * m) for m in layers]
-        per_mlp = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+        per_mlp = sum(a * b + b for a, b in itertools.pairwise(sizes))
         total += 2 * per_mlp
     return total
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs
 from finetune_core.ui.job_runner import JobRunner

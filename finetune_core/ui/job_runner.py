@@ -8,15 +8,24 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from finetune_core.errors import FinetuneError
 from finetune_core.service import JobResult, TrainRequest
 from finetune_core.train.control import Control
-from finetune_core.train.events import (ArtifactSaved, Event, Failed, Finished, PreviewEvent, Started, StepEvent,
-                                        Warning_)
+from finetune_core.train.events import (
+    ArtifactSaved,
+    Event,
+    Failed,
+    Finished,
+    PreviewEvent,
+    Started,
+    StepEvent,
+    Warning_,
+)
 from finetune_core.ui.host import Host
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from finetune_core.ui.method_tab import MethodTab
 
 
-def wire(tab: "MethodTab") -> None:
+def wire(tab: MethodTab) -> None:
     """Attach every button of `tab` to its handler."""
     from finetune_core.ui.method_tab import guarded
 
@@ -74,7 +74,7 @@ def _command_handler(actions: Any, key: str, command: Any) -> Any:
     return handler
 
 
-def _wire_create(tab: "MethodTab") -> None:
+def _wire_create(tab: MethodTab) -> None:
     if "create" not in tab.c:
         return
     gr, c, actions = tab.gr, tab.c, tab.actions
@@ -92,13 +92,13 @@ def _wire_create(tab: "MethodTab") -> None:
                       outputs=[c["create_message"], *continue_from], **NO_API)
 
 
-def guarded_for(tab: "MethodTab", fn: Any, n_outputs: int) -> Any:
+def guarded_for(tab: MethodTab, fn: Any, n_outputs: int) -> Any:
     from finetune_core.ui.method_tab import guarded
 
     return guarded(tab.gr, fn, n_outputs, 0)
 
 
-def _wire_presets(tab: "MethodTab") -> None:
+def _wire_presets(tab: MethodTab) -> None:
     gr, c, actions = tab.gr, tab.c, tab.actions
     fields = [comp for _, _, comp in tab.fields]
 

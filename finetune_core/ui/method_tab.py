@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from finetune_core.errors import FinetuneError
 from finetune_core.ui.actions import SECTIONS, MethodActions, Values, message_html
-from finetune_core.ui.compat import gallery_value, js_kwargs
+from finetune_core.ui.compat import gallery_value
 from finetune_core.ui.forms import build_section, refresh_button
 from finetune_core.ui.host import Host
 from finetune_core.ui.job_runner import JobRunner
@@ -149,7 +150,7 @@ class MethodTab:
         self.c["progress"] = gr.HTML(view.progress, elem_id=self.eid("progress"))
         self.c["plot"] = gr.HTML(view.plot, elem_id=self.eid("loss_plot"))
         self.c["gallery"] = gr.Gallery(value=gallery_value(view.gallery), label="Previews (fixed preview seed)",
-                                       columns=4, elem_id=self.eid("gallery"))
+                                       columns=4, height=320, elem_id=self.eid("gallery"))
         self.c["result"] = gr.HTML(view.result, elem_id=self.eid("result"))
         self.c["refresh"] = gr.Button("refresh", elem_id=self.eid("refresh"), elem_classes=["finetune-hidden"])
         self.c["task"] = gr.Textbox(value=self.slug, visible=False, elem_id=self.eid("task_id"))

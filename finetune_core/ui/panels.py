@@ -16,7 +16,7 @@ def format_seconds(seconds: float | None) -> str:
     """'1h 02m', '3m 05s', '12s' or '-'."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "-"
-    whole = int(round(seconds))
+    whole = round(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -73,8 +73,8 @@ def loss_svg(losses: list[tuple[int, float]], learning_rates: list[tuple[int, fl
     dots = "".join(f"<circle class='finetune-loss-point' cx='{scale_x(s):.1f}' cy='{scale_y(v):.1f}' r='2'/>"
                    for s, v in points)
     line = " ".join(f"{scale_x(s):.1f},{scale_y(v):.1f}" for s, v in points)
-    parts = [f"<svg class='finetune-loss-svg' viewBox='0 0 {width} {height}' width='100%' "
-             f"preserveAspectRatio='xMidYMid meet' xmlns='http://www.w3.org/2000/svg' role='img'>",
+    parts = [(f"<svg class='finetune-loss-svg' viewBox='0 0 {width} {height}' width='100%' "
+             f"preserveAspectRatio='xMidYMid meet' xmlns='http://www.w3.org/2000/svg' role='img'>"),
              f"<title>Loss over {len(points)} points</title>",
              f"<line class='finetune-axis' x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}'/>",
              f"<line class='finetune-axis' x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}'/>",

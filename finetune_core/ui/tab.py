@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from finetune_core.errors import ConfigError
 from finetune_core.ui.actions import message_html

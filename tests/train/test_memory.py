@@ -7,9 +7,16 @@ import torch
 
 from finetune_core.errors import ConfigError
 from finetune_core.model.interface import TextEncoderSpec
-from finetune_core.train.memory import (ACTIVATION_VALUES_PER_CELL, GIB, MemoryPlan, activation_bytes,
-                                        estimate_memory, hypernetwork_parameters, model_parameters,
-                                        unet_base_channels)
+from finetune_core.train.memory import (
+    ACTIVATION_VALUES_PER_CELL,
+    GIB,
+    MemoryPlan,
+    activation_bytes,
+    estimate_memory,
+    hypernetwork_parameters,
+    model_parameters,
+    unet_base_channels,
+)
 
 
 class TinyModel:

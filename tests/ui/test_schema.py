@@ -16,7 +16,7 @@ class Settings:
     rate: float = field(default=0.5, metadata={"label": "Rate", "help": "", "advanced": True})
     mode: str = field(default="a", metadata={"label": "Mode", "help": "", "choices": ["a", "b"]})
     flag: bool = field(default=False, metadata={"label": "Flag", "help": ""})
-    decay: Optional[float] = field(default=None, metadata={"label": "Decay", "help": ""})
+    decay: Optional[float] = field(default=None, metadata={"label": "Decay", "help": ""})  # noqa: UP045
     other: int | None = None
 
 
