@@ -28,7 +28,11 @@ class Host(Protocol):
         ...
 
     def run_exclusive(self, job: Callable[[], T]) -> T:
-        """Run `job` holding the host's GPU lock (WebUI: `call_queue.queue_lock`), so training never overlaps generation."""
+        """Run `job` holding the host's GPU lock (WebUI: `call_queue.queue_lock`), so training never overlaps generation.
+
+        A host may also accept a keyword `task_id: str | None` (the WebUI progress id from the Train button's JS);
+        the JobRunner passes it only to a `run_exclusive` whose signature has that parameter.
+        """
         ...
 
     def on_event(self, event: Event) -> None:
