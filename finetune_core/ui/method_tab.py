@@ -149,7 +149,7 @@ class MethodTab:
         view = self.actions.status()
         self.c["progress"] = gr.HTML(view.progress, elem_id=self.eid("progress"))
         self.c["plot"] = gr.HTML(view.plot, elem_id=self.eid("loss_plot"))
-        self.c["gallery"] = gr.Gallery(value=gallery_value(view.gallery), label="Previews (fixed preview seed)",
+        self.c["gallery"] = gr.Gallery(value=gallery_value(view.gallery), label="Previews (one per preview step)",
                                        columns=4, height=320, elem_id=self.eid("gallery"))
         self.c["result"] = gr.HTML(view.result, elem_id=self.eid("result"))
         self.c["refresh"] = gr.Button("refresh", elem_id=self.eid("refresh"), elem_classes=["finetune-hidden"])
