@@ -54,7 +54,7 @@ def matmul_rate(size: int = 1024, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def _load(model_name: str):  # noqa: ANN202 - a DiffusionModel
+def _load(model_name: str):
     if model_name == FULL_SD15:
         from finetune_core.model.full_size import full_size_random
         return full_size_random("sd1")
@@ -62,7 +62,7 @@ def _load(model_name: str):  # noqa: ANN202 - a DiffusionModel
     return load_model(model_name)
 
 
-def _step_flops(model, method_key: str, resolution: int, data_dir: Path) -> float:  # noqa: ANN001
+def _step_flops(model, method_key: str, resolution: int, data_dir: Path) -> float:
     """FLOPs of one loss evaluation and its backward pass, with a batch as the loop would build it."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -122,10 +122,10 @@ def run_bench(models: list[str], methods: list[str], steps: int = 5, full: bool 
           f"{'floor s':>8} {'achieved':>9}")
     results = []
     for model_name, method_key in cases:
-        command = [sys.executable, "-c", "import sys, json; from finetune_core.bench import run_case; "
-                   "r = run_case(sys.argv[1], sys.argv[2], int(sys.argv[3])); print(json.dumps(r.__dict__))",
-                   model_name, method_key, str(steps)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        code = ("import sys, json; from finetune_core.bench import run_case; "
+                "r = run_case(sys.argv[1], sys.argv[2], int(sys.argv[3])); print(json.dumps(r.__dict__))")
+        command = [sys.executable, "-c", code, model_name, method_key, str(steps)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"{model_name:<10} {method_key:<18} failed: {done.stderr.strip().splitlines()[-1:]}")
             continue

@@ -6,19 +6,23 @@ Objective: the LDM loss with the modules applied (methods.md §3.2). Artefact: t
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, ContextManager, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
 from finetune_core.formats.hypernetwork import HypernetworkFile, read_hypernetwork, write_hypernetwork
-from finetune_core.methods.base import ArtifactMeta, InferenceExtras, ParamGroup
+from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
 from finetune_core.methods.hypernetwork_net import (
-    WEIGHT_INITS, HypernetworkModule, activation_choices, structure_problems)
+    WEIGHT_INITS,
+    HypernetworkModule,
+    activation_choices,
+    structure_problems,
+)
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train.batch import TrainBatch
 from finetune_core.train.objective import weighted_mse
@@ -102,7 +106,7 @@ class HypernetworkConfig(HypernetworkCreate):
         "label": "Preview strength", "advanced": True, "help": "Multiplier applied when sampling previews."})
 
 
-class Hypernetwork:
+class Hypernetwork(MethodDefaults):
     """The Method for hypernetworks: the (k, v) module pairs are the only trainable parameters."""
 
     name = "hypernetwork"
@@ -125,7 +129,7 @@ class Hypernetwork:
 
     def transform(self, context: torch.Tensor, is_cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """k and v contexts for an attention layer; widths without a module pass through unchanged."""
-        pair = self.pairs[str(context.shape[-1])] if str(context.shape[-1]) in self.pairs else None
+        pair = self.pairs[str(context.shape[-1])] if str(context.shape[-1]) in self.pairs else None  # noqa: SIM401
         if pair is None:
             return context, context
         source = context.to(pair[0].linear[0].weight.dtype)
@@ -147,8 +151,8 @@ class Hypernetwork:
             raise ModelMismatchError(f"none of the module sizes {sizes} matches an attention layer of the loaded "
                                      f"model (it has {sorted(available)}); choose sizes from those")
         if unused:
-            return [f"module sizes {unused} match no attention layer of the loaded model (it has "
-                    f"{sorted(available)}); those modules will never apply"]
+            return [(f"module sizes {unused} match no attention layer of the loaded model (it has "
+                     f"{sorted(available)}); those modules will never apply")]
         return []
 
     def trainable_parameters(self, model: DiffusionModel) -> list[ParamGroup]:
@@ -162,12 +166,6 @@ class Hypernetwork:
         with model.context_transform(self.transform):
             pred = model.predict(batch.noisy_latents, batch.timesteps, cond, batch.size_cond)
         return weighted_mse(pred, batch.target, batch.loss_weight, batch.snr_weight)
-
-    def after_step(self, model: DiffusionModel) -> None:
-        """Nothing to constrain."""
-
-    def training_context(self, model: DiffusionModel) -> ContextManager[None]:
-        return nullcontext()
 
     def inference_extras(self) -> InferenceExtras:
         return InferenceExtras(context_transform=_InferenceTransform(self))

@@ -6,17 +6,17 @@ Artefact: the WebUI's embedding formats (.pt dict, .safetensors, SDXL clip_l/cli
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ContextManager, Mapping
+from typing import Any
 
 import torch
 
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
 from finetune_core.formats.image_embedding import write_embedding_png
-from finetune_core.methods.base import ArtifactMeta, InferenceExtras, ParamGroup
+from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
 from finetune_core.model.interface import DiffusionModel, TrainableEmbedding
 from finetune_core.train.batch import TrainBatch
 from finetune_core.train.objective import weighted_mse
@@ -113,7 +113,7 @@ def _widths(widths: Mapping[str, int]) -> str:
     return " + ".join(f"{k} {w}" for k, w in widths.items())
 
 
-class TextualInversion:
+class TextualInversion(MethodDefaults):
     """The Method for Textual Inversion: one embedding's vectors are the only trainable parameters."""
 
     name = "textual-inversion"
@@ -140,12 +140,6 @@ class TextualInversion:
         cond = model.encode_prompts(batch.prompts, {self.embedding.name: self.embedding})
         pred = model.predict(batch.noisy_latents, batch.timesteps, cond, batch.size_cond)
         return weighted_mse(pred, batch.target, batch.loss_weight, batch.snr_weight)
-
-    def after_step(self, model: DiffusionModel) -> None:
-        """Nothing: the WebUI puts no constraint on embedding norms."""
-
-    def training_context(self, model: DiffusionModel) -> ContextManager[None]:
-        return nullcontext()
 
     def inference_extras(self) -> InferenceExtras:
         return InferenceExtras(embeddings={self.embedding.name: self.embedding})

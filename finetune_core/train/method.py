@@ -3,10 +3,11 @@ no UI). It lives in train/ because the loop defines what it needs; methods/ impl
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -92,3 +93,13 @@ class Method(Protocol):
     #     PNG that carries the embedding).
     #   check(model) -> list[str]: warnings about the method's fit to the loaded model, raised as ModelMismatchError
     #     when it cannot work at all.
+
+
+class MethodDefaults:
+    """The hooks most methods leave empty: inherit this and define only what the method really does."""
+
+    def after_step(self, model: DiffusionModel) -> None:
+        """No constraint after a step."""
+
+    def training_context(self, model: DiffusionModel) -> AbstractContextManager[None]:
+        return nullcontext()

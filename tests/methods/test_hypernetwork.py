@@ -12,8 +12,7 @@ from finetune_core import service
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
 from finetune_core.formats.embedding import EmbeddingFile, write_embedding
 from finetune_core.formats.hypernetwork import HypernetworkFile, read_hypernetwork, write_hypernetwork
-from finetune_core.methods.hypernetwork import (Hypernetwork, HypernetworkConfig, HypernetworkCreate,
-                                                create_hypernetwork)
+from finetune_core.methods.hypernetwork import Hypernetwork, HypernetworkConfig, HypernetworkCreate, create_hypernetwork
 from finetune_core.methods.hypernetwork_net import HypernetworkModule, activation_classes
 from finetune_core.model.interface import TextConditioning
 from finetune_core.train.control import Control
@@ -67,7 +66,7 @@ def test_file_reloads_tensor_equal_with_the_webui_layout(tmp_path):
     file = create_hypernetwork("hn", HypernetworkCreate(sizes="768, 320", activation_func="relu"), seed=1)
     path = write_hypernetwork(file, tmp_path / "hn.pt")
     raw = torch.load(path, weights_only=True)
-    assert set(k for k in raw if isinstance(k, int)) == {768, 320}
+    assert {k for k in raw if isinstance(k, int)} == {768, 320}
     assert isinstance(raw[768], tuple) and len(raw[768]) == 2
     assert list(raw[768][0]) == ["linear.0.weight", "linear.0.bias", "linear.2.weight", "linear.2.bias"]
     assert raw[768][0]["linear.0.weight"].shape == (1536, 768) and raw[768][0]["linear.0.weight"].dtype == torch.float32

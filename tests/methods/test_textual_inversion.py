@@ -3,7 +3,6 @@ reads them back, and resumes exactly."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from finetune_core import service
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, FinetuneError, ModelMismatchError
 from finetune_core.formats.embedding import read_embedding
-from finetune_core.methods.textual_inversion import (TextualInversionConfig, create_embedding, initial_vectors)
+from finetune_core.methods.textual_inversion import TextualInversionConfig, create_embedding, initial_vectors
 from finetune_core.model.interface import TrainableEmbedding
 from finetune_core.train import objective
 from finetune_core.train.control import Control
