@@ -10,9 +10,9 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import MISSING, fields
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from finetune_core.errors import FinetuneError
 

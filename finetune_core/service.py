@@ -7,9 +7,10 @@ settings dicts (what a form, a JSON body or argparse produces), so every host va
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from finetune_core.errors import ConfigError
 
@@ -33,7 +34,7 @@ class OutputFolders:
     logs: Path  # run folders: <logs>/<method>/<YYYY-MM-DD>/<name>-<HHMMSS>/
 
     @classmethod
-    def standalone(cls, root: str | Path) -> "OutputFolders":
+    def standalone(cls, root: str | Path) -> OutputFolders:
         """The standalone layout under one output folder (default `./outputs`)."""
         base = Path(root)
         return cls(embeddings=base / "embeddings", hypernetworks=base / "models" / "hypernetworks",
@@ -76,7 +77,7 @@ class JobResult:
     message: str
 
 
-def load(spec: str, device: str | None = None) -> "DiffusionModel":
+def load(spec: str, device: str | None = None) -> DiffusionModel:
     """Load a model for standalone use: a built-in tiny name, a single-file checkpoint or a diffusers folder."""
     import torch
 
@@ -85,7 +86,7 @@ def load(spec: str, device: str | None = None) -> "DiffusionModel":
     return load_model(spec, device=chosen)
 
 
-def method_spec(method: str) -> "MethodSpec":
+def method_spec(method: str) -> MethodSpec:
     """The registry entry for `method`, or a ConfigError listing the known methods."""
     from finetune_core.methods import METHODS
     if method not in METHODS:
@@ -149,7 +150,7 @@ def _coerce(value: Any, type_name: str) -> Any:
     return value
 
 
-def create(method: str, name: str, settings: Mapping[str, Any], model: "DiffusionModel", folders: OutputFolders,
+def create(method: str, name: str, settings: Mapping[str, Any], model: DiffusionModel, folders: OutputFolders,
            overwrite: bool = False) -> list[Path]:
     """Create a new, untrained artefact file (the WebUI's Create embedding / Create hypernetwork)."""
     from finetune_core.formats.names import sanitize_name
@@ -162,7 +163,7 @@ def create(method: str, name: str, settings: Mapping[str, Any], model: "Diffusio
 
 
 def lint(data_settings: Mapping[str, Any], method: str = "textual-inversion",
-         model: "DiffusionModel | None" = None) -> "LintReport":
+         model: DiffusionModel | None = None) -> LintReport:
     """Check a dataset before training: images, unreadable files, captions, sizes, token lengths, buckets."""
     from finetune_core.data.config import DatasetConfig
     from finetune_core.data.lint import lint_dataset
@@ -170,14 +171,14 @@ def lint(data_settings: Mapping[str, Any], method: str = "textual-inversion",
     return lint_dataset(config, token_counter=model.count_tokens if model is not None else None)
 
 
-def inspect(path: str | Path) -> "ArtifactInfo":
+def inspect(path: str | Path) -> ArtifactInfo:
     """Say what an artefact file is (embedding, hypernetwork, checkpoint, aesthetic embedding, LoRA)."""
     from finetune_core.formats.inspect import inspect_file
     return inspect_file(path)
 
 
-def train(request: TrainRequest, model: "DiffusionModel", folders: OutputFolders, on_event: "EventSink | None" = None,
-          control: "Control | None" = None, template_dirs: Sequence[Path] = ()) -> JobResult:
+def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, on_event: EventSink | None = None,
+          control: Control | None = None, template_dirs: Sequence[Path] = ()) -> JobResult:
     """Run one training job to the end (or to an interrupt) and say what it wrote.
 
     Settings are validated before any work; an existing artefact is never replaced unless `overwrite` is set
@@ -212,7 +213,7 @@ def train(request: TrainRequest, model: "DiffusionModel", folders: OutputFolders
 
 @dataclass
 class _Job:
-    spec: "MethodSpec"
+    spec: MethodSpec
     name: str
     method: Any
     method_settings: dict[str, Any]
@@ -223,7 +224,7 @@ class _Job:
     warnings: list[str]
 
 
-def _prepare_job(request: TrainRequest, model: "DiffusionModel", folders: OutputFolders,
+def _prepare_job(request: TrainRequest, model: DiffusionModel, folders: OutputFolders,
                  template_dirs: Sequence[Path]) -> _Job:
     """Validate every setting (all problems at once), then build the dataset and the method."""
     from finetune_core.data.config import DatasetConfig

@@ -16,8 +16,8 @@ EXT_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 if EXT_DIR not in sys.path:  # imported some other way than by the WebUI's loader (tests, tools)
     sys.path.insert(0, EXT_DIR)
 
-from finetune_core.ui.job_runner import JobRunner  # noqa: E402
-from finetune_core.ui.webui_host import WebUIHost, api_auth_dependency, settings_options  # noqa: E402
+from finetune_core.ui.job_runner import JobRunner
+from finetune_core.ui.webui_host import WebUIHost, api_auth_dependency, settings_options
 
 log = logging.getLogger("finetune")
 TAB_TITLE, TAB_ID = "Fine-tune", "finetune"

@@ -10,14 +10,26 @@ Only this module (and placement.py's callers) import the WebUI's `modules`, lazi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
-from finetune_core.model.interface import (EPSILON, SD1, SD2, SDXL, V_PREDICTION, ContextTransform, LatentMoments,
-                                           ModelIdentity, TextConditioning, TextEncoderSpec, TrainableEmbedding)
+from finetune_core.model.interface import (
+    EPSILON,
+    SD1,
+    SD2,
+    SDXL,
+    V_PREDICTION,
+    ContextTransform,
+    LatentMoments,
+    ModelIdentity,
+    TextConditioning,
+    TextEncoderSpec,
+    TrainableEmbedding,
+)
 from finetune_core.model.placement import Residency
 
 logger = logging.getLogger(__name__)

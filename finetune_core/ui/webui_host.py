@@ -6,12 +6,21 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from finetune_core.service import OutputFolders
-from finetune_core.train.events import (ArtifactSaved, Event, Failed, Finished, PreviewEvent, Started, StepEvent,
-                                        Warning_)
+from finetune_core.train.events import (
+    ArtifactSaved,
+    Event,
+    Failed,
+    Finished,
+    PreviewEvent,
+    Started,
+    StepEvent,
+    Warning_,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,7 +58,7 @@ def api_auth_dependency(cmd_opts: Any) -> list[Any]:
     basic = HTTPBasic()
 
     # No annotation on `creds`: with postponed annotations FastAPI 0.94 (the WebUI's) cannot resolve a local name.
-    def check(creds=Depends(basic)) -> bool:  # noqa: B008, ANN001 - FastAPI idiom
+    def check(creds=Depends(basic)) -> bool:  # noqa: B008 - FastAPI idiom
         expected = allowed.get(creds.username)
         if expected is not None and secrets.compare_digest(creds.password, expected):
             return True
