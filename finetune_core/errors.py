@@ -30,3 +30,7 @@ class ArtifactError(FinetuneError):
 
 class TrainingDiverged(FinetuneError):
     """The loss or the gradients stayed non-finite even after rolling back and lowering the learning rate."""
+
+
+class JobBusy(FinetuneError):
+    """A second training job was asked for while one runs."""

@@ -26,6 +26,7 @@ def list_builtin_models() -> list[str]:
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """Load the model `spec` names, with every weight frozen, on `device` in `dtype`."""
+    _require_standalone_packages()
     if spec in TINY_MODELS:
         from finetune_core.model.tiny import build_tiny
 
@@ -41,6 +42,17 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if path.exists():
         raise FinetuneError(f"{path} is not a model file this trainer reads; give {_ACCEPTED}.")
     raise FinetuneError(f"There is no model {spec!r}: give {_ACCEPTED}.")
+
+
+def _require_standalone_packages() -> None:
+    """Standalone models are diffusers models: say how to get it rather than fail on an import deep inside."""
+    import importlib.util
+
+    missing = [name for name in ("diffusers", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FinetuneError(f"Loading a model outside the WebUI needs {' and '.join(missing)}; install the "
+                            f"standalone extra: pip install 'finetune-core[standalone]' (inside the WebUI the "
+                            f"loaded checkpoint is used instead).")
 
 
 def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:

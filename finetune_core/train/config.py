@@ -60,7 +60,8 @@ class TrainConfig:
     preview_negative_prompt: str = _f("", "Preview negative prompt", "")
     preview_steps: int = _f(20, "Preview sampling steps", "")
     preview_cfg_scale: float = _f(7.0, "Preview CFG scale", "")
-    preview_seed: int = _f(-1, "Preview seed", "-1: a seed drawn from the run seed and the step.")
+    preview_seed: int = _f(-1, "Preview seed", "The same for every preview of a run so steps compare side by side; "
+                           "-1: derived from the run seed.")
     preview_width: int = _f(0, "Preview width", "0: the training width.")
     preview_height: int = _f(0, "Preview height", "0: the training height.")
     nan_guard_bad_steps: int = _f(3, "Bad steps before rollback",

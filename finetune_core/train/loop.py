@@ -264,8 +264,9 @@ class Trainer:
         extras = self.job.method.inference_extras()
         prompt = config.preview_prompt or outcome.prompt
         negative = ", ".join(p for p in (config.preview_negative_prompt, extras.negative_prompt_suffix.strip()) if p)
+        # One seed for every preview of a run, so saved steps compare side by side.
         seed = config.preview_seed if config.preview_seed >= 0 else \
-            randomness.stream_seed(c.seed, randomness.PREVIEW, c.step) & 0x7FFFFFFF
+            randomness.stream_seed(c.seed, randomness.PREVIEW, 0) & 0x7FFFFFFF
         with torch.no_grad(), randomness.seeded_global_rng(seed, model.device), model.placement():
             images = self.sampler(model, [prompt], [negative], steps=config.preview_steps,
                                   cfg_scale=config.preview_cfg_scale, width=config.preview_width or outcome.pixel_size[1],

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_core.errors import FinetuneError
+from finetune_core.errors import FinetuneError, JobBusy
 from finetune_core.service import JobResult, TrainRequest
 from finetune_core.train.control import Control
 from finetune_core.train.events import (
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 
 TrainFn = Callable[..., JobResult]
 ACTIVE = ("waiting", "running", "paused")
-
-
-class JobBusy(FinetuneError):
-    """A second job was asked for while one runs."""
 
 
 @dataclass
