@@ -30,7 +30,7 @@ def _setting_types() -> dict[str, type]:
 def _add_settings(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
     group = parser.add_argument_group(f"{section} settings")
     for f in fields(config_type):
-        if f.name in taken or f.name in {"version", "placeholder"}:
+        if f.name in taken or f.name == "version" or (f.metadata or {}).get("hidden"):
             continue
         taken.add(f.name)
         meta = f.metadata or {}

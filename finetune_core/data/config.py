@@ -27,8 +27,10 @@ class DatasetConfig:
 
     data_dir: str = _setting("", "Dataset directory", "Folder of training images (png, jpg, jpeg, webp, bmp), "
                              "each optionally with a .txt caption of the same name.")
-    placeholder: str = _setting("", "Name ([name])", "What [name] in the prompt template becomes: the embedding "
-                                "or hypernetwork name. Left empty, the method's own name is used.")
+    # Not a form field: hosts set it to the artefact name ("hidden" keeps it out of forms and flags).
+    placeholder: str = field(default="", metadata={
+        "label": "Name ([name])", "hidden": True,
+        "help": "What [name] in the prompt template becomes: the embedding or hypernetwork name."})
     template: str = _setting(DEFAULT_TEMPLATE, "Prompt template", "A shipped template (hypernetwork.txt, none.txt, "
                              "style.txt, style_filewords.txt, subject.txt, subject_filewords.txt) or the path of a "
                              ".txt file with one prompt per line using [name] and [filewords].")

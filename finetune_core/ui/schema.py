@@ -34,13 +34,13 @@ class FieldSpec:
 
 
 def field_specs(config_type: type) -> list[FieldSpec]:
-    """The FieldSpecs of a settings dataclass, in declaration order; private (`_x`) and `version` fields skipped."""
+    """The FieldSpecs of a settings dataclass, in declaration order; private (`_x`), `version` and hidden fields skipped."""
     if not dataclasses.is_dataclass(config_type):
         raise TypeError(f"{config_type!r} is not a dataclass")
     hints = typing.get_type_hints(config_type)
     specs = []
     for f in dataclasses.fields(config_type):
-        if f.name.startswith("_") or f.name == "version" or not f.init:
+        if f.name.startswith("_") or f.name == "version" or not f.init or (f.metadata or {}).get("hidden"):
             continue
         kind, optional = _kind_of(hints.get(f.name, f.type))
         meta = f.metadata or {}
