@@ -63,3 +63,11 @@ def read_optimizer_sidecar(artifact_path: str | os.PathLike[str], expected_hash:
     name = obj.get("optimizer_name")
     return OptimizerSidecar(hash=str(obj["hash"]), optimizer_state_dict=dict(obj["optimizer_state_dict"]),
                             optimizer_name=None if name is None else str(name))
+
+
+TORCH_OPTIMIZER_NAMES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}  # the WebUI's optimizer_dict keys
+
+
+def webui_optimizer_name(name: str) -> str | None:
+    """Our optimizer setting as the torch class name the WebUI looks up, or None for non-torch optimizers."""
+    return TORCH_OPTIMIZER_NAMES.get(name)

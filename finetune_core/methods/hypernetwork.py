@@ -16,6 +16,8 @@ from torch import nn
 
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
 from finetune_core.formats.hypernetwork import HypernetworkFile, read_hypernetwork, write_hypernetwork
+from finetune_core.formats.optim import (OptimizerSidecar, file_shorthash, webui_optimizer_name,
+                                         write_optimizer_sidecar)
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
 from finetune_core.methods.hypernetwork_net import (
     WEIGHT_INITS,
@@ -180,6 +182,12 @@ class Hypernetwork(MethodDefaults):
         layers = {int(size): tuple(_cpu_state(m) for m in pair) for size, pair in self.pairs.items()}
         return _replace_file(self.file, layers=layers, step=meta.step, sd_checkpoint=meta.model.shorthash,
                              sd_checkpoint_name=meta.model.name)
+
+    def optimizer_sidecar(self, artifact: Path, optimizer: torch.optim.Optimizer, optimizer_name: str) -> Path:
+        """The WebUI's `<file>.pt.optim`: it resumes the optimizer when the hash matches the file."""
+        sidecar = OptimizerSidecar(hash=file_shorthash(artifact), optimizer_state_dict=optimizer.state_dict(),
+                                   optimizer_name=webui_optimizer_name(optimizer_name))
+        return write_optimizer_sidecar(artifact, sidecar)
 
     def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
         path = Path(directory) / f"{stem}.pt"

@@ -253,6 +253,9 @@ class Trainer:
                                                out.overwrite or c.final_written)
         c.final_written = True
         self._save_state(ctx)
+        sidecar = getattr(self.job.method, "optimizer_sidecar", None)  # optional Method hook
+        if self.job.config.save_optimizer_state and sidecar is not None:
+            paths = [*paths, *(sidecar(p, ctx.optimizer, self.job.config.optimizer) for p in paths if p.suffix == ".pt")]
         self.emit(ArtifactSaved(c.step, tuple(paths), final=True))
         return tuple(paths)
 

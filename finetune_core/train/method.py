@@ -91,6 +91,8 @@ class Method(Protocol):
     #   artifact_paths(directory, stem) -> list[Path]: the files write_artifact would produce (overwrite check).
     #   preview_artifact(image, directory, stem, meta) -> list[Path]: files made from a preview image (the WebUI's
     #     PNG that carries the embedding).
+    #   optimizer_sidecar(artifact_path, optimizer, optimizer_name) -> Path: the WebUI's `<file>.pt.optim` (written
+    #     when TrainConfig.save_optimizer_state is on).
     #   check(model) -> list[str]: warnings about the method's fit to the loaded model, raised as ModelMismatchError
     #     when it cannot work at all.
 

@@ -191,3 +191,17 @@ def test_cached_text_conditioning_is_used(tiny_model):
     method = Hypernetwork(HypernetworkConfig(), create_hypernetwork("hn", HypernetworkCreate(sizes="768")))
     assert method.caches_text
     assert isinstance(model.encode_prompts(["x"]), TextConditioning)
+
+
+def test_optimizer_sidecar_matches_the_file_when_asked(tiny_model, one_image_dataset, tmp_path):
+    from finetune_core.formats.optim import file_shorthash, read_optimizer_sidecar
+    request = _request(one_image_dataset, 2)
+    request.train_settings["save_optimizer_state"] = True
+    result = service.train(request, tiny_model("tiny-sd1"), service.OutputFolders.standalone(tmp_path))
+    pt = next(p for p in result.artifacts if p.suffix == ".pt")
+    assert pt.with_name(pt.name + ".optim") in result.artifacts
+    sidecar = read_optimizer_sidecar(pt, expected_hash=file_shorthash(pt))
+    assert sidecar is not None and sidecar.optimizer_name == "AdamW"
+    assert len(sidecar.optimizer_state_dict["state"]) == 3 * 2 * 2 * 2  # sizes x (k, v) x linears x (weight, bias)
+    raw = torch.load(pt.with_name(pt.name + ".optim"), weights_only=True)
+    assert set(raw) == {"optimizer_name", "hash", "optimizer_state_dict"}
