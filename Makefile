@@ -47,8 +47,7 @@ $(WEBUI_VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: setup
-	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check finetune_core scripts tests install.py
+	$(VENV)/bin/ruff check finetune_core scripts tests install.py examples
 
 bench: setup
 	$(PY) -m finetune_core bench

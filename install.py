@@ -15,7 +15,8 @@ EXTRA = {}
 def main():
     for dist, module in WEBUI_PROVIDES:
         found = launch.is_installed(dist) or launch.is_installed(module)
-        print(f"[Fine-tune] {dist}: {'present' if found else 'MISSING (the WebUI should provide it; not installed by this extension)'}")
+        status = "present" if found else "MISSING (the WebUI should provide it; not installed by this extension)"
+        print(f"[Fine-tune] {dist}: {status}")
     for dist, spec in EXTRA.items():
         if launch.is_installed(dist):
             print(f"[Fine-tune] {dist}: present")

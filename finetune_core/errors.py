@@ -1,4 +1,7 @@
-"""Every exception the core raises on purpose. Hosts show `FinetuneError` messages as they are; anything else is a bug."""
+"""Every exception the core raises on purpose.
+
+Hosts show `FinetuneError` messages as they are; anything else is a bug.
+"""
 
 from __future__ import annotations
 

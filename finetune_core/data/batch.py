@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -45,7 +46,7 @@ class TrainingData(Protocol):
 
     batch_size: int
 
-    def prepare(self, model: "DiffusionModel", on_progress: Callable[[int, int], None] | None = None) -> None: ...
+    def prepare(self, model: DiffusionModel, on_progress: Callable[[int, int], None] | None = None) -> None: ...
 
     def batches_per_epoch(self) -> int: ...
 

@@ -112,7 +112,7 @@ class ImageDataset:
         vae_id = vae_identity(model)
         total, done = len(self.records) * len(self.flips()), 0
         samples: list[dict[bool, PreparedSample]] = []
-        for index, record in enumerate(self.records):
+        for index in range(len(self.records)):
             variants: dict[bool, PreparedSample] = {}
             for flip in self.flips():
                 variants[flip] = self._prepare_one(model, vae_id, index, flip)

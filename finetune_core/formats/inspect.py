@@ -30,7 +30,10 @@ Shapes = dict[str, tuple[int, ...]]
 
 @dataclass
 class ArtifactInfo:
-    """What `inspect_file` found; `kind` is embedding, hypernetwork, checkpoint, aesthetic embedding, lora or unknown."""
+    """What `inspect_file` found.
+
+    `kind` is embedding, hypernetwork, checkpoint, aesthetic embedding, lora or unknown.
+    """
 
     path: Path
     kind: str

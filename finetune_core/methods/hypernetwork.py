@@ -16,8 +16,7 @@ from torch import nn
 
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
 from finetune_core.formats.hypernetwork import HypernetworkFile, read_hypernetwork, write_hypernetwork
-from finetune_core.formats.optim import (OptimizerSidecar, file_shorthash, webui_optimizer_name,
-                                         write_optimizer_sidecar)
+from finetune_core.formats.optim import OptimizerSidecar, file_shorthash, webui_optimizer_name, write_optimizer_sidecar
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
 from finetune_core.methods.hypernetwork_net import (
     WEIGHT_INITS,

@@ -19,7 +19,7 @@ _HIDDEN_ACTIVATIONS = {"hardswish", "multiheadattention"}  # the WebUI hides the
 
 
 def activation_classes() -> dict[str, type[nn.Module] | None]:
-    """The WebUI's activation names: its fixed ones (note `swish` = Hardswish) plus every torch activation, lowercased."""
+    """The WebUI's activation names: its own (`swish` = Hardswish) plus every torch activation, lowercased."""
     named: dict[str, type[nn.Module] | None] = {
         "linear": None, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU,
         "swish": nn.Hardswish, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,

@@ -105,7 +105,8 @@ def check_fits(model: DiffusionModel, embedding: EmbeddingFile, source: str) -> 
     got = {key: int(vec.shape[-1]) for key, vec in embedding.vectors.items()}
     if set(got) != set(expected) or any(got[k] != expected[k] for k in expected):
         raise ModelMismatchError(
-            f"{source} has vectors {_widths(got)} but the loaded {model.family.upper()} model needs {_widths(expected)}; "
+            f"{source} has vectors {_widths(got)} but the loaded {model.family.upper()} model needs "
+            f"{_widths(expected)}; "
             f"an embedding only works on the model family it was trained for")
 
 

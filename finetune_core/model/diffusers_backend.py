@@ -102,7 +102,7 @@ class DiffusersModel:
         rows = [c[i] if i < len(c) else chunking.Chunk() for c in per_prompt for i in range(k)]
         fixes = [[(offset + 1, name) for offset, name in row.fixes] for row in rows]  # +1: after BOS
         contexts, pooled = [], None
-        for index, (encoder, pad) in enumerate(zip(self._encoders, self._pad_ids())):
+        for index, pad in enumerate(self._pad_ids()):
             ids = torch.tensor([chunking.chunk_ids(r, self.tokenizer.bos_id, self.tokenizer.eos_id, pad)
                                 for r in rows], device=self._device)
             hidden, text_embeds = self._run_encoder(index, ids, fixes, known)

@@ -6,9 +6,10 @@ Model-family differences (SD1/SD2/SDXL, eps/v) live behind this interface and no
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -64,15 +65,15 @@ class TextConditioning:
     context: torch.Tensor
     pooled: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextConditioning":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextConditioning:
         pooled = None if self.pooled is None else self.pooled.to(device, dtype)
         return TextConditioning(self.context.to(device, dtype), pooled)
 
-    def index(self, rows: list[int] | slice) -> "TextConditioning":
+    def index(self, rows: list[int] | slice) -> TextConditioning:
         return TextConditioning(self.context[rows], None if self.pooled is None else self.pooled[rows])
 
     @staticmethod
-    def cat(parts: list["TextConditioning"]) -> "TextConditioning":
+    def cat(parts: list[TextConditioning]) -> TextConditioning:
         # Prompts of different chunk counts are padded by repeating the last chunk's width is not needed here:
         # the backends always return whole 77-token chunks; callers concatenate only equal lengths.
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])  # type: ignore[misc]
@@ -102,7 +103,8 @@ class DiffusionModel(Protocol):
     family: str  # SD1 / SD2 / SDXL
     prediction_type: str  # EPSILON / V_PREDICTION
     identity: ModelIdentity
-    text_encoders: tuple[TextEncoderSpec, ...]  # SD1: (clip_l 768,), SD2: (clip_l 1024,), SDXL: (clip_l 768, clip_g 1280)
+    # SD1: (clip_l 768,), SD2: (clip_l 1024,), SDXL: (clip_l 768, clip_g 1280)
+    text_encoders: tuple[TextEncoderSpec, ...]
     latent_channels: int  # 4
     vae_scale: int  # pixels per latent cell: 8
 

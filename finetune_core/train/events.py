@@ -5,9 +5,10 @@ Hosts turn them into `shared.state` updates (WebUI), a Gradio display (standalon
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Failed:
     error: BaseException | None = field(default=None, compare=False)
 
 
-Event = Union[Started, StepEvent, PreviewEvent, ArtifactSaved, Warning_, Finished, Failed]
+Event = Started | StepEvent | PreviewEvent | ArtifactSaved | Warning_ | Finished | Failed
 EventSink = Callable[[Event], None]
 
 

@@ -1,4 +1,4 @@
-"""The NaN guard: skip non-finite steps, roll back to the last good state, lower the learning rate, give up with advice."""
+"""The NaN guard: skip non-finite steps, roll back to the last good state, lower the rate, give up with advice."""
 
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ import torch
 
 from finetune_core.data.batch import TrainingData
 from finetune_core.errors import ArtifactError
-from finetune_core.train.method import ArtifactMeta
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train import randomness
 from finetune_core.train.config import TrainConfig, config_from_dict
@@ -34,6 +33,7 @@ from finetune_core.train.events import (
 )
 from finetune_core.train.guard import NanGuard
 from finetune_core.train.job import Counters, OutputSpec, TrainJob, TrainResult
+from finetune_core.train.method import ArtifactMeta
 from finetune_core.train.optim import build_optimizer, set_learning_rate
 from finetune_core.train.run_folder import LossRow, RunFolder
 from finetune_core.train.schedule import end_step, parse_schedule, rate_at
@@ -255,7 +255,8 @@ class Trainer:
         self._save_state(ctx)
         sidecar = getattr(self.job.method, "optimizer_sidecar", None)  # optional Method hook
         if self.job.config.save_optimizer_state and sidecar is not None:
-            paths = [*paths, *(sidecar(p, ctx.optimizer, self.job.config.optimizer) for p in paths if p.suffix == ".pt")]
+            name = self.job.config.optimizer
+            paths = [*paths, *(sidecar(p, ctx.optimizer, name) for p in paths if p.suffix == ".pt")]
         self.emit(ArtifactSaved(c.step, tuple(paths), final=True))
         return tuple(paths)
 
@@ -272,7 +273,8 @@ class Trainer:
             randomness.stream_seed(c.seed, randomness.PREVIEW, 0) & 0x7FFFFFFF
         with torch.no_grad(), randomness.seeded_global_rng(seed, model.device), model.placement():
             images = self.sampler(model, [prompt], [negative], steps=config.preview_steps,
-                                  cfg_scale=config.preview_cfg_scale, width=config.preview_width or outcome.pixel_size[1],
+                                  cfg_scale=config.preview_cfg_scale,
+                                  width=config.preview_width or outcome.pixel_size[1],
                                   height=config.preview_height or outcome.pixel_size[0], seed=seed,
                                   embeddings=extras.embeddings or None, context_transform=extras.context_transform)
         path = self.job.run.save_image(images[0], f"{self.job.output.name}-{c.step}")

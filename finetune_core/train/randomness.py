@@ -20,7 +20,7 @@ PREVIEW = "preview"
 
 
 def stream_seed(seed: int, stream: str, index: int) -> int:
-    """A 63-bit seed for draw `index` of `stream` in a run seeded with `seed` (a hash, so nearby counters decorrelate)."""
+    """A 63-bit seed for draw `index` of `stream` in a run seeded `seed` (hashed, so nearby counters decorrelate)."""
     digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 

@@ -148,4 +148,5 @@ def _row(row: Any) -> dict[str, Any]:
     get = (lambda k: row.get(k)) if isinstance(row, dict) else (lambda k: getattr(row, k, None))
     size, bucket = get("size"), get("bucket")
     return {"path": str(get("path")), "size": list(size) if size else None, "caption": get("caption"),
-            "bucket": list(bucket) if bucket else None, "tokens": get("tokens"), "problems": list(get("problems") or [])}
+            "bucket": list(bucket) if bucket else None, "tokens": get("tokens"),
+            "problems": list(get("problems") or [])}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.service import OutputFolders
@@ -28,7 +29,7 @@ class Host(Protocol):
         ...
 
     def run_exclusive(self, job: Callable[[], T]) -> T:
-        """Run `job` holding the host's GPU lock (WebUI: `call_queue.queue_lock`), so training never overlaps generation.
+        """Run `job` holding the host's GPU lock (WebUI: `call_queue.queue_lock`): never overlaps generation.
 
         A host may also accept a keyword `task_id: str | None` (the WebUI progress id from the Train button's JS);
         the JobRunner passes it only to a `run_exclusive` whose signature has that parameter.

@@ -42,7 +42,8 @@ def progress_html(state: JobState, method: str) -> str:
     bar = (f"<div class='finetune-bar'><div class='finetune-bar-fill' style='width:{fraction * 100:.1f}%'></div>"
            f"</div>")
     loss = f"{state.losses[-1][1]:.4f}" if state.losses else "-"
-    text = (f"<span class='finetune-state finetune-state-{state.status}'>{_STATUS_WORDS.get(state.status, state.status)}"
+    word = _STATUS_WORDS.get(state.status, state.status)
+    text = (f"<span class='finetune-state finetune-state-{state.status}'>{word}"
             f"</span> <b class='finetune-steps-done'>{state.step}/{state.total or '?'}</b> · epoch {state.epoch}"
             f" · loss {loss} · {format_speed(state.seconds_per_step)} · ETA {format_seconds(state.eta_seconds)}")
     parts = [bar, f"<div class='finetune-progress-text'>{text}</div>"]

@@ -52,6 +52,7 @@ def load_preset(folder: Path, method: str, name: str) -> dict[str, Any]:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"preset file {path} is not readable JSON ({exc}); delete or fix it") from exc
-    if not isinstance(payload, dict) or payload.get("method") != method or not isinstance(payload.get("settings"), dict):
+    settings = payload.get("settings") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or payload.get("method") != method or not isinstance(settings, dict):
         raise ConfigError(f"preset file {path} is not a {method} preset saved by this tab")
     return payload["settings"]

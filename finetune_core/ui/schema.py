@@ -34,7 +34,7 @@ class FieldSpec:
 
 
 def field_specs(config_type: type) -> list[FieldSpec]:
-    """The FieldSpecs of a settings dataclass, in declaration order; private (`_x`), `version` and hidden fields skipped."""
+    """The FieldSpecs of a settings dataclass in declaration order; private, `version` and hidden fields skipped."""
     if not dataclasses.is_dataclass(config_type):
         raise TypeError(f"{config_type!r} is not a dataclass")
     hints = typing.get_type_hints(config_type)

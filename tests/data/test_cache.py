@@ -12,7 +12,8 @@ PLAN = CropPlan(64, 64, 0, 0, 64, 64)
 def test_key_changes_with_every_part():
     base = latent_key("abc", PLAN, False, "vae1")
     assert base == latent_key("abc", PLAN, False, "vae1")
-    variants = [latent_key("abd", PLAN, False, "vae1"), latent_key("abc", CropPlan(128, 64, 0, 0, 64, 64), False, "vae1"),
+    variants = [latent_key("abd", PLAN, False, "vae1"),
+                latent_key("abc", CropPlan(128, 64, 0, 0, 64, 64), False, "vae1"),
                 latent_key("abc", CropPlan(128, 64, 32, 0, 64, 64), False, "vae1"),
                 latent_key("abc", PLAN, True, "vae1"), latent_key("abc", PLAN, False, "vae2")]
     assert len({base, *variants}) == 6

@@ -122,7 +122,8 @@ def _eval_loss(model, file: HypernetworkFile, data_dir: Path) -> float:
     alphas = model.alphas_cumprod()
     method = Hypernetwork(HypernetworkConfig(), file)
     with torch.no_grad(), model.context_transform(method.inference_extras().context_transform):
-        pred = model.predict(objective.add_noise(x0, noise, t, alphas), t, model.encode_prompts(["a picture of hn"] * 16))
+        cond = model.encode_prompts(["a picture of hn"] * 16)
+        pred = model.predict(objective.add_noise(x0, noise, t, alphas), t, cond)
     return float(objective.weighted_mse(pred, objective.training_target(model.prediction_type, x0, noise, t, alphas)))
 
 

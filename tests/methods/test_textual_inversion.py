@@ -24,7 +24,8 @@ WIDTHS = {"tiny-sd1": {"clip_l": 768}, "tiny-sd2": {"clip_l": 1024}, "tiny-sdxl"
 def _request(data: Path, template: Path, steps: int, **method: object) -> service.TrainRequest:
     return service.TrainRequest(
         "textual-inversion", "ballword", {"init_text": "thing", "num_vectors": 2, **method},
-        {"data_dir": str(data), "width": 64, "height": 64, "template": str(template), "latent_sampling": "deterministic"},
+        {"data_dir": str(data), "width": 64, "height": 64, "template": str(template),
+         "latent_sampling": "deterministic"},
         {"steps": steps, "learning_rate": "0.05", "preview_every": 0, "save_every": 0, "seed": 7})
 
 

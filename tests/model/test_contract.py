@@ -86,7 +86,8 @@ def test_token_vectors(model: DiffusionModel) -> None:
     assert set(vectors) == {t.key for t in model.text_encoders}
     for spec in model.text_encoders:
         assert vectors[spec.key].shape == (5, spec.width) and vectors[spec.key].dtype == torch.float32
-    assert torch.equal(vectors[model.text_encoders[0].key][1], model.token_vectors("photo")[model.text_encoders[0].key][0])
+    key = model.text_encoders[0].key
+    assert torch.equal(vectors[key][1], model.token_vectors("photo")[key][0])
 
 
 def test_embedding_changes_output_only_where_named(model: DiffusionModel) -> None:

@@ -174,7 +174,8 @@ class FakeData:
 
     def get_batch(self, index: int, seed: int) -> DataBatch:
         per_epoch = self.batches_per_epoch()
-        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(seed * 7919 + index // per_epoch))
+        generator = torch.Generator().manual_seed(seed * 7919 + index // per_epoch)
+        order = torch.randperm(len(self.prompts), generator=generator)
         start = (index % per_epoch) * self.batch_size
         ids = order[start:start + self.batch_size].tolist()
         weight = None if self.weights is None else self.weights[ids].clone()
