@@ -17,6 +17,7 @@ from finetune_core.ui.schema import field_specs
 log = logging.getLogger(__name__)
 PREFIX = "/finetune/v1"
 _REQUEST_KEYS = {f.name for f in dataclasses.fields(TrainRequest)}
+_CREATE_KEYS = {"method", "name", "method_settings", "settings", "overwrite"}
 
 
 def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[Any] | None = None,
@@ -107,9 +108,15 @@ class _Routes:
         return {"job_id": job_id, "status": self.runner.state().as_dict()}
 
     def create(self, body: dict) -> dict[str, Any]:
+        unknown = sorted(set(body) - _CREATE_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown field(s) in the create request: {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(_CREATE_KEYS))}")
         method, name = _required(body, "method"), _required(body, "name")
         spec = self._registry().get(method)
-        paths = self.service.create(method, name, dict(body.get("settings") or {}), self.host.get_model(),
+        # `method_settings` is the name train uses (and the README shows); `settings` is kept for old callers.
+        settings = dict(body.get("method_settings") or body.get("settings") or {})
+        paths = self.service.create(method, name, settings, self.host.get_model(),
                                     self.host.folders(), overwrite=bool(body.get("overwrite", False)))
         if spec is not None:
             self.host.artifacts_written(spec.output_kind, list(paths))

@@ -18,7 +18,7 @@ from finetune_core.ui.job_runner import JobRunner
 def _service(tmp_path: Path) -> Any:
     def create(method, name, settings, model, folders, overwrite=False):
         path = tmp_path / f"{name}.pt"
-        path.write_bytes(b"x")
+        path.write_bytes(repr(sorted(settings.items())).encode())
         return [path]
 
     def inspect(path):
@@ -99,3 +99,14 @@ def test_dependencies_guard_every_route(host: Any, tmp_path: Path, fake_methods:
     assert client.get("/finetune/v1/status").status_code == 401
     assert client.get("/finetune/v1/status", headers={"x-key": "secret"}).status_code == 200
     assert client.post("/finetune/v1/train", json={}).status_code == 401
+
+
+def test_create_takes_method_settings_and_refuses_unknown_fields(host: Any, tmp_path: Path,
+                                                                 fake_methods: dict) -> None:
+    client, _ = _client(host, tmp_path, fake_methods, _gated_train(threading.Event()))
+    created = client.post("/finetune/v1/create", json={"method": "fake-method", "name": "two",
+                                                       "method_settings": {"num_vectors": 2}})
+    assert created.status_code == 200
+    assert Path(created.json()["paths"][0]).read_text() == "[('num_vectors', 2)]"
+    typo = client.post("/finetune/v1/create", json={"method": "fake-method", "name": "x", "vectors": 2})
+    assert typo.status_code == 400 and "vectors" in typo.json()["detail"]
