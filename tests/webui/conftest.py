@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _forget_stub_modules() -> None:
     for name in list(sys.modules):
-        if name == "modules" or name.startswith("modules.") or name in ("tiny_webui_model", "launch"):
+        if name == "modules" or name.startswith(("modules.", "tiny_webui")) or name == "launch":
             del sys.modules[name]
 
 

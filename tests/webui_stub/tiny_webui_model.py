@@ -208,13 +208,13 @@ def linear_alphas_cumprod():
 class LatentDiffusion(nn.Module):
     """ldm.models.diffusion.ddpm.LatentDiffusion as the WebUI holds it (SD1)."""
 
-    def __init__(self):
+    def __init__(self, cond_stage_model=None, context_dim=768, parameterization="eps"):
         super().__init__()
-        self.model = DiffusionWrapper(UNetModel(context_dim=768))
+        self.model = DiffusionWrapper(UNetModel(context_dim=context_dim))
         self.first_stage_model = AutoencoderKL()
-        self.cond_stage_model = FrozenCLIPEmbedder()
+        self.cond_stage_model = cond_stage_model if cond_stage_model is not None else FrozenCLIPEmbedder()
         self.scale_factor = 0.18215
-        self.parameterization = "eps"
+        self.parameterization = parameterization
         self.num_timesteps = 1000
         self.register_buffer("alphas_cumprod", linear_alphas_cumprod())
         self.is_sd1, self.is_sd2, self.is_sdxl, self.is_ssd, self.is_sd3 = True, False, False, False, False
@@ -247,7 +247,12 @@ class LatentDiffusion(nn.Module):
 def build_sd1(seed=0):
     """Build, lowvram-apply (per cmd_opts), hijack and install a tiny SD1 model as `shared.sd_model`."""
     torch.manual_seed(seed)
-    model = LatentDiffusion().eval()
+    return install(LatentDiffusion())
+
+
+def install(model):
+    """Load `model` the way the WebUI does: lowvram.apply (per cmd_opts), hijack, `shared.sd_model`, embeddings."""
+    model = model.eval()
     model.requires_grad_(False)
     lowvram.apply(model)
     if not model.lowvram:

@@ -86,11 +86,16 @@ def setup_for_low_vram(sd_model, use_medvram):
         send_me_to_gpu(vae, None)
         return vae_decode(z)
 
-    if hasattr(sd_model, "conditioner"):
-        text = sd_model.conditioner
-        text_parent = text
+    is_sdxl = hasattr(sd_model, "conditioner")
+    is_sd2 = not is_sdxl and hasattr(sd_model.cond_stage_model, "model")
+    if is_sdxl:
+        text_hooked = [sd_model.conditioner]
+        text_parent = sd_model.conditioner
+    elif is_sd2:  # the CLIP model's forward never runs; the token embedding's does
+        text_hooked = [sd_model.cond_stage_model.model, sd_model.cond_stage_model.model.token_embedding]
+        text_parent = sd_model.cond_stage_model
     else:
-        text = sd_model.cond_stage_model.transformer
+        text_hooked = [sd_model.cond_stage_model.transformer]
         text_parent = sd_model.cond_stage_model
     # As in the WebUI: detach the big modules, send the rest of the model to the device, re-attach them on the CPU.
     big = _detach(sd_model)
@@ -100,8 +105,9 @@ def setup_for_low_vram(sd_model, use_medvram):
         names[module] = name
         _track(module, name)
         module.to(cpu)
-    text.register_forward_pre_hook(send_me_to_gpu)
-    parents[text] = text_parent
+    for text in text_hooked:
+        text.register_forward_pre_hook(send_me_to_gpu)
+        parents[text] = text_parent
     vae.register_forward_pre_hook(send_me_to_gpu)
     vae.encode = first_stage_model_encode_wrap
     vae.decode = first_stage_model_decode_wrap
@@ -119,8 +125,12 @@ def setup_for_low_vram(sd_model, use_medvram):
 
 
 def _detach(sd_model):
-    text_owner, text_attr = (sd_model, "conditioner") if hasattr(sd_model, "conditioner") else \
-        (sd_model.cond_stage_model, "transformer")
+    if hasattr(sd_model, "conditioner"):
+        text_owner, text_attr = sd_model, "conditioner"
+    elif hasattr(sd_model.cond_stage_model, "model"):
+        text_owner, text_attr = sd_model.cond_stage_model, "model"
+    else:
+        text_owner, text_attr = sd_model.cond_stage_model, "transformer"
     stored = (text_owner, text_attr, getattr(text_owner, text_attr), sd_model.first_stage_model, sd_model.model)
     setattr(text_owner, text_attr, None)
     sd_model.first_stage_model, sd_model.model = None, None

@@ -24,19 +24,27 @@ class StableDiffusionModelHijack:
         self.embedding_db.add_embedding_dir(shared.cmd_opts.embeddings_dir)
 
     def hijack(self, m):
-        from modules import sd_hijack_clip
+        from modules import sd_hijack_clip, sd_hijack_open_clip
         if hasattr(m, "conditioner"):
+            text_cond_models = []
             for i, embedder in enumerate(m.conditioner.embedders):
                 kind = type(embedder).__name__
                 if kind == "FrozenCLIPEmbedder":
                     emb = embedder.transformer.text_model.embeddings
-                    emb.token_embedding = EmbeddingsWithFixes(emb.token_embedding, self, "clip_l")
+                    emb.token_embedding = EmbeddingsWithFixes(emb.token_embedding, self)
                     m.conditioner.embedders[i] = sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords(embedder, self)
+                    text_cond_models.append(m.conditioner.embedders[i])
                 elif kind == "FrozenOpenCLIPEmbedder2":
-                    emb = embedder.transformer.text_model.embeddings
-                    emb.token_embedding = EmbeddingsWithFixes(emb.token_embedding, self, "clip_g")
-                    m.conditioner.embedders[i] = sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords(embedder, self)
-            m.cond_stage_model = m.conditioner
+                    embedder.model.token_embedding = EmbeddingsWithFixes(embedder.model.token_embedding, self,
+                                                                         textual_inversion_key="clip_g")
+                    m.conditioner.embedders[i] = sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords(embedder,
+                                                                                                             self)
+                    text_cond_models.append(m.conditioner.embedders[i])
+            m.cond_stage_model = text_cond_models[0] if len(text_cond_models) == 1 else m.conditioner
+        elif type(m.cond_stage_model).__name__ == "FrozenOpenCLIPEmbedder":
+            m.cond_stage_model.model.token_embedding = EmbeddingsWithFixes(m.cond_stage_model.model.token_embedding,
+                                                                           self)
+            m.cond_stage_model = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(m.cond_stage_model, self)
         else:
             emb = m.cond_stage_model.transformer.text_model.embeddings
             emb.token_embedding = EmbeddingsWithFixes(emb.token_embedding, self)
@@ -83,6 +91,7 @@ class EmbeddingsWithFixes(torch.nn.Module):
                 emb = devices.cond_cast_unet(vec)
                 emb_len = min(tensor.shape[0] - offset - 1, emb.shape[0])
                 tensor = torch.cat([tensor[0:offset + 1], emb[0:emb_len], tensor[offset + 1 + emb_len:]])
+                tensor = tensor.to(dtype=inputs_embeds.dtype)
             vecs.append(tensor)
         return torch.stack(vecs)
 

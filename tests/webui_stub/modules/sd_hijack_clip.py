@@ -103,6 +103,11 @@ class FrozenCLIPEmbedderWithCustomWordsBase(torch.nn.Module):
 
     def process_tokens(self, remade_batch_tokens, batch_multipliers):
         tokens = torch.asarray(remade_batch_tokens).to(devices.device)
+        # SD2/SDXL-G pad with 0 after the first end token; SD1 pads with the end token itself.
+        if self.id_end != self.id_pad:
+            for batch_pos in range(len(remade_batch_tokens)):
+                index = remade_batch_tokens[batch_pos].index(self.id_end)
+                tokens[batch_pos, index + 1:tokens.shape[1]] = self.id_pad
         z = self.encode_with_transformers(tokens)
         pooled = getattr(z, "pooled", None)
         if shared.opts.emphasis == "Original":

@@ -1,0 +1,67 @@
+"""The WebUI backend on a tiny SD2-v model shaped like the WebUI's (ldm LatentDiffusion, parameterization "v",
+the hijacked OpenCLIP-H wrapper with pad id 0 and the penultimate layer): the contract suite, TI and HN runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from webui_runs import snapshot, same_weights, train
+
+from finetune_core.formats.embedding import read_embedding
+from finetune_core.model.interface import SD2, V_PREDICTION
+from tests.model.test_contract import (  # noqa: F401
+    test_alphas_cumprod,
+    test_attention_widths,
+    test_context_transform_changes_output,
+    test_count_tokens,
+    test_embedding_changes_output_only_where_named,
+    test_encode_and_decode_images,
+    test_encode_prompts_shapes,
+    test_gradients_reach_only_the_embedding,
+    test_identity_and_widths,
+    test_identity_context_transform_is_exact_and_undone,
+    test_long_prompt_takes_two_chunks_and_batch_is_padded,
+    test_predict_shape_and_finite,
+    test_prediction_type_matches_family,
+    test_sampler_is_deterministic,
+    test_token_vectors,
+    test_trainable_modules,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from modules import devices, sd_hijack, shared
+
+    shared.reset(str(tmp_path_factory.mktemp("webui")))
+    devices.device = torch.device("cpu")
+    sd_hijack.new_model_hijack()
+    import tiny_webui_sdxl
+
+    from finetune_core.model.webui_backend import WebUIModel
+
+    backend = WebUIModel(tiny_webui_sdxl.build_sd2())
+    yield backend
+    backend.restore_weights()
+
+
+def test_sd2_stub_is_shaped_like_the_webui(model):
+    sd = model.sd_model
+    assert type(sd.cond_stage_model).__name__ == "FrozenOpenCLIPEmbedderWithCustomWords"
+    assert sd.cond_stage_model.id_pad == 0 and sd.cond_stage_model.wrapped.layer == "penultimate"
+    assert type(sd.cond_stage_model.wrapped.model.token_embedding).__name__ == "EmbeddingsWithFixes"
+    assert model.family == SD2 and model.prediction_type == V_PREDICTION
+
+
+def test_sd2_ti_and_hn_runs_leave_the_model_unchanged(model, dataset, tmp_path):
+    before = snapshot(model.sd_model)
+    ti = train(model, dataset, tmp_path, "textual-inversion", "sd2emb")
+    assert ti.step == 2 and not ti.interrupted
+    emb = read_embedding(ti.artifacts[0])
+    assert set(emb.vectors) == {"clip_l"} and emb.vectors["clip_l"].shape == (2, 1024)
+    assert bool(torch.isfinite(emb.vectors["clip_l"]).all())
+    hn = train(model, dataset, tmp_path, "hypernetwork", "sd2hn")
+    assert hn.step == 2 and hn.artifacts[0].is_file()
+    state = torch.load(hn.artifacts[0], map_location="cpu", weights_only=False)
+    assert 1024 in state and state[1024][0]
+    assert same_weights(model.sd_model, before)

@@ -1,0 +1,32 @@
+"""Helpers for the SD2 / SDXL WebUI-stub tests: a fast exact weights snapshot and short service.train runs."""
+
+from __future__ import annotations
+
+import torch
+
+from finetune_core import service
+
+
+def snapshot(sd_model) -> dict[str, torch.Tensor]:
+    """An exact copy of every tensor (value and dtype) of the loaded model."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in sd_model.state_dict().items()}
+
+
+def same_weights(sd_model, before: dict[str, torch.Tensor]) -> bool:
+    now = sd_model.state_dict()
+    return set(now) == set(before) and all(
+        now[k].dtype == v.dtype and torch.equal(now[k].detach().to("cpu"), v) for k, v in before.items())
+
+
+def request(dataset, method: str, name: str, steps: int = 2, method_settings=None) -> service.TrainRequest:
+    if method_settings is None:
+        method_settings = {"init_text": "cat", "num_vectors": 2} if method == "textual-inversion" else {}
+    return service.TrainRequest(method=method, name=name, method_settings=method_settings,
+                                data_settings={"data_dir": str(dataset), "width": 64, "height": 64},
+                                train_settings={"steps": steps, "learning_rate": "0.01", "save_every": 0,
+                                                "preview_every": 0, "csv_every": 0})
+
+
+def train(model, dataset, tmp_path, method: str, name: str, steps: int = 2) -> service.JobResult:
+    folders = service.OutputFolders.standalone(tmp_path / "out")
+    return service.train(request(dataset, method, name, steps), model, folders)
