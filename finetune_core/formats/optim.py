@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import load_pt, save_pt
 
@@ -71,3 +73,11 @@ TORCH_OPTIMIZER_NAMES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}  # the 
 def webui_optimizer_name(name: str) -> str | None:
     """Our optimizer setting as the torch class name the WebUI looks up, or None for non-torch optimizers."""
     return TORCH_OPTIMIZER_NAMES.get(name)
+
+
+def embedding_checksum(vectors: torch.Tensor) -> str:
+    """The WebUI's `Embedding.checksum()` (textual_inversion.py): 4 hex digits pairing an embedding with its .optim."""
+    value = 0
+    for number in (vectors.detach().to("cpu", torch.float32).reshape(-1) * 100).tolist():
+        value = (value * 281 ^ int(number) * 997) & 0xFFFFFFFF
+    return f"{value & 0xFFFF:04x}"

@@ -16,6 +16,7 @@ import torch
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
 from finetune_core.formats.image_embedding import write_embedding_png
+from finetune_core.formats.optim import OptimizerSidecar, embedding_checksum, write_optimizer_sidecar
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
 from finetune_core.model.interface import DiffusionModel, TrainableEmbedding
 from finetune_core.train.batch import TrainBatch
@@ -172,6 +173,12 @@ class TextualInversion(MethodDefaults):
         path = Path(directory) / f"{stem}.png"
         write_embedding_png(self.current_file(meta), image, path, overwrite=True)
         return [path]
+
+    def optimizer_sidecar(self, artifact: Path, optimizer: torch.optim.Optimizer, optimizer_name: str) -> Path:
+        """The WebUI's `<file>.pt.optim`, keyed by its 4-digit checksum of the vectors (SD1/SD2 `.pt` only)."""
+        vectors = next(iter(self.embedding.vectors.values()))
+        sidecar = OptimizerSidecar(hash=embedding_checksum(vectors), optimizer_state_dict=optimizer.state_dict())
+        return write_optimizer_sidecar(artifact, sidecar)
 
     def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
         paths = self.artifact_paths(directory, stem)

@@ -225,3 +225,20 @@ def test_bad_checkpoints_are_refused(tmp_path):
     for path in (truncated, text):
         with pytest.raises(FinetuneError):
             service.load(str(path))
+
+
+def test_optimizer_sidecar_pairs_with_the_webui_checksum(tiny_model, one_image_dataset, tmp_path):
+    request = _request(one_image_dataset, tmp_path / "name_only.txt", 2)
+    request.train_settings["save_optimizer_state"] = True
+    result = service.train(request, tiny_model("tiny-sd1"), service.OutputFolders.standalone(tmp_path / "out"))
+    pt = result.artifacts[0]
+    sidecar = torch.load(pt.with_name(pt.name + ".optim"), weights_only=True)
+    assert set(sidecar) == {"hash", "optimizer_state_dict"}
+    vec = torch.load(pt, weights_only=True)["string_to_param"]["*"]
+    webui_hash = 0  # the WebUI's loop, element by element as 0-d tensors
+    for v in vec.reshape(-1) * 100:
+        webui_hash = (webui_hash * 281 ^ int(v) * 997) & 0xFFFFFFFF
+    assert sidecar["hash"] == f"{webui_hash & 0xffff:04x}"
+    fresh = torch.optim.AdamW([vec.clone().requires_grad_(True)], lr=0.005, weight_decay=0.0)
+    fresh.load_state_dict(sidecar["optimizer_state_dict"])  # what the WebUI does when the hash matches
+    assert fresh.state_dict()["state"][0]["exp_avg"].shape == vec.shape
