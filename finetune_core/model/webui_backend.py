@@ -126,7 +126,8 @@ class WebUIModel:
         self._residency.need("text")
         with self._spliced(embeddings or {}), self._devices.autocast():
             if self.family == SDXL:
-                out = self.sd_model.get_learned_conditioning(list(prompts))
+                with _trainable(self._wrappers()):
+                    out = self.sd_model.get_learned_conditioning(list(prompts))
                 return TextConditioning(out["crossattn"].float(), out["vector"][:, :1280].float())
             return TextConditioning(self.sd_model.cond_stage_model(list(prompts)).float())
 
@@ -165,12 +166,30 @@ class WebUIModel:
     def encode_images(self, pixels: torch.Tensor) -> LatentMoments:
         with torch.no_grad(), self._devices.autocast():
             x = pixels.to(self.device, self._vae_dtype())
-            posterior = self._vae_call("encode", x)
+            moments = self._sgm_moments(x) if self.family == SDXL else None
+            posterior = self._vae_call("encode", x) if moments is None else None
+        if moments is not None:
+            mean, logvar = moments.float().chunk(2, dim=1)
+            scale = float(self.sd_model.scale_factor)
+            return LatentMoments(mean * scale, torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * scale)
         if isinstance(posterior, torch.Tensor):  # sgm: already a scaled sample, no distribution to keep
             z = posterior.float() * (self.sd_model.scale_factor if self._residency.active else 1.0)
             return LatentMoments(z, torch.zeros_like(z))
         scale = float(self.sd_model.scale_factor)
         return LatentMoments(posterior.mean.float() * scale, posterior.std.float() * scale)
+
+    def _sgm_moments(self, x: torch.Tensor) -> torch.Tensor | None:
+        """sgm's inference VAE `encode` returns only a sample; its `encoder` and `quant_conv` give the moments
+        (the layers ldm builds its DiagonalGaussianDistribution from). None if this VAE lacks them."""
+        vae = self.sd_model.first_stage_model
+        if not (hasattr(vae, "encoder") and hasattr(vae, "quant_conv")):
+            return None
+        with self._residency:  # under medvram it moves the VAE in and out itself: no hook is involved
+            self._residency.need("vae")
+            try:
+                return vae.quant_conv(vae.encoder(x))
+            finally:
+                self._residency.release("vae")
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self._devices.autocast():
@@ -333,6 +352,20 @@ class _ShimLayers:
 
     def get(self, width: int, default: Any = None) -> Any:
         return self._pair
+
+
+@contextmanager
+def _trainable(embedders: list[Any]) -> Iterator[None]:
+    """sgm's GeneralConditioner runs every embedder that is not `is_trainable` under no_grad, which would cut the
+    gradient to spliced embeddings; marking the text wrappers trainable for one call changes nothing else."""
+    saved = [getattr(e, "is_trainable", False) for e in embedders]
+    for embedder in embedders:
+        embedder.is_trainable = True
+    try:
+        yield
+    finally:
+        for embedder, value in zip(embedders, saved):
+            embedder.is_trainable = value
 
 
 def _identity(sd_model: Any) -> ModelIdentity:

@@ -1,0 +1,137 @@
+"""The WebUI backend on a tiny SDXL model shaped like the WebUI's (sgm DiffusionEngine, GeneralConditioner with the
+hijacked CLIP-L and OpenCLIP-bigG wrappers and the size/crop embedders): the contract suite, TI and HN runs, and
+--medvram placement with the hook on the whole conditioner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_webui_placement import _hook_count
+from webui_runs import same_weights, snapshot, train
+
+from finetune_core.formats.embedding import read_embedding
+from finetune_core.model.interface import EPSILON, SDXL
+from finetune_core.model.placement import Residency
+from finetune_core.model.webui_backend import WebUIModel
+from tests.model.test_contract import (  # noqa: F401
+    test_alphas_cumprod,
+    test_attention_widths,
+    test_context_transform_changes_output,
+    test_count_tokens,
+    test_embedding_changes_output_only_where_named,
+    test_encode_and_decode_images,
+    test_encode_prompts_shapes,
+    test_gradients_reach_only_the_embedding,
+    test_identity_and_widths,
+    test_identity_context_transform_is_exact_and_undone,
+    test_long_prompt_takes_two_chunks_and_batch_is_padded,
+    test_predict_shape_and_finite,
+    test_prediction_type_matches_family,
+    test_sampler_is_deterministic,
+    test_token_vectors,
+    test_trainable_modules,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from modules import devices, sd_hijack, shared
+
+    shared.reset(str(tmp_path_factory.mktemp("webui")))
+    devices.device = torch.device("cpu")
+    sd_hijack.new_model_hijack()
+    import tiny_webui_sdxl
+
+    backend = WebUIModel(tiny_webui_sdxl.build_sdxl())
+    yield backend
+    backend.restore_weights()
+
+
+def test_sdxl_stub_is_shaped_like_the_webui(model):
+    sd = model.sd_model
+    names = [type(e).__name__ for e in sd.conditioner.embedders]
+    assert names == ["FrozenCLIPEmbedderForSDXLWithCustomWords", "FrozenOpenCLIPEmbedder2WithCustomWords"] + \
+        ["ConcatTimestepEmbedderND"] * 3
+    assert sd.cond_stage_model is sd.conditioner and sd.is_sdxl and sd.scale_factor == 0.13025
+    g = sd.conditioner.embedders[1]
+    assert g.wrapped.model.token_embedding.textual_inversion_key == "clip_g" and g.id_pad == 0
+    cond = sd.get_learned_conditioning(["a cat"])
+    assert cond["crossattn"].shape == (1, 77, 2048) and cond["vector"].shape == (1, 2816)
+    assert model.family == SDXL and model.prediction_type == EPSILON
+
+
+def test_sdxl_vector_matches_the_conditioner(model):
+    """predict's `y` (pooled ⧺ size embeddings) is what the WebUI's conditioner builds for the same sizes."""
+    with torch.no_grad():
+        cond = model.encode_prompts(["a cat"])
+        webui = model.sd_model.get_learned_conditioning(["a cat"])
+        x = torch.zeros(1, 4, 128, 128)  # 1024 px: the WebUI's default size
+        ours = model._vector(cond, torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]), x)
+    torch.testing.assert_close(ours, webui["vector"].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_ti_and_hn_runs_leave_the_model_unchanged(model, dataset, tmp_path):
+    before = snapshot(model.sd_model)
+    ti = train(model, dataset, tmp_path, "textual-inversion", "xlemb")
+    assert ti.step == 2 and not ti.interrupted
+    emb = read_embedding(ti.artifacts[0])
+    assert emb.vectors["clip_l"].shape == (2, 768) and emb.vectors["clip_g"].shape == (2, 1280)
+    init = model.token_vectors("cat")
+    for key in ("clip_l", "clip_g"):  # both halves trained away from the init text
+        assert not torch.allclose(emb.vectors[key][0], init[key][0]), key
+    hn = train(model, dataset, tmp_path, "hypernetwork", "xlhn")
+    assert hn.step == 2 and hn.artifacts[0].is_file()
+    state = torch.load(hn.artifacts[0], map_location="cpu", weights_only=False)
+    assert 2048 in state and state[2048][0]
+    assert same_weights(model.sd_model, before)
+
+
+def test_sdxl_medvram_step_fires_no_hook_and_hooks_work_afterwards(webui, dataset, tmp_path, monkeypatch):
+    from modules import lowvram
+
+    webui.cmd_opts.medvram_sdxl = True
+    import tiny_webui_sdxl
+
+    sd = tiny_webui_sdxl.build_sdxl()
+    assert sd.lowvram and _hook_count(sd.conditioner) == 1 and len(sd.conditioner._forward_pre_hooks) == 1
+    hooks_before, before = _hook_count(sd), snapshot(sd)
+    fired_inside, resident = [], []
+    enter, exit_ = Residency.__enter__, Residency.__exit__
+
+    def spy_enter(self):
+        result = enter(self)
+        if self._depth == 1:
+            self._spy_calls = len(lowvram.hook_calls)
+        return result
+
+    def spy_exit(self, *exc):
+        if self._depth == 1:
+            fired_inside.append(lowvram.hook_calls[self._spy_calls:])
+        return exit_(self, *exc)
+
+    predict = WebUIModel.predict
+
+    def spy_predict(self, *args, **kwargs):
+        out = predict(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            resident.append(dict(lowvram.location))
+        return out
+
+    monkeypatch.setattr(Residency, "__enter__", spy_enter)
+    monkeypatch.setattr(Residency, "__exit__", spy_exit)
+    monkeypatch.setattr(WebUIModel, "predict", spy_predict)
+    result = train(WebUIModel(sd), dataset, tmp_path, "textual-inversion", "xlmed")
+    assert result.step == 2
+    assert len(fired_inside) >= 2 and all(calls == [] for calls in fired_inside), fired_inside
+    assert resident and all(r["unet"] == "device" and r["text"] == "device" and r["vae"] == "cpu"
+                            for r in resident), resident
+    assert lowvram.module_in_gpu is None and _hook_count(sd) == hooks_before and same_weights(sd, before)
+    calls = len(lowvram.hook_calls)
+    with torch.no_grad():
+        cond = sd.get_learned_conditioning(["a cat"])
+        assert lowvram.module_in_gpu is sd.conditioner and lowvram.location["text"] == "device"
+        x = torch.randn(1, 4, 8, 8)
+        sd.apply_model(x, torch.tensor([10]), cond)
+        assert lowvram.module_in_gpu is sd.model and lowvram.location["text"] == "cpu"
+        sd.decode_first_stage(x)
+    assert len(lowvram.hook_calls) > calls and lowvram.location["vae"] == "device"
