@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from webui_runs import snapshot, same_weights, train
+from webui_runs import same_weights, snapshot, train
 
 from finetune_core.formats.embedding import read_embedding
 from finetune_core.model.interface import SD2, V_PREDICTION
@@ -65,3 +65,26 @@ def test_sd2_ti_and_hn_runs_leave_the_model_unchanged(model, dataset, tmp_path):
     state = torch.load(hn.artifacts[0], map_location="cpu", weights_only=False)
     assert 1024 in state and state[1024][0]
     assert same_weights(model.sd_model, before)
+
+
+def test_sd2_medvram_ti_step_and_hooks_afterwards(webui, dataset, tmp_path):
+    """SD2's hooks sit on the OpenCLIP model and its token embedding (parent: the raw embedder, `.wrapped`)."""
+    from modules import lowvram
+    from test_webui_placement import _hook_count
+
+    from finetune_core.model.webui_backend import WebUIModel
+
+    webui.cmd_opts.medvram = True
+    import tiny_webui_sdxl
+
+    sd = tiny_webui_sdxl.build_sd2()
+    assert sd.lowvram and _hook_count(sd.cond_stage_model.wrapped) == 2
+    hooks_before, before = _hook_count(sd), snapshot(sd)
+    result = train(WebUIModel(sd), dataset, tmp_path, "textual-inversion", "sd2med")
+    assert result.step == 2 and read_embedding(result.artifacts[0]).vectors["clip_l"].shape == (2, 1024)
+    assert lowvram.module_in_gpu is None and _hook_count(sd) == hooks_before and same_weights(sd, before)
+    calls = len(lowvram.hook_calls)
+    with torch.no_grad():
+        sd.get_learned_conditioning(["a cat"])
+    assert lowvram.module_in_gpu is sd.cond_stage_model.wrapped and lowvram.location["text"] == "device"
+    assert len(lowvram.hook_calls) > calls

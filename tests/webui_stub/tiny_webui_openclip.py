@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from torch import nn
 from tiny_webui_model import FrozenCLIPEmbedder as _LdmFrozenCLIPEmbedder
+from torch import nn
 
 from finetune_core.model.tokenizer import ClipTokenizer
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import torch
 import tiny_webui_model as sd1
+import torch
 from modules import devices, sd_models, shared
 from tiny_webui_openclip import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
 from torch import nn
