@@ -48,8 +48,9 @@ def load_image(path: Path) -> LoadedImage:
     try:
         with Image.open(path) as opened:
             opened.load()
+            # Typed Optional only for in_place=True; without it a (possibly new) image always comes back.
             image = ImageOps.exif_transpose(opened)
-            return _to_tensors(image)
+            return _to_tensors(image if image is not None else opened)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{path} could not be read as an image ({exc}); fix or remove the file") from exc
 

@@ -14,7 +14,7 @@ import torch
 from finetune_core.errors import ArtifactError
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], overwrite: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], overwrite: bool = False) -> Path:
     """Call `write(tmp_path)` then rename the temporary file onto `path`, so a crash never leaves half a file.
 
     Refuses to replace an existing file unless `overwrite` is set.

@@ -168,7 +168,7 @@ def _pattern_values(data: dict[str, Any]) -> np.ndarray:
 
 def _crop_black(pixels: np.ndarray) -> np.ndarray:
     """Drop outer rows and columns where no pixel has all channels non-zero."""
-    lit = (pixels > 0).all(axis=2)
+    lit = np.all(pixels > 0, axis=2)
     rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
     if rows.size == 0 or cols.size == 0:
         return pixels[:0, :0]

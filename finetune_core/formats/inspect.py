@@ -188,6 +188,7 @@ def _from_shapes(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> A
 def _lora_info(source: Path, shapes: Shapes, downs: Shapes) -> ArtifactInfo:
     kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in downs)
     ranks = sorted({s[0] for s in downs.values() if s})
+    family: str | None
     if any(k.startswith(("lora_te1_", "lora_te2_")) for k in downs):
         family = "SDXL"
     else:

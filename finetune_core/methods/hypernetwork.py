@@ -9,13 +9,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
-from finetune_core.formats.hypernetwork import HypernetworkFile, read_hypernetwork, write_hypernetwork
+from finetune_core.formats.hypernetwork import (
+    HypernetworkFile,
+    dropout_structure_for,
+    read_hypernetwork,
+    write_hypernetwork,
+)
 from finetune_core.formats.optim import OptimizerSidecar, file_shorthash, webui_optimizer_name, write_optimizer_sidecar
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
 from finetune_core.methods.hypernetwork_net import (
@@ -130,11 +135,18 @@ class Hypernetwork(MethodDefaults):
 
     def transform(self, context: torch.Tensor, is_cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """k and v contexts for an attention layer; widths without a module pass through unchanged."""
-        pair = self.pairs[str(context.shape[-1])] if str(context.shape[-1]) in self.pairs else None  # noqa: SIM401
+        pair = self._pair(str(context.shape[-1]))
         if pair is None:
             return context, context
-        source = context.to(pair[0].linear[0].weight.dtype)
+        source = context.to(pair[0].weight_dtype)
         return pair[0](source).to(context.dtype), pair[1](source).to(context.dtype)
+
+    def _pair(self, width: str) -> tuple[HypernetworkModule, HypernetworkModule] | None:
+        """The (k, v) modules for a context width key, typed (ModuleDict items are plain Modules to the checker)."""
+        if width not in self.pairs:
+            return None
+        pair = self.pairs[width]
+        return cast(HypernetworkModule, pair[0]), cast(HypernetworkModule, pair[1])  # type: ignore[index]
 
     def check(self, model: DiffusionModel) -> list[str]:
         """Refuse a hypernetwork for another family; list sizes that never apply to this model as warnings."""
@@ -178,7 +190,7 @@ class Hypernetwork(MethodDefaults):
         self.pairs.load_state_dict(dict(state))
 
     def current_file(self, meta: ArtifactMeta) -> HypernetworkFile:
-        layers = {int(size): tuple(_cpu_state(m) for m in pair) for size, pair in self.pairs.items()}
+        layers = {int(size): tuple(_cpu_state(m) for m in self._pair(size) or ()) for size in self.pairs}
         return _replace_file(self.file, layers=layers, step=meta.step, sd_checkpoint=meta.model.shorthash,
                              sd_checkpoint_name=meta.model.name)
 
@@ -225,10 +237,12 @@ def _replace_file(file: HypernetworkFile, **changes: Any) -> HypernetworkFile:
 
 
 def _module(file: HypernetworkFile, size: int, state: Mapping[str, torch.Tensor] | None) -> HypernetworkModule:
+    dropout = file.dropout_structure
+    if dropout is None:  # as write_hypernetwork fills it in
+        dropout = dropout_structure_for(file.layer_structure, file.use_dropout, file.last_layer_dropout)
     module = HypernetworkModule(size, list(file.layer_structure), file.activation_func or "linear",
                                 file.weight_initialization or "Normal", bool(file.is_layer_norm),
-                                bool(file.activate_output),
-                                list(file.dropout_structure) if file.use_dropout else None)
+                                bool(file.activate_output), list(dropout) if file.use_dropout else None)
     if state is not None:
         missing, unexpected = module.load_state_dict(dict(state), strict=False)
         if missing or unexpected:

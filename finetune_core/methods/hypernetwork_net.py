@@ -8,6 +8,7 @@ state dicts are interchangeable with WebUI files.
 from __future__ import annotations
 
 import inspect
+from typing import cast
 
 import torch
 from torch import nn
@@ -97,6 +98,11 @@ class HypernetworkModule(nn.Module):
         self.linear = nn.Sequential(*layers)
         self._initialise(weight_init, activation)
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype inputs are cast to: that of the first Linear (the Sequential always starts with one)."""
+        return cast(nn.Linear, self.linear[0]).weight.dtype
+
     def _initialise(self, weight_init: str, activation: str) -> None:
         nonlinearity = "leaky_relu" if activation == "leakyrelu" else "relu"
         for layer in self.linear:
@@ -121,6 +127,6 @@ def _init_linear(weight: torch.Tensor, weight_init: str, nonlinearity: str) -> N
     elif weight_init == "XavierNormal":
         nn.init.xavier_normal_(weight)
     elif weight_init == "KaimingUniform":
-        nn.init.kaiming_uniform_(weight, nonlinearity=nonlinearity)
+        nn.init.kaiming_uniform_(weight, nonlinearity=nonlinearity)  # type: ignore[arg-type]  # torch's Literal lists fewer names than it accepts
     else:
-        nn.init.kaiming_normal_(weight, nonlinearity=nonlinearity)
+        nn.init.kaiming_normal_(weight, nonlinearity=nonlinearity)  # type: ignore[arg-type]  # torch's Literal lists fewer names than it accepts

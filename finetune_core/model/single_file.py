@@ -192,7 +192,7 @@ def probe_v_prediction(unet: torch.nn.Module) -> bool:
     minus the clean image, so the mean of (output - input) on a constant 0.5 input falls below -1 only for v.
     """
     param = next(unet.parameters())
-    config = unet.config
+    config: Any = unet.config  # a diffusers UNet's FrozenDict config; nn.Module knows nothing of it
     x = torch.full((1, config.in_channels, 8, 8), 0.5, device=param.device, dtype=param.dtype)
     context = torch.full((1, 2, config.cross_attention_dim), 0.5, device=param.device, dtype=param.dtype)
     timestep = torch.tensor([999], device=param.device)
