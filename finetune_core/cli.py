@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -30,10 +30,10 @@ def _setting_types() -> dict[str, type]:
 def _add_settings(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
     group = parser.add_argument_group(f"{section} settings")
     for f in fields(config_type):
-        if f.name in taken or f.name == "version" or (f.metadata or {}).get("hidden"):
+        meta: Mapping[str, Any] = f.metadata or {}
+        if f.name in taken or f.name == "version" or meta.get("hidden"):
             continue
         taken.add(f.name)
-        meta = f.metadata or {}
         flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
         default = f.default if f.default is not MISSING else None
         help_text = f"{meta.get('help', '')} (default: {default!r})"

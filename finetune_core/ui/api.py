@@ -130,7 +130,9 @@ class _Routes:
 
     def inspect(self, body: dict) -> dict[str, Any]:
         info = self.service.inspect(_required(body, "path"))
-        fields = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else {}
+        fields: dict[str, Any] = {}
+        if dataclasses.is_dataclass(info) and not isinstance(info, type):
+            fields = dataclasses.asdict(info)
         return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()},
                 "description": info.describe()}
 

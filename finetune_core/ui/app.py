@@ -40,7 +40,9 @@ def _read(path: Path) -> str:
 def build_app(host: StandaloneHost, runner: JobRunner | None = None, gr: Any = None) -> tuple[Any, Any, JobRunner]:
     """(gradio Blocks, FastAPI app with /finetune/v1 routes and the UI mounted at /, runner)."""
     if gr is None:
-        import gradio as gr
+        import gradio
+
+        gr = gradio
     from fastapi import FastAPI
 
     from finetune_core.ui.api import mount_api

@@ -69,14 +69,15 @@ def _thumbnails(path: Path, size: Any, bucket: Any, crop: str) -> tuple[str, str
     """(original thumbnail, crop-at-bucket thumbnail) as <img> tags with data URIs; empty strings when unreadable."""
     try:
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+            turned = ImageOps.exif_transpose(opened)  # None only with in_place=True
+            image = (turned if turned is not None else opened).convert("RGB")
     except (OSError, ValueError):
         return "", ""
     original = _img_tag(image, "original")
     if not bucket:
         return original, ""
     plan = plan_crop(image.size, (int(bucket[0]), int(bucket[1])), crop, None)
-    resized = image.resize((plan.resized_w, plan.resized_h), Image.BICUBIC)
+    resized = image.resize((plan.resized_w, plan.resized_h), Image.Resampling.BICUBIC)  # Pillow >= 9.1, so 9.5 and 10+
     cropped = resized.crop((plan.left, plan.top, plan.left + plan.width, plan.top + plan.height))
     return original, _img_tag(cropped, "crop")
 

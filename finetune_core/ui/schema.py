@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -40,10 +41,10 @@ def field_specs(config_type: type) -> list[FieldSpec]:
     hints = typing.get_type_hints(config_type)
     specs = []
     for f in dataclasses.fields(config_type):
-        if f.name.startswith("_") or f.name == "version" or not f.init or (f.metadata or {}).get("hidden"):
+        meta: Mapping[str, Any] = f.metadata or {}
+        if f.name.startswith("_") or f.name == "version" or not f.init or meta.get("hidden"):
             continue
         kind, optional = _kind_of(hints.get(f.name, f.type))
-        meta = f.metadata or {}
         specs.append(FieldSpec(name=f.name, kind=kind, default=_default_of(f), label=meta.get("label", _label(f.name)),
                                help=meta.get("help", ""), choices=tuple(meta.get("choices", ())),
                                advanced=bool(meta.get("advanced", False)), optional=optional))

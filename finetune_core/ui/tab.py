@@ -28,11 +28,15 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
     blocks_kwargs: extra gr.Blocks arguments (the standalone app passes title, css and head).
     """
     if gr is None:
-        import gradio as gr
+        import gradio
+
+        gr = gradio
     if service is None:
         from finetune_core import service
     if methods is None:
-        from finetune_core.methods import METHODS as methods
+        from finetune_core.methods import METHODS
+
+        methods = METHODS
     ctx = TabContext(gr, host, runner or JobRunner(host), service, train_js)
     with gr.Blocks(analytics_enabled=False, elem_id="finetune_tab", **(blocks_kwargs or {})) as blocks:
         if hasattr(host, "load_model"):
