@@ -94,13 +94,12 @@ class Residency:
     def active(self) -> bool:
         return self._depth > 0 and self.managed
 
-    def __enter__(self) -> Residency:  # noqa: PYI034
+    def __enter__(self) -> None:  # the DiffusionModel.placement() contract yields nothing
         self._depth += 1
         if self._depth == 1 and self.managed:
             self._lowvram.send_everything_to_cpu()
             self._restore_hooks = suspend_lowvram_hooks(self._sd_model)
             logger.debug("placement: lowvram hooks suspended for the step")
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self._depth -= 1

@@ -167,7 +167,7 @@ class WebUIModel:
         with torch.no_grad(), self._devices.autocast():
             x = pixels.to(self.device, self._vae_dtype())
             moments = self._sgm_moments(x) if self.family == SDXL else None
-            posterior = self._vae_call("encode", x) if moments is None else None
+            posterior: Any = self._vae_call("encode", x) if moments is None else None  # set whenever used below
         if moments is not None:
             mean, logvar = moments.float().chunk(2, dim=1)
             scale = float(self.sd_model.scale_factor)
