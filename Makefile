@@ -48,6 +48,7 @@ $(WEBUI_VENV)/.installed: pyproject.toml
 
 lint: setup
 	$(VENV)/bin/ruff check finetune_core scripts tests install.py examples
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) -m finetune_core bench
