@@ -135,3 +135,23 @@ def test_sdxl_medvram_step_fires_no_hook_and_hooks_work_afterwards(webui, datase
         assert lowvram.module_in_gpu is sd.model and lowvram.location["text"] == "cpu"
         sd.decode_first_stage(x)
     assert len(lowvram.hook_calls) > calls and lowvram.location["vae"] == "device"
+
+
+def test_sdxl_medvram_backend_outside_a_step(webui):
+    """Outside a step the UNet goes through the hooked OpenAIWrapper; the VAE moments need no hook."""
+    from modules import lowvram
+
+    webui.cmd_opts.medvram_sdxl = True
+    import tiny_webui_sdxl
+
+    model = WebUIModel(tiny_webui_sdxl.build_sdxl())
+    with torch.no_grad():
+        cond = model.encode_prompts(["a cat"])
+        assert lowvram.module_in_gpu is model.sd_model.conditioner
+        out = model.predict(torch.randn(1, 4, 8, 8), torch.tensor([5]), cond)
+        assert lowvram.module_in_gpu is model.sd_model.model and out.shape == (1, 4, 8, 8)
+        calls = len(lowvram.hook_calls)
+        moments = model.encode_images(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert len(lowvram.hook_calls) == calls and lowvram.location["vae"] == "cpu" and lowvram.module_in_gpu is None
+    assert moments.mean.shape == (1, 4, 8, 8) and bool((moments.std > 0).all())
+    assert model.decode_latents(moments.mean).shape == (1, 3, 64, 64) and lowvram.location["vae"] == "device"
