@@ -38,8 +38,13 @@ _SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_
 
 
 def detect_family(sd_model: Any) -> str:
-    """SD1 / SD2 / SDXL from the flags `sd_models.set_model_type` sets."""
+    """SD1 / SD2 / SDXL from the flags `sd_models.set_model_type` sets; the SDXL refiner is refused."""
     if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
+        embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", [])
+        text_embedders = [e for e in embedders if hasattr(e, "tokenize") or hasattr(e, "encode_embedding_init_text")]
+        if embedders and len(text_embedders) == 1:
+            raise ModelMismatchError("The loaded model is an SDXL refiner (one text encoder); train on an SDXL base "
+                                     "model instead, then use the result with the refiner as usual.")
         return SDXL
     return SD2 if getattr(sd_model, "is_sd2", False) else SD1
 

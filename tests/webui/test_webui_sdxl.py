@@ -155,3 +155,15 @@ def test_sdxl_medvram_backend_outside_a_step(webui):
     assert len(lowvram.hook_calls) == calls and lowvram.location["vae"] == "cpu" and lowvram.module_in_gpu is None
     assert moments.mean.shape == (1, 4, 8, 8) and bool((moments.std > 0).all())
     assert model.decode_latents(moments.mean).shape == (1, 3, 64, 64) and lowvram.location["vae"] == "device"
+
+
+def test_sdxl_refiner_is_refused_with_a_sentence(webui):
+    from tiny_webui_sdxl import build_sdxl
+
+    from finetune_core.errors import ModelMismatchError
+
+    refiner = build_sdxl()
+    refiner.conditioner.embedders = torch.nn.ModuleList(
+        [e for i, e in enumerate(refiner.conditioner.embedders) if i != 0])  # the refiner has only OpenCLIP-G
+    with pytest.raises(ModelMismatchError, match="refiner"):
+        WebUIModel(refiner)
