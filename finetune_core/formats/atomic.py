@@ -28,11 +28,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artefacts get the usual mode, as the WebUI's do
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
     return target
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_pt(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
