@@ -202,3 +202,7 @@ def test_sampler_with_embedding_long_negative_and_transform(model: DiffusionMode
     images = sample(model, [f"a {NAME}"], [LONG_PROMPT], steps=1, width=64, height=64, sampler="euler",
                     embeddings={NAME: make_embedding(model)}, context_transform=lambda c, cross: (c, c))
     assert images[0].size == (64, 64)
+
+
+# What another backend's test module imports (`from tests.model.test_contract import *`) to run the same contract.
+__all__ = [name for name in dir() if name.startswith("test_")]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import runpy
+from pathlib import Path
 
 import pytest
-from conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]  # not `from conftest import`: several test folders have a conftest
 
 
 def test_registers_the_four_callbacks(extension):

@@ -5,24 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.model.test_contract import (  # noqa: F401
-    test_alphas_cumprod,
-    test_attention_widths,
-    test_context_transform_changes_output,
-    test_count_tokens,
-    test_embedding_changes_output_only_where_named,
-    test_encode_and_decode_images,
-    test_encode_prompts_shapes,
-    test_gradients_reach_only_the_embedding,
-    test_identity_and_widths,
-    test_identity_context_transform_is_exact_and_undone,
-    test_long_prompt_takes_two_chunks_and_batch_is_padded,
-    test_predict_shape_and_finite,
-    test_prediction_type_matches_family,
-    test_sampler_is_deterministic,
-    test_token_vectors,
-    test_trainable_modules,
-)
+from tests.model.test_contract import *  # noqa: F403  (the shared DiffusionModel contract suite)
 
 
 @pytest.fixture(scope="module")
