@@ -17,7 +17,7 @@ if EXT_DIR not in sys.path:  # imported some other way than by the WebUI's loade
     sys.path.insert(0, EXT_DIR)
 
 from finetune_core.ui.job_runner import JobRunner
-from finetune_core.ui.webui_host import WebUIHost, api_auth_dependency, settings_options
+from finetune_core.ui.webui_host import WebUIHost, api_auth_dependency, bound_reload_wait, settings_options
 
 log = logging.getLogger("finetune")
 TAB_TITLE, TAB_ID = "Fine-tune", "finetune"
@@ -53,10 +53,11 @@ def on_ui_settings():
 
 
 def on_app_started(demo, app):
-    """REST routes under /finetune/v1/, guarded by --api-auth like the WebUI's own API."""
+    """REST routes under /finetune/v1/, guarded by --api-auth like the WebUI's own API; Reload UI cannot hang."""
     from finetune_core.ui.api import mount_api
 
     mount_api(app, EXTENSION.host, EXTENSION.runner, dependencies=api_auth_dependency(shared.cmd_opts))
+    bound_reload_wait(demo)
 
 
 def on_script_unloaded():

@@ -68,6 +68,26 @@ def api_auth_dependency(cmd_opts: Any) -> list[Any]:
     return [Depends(check)]
 
 
+# Seconds Reload UI waits for open requests before cancelling them (see bound_reload_wait).
+RELOAD_GRACE_SECONDS = 10.0
+
+
+def bound_reload_wait(demo: Any, seconds: float = RELOAD_GRACE_SECONDS) -> bool:
+    """Let Reload UI cancel requests still open after `seconds` instead of hanging; True if the limit was set.
+
+    Why: Blocks.close() stops Gradio 3.41's queue before the server, so a queue event that joins in between (e.g.
+    the page's own load events when Reload UI is pressed early) never ends, and uvicorn, with no graceful-shutdown
+    timeout, waits for it forever. A limit the user configured already is left alone.
+    """
+    config = getattr(getattr(demo, "server", None), "config", None)
+    if config is None or not hasattr(config, "timeout_graceful_shutdown"):
+        return False  # no server yet, or a uvicorn without the option
+    if config.timeout_graceful_shutdown is not None:
+        return False
+    config.timeout_graceful_shutdown = seconds
+    return True
+
+
 class WebUIHost:
     """The Host protocol over the running WebUI (see finetune_core.ui.host.Host)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,6 +69,38 @@ def test_api_routes_honour_api_auth(extension, sd1):
     assert client.get("/finetune/v1/status", auth=("alice", "wrong")).status_code == 401
     assert client.get("/finetune/v1/status", auth=("alice", "secret")).status_code == 200
     assert client.get("/finetune/v1/status", auth=("bob", "pw2")).status_code == 200
+
+
+def _demo_with_server(timeout=None):
+    import uvicorn
+
+    config = uvicorn.Config(app=lambda scope, receive, send: None, timeout_graceful_shutdown=timeout)
+    return SimpleNamespace(server=SimpleNamespace(config=config))
+
+
+def test_app_started_bounds_the_reload_wait(extension, sd1):
+    """Reload UI closes Gradio 3.41's queue before the server: an event joining in between must not hang it."""
+    from fastapi import FastAPI
+    from modules import script_callbacks, shared
+
+    from finetune_core.ui.webui_host import RELOAD_GRACE_SECONDS
+
+    shared.cmd_opts.api_auth = None
+    demo = _demo_with_server()
+    script_callbacks.app_started_callback(demo, FastAPI())
+    assert demo.server.config.timeout_graceful_shutdown == RELOAD_GRACE_SECONDS
+
+
+def test_bound_reload_wait_keeps_a_configured_limit_and_tolerates_no_server():
+    from finetune_core.ui.webui_host import bound_reload_wait
+
+    demo = _demo_with_server(timeout=3)
+    assert not bound_reload_wait(demo) and demo.server.config.timeout_graceful_shutdown == 3
+    assert not bound_reload_wait(SimpleNamespace(server=None)) and not bound_reload_wait(None)
+    old_uvicorn = SimpleNamespace(server=SimpleNamespace(config=SimpleNamespace()))
+    assert not bound_reload_wait(old_uvicorn) and not hasattr(old_uvicorn.server.config, "timeout_graceful_shutdown")
+    fresh = _demo_with_server()
+    assert bound_reload_wait(fresh, 4.0) and fresh.server.config.timeout_graceful_shutdown == 4.0
 
 
 def test_script_unloaded_interrupts_a_running_job_loudly(extension, caplog):
