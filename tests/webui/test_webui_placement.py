@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_webui_training import run, ti_request, weights_checksum
+from webui_runs import spy_on_steps
 
-from finetune_core.model.placement import LOWVRAM_HOOK_NAME, Residency
+from finetune_core.model.placement import LOWVRAM_HOOK_NAME
 from finetune_core.model.webui_backend import WebUIModel
 
 
@@ -32,31 +33,7 @@ def test_training_step_fires_no_hook_and_hooks_work_afterwards(extension, vram_s
 
     mode, sd1 = vram_sd1
     hooks_before, checksum = _hook_count(sd1), weights_checksum(sd1)
-    fired_inside, resident = [], []
-    enter, exit_ = Residency.__enter__, Residency.__exit__
-
-    def spy_enter(self):
-        result = enter(self)
-        if self._depth == 1:
-            self._spy_calls = len(lowvram.hook_calls)
-        return result
-
-    def spy_exit(self, *exc):
-        if self._depth == 1:
-            fired_inside.append(lowvram.hook_calls[self._spy_calls:])
-        return exit_(self, *exc)
-
-    predict = WebUIModel.predict
-
-    def spy_predict(self, *args, **kwargs):
-        out = predict(self, *args, **kwargs)
-        if torch.is_grad_enabled():
-            resident.append(dict(lowvram.location))
-        return out
-
-    monkeypatch.setattr(Residency, "__enter__", spy_enter)
-    monkeypatch.setattr(Residency, "__exit__", spy_exit)
-    monkeypatch.setattr(WebUIModel, "predict", spy_predict)
+    fired_inside, resident = spy_on_steps(monkeypatch)
     state, _ = run(extension, ti_request(dataset, steps=2))
     assert state.status == "finished", (state.error, state.messages)
     assert len(fired_inside) >= 2 and all(calls == [] for calls in fired_inside), fired_inside

@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from test_webui_placement import _hook_count
-from webui_runs import same_weights, snapshot, train
+from webui_runs import same_weights, snapshot, spy_on_steps, train
 
 from finetune_core.formats.embedding import read_embedding
 from finetune_core.model.interface import EPSILON, SDXL
-from finetune_core.model.placement import Residency
 from finetune_core.model.webui_backend import WebUIModel
 from tests.model.test_contract import *  # noqa: F403  (the shared DiffusionModel contract suite)
 
@@ -78,31 +77,7 @@ def test_sdxl_medvram_step_fires_no_hook_and_hooks_work_afterwards(webui, datase
     sd = tiny_webui_sdxl.build_sdxl()
     assert sd.lowvram and _hook_count(sd.conditioner) == 1 and len(sd.conditioner._forward_pre_hooks) == 1
     hooks_before, before = _hook_count(sd), snapshot(sd)
-    fired_inside, resident = [], []
-    enter, exit_ = Residency.__enter__, Residency.__exit__
-
-    def spy_enter(self):
-        result = enter(self)
-        if self._depth == 1:
-            self._spy_calls = len(lowvram.hook_calls)
-        return result
-
-    def spy_exit(self, *exc):
-        if self._depth == 1:
-            fired_inside.append(lowvram.hook_calls[self._spy_calls:])
-        return exit_(self, *exc)
-
-    predict = WebUIModel.predict
-
-    def spy_predict(self, *args, **kwargs):
-        out = predict(self, *args, **kwargs)
-        if torch.is_grad_enabled():
-            resident.append(dict(lowvram.location))
-        return out
-
-    monkeypatch.setattr(Residency, "__enter__", spy_enter)
-    monkeypatch.setattr(Residency, "__exit__", spy_exit)
-    monkeypatch.setattr(WebUIModel, "predict", spy_predict)
+    fired_inside, resident = spy_on_steps(monkeypatch)
     result = train(WebUIModel(sd), dataset, tmp_path, "textual-inversion", "xlmed")
     assert result.step == 2
     assert len(fired_inside) >= 2 and all(calls == [] for calls in fired_inside), fired_inside

@@ -30,3 +30,38 @@ def request(dataset, method: str, name: str, steps: int = 2, method_settings=Non
 def train(model, dataset, tmp_path, method: str, name: str, steps: int = 2) -> service.JobResult:
     folders = service.OutputFolders.standalone(tmp_path / "out")
     return service.train(request(dataset, method, name, steps), model, folders)
+
+
+def spy_on_steps(monkeypatch):
+    """Record, for every outermost placement (a training step or a preview), the low-VRAM hook calls made inside it,
+    and where the modules were at each gradient-enabled predict. Returns the two lists, filled as training runs."""
+    import torch
+    from modules import lowvram
+
+    from finetune_core.model.placement import Residency
+    from finetune_core.model.webui_backend import WebUIModel
+
+    fired_inside, resident = [], []
+    enter, exit_, predict = Residency.__enter__, Residency.__exit__, WebUIModel.predict
+
+    def spy_enter(self):
+        result = enter(self)
+        if self._depth == 1:
+            self._spy_calls = len(lowvram.hook_calls)
+        return result
+
+    def spy_exit(self, *exc):
+        if self._depth == 1:
+            fired_inside.append(lowvram.hook_calls[self._spy_calls:])
+        return exit_(self, *exc)
+
+    def spy_predict(self, *args, **kwargs):
+        out = predict(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            resident.append(dict(lowvram.location))
+        return out
+
+    monkeypatch.setattr(Residency, "__enter__", spy_enter)
+    monkeypatch.setattr(Residency, "__exit__", spy_exit)
+    monkeypatch.setattr(WebUIModel, "predict", spy_predict)
+    return fired_inside, resident
