@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from finetune_core.errors import ConfigError
+from pathlib import Path
+
+from finetune_core.errors import ArtifactError, ConfigError
 
 _ALLOWED_PUNCTUATION = "._- "
 
@@ -27,3 +29,16 @@ def sanitize_name(name: str, what: str = "name") -> str:
         raise ConfigError(f"the {what} {raw!r} is mostly characters a file name cannot hold ({''.join(bad)!r}); "
                           f"use letters, digits, '.', '_', '-' or spaces")
     return cleaned
+
+
+def find_artifact(reference: str, folder: Path, suffixes: tuple[str, ...], what: str) -> Path:
+    """A path as given, or `<reference><suffix>` anywhere under `folder` (the WebUI lists both folders recursively)."""
+    direct = Path(reference).expanduser()
+    if direct.is_file():
+        return direct
+    for suffix in suffixes:
+        matches = sorted(Path(folder).rglob(f"{reference}{suffix}")) if Path(folder).is_dir() else []
+        if matches:
+            return matches[0]
+    names = "/".join(suffixes)
+    raise ArtifactError(f"no {what} {reference!r} found: it is not a file and {folder} has no {reference}{names}")

@@ -21,6 +21,7 @@ from finetune_core.formats.hypernetwork import (
     read_hypernetwork,
     write_hypernetwork,
 )
+from finetune_core.formats.names import find_artifact
 from finetune_core.formats.optim import OptimizerSidecar, file_shorthash, webui_optimizer_name, write_optimizer_sidecar
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
 from finetune_core.methods.hypernetwork_net import (
@@ -281,14 +282,7 @@ def load_for_training(name: str, config: HypernetworkConfig, hypernetworks_dir: 
 
 def resolve_hypernetwork(reference: str, hypernetworks_dir: Path) -> Path:
     """A path, or a name in the hypernetworks folder (searched recursively, like the WebUI's list)."""
-    direct = Path(reference).expanduser()
-    if direct.is_file():
-        return direct
-    matches = sorted(Path(hypernetworks_dir).rglob(f"{reference}.pt")) if Path(hypernetworks_dir).is_dir() else []
-    if not matches:
-        raise ArtifactError(f"no hypernetwork {reference!r} found: it is not a file and {hypernetworks_dir} "
-                            f"has no {reference}.pt")
-    return matches[0]
+    return find_artifact(reference, hypernetworks_dir, (".pt",), "hypernetwork")
 
 
 

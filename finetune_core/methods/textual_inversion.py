@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
+from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
 from finetune_core.formats.image_embedding import write_embedding_png
+from finetune_core.formats.names import find_artifact
 from finetune_core.formats.optim import OptimizerSidecar, embedding_checksum, write_optimizer_sidecar
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
 from finetune_core.model.interface import DiffusionModel, TrainableEmbedding
@@ -200,16 +201,8 @@ def load_for_training(model: DiffusionModel, name: str, config: TextualInversion
 
 
 def resolve_embedding(reference: str, embeddings_dir: Path) -> Path:
-    """A path, or a name looked up in the embeddings folder with any of the WebUI's extensions."""
-    direct = Path(reference).expanduser()
-    if direct.is_file():
-        return direct
-    for ext in (".pt", ".safetensors", ".bin", ".png", ".webp"):
-        candidate = Path(embeddings_dir) / f"{reference}{ext}"
-        if candidate.is_file():
-            return candidate
-    raise ArtifactError(f"no embedding {reference!r} found: it is not a file and {embeddings_dir} has no "
-                        f"{reference}.pt/.safetensors/.bin/.png/.webp")
+    """A path, or a name in the embeddings folder with any of the WebUI's extensions."""
+    return find_artifact(reference, embeddings_dir, (".pt", ".safetensors", ".bin", ".png", ".webp"), "embedding")
 
 
 def config_from_settings(settings: Mapping[str, Any]) -> TextualInversionConfig:
