@@ -50,3 +50,13 @@ def weights_checksum(model: object) -> str:
             digest.update(key.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def tiny_family_modules(family: str, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Tiny diffusers/transformers modules with the real topology of `family` (the shipped configs, shrunk)."""
+    from finetune_core.model.configs import tiny_overrides
+    from finetune_core.model.single_file import build_component
+
+    torch.manual_seed(seed)
+    return {name: build_component(name, config) for name, config in tiny_overrides(family).items()
+            if name != "scheduler"}

@@ -13,12 +13,12 @@ from finetune_core.model.interface import ModelIdentity
 def full_size_random(family: str, seed: int = 0, device: str | torch.device = "cpu") -> Any:
     """A `DiffusersModel` with the real architecture of `family` and seeded random weights (no download)."""
     from finetune_core.model.diffusers_backend import DiffusersModel
-    from finetune_core.model.single_file import _instantiate
+    from finetune_core.model.single_file import build_component
     from finetune_core.model.tiny import randomize_weights
 
     names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in available_components(family)]
     with torch.device("meta"):
-        modules = {name: _instantiate(name, load_config(family, name)) for name in names}
+        modules = {name: build_component(name, load_config(family, name)) for name in names}
     generator = torch.Generator().manual_seed(seed)
     for module in modules.values():
         module.to_empty(device="cpu")

@@ -98,7 +98,7 @@ def _fit_in_channels(config: dict, unet_weights: Mapping[str, torch.Tensor], sou
         config["in_channels"] = int(conv_in.shape[1])
 
 
-def _instantiate(name: str, config: dict) -> torch.nn.Module:
+def build_component(name: str, config: dict) -> torch.nn.Module:
     """An empty diffusers/transformers module of one component, built from its config."""
     if name == "unet":
         from diffusers import UNet2DConditionModel
@@ -118,7 +118,7 @@ def _instantiate(name: str, config: dict) -> torch.nn.Module:
 def _build(name: str, config: dict, weights: dict[str, torch.Tensor], source: Path) -> torch.nn.Module:
     """The module with the converted weights loaded strictly, built on the meta device so nothing is initialised."""
     with torch.device("meta"):
-        module = _instantiate(name, config)
+        module = build_component(name, config)
     try:
         result = module.load_state_dict(weights, strict=False, assign=True)
     except RuntimeError as exc:

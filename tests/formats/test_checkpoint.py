@@ -21,25 +21,14 @@ from finetune_core.formats.checkpoint import (
     sniff,
     write_checkpoint,
 )
-from finetune_core.model.configs import tiny_overrides
+from tests.conftest import tiny_family_modules
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def tiny_components(family: str, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """State dicts of tiny random diffusers/transformers models with the real topology of `family`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    configs = tiny_overrides(family)
-    models = {
-        "unet": UNet2DConditionModel.from_config(configs["unet"]),
-        "vae": AutoencoderKL.from_config(configs["vae"]),
-        "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
-    }
-    if family == "sdxl":
-        models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
+    models = tiny_family_modules(family, seed)
     # Random values everywhere (biases and norms included), so a swapped key cannot go unnoticed.
     return {
         name: {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in m.state_dict().items()}

@@ -12,22 +12,12 @@ from finetune_core.formats.checkpoint import diffusers_to_ldm, write_checkpoint
 from finetune_core.model.configs import tiny_overrides
 from finetune_core.model.interface import EPSILON, V_PREDICTION
 from finetune_core.model.single_file import load_single_file, parameterization_from_yaml, probe_v_prediction
+from tests.conftest import tiny_family_modules
 
 
 def tiny_models(family: str, seed: int) -> dict[str, torch.nn.Module]:
     """Tiny random diffusers/transformers modules with the real topology of `family`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    configs = tiny_overrides(family)
-    models = {
-        "unet": UNet2DConditionModel.from_config(configs["unet"]),
-        "vae": AutoencoderKL.from_config(configs["vae"]),
-        "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
-    }
-    if family == "sdxl":
-        models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
+    models = tiny_family_modules(family, seed)
     with torch.no_grad():
         for model in models.values():
             for param in model.parameters():  # randomise norms and biases too, so any mix-up changes the outputs
