@@ -1,5 +1,21 @@
-"""What a method module implements (defined by the loop in `finetune_core.train.method`)."""
+"""What a method module implements (defined by the loop in `finetune_core.train.method`), plus shared defaults."""
+
+from typing import Any
 
 from finetune_core.train.method import ArtifactMeta, InferenceExtras, Method, MethodDefaults, ParamGroup
 
-__all__ = ["ArtifactMeta", "InferenceExtras", "Method", "MethodDefaults", "ParamGroup"]
+__all__ = ["ArtifactMeta", "ArtifactMethod", "InferenceExtras", "Method", "MethodDefaults", "ParamGroup"]
+
+
+class ArtifactMethod(MethodDefaults):
+    """A method training an artefact file object (`name`, `step`): `[name]` is its name; it starts at its step."""
+
+    file: Any
+
+    @property
+    def placeholder(self) -> str:
+        return str(self.file.name)
+
+    @property
+    def start_step(self) -> int:
+        return int(self.file.step or 0)

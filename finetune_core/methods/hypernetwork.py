@@ -23,7 +23,7 @@ from finetune_core.formats.hypernetwork import (
 )
 from finetune_core.formats.names import find_artifact
 from finetune_core.formats.optim import OptimizerSidecar, file_shorthash, webui_optimizer_name, write_optimizer_sidecar
-from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
+from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
 from finetune_core.methods.hypernetwork_net import (
     WEIGHT_INITS,
     HypernetworkModule,
@@ -113,7 +113,7 @@ class HypernetworkConfig(HypernetworkCreate):
         "label": "Preview strength", "advanced": True, "help": "Multiplier applied when sampling previews."})
 
 
-class Hypernetwork(MethodDefaults):
+class Hypernetwork(ArtifactMethod):
     """The Method for hypernetworks: the (k, v) module pairs are the only trainable parameters."""
 
     name = "hypernetwork"
@@ -125,14 +125,6 @@ class Hypernetwork(MethodDefaults):
         self.pairs = nn.ModuleDict({str(size): nn.ModuleList([_module(file, size, sd) for sd in state_dicts])
                                     for size, state_dicts in file.layers.items()})
         self.pairs.train()
-
-    @property
-    def placeholder(self) -> str:
-        return self.file.name
-
-    @property
-    def start_step(self) -> int:
-        return int(self.file.step or 0)
 
     def transform(self, context: torch.Tensor, is_cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """k and v contexts for an attention layer; widths without a module pass through unchanged."""

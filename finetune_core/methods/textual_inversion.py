@@ -18,7 +18,7 @@ from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write
 from finetune_core.formats.image_embedding import write_embedding_png
 from finetune_core.formats.names import find_artifact
 from finetune_core.formats.optim import OptimizerSidecar, embedding_checksum, write_optimizer_sidecar
-from finetune_core.methods.base import ArtifactMeta, InferenceExtras, MethodDefaults, ParamGroup
+from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
 from finetune_core.model.interface import DiffusionModel, TrainableEmbedding
 from finetune_core.train.batch import TrainBatch
 from finetune_core.train.objective import weighted_mse
@@ -116,7 +116,7 @@ def _widths(widths: Mapping[str, int]) -> str:
     return " + ".join(f"{k} {w}" for k, w in widths.items())
 
 
-class TextualInversion(MethodDefaults):
+class TextualInversion(ArtifactMethod):
     """The Method for Textual Inversion: one embedding's vectors are the only trainable parameters."""
 
     name = "textual-inversion"
@@ -127,14 +127,6 @@ class TextualInversion(MethodDefaults):
         self.file = embedding
         self.embedding = TrainableEmbedding(embedding.name, {k: v.detach().clone().float().requires_grad_(True)
                                                              for k, v in embedding.vectors.items()})
-
-    @property
-    def placeholder(self) -> str:
-        return self.file.name
-
-    @property
-    def start_step(self) -> int:
-        return int(self.file.step or 0)
 
     def trainable_parameters(self, model: DiffusionModel) -> list[ParamGroup]:
         return [ParamGroup("embedding", list(self.embedding.vectors.values()), weight_decay=0.0)]
