@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune_core.data.batch import TrainingData
+from finetune_core.data.cache import TextCache
 from finetune_core.errors import ArtifactError
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train import randomness
@@ -38,7 +39,6 @@ from finetune_core.train.optim import build_optimizer, set_learning_rate
 from finetune_core.train.run_folder import LossRow, RunFolder
 from finetune_core.train.schedule import end_step, parse_schedule, rate_at
 from finetune_core.train.step import OVERFLOW, StepContext, StepOutcome, make_grad_scaler, train_step
-from finetune_core.train.text_cache import TextCache
 
 if TYPE_CHECKING:
     from finetune_core.train.method import Method

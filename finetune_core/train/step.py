@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune_core.data.batch import DataBatch, TrainingData
+from finetune_core.data.cache import TextCache
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train import objective, randomness
 from finetune_core.train.batch import TrainBatch
 from finetune_core.train.optim import clip_gradients, gradients_finite
 from finetune_core.train.schedule import value_at
-from finetune_core.train.text_cache import TextCache
 
 if TYPE_CHECKING:  # train sits below methods: the protocol is for hints only
     from finetune_core.train.method import Method
@@ -104,7 +104,7 @@ def build_train_batch(ctx: StepContext, data: DataBatch, index: int) -> TrainBat
     cond = None
     if ctx.text_cache is not None:
         with autocast(device, ctx.precision):
-            cond = ctx.text_cache.encode(ctx.model, data.prompts)
+            cond = ctx.text_cache.encode(ctx.model, data.prompts).to(device)  # cached on the CPU
     return TrainBatch(data=data, latents=latents, noise=noise, timesteps=timesteps, noisy_latents=noisy,
                       target=target, alphas_cumprod=alphas, size_cond=data.size_cond, loss_weight=data.loss_weight,
                       snr_weight=snr_weight, cond=cond)

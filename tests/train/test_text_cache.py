@@ -1,11 +1,11 @@
-"""The per-run text cache: one encode per prompt, batch encode when chunk counts differ."""
+"""The text cache as the loop uses it: one encode per prompt, batch encode when chunk counts differ."""
 
 from __future__ import annotations
 
 import torch
 
+from finetune_core.data.cache import TextCache
 from finetune_core.model.interface import TextConditioning
-from finetune_core.train.text_cache import TextCache
 
 from .fakes import FakeModel
 
