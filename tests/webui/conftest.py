@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _forget_stub_modules() -> None:
     for name in list(sys.modules):
-        if name == "modules" or name.startswith(("modules.", "tiny_webui")) or name == "launch":
+        if name in ("modules", "launch", "networks") or name.startswith(("modules.", "tiny_webui")):
             del sys.modules[name]
 
 
@@ -35,17 +35,25 @@ def webui_stub_on_path():
 
 @pytest.fixture()
 def webui(tmp_path):
-    """A fresh WebUI state rooted in tmp_path, with a tiny SD1 model loaded as shared.sd_model."""
-    from modules import devices, lowvram, sd_hijack, shared
+    """A fresh WebUI state rooted in tmp_path (no model yet), with the built-in Lora extension's patches on, as in
+    every WebUI."""
+    import networks
+    from modules import devices, lowvram, sd_hijack, sd_unet, shared
 
     shared.reset(str(tmp_path))
     # FINETUNE_WEBUI_CUDA=1 on a GPU machine: a real second device, so a misplaced tensor fails for real.
     devices.device = torch.device("cuda" if os.environ.get("FINETUNE_WEBUI_CUDA") == "1" else "cpu")
+    devices.dtype = devices.dtype_unet = devices.dtype_vae = devices.dtype_inference = torch.float32
+    devices.manual_cast_device = devices.fp8 = False
+    sd_unet.current_unet = None
     lowvram.module_in_gpu = None
     lowvram.hook_calls.clear()
     lowvram.location.clear()
+    lowvram.moves.clear()
     sd_hijack.new_model_hijack()
-    return shared
+    networks.install()
+    yield shared
+    networks.uninstall()
 
 
 @pytest.fixture()

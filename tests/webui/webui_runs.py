@@ -33,27 +33,23 @@ def train(model, dataset, tmp_path, method: str, name: str, steps: int = 2) -> s
 
 
 def spy_on_steps(monkeypatch):
-    """Record, for every outermost placement (a training step or a preview), the low-VRAM hook calls made inside it,
-    and where the modules were at each gradient-enabled predict. Returns the two lists, filled as training runs."""
+    """Record, for every training step, the low-VRAM hook calls made inside it, and where the modules were at each
+    gradient-enabled predict. Returns the two lists, filled as training runs."""
     import torch
     from modules import lowvram
 
-    from finetune_core.model.placement import Residency
     from finetune_core.model.webui_backend import WebUIModel
+    from finetune_core.train import loop
 
     fired_inside, resident = [], []
-    enter, exit_, predict = Residency.__enter__, Residency.__exit__, WebUIModel.predict
+    step, predict = loop.train_step, WebUIModel.predict
 
-    def spy_enter(self):
-        result = enter(self)
-        if self._depth == 1:
-            self._spy_calls = len(lowvram.hook_calls)
-        return result
-
-    def spy_exit(self, *exc):
-        if self._depth == 1:
-            fired_inside.append(lowvram.hook_calls[self._spy_calls:])
-        return exit_(self, *exc)
+    def spy_step(*args, **kwargs):
+        calls = len(lowvram.hook_calls)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            fired_inside.append(lowvram.hook_calls[calls:])
 
     def spy_predict(self, *args, **kwargs):
         out = predict(self, *args, **kwargs)
@@ -61,7 +57,6 @@ def spy_on_steps(monkeypatch):
             resident.append(dict(lowvram.location))
         return out
 
-    monkeypatch.setattr(Residency, "__enter__", spy_enter)
-    monkeypatch.setattr(Residency, "__exit__", spy_exit)
+    monkeypatch.setattr(loop, "train_step", spy_step)
     monkeypatch.setattr(WebUIModel, "predict", spy_predict)
     return fired_inside, resident

@@ -81,19 +81,39 @@ class CrossAttention(nn.Module):
         return self.to_out(attn @ v)
 
 
+class BasicTransformerBlock(nn.Module):
+    """ldm/sgm BasicTransformerBlock: self-attention, cross-attention, feed-forward (the WebUI checkpoints these)."""
+
+    forward_calls = 0  # test aid: forward passes, counted across instances (gradient checkpointing repeats them)
+
+    def __init__(self, dim, context_dim):
+        super().__init__()
+        self.attn1 = CrossAttention(dim)
+        self.attn2 = CrossAttention(dim, context_dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
+
+    def forward(self, x, context=None):
+        BasicTransformerBlock.forward_calls += 1
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context=context) + x
+        return self.ff(self.norm3(x)) + x
+
+
 class SpatialTransformer(nn.Module):
     def __init__(self, channels, context_dim):
         super().__init__()
         self.norm = nn.GroupNorm(8, channels)
-        self.attn1 = CrossAttention(channels)
-        self.attn2 = CrossAttention(channels, context_dim)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, context_dim)])
+        self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x, context=None):
         b, c, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)
-        tokens = tokens + self.attn1(tokens)
-        tokens = tokens + self.attn2(tokens, context)
-        return x + tokens.transpose(1, 2).reshape(b, c, h, w)
+        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context=context)
+        return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
 
 
 class ResBlock(nn.Module):
@@ -250,15 +270,34 @@ def build_sd1(seed=0):
     return install(LatentDiffusion())
 
 
+def freeze_like_ldm(model):
+    """What ldm/sgm freeze when they build a model: the VAE and the non-trainable text encoders. The UNet keeps
+    requires_grad=True, as in the WebUI (nothing there freezes it)."""
+    model.first_stage_model.requires_grad_(False)
+    if hasattr(model, "conditioner"):
+        for embedder in model.conditioner.embedders:
+            if not getattr(embedder, "is_trainable", False):
+                embedder.requires_grad_(False)
+    else:
+        model.cond_stage_model.requires_grad_(False)
+
+
 def install(model):
     """Load `model` the way the WebUI does: lowvram.apply (per cmd_opts), hijack, `shared.sd_model`, embeddings."""
     model = model.eval()
-    model.requires_grad_(False)
+    freeze_like_ldm(model)
+    if not shared.cmd_opts.no_half:  # as sd_models.load_model_weights: everything half, the VAE in dtype_vae
+        model.half()
+        model.first_stage_model.to(devices.dtype_vae)
+        devices.dtype_unet = torch.float16
     lowvram.apply(model)
     if not model.lowvram:
         model.to(devices.device)
     hijack = sd_hijack.model_hijack or sd_hijack.new_model_hijack()
     hijack.hijack(model)
+    import networks  # the built-in Lora extension names the layers in its on_model_loaded callback
+
+    networks.assign_network_names_to_compvis_modules(model)
     shared.sd_model = model
     sd_models.model_data.sd_model = model
     hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)

@@ -15,6 +15,7 @@ module_in_gpu = None
 cpu = torch.device("cpu")
 hook_calls: list[str] = []
 location: dict[str, str] = {}
+moves: list[tuple[str, str]] = []  # test aid: every (module, "device"/"cpu") move of a hooked module
 
 
 def send_everything_to_cpu():
@@ -51,6 +52,7 @@ def _track(module, name):
         if isinstance(target, (torch.device, str)):
             is_device = target is devices.device or (isinstance(target, torch.device) and target.type != "cpu")
             location[name] = "device" if is_device else "cpu"
+            moves.append((name, location[name]))
         return original_to(*args, **kwargs)
 
     module.to = to

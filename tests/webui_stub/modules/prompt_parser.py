@@ -17,3 +17,8 @@ def parse_prompt_attention(text):
         else:
             res.append([m.group(0), 1.0])
     return res or [["", 1.0]]
+
+
+def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
+    """The real one builds prompt schedules; without `[a:b:n]` syntax that is one conditioning per prompt."""
+    return model.get_learned_conditioning(list(prompts))

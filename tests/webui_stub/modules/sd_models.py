@@ -56,3 +56,11 @@ def list_models():
 
 def checkpoint_tiles(use_short=False):
     return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
+
+
+reload_calls: list = []  # test aid
+
+
+def reload_model_weights(sd_model=None, info=None):
+    """The real one reloads when the selected checkpoint differs from the loaded one; here it only records."""
+    reload_calls.append(info)

@@ -30,7 +30,8 @@ def _training_options():
             "emphasis": OptionInfo("Original"), "comma_padding_backtrack": OptionInfo(20),
             "textual_inversion_add_hashes_to_infotext": OptionInfo(True), "sdxl_crop_top": OptionInfo(0),
             "sdxl_crop_left": OptionInfo(0), "live_previews_enable": OptionInfo(True),
-            "use_old_emphasis_implementation": OptionInfo(False), "sd_hypernetwork": OptionInfo("None")}
+            "use_old_emphasis_implementation": OptionInfo(False), "sd_hypernetwork": OptionInfo("None"),
+            "persistent_cond_cache": OptionInfo(True), "lora_functional": OptionInfo(False)}
 
 
 def reset(root):
