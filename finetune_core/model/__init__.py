@@ -14,15 +14,17 @@ from finetune_core.model.interface import (
     SD2,
     SDXL,
     V_PREDICTION,
+    ChunkHook,
     ContextTransform,
     DiffusionModel,
     LatentMoments,
     ModelIdentity,
-    ModelSummary,
+    SampleRequest,
     TextConditioning,
     TextEncoderSpec,
     TrainableEmbedding,
-    summarize,
+    TrainingSession,
+    TrainingSetup,
 )
 
 if TYPE_CHECKING:
@@ -35,17 +37,19 @@ __all__ = [
     "SD2",
     "SDXL",
     "V_PREDICTION",
+    "ChunkHook",
     "ContextTransform",
     "DiffusionModel",
     "LatentMoments",
     "ModelIdentity",
-    "ModelSummary",
+    "SampleRequest",
     "TextConditioning",
     "TextEncoderSpec",
     "TrainableEmbedding",
+    "TrainingSession",
+    "TrainingSetup",
     "list_builtin_models",
     "load_model",
-    "summarize",
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -14,14 +14,19 @@ from finetune_core.model import chunks as chunking
 from finetune_core.model.interface import (
     SD1,
     SDXL,
+    ChunkHook,
     ContextTransform,
     LatentMoments,
     ModelIdentity,
+    SampleRequest,
     TextConditioning,
     TextEncoderSpec,
     TrainableEmbedding,
+    TrainingSession,
+    TrainingSetup,
 )
 from finetune_core.model.schedule import scaled_linear_alphas_cumprod
+from finetune_core.model.session import WeightState, autocast_factory, compute_dtype
 from finetune_core.model.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ class DiffusersModel:
         self._comma_id = self.tokenizer.encode(",")[0]
         # Embeddings the prompts of this model may name without passing them (loaded ones); the caller fills it.
         self.known_embeddings: dict[str, TrainableEmbedding] = {}
+        self._chunk_hook: ChunkHook | None = None
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
@@ -146,6 +152,8 @@ class DiffusersModel:
         finally:
             handle.remove()
         hidden = out.hidden_states[-2] if self.family == SDXL else out.last_hidden_state
+        if self._chunk_hook is not None:
+            hidden = self._chunk_hook(ids, hidden, key)
         return hidden, getattr(out, "text_embeds", None)
 
     # --- images -----------------------------------------------------------------------------------------------
@@ -155,10 +163,10 @@ class DiffusersModel:
         scale = float(self.vae.config.scaling_factor)
         return LatentMoments(dist.mean.float() * scale, dist.std.float() * scale)
 
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        scaled = latents.to(self._device, self.vae.dtype) / float(self.vae.config.scaling_factor)
-        return self.vae.decode(scaled).sample.float().clamp(-1, 1)
+    def decode_latents(self, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            scaled = latents.to(self._device, self.vae.dtype) / float(self.vae.config.scaling_factor)
+            return self.vae.decode(scaled).sample.float().clamp(-1, 1)
 
     # --- denoiser ---------------------------------------------------------------------------------------------
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
@@ -203,11 +211,82 @@ class DiffusersModel:
                 widths["cross" if module.is_cross_attention else "self"].add(module.to_k.in_features)
         return widths
 
+    @contextmanager
+    def text_chunk_hook(self, hook: ChunkHook) -> Iterator[None]:
+        if self._chunk_hook is not None:
+            raise FinetuneError("another text-encoder hook is active on this model; only one can be")
+        self._chunk_hook = hook
+        try:
+            yield
+        finally:
+            self._chunk_hook = None
+
+    # --- weights and jobs -------------------------------------------------------------------------------------
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"unet": self.unet, "text_encoder": self._encoders[0]}
         if len(self._encoders) > 1:
             modules["text_encoder_2"] = self._encoders[1]
         return modules
 
+    @contextmanager
+    def training_session(self, setup: TrainingSetup) -> Iterator[TrainingSession]:
+        available = self.trainable_modules()
+        unknown = [name for name in setup.train if name not in available]
+        if unknown:
+            raise ModelMismatchError(f"this {self.family} model has no {', '.join(unknown)} to train")
+        trained = {name: available[name] for name in setup.train}
+        compute = compute_dtype(setup.precision, self._dtype)
+        factory = autocast_factory(self._device, compute)
+        with ExitStack() as stack:
+            weights = WeightState([self.unet, self.vae, *self._encoders], trained)
+            stack.callback(weights.restore)
+            if setup.gradient_checkpointing:
+                stack.enter_context(_checkpointing(self.unet, trained))
+            yield TrainingSession(trained, compute, factory)
+
     def placement(self) -> AbstractContextManager[None]:
         return nullcontext()
+
+    def sample(self, request: SampleRequest, embeddings: Mapping[str, TrainableEmbedding] | None = None,
+               context_transform: ContextTransform | None = None) -> list[Any]:
+        from finetune_core.model.sampler import sample
+
+        return sample(self, request, embeddings, context_transform)
+
+    def sampler_names(self) -> list[str]:
+        from finetune_core.model.sampler import SAMPLERS
+
+        return list(SAMPLERS)
+
+    def ldm_state_dict(self, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Through the diffusers -> LDM key mapping (`formats.checkpoint`); SD2's text encoder lacks the last
+        layer diffusers drops (the caller carries it over from the source checkpoint)."""
+        from finetune_core.formats.checkpoint import diffusers_to_ldm
+
+        available = {**self.trainable_modules(), "vae": self.vae}
+        missing = [name for name in modules if name not in available]
+        if missing:
+            raise ModelMismatchError(f"this {self.family} model has no {', '.join(missing)}")
+        components = {name: {k: v.detach().to("cpu") for k, v in available[name].state_dict().items()}
+                      for name in modules}
+        return diffusers_to_ldm(components, self.family)
+
+
+@contextmanager
+def _checkpointing(unet: Any, trained: Mapping[str, torch.nn.Module]) -> Iterator[None]:
+    """diffusers' and transformers' own gradient checkpointing, switched back off afterwards. Trained text encoders
+    run in train mode meanwhile: transformers checkpoints CLIP only then (CLIP has no dropout to change)."""
+    was_on = bool(getattr(unet, "is_gradient_checkpointing", False))
+    unet.enable_gradient_checkpointing()
+    encoders: list[Any] = [m for name, m in trained.items() if name.startswith("text_encoder")]
+    for encoder in encoders:
+        encoder.gradient_checkpointing_enable()
+        encoder.train()
+    try:
+        yield
+    finally:
+        for encoder in encoders:
+            encoder.gradient_checkpointing_disable()
+            encoder.eval()
+        if not was_on:
+            unet.disable_gradient_checkpointing()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -29,6 +29,7 @@ class ModelIdentity:
 
     name: str  # the WebUI's `model_name`: file stem, or e.g. "tiny-sd1"
     shorthash: str  # 10 hex digits (sha256[:10] of the checkpoint file, or of the tiny model's weights)
+    source: str = ""  # the checkpoint file or model folder the weights came from; "" for models built in code
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,6 @@ class TextConditioning:
         pooled = None if self.pooled is None else self.pooled.to(device, dtype)
         return TextConditioning(self.context.to(device, dtype), pooled)
 
-    def index(self, rows: list[int] | slice) -> TextConditioning:
-        return TextConditioning(self.context[rows], None if self.pooled is None else self.pooled[rows])
-
     @staticmethod
     def cat(parts: list[TextConditioning]) -> TextConditioning:
         # Prompts of different chunk counts are padded by repeating the last chunk's width is not needed here:
@@ -80,9 +78,57 @@ class TextConditioning:
         return TextConditioning(torch.cat([p.context for p in parts]), pooled)
 
 
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What a job does to the model for its duration (`DiffusionModel.training_session`).
+
+    train: names from `trainable_modules()` whose own weights the job trains (DreamBooth: "unet", ...); they become
+           float32 master weights with gradients, everything else is frozen.
+    precision: the autocast the job asks for ("fp32", "fp16", "bf16"); the model decides what the forward really
+               computes in (a model stored in fp16 computes in fp16 whatever was asked).
+    gradient_checkpointing: recompute the UNet's blocks in backward instead of keeping their activations.
+    """
+
+    train: tuple[str, ...] = ()
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainingSession:
+    """What a model gives a job while `training_session` is active.
+
+    modules: the trained modules (float32, requires_grad on); compute_dtype: the dtype the forward really runs in
+    (it decides whether fp16 loss scaling is needed); autocast(): the mixed-precision context of one forward.
+    """
+
+    modules: dict[str, torch.nn.Module]
+    compute_dtype: torch.dtype
+    autocast: Callable[[], AbstractContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One txt2img call for previews and class images, in the WebUI's terms (sampler names as the WebUI's)."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    sampler: str = "DPM++ 2M"
+
+
 # Signature of a context transform (hypernetworks): given the attention context and whether it is cross-attention,
 # return the (context for k, context for v). `is_cross` tells text cross-attention from self-attention.
 ContextTransform = Callable[[torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor]"]
+
+# A generation-time hook on the text encoder (Aesthetic Gradients): called with rows of 77-token chunks (N, 77) as
+# each encoder encodes them (one row per prompt and chunk), the hidden states the model would use (N, 77, C_key) and
+# the encoder key ("clip_l", "clip_g"); returns the hidden states to use instead.
+ChunkHook = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -151,8 +197,12 @@ class DiffusionModel(Protocol):
         """VAE-encode pixels (B, 3, H, W) in [-1, 1] to scaled latent moments; no gradients."""
         ...
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode scaled latents (B, 4, h, w) to pixels (B, 3, 8h, 8w) in [-1, 1]; no gradients."""
+    def decode_latents(self, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """Decode scaled latents (B, 4, h, w) to pixels (B, 3, 8h, 8w) in [-1, 1].
+
+        grad=True keeps the graph (a reconstruction loss): the VAE stays frozen but gradients reach `latents`, and
+        under a placement the VAE stays resident until the placement ends, since the graph holds its weights.
+        """
         ...
 
     # --- denoiser -----------------------------------------------------------------------------------------
@@ -176,31 +226,41 @@ class DiffusionModel(Protocol):
         """Context widths of the model's attention layers: {"cross": {768}, "self": {320, 640, ...}}."""
         ...
 
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        """Modules a weight-training method may unfreeze: "unet", "text_encoder" (and "text_encoder_2" on SDXL)."""
+    def text_chunk_hook(self, hook: ChunkHook) -> AbstractContextManager[None]:
+        """While active, every encoded prompt chunk's hidden states pass through `hook` (see ChunkHook); always
+        undone on exit, also when the body raises."""
         ...
 
-    def placement(self) -> AbstractContextManager[None]:
-        """While active, the modules an autograd step needs are resident on `device` (medvram-aware hosts).
+    # --- weights and jobs ---------------------------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules a method may train, by name: "unet", "text_encoder" (and "text_encoder_2" on SDXL).
 
-        The standalone backend keeps everything resident, so this is a no-op there.
+        A query: it changes nothing (dtype, flags and placement stay as they are).
         """
         ...
 
+    def training_session(self, setup: TrainingSetup) -> AbstractContextManager[TrainingSession]:
+        """For one job: every weight frozen except `setup.train` (float32 masters), gradient checkpointing and the
+        forward's precision as asked, host state that would change training undone; on exit the model is exactly
+        as it was (values, dtypes, requires_grad, no .grad left), also when the job fails."""
+        ...
 
-@dataclass
-class ModelSummary:
-    """A plain description of a loaded model for logs, lint and the UI."""
+    def placement(self) -> AbstractContextManager[None]:
+        """While active, the modules autograd needs stay resident on `device` and no host hook moves them
+        (medvram-aware hosts); entered once per phase of a job. A no-op where everything is resident."""
+        ...
 
-    family: str
-    prediction_type: str
-    name: str
-    shorthash: str
-    context_width: int
-    text_widths: list[int] = field(default_factory=list)
+    def sample(self, request: SampleRequest, embeddings: Mapping[str, TrainableEmbedding] | None = None,
+               context_transform: ContextTransform | None = None) -> list[Any]:
+        """txt2img with the host's own samplers (WebUI: its samplers; standalone: diffusers schedulers) and the
+        given extras applied; one PIL image per prompt; the same request gives the same images."""
+        ...
 
+    def sampler_names(self) -> list[str]:
+        """The sampler names `sample` accepts."""
+        ...
 
-def summarize(model: DiffusionModel) -> ModelSummary:
-    """Describe `model` in plain values."""
-    return ModelSummary(model.family, model.prediction_type, model.identity.name, model.identity.shorthash,
-                        model.context_width, [t.width for t in model.text_encoders])
+    def ldm_state_dict(self, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The named trainable modules' weights as they are now, under the original LDM checkpoint keys
+        (`model.diffusion_model.*`, `cond_stage_model.*` / `conditioner.embedders.N.*`), CPU, in their dtype."""
+        ...

@@ -84,7 +84,7 @@ def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch
     if (folder / "text_encoder_2").is_dir():
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kwargs)
     family = _folder_family(folder, text_encoder.config.hidden_size, text_encoder_2 is not None)
-    identity = ModelIdentity(folder.name, _folder_shorthash(folder))
+    identity = ModelIdentity(folder.name, _folder_shorthash(folder), str(folder))
     logger.info("loaded diffusers folder %s as %s (%s)", folder, family, identity.shorthash)
     return DiffusersModel(unet, vae, text_encoder, text_encoder_2, family=family,
                           prediction_type=_folder_prediction_type(folder), identity=identity,

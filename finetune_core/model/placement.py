@@ -2,16 +2,19 @@
 
 The WebUI swaps its big modules between the CPU and the GPU with forward pre-hooks (`lowvram.send_me_to_gpu`).
 Inside an autograd step a swap would move parameters the graph saved, and backward then fails with "Expected all
-tensors to be on the same device". So while a step runs, `Residency` suspends those hooks, keeps every module the
-step touches resident on the device, and afterwards puts each tensor back where it was and re-arms the hooks, so
-generation keeps working exactly as before.
+tensors to be on the same device". So while a phase of a job runs (all its steps: the queue lock is held anyway),
+`Residency` suspends those hooks and keeps every module the steps touch resident on the device; previews and class
+images run `paused()`, with the hooks working as in any generation; at the end each tensor goes back where it was
+and the hooks are re-armed, so generation keeps working exactly as before. Modules move once per phase, not once
+per step.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -70,10 +73,11 @@ def restore_tensor_devices(module: torch.nn.Module, record: dict[str, torch.devi
 
 
 class Residency:
-    """Keeps the modules an autograd step uses on the device with the lowvram hooks off; re-entrant.
+    """Keeps the modules autograd uses on the device with the lowvram hooks off; re-entrant.
 
     modules: name -> the module the WebUI's hook moves ("unet": `sd_model.model`, "text": the text encoder the
-    hook moves, "vae": `first_stage_model`). `need(name)` makes one resident for the rest of the step.
+    hook moves, "vae": `first_stage_model`). `need(name)` makes one resident until the residency ends;
+    `release(name)` sends it back early unless it was pinned (`need(name, pin=True)`: a graph holds its weights).
     """
 
     def __init__(self, sd_model: Any, modules: dict[str, torch.nn.Module], lowvram: Any, devices: Any) -> None:
@@ -83,6 +87,7 @@ class Residency:
         self._devices = devices
         self._depth = 0
         self._resident: dict[str, dict[str, torch.device]] = {}
+        self._pinned: set[str] = set()
         self._restore_hooks: Callable[[], None] | None = None
 
     @property
@@ -92,34 +97,64 @@ class Residency:
 
     @property
     def active(self) -> bool:
-        return self._depth > 0 and self.managed
+        return self._depth > 0 and self._restore_hooks is not None
 
     def __enter__(self) -> None:  # the DiffusionModel.placement() contract yields nothing
         self._depth += 1
         if self._depth == 1 and self.managed:
-            self._lowvram.send_everything_to_cpu()
-            self._restore_hooks = suspend_lowvram_hooks(self._sd_model)
-            logger.debug("placement: lowvram hooks suspended for the step")
+            self._suspend()
 
     def __exit__(self, *exc: object) -> None:
         self._depth -= 1
         if self._depth == 0 and self._restore_hooks is not None:
-            self.release_all()
-            self._restore_hooks()
-            self._restore_hooks = None
-            self._lowvram.module_in_gpu = None
-            self._devices.torch_gc()
+            self._resume_hooks()
+            self._pinned.clear()
 
-    def need(self, name: str) -> None:
-        """Make module `name` resident until the step ends (no-op outside a managed step)."""
-        if not self.active or name in self._resident:
+    def _suspend(self) -> None:
+        self._lowvram.send_everything_to_cpu()
+        self._restore_hooks = suspend_lowvram_hooks(self._sd_model)
+        logger.debug("placement: lowvram hooks suspended")
+
+    def _resume_hooks(self) -> None:
+        self.release_all(force=True)
+        if self._restore_hooks is not None:
+            self._restore_hooks()
+        self._restore_hooks = None
+        self._lowvram.module_in_gpu = None
+        self._devices.torch_gc()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Generation inside a phase (previews, class images): resident modules go back and the WebUI's hooks move
+        modules as in any generation; afterwards the same modules are made resident again."""
+        if not self.active:
+            yield
+            return
+        names, pinned = list(self._resident), set(self._pinned)
+        self._resume_hooks()
+        try:
+            yield
+        finally:
+            self._suspend()
+            for name in names:
+                self.need(name, pin=name in pinned)
+
+    def need(self, name: str, pin: bool = False) -> None:
+        """Make module `name` resident until the residency ends (no-op outside a managed residency)."""
+        if not self.active:
+            return
+        if pin:
+            self._pinned.add(name)
+        if name in self._resident:
             return
         module = self._modules[name]
         self._resident[name] = tensor_devices(module)
         module.to(self._devices.device)
 
-    def release(self, name: str) -> None:
-        """Send module `name` back where it was (used for the VAE, which no autograd graph holds)."""
+    def release(self, name: str, force: bool = False) -> None:
+        """Send module `name` back where it was (the VAE after a decode without gradients); pinned ones stay."""
+        if name in self._pinned and not force:
+            return
         record = self._resident.pop(name, None)
         if record is None:
             return
@@ -127,6 +162,6 @@ class Residency:
         module.to(self._devices.cpu)
         restore_tensor_devices(module, record)
 
-    def release_all(self) -> None:
+    def release_all(self, force: bool = False) -> None:
         for name in list(self._resident):
-            self.release(name)
+            self.release(name, force)

@@ -1,62 +1,71 @@
-"""A small txt2img sampler over the `DiffusionModel` interface, for previews and DreamBooth class images.
+"""txt2img over the `DiffusionModel` interface with diffusers' schedulers, for standalone previews and class images.
 
-DDIM (eta 0) and Euler, with classifier-free guidance, for eps- and v-prediction models.
+Sampler names are the WebUI's, so a setting means the same in both hosts (inside the WebUI its own samplers run).
+The schedulers are configured with Stable Diffusion's training schedule (scaled linear betas 0.00085..0.012 over
+1000 steps, "leading" spacing with offset 1, as SD's own scheduler configs) and the model's prediction type.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 
 from finetune_core.errors import ConfigError
-from finetune_core.model.interface import ContextTransform, DiffusionModel, TextConditioning, TrainableEmbedding
-from finetune_core.model.schedule import predicted_noise, predicted_x0
+from finetune_core.model.interface import (
+    ContextTransform,
+    DiffusionModel,
+    SampleRequest,
+    TextConditioning,
+    TrainableEmbedding,
+)
 
-SAMPLERS = ("ddim", "euler")
-
-
-@dataclass(frozen=True)
-class SampleOptions:
-    """How to sample: step count, guidance scale, image size in pixels, seed and sampler name."""
-
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    seed: int = 0
-    sampler: str = "ddim"
-
-    def validate(self, vae_scale: int = 8) -> None:
-        """Raise ConfigError naming every bad field."""
-        problems = []
-        if not 1 <= self.steps <= 1000:
-            problems.append(f"sampling steps must be between 1 and 1000, not {self.steps}")
-        if self.width % vae_scale or self.height % vae_scale or min(self.width, self.height) <= 0:
-            problems.append(f"image width and height must be positive multiples of {vae_scale}, "
-                            f"not {self.width}x{self.height}")
-        if self.sampler not in SAMPLERS:
-            problems.append(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if problems:
-            raise ConfigError(problems)
+# WebUI sampler name -> (diffusers scheduler class, extra config)
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {"set_alpha_to_one": False}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+}
 
 
-def ddim_timesteps(steps: int, n: int = 1000) -> list[int]:
-    """Descending "uniform" DDIM timesteps with offset 1, as ldm's `make_ddim_timesteps` (Song et al., 2021)."""
-    return [min(t + 1, n - 1) for t in range(0, n, max(n // steps, 1))][:steps][::-1]
+def check_request(request: SampleRequest, vae_scale: int = 8) -> None:
+    """Raise ConfigError naming every bad field of a sample request."""
+    problems = []
+    if not 1 <= request.steps <= 1000:
+        problems.append(f"sampling steps must be between 1 and 1000, not {request.steps}")
+    if request.width % vae_scale or request.height % vae_scale or min(request.width, request.height) <= 0:
+        problems.append(f"image width and height must be positive multiples of {vae_scale}, "
+                        f"not {request.width}x{request.height}")
+    if request.sampler not in SAMPLERS:
+        problems.append(f"unknown sampler {request.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if len(request.negative_prompts) != len(request.prompts):
+        problems.append(f"got {len(request.prompts)} prompts but {len(request.negative_prompts)} negative prompts; "
+                        "give one per prompt")
+    if problems:
+        raise ConfigError(problems)
 
 
-def euler_timesteps(steps: int, n: int = 1000) -> list[int]:
-    """Descending integer timesteps evenly spaced from n−1 to 0, as k-diffusion's `get_sigmas` spaces them."""
-    return [round(float(t)) for t in torch.linspace(n - 1, 0, steps)]
+def make_scheduler(name: str, prediction_type: str) -> Any:
+    """A fresh diffusers scheduler for the WebUI sampler `name`."""
+    import diffusers
+
+    class_name, extra = SAMPLERS[name]
+    return getattr(diffusers, class_name)(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type, steps_offset=1, timestep_spacing="leading", **extra)
 
 
-def guided_output(model: DiffusionModel, x: torch.Tensor, t: int, cond: TextConditioning,
+def guided_output(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: TextConditioning,
                   uncond: TextConditioning, cfg_scale: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans, 2022): uncond + scale·(cond − uncond) of the raw model output."""
-    ts = torch.full((x.shape[0],), t, dtype=torch.long)
+    ts = t.reshape(1).expand(x.shape[0]).to(x.device)
     if cond.context.shape == uncond.context.shape:
         both = model.predict(torch.cat([x, x]), torch.cat([ts, ts]), TextConditioning.cat([uncond, cond]))
         out_uncond, out_cond = both.chunk(2)
@@ -65,39 +74,23 @@ def guided_output(model: DiffusionModel, x: torch.Tensor, t: int, cond: TextCond
     return out_uncond + cfg_scale * (out_cond - out_uncond)
 
 
-def sample_ddim(model: DiffusionModel, x: torch.Tensor, cond: TextConditioning, uncond: TextConditioning,
-                options: SampleOptions, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from pure noise x_T to x_0 (Song et al., 2021, eq. 12)."""
-    ac = model.alphas_cumprod().to(x.device)
-    steps = ddim_timesteps(options.steps, len(ac))
-    for i, t in enumerate(steps):
-        out = guided_output(model, x, t, cond, uncond, options.cfg_scale)
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        x0 = predicted_x0(x, out, tt, ac, model.prediction_type)
-        eps = predicted_noise(x, out, tt, ac, model.prediction_type)
-        a_prev = ac[steps[i + 1]] if i + 1 < len(steps) else ac[0]
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+def denoise(model: DiffusionModel, scheduler: Any, noise: torch.Tensor, cond: TextConditioning,
+            uncond: TextConditioning, request: SampleRequest,
+            callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Run `scheduler` from pure noise to clean latents with classifier-free guidance."""
+    step_kwargs: dict[str, Any] = {}
+    if "generator" in inspect.signature(scheduler.step).parameters:  # ancestral samplers' fresh noise
+        step_kwargs["generator"] = torch.Generator().manual_seed(request.seed + 1)
+    scheduler.set_timesteps(request.steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        x_in = scheduler.scale_model_input(latents, t)
+        out = guided_output(model, x_in, t, cond, uncond, request.cfg_scale)
+        latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
         if callback is not None:
-            callback(i + 1, len(steps))
-    return x
-
-
-def sample_euler(model: DiffusionModel, x: torch.Tensor, cond: TextConditioning, uncond: TextConditioning,
-                 options: SampleOptions, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Euler steps on the variance-exploding form x = x0 + σ·eps (Karras et al., 2022, Algorithm 2 without churn)."""
-    ac = model.alphas_cumprod().to(x.device)
-    steps = euler_timesteps(options.steps, len(ac))
-    sigmas = [float(((1 - ac[t]) / ac[t]).sqrt()) for t in steps] + [0.0]
-    x = x * sigmas[0]
-    for i, t in enumerate(steps):
-        scale_in = (sigmas[i] ** 2 + 1) ** -0.5  # the VP model sees sqrt(a)·x
-        out = guided_output(model, x * scale_in, t, cond, uncond, options.cfg_scale)
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        denoised = predicted_x0(x * scale_in, out, tt, ac, model.prediction_type)
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-        if callback is not None:
-            callback(i + 1, len(steps))
-    return x
+            callback(i + 1, len(timesteps))
+    return latents
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:
@@ -106,23 +99,18 @@ def to_images(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(row, "RGB") for row in data]
 
 
-def sample(model: DiffusionModel, prompts: list[str], negative_prompts: list[str] | None = None, *,
-           steps: int = 20, cfg_scale: float = 7.0, width: int = 512, height: int = 512, seed: int = 0,
-           embeddings: Mapping[str, TrainableEmbedding] | None = None,
-           context_transform: ContextTransform | None = None, sampler: str = "ddim",
+def sample(model: DiffusionModel, request: SampleRequest, embeddings: Mapping[str, TrainableEmbedding] | None = None,
+           context_transform: ContextTransform | None = None,
            callback: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-    """Generate one image per prompt; the same seed and settings give the same images."""
-    options = SampleOptions(steps, cfg_scale, width, height, seed, sampler)
-    options.validate(model.vae_scale)
-    negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
-    if len(negatives) != len(prompts):
-        raise ConfigError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts; give one per prompt")
-    generator = torch.Generator().manual_seed(seed)
-    shape = (len(prompts), model.latent_channels, height // model.vae_scale, width // model.vae_scale)
+    """One image per prompt; the same request gives the same images."""
+    check_request(request, model.vae_scale)
+    generator = torch.Generator().manual_seed(request.seed)
+    shape = (len(request.prompts), model.latent_channels, request.height // model.vae_scale,
+             request.width // model.vae_scale)
     noise = torch.randn(shape, generator=generator).to(model.device)
-    run = sample_ddim if sampler == "ddim" else sample_euler
+    scheduler = make_scheduler(request.sampler, model.prediction_type)
     with torch.no_grad(), model.placement(), model.context_transform(context_transform):
-        cond = model.encode_prompts(list(prompts), embeddings)
-        uncond = model.encode_prompts(negatives, embeddings)
-        latents = run(model, noise, cond, uncond, options, callback)
+        cond = model.encode_prompts(list(request.prompts), embeddings)
+        uncond = model.encode_prompts(list(request.negative_prompts), embeddings)
+        latents = denoise(model, scheduler, noise, cond, uncond, request, callback)
         return to_images(model.decode_latents(latents))

@@ -77,7 +77,7 @@ def load_single_file(
         modules[name].to(device=device, dtype=dtype).eval()
         _realign(modules[name])
     prediction = _prediction_type(source, family, modules["unet"], v_marker)
-    identity = ModelIdentity(name=source.stem, shorthash=file_sha256(source)[:10])
+    identity = ModelIdentity(name=source.stem, shorthash=file_sha256(source)[:10], source=str(source))
     logger.info("loaded %s as %s (%s, %s)", source, family, prediction, identity.shorthash)
     return SingleFileComponents(
         family=family,

@@ -18,9 +18,8 @@ from finetune_core.model.interface import EPSILON, SD1, SD2, SDXL, V_PREDICTION,
 
 TINY_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 # Bump when the weights a name builds change, so artefacts stamped with the old hash are told apart.
-_WEIGHTS_VERSION = 1
+_WEIGHTS_VERSION = 2
 _VOCAB = 49408
-_BOS, _EOS = 49406, 49407
 
 
 @dataclass(frozen=True)
@@ -53,43 +52,31 @@ class TinyComponents:
     identity: ModelIdentity
 
 
-def _text_encoder(width: int, pad_id: int, with_projection: bool, quick_gelu: bool) -> Any:
-    """A 2-layer CLIP text encoder at the real width and vocabulary (the SDXL paths read the penultimate layer)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=_VOCAB, hidden_size=width, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=width // 64, max_position_embeddings=77, projection_dim=width,
-                            hidden_act="quick_gelu" if quick_gelu else "gelu", bos_token_id=_BOS,
-                            eos_token_id=_EOS, pad_token_id=pad_id)
-    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
-
-
-def _unet(spec: TinySpec) -> Any:
-    """A 2-level UNet with cross-attention at the real context width (SDXL: text_time added conditioning)."""
-    from diffusers import UNet2DConditionModel
-
-    common: dict[str, Any] = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
-                              "layers_per_block": 1, "cross_attention_dim": sum(spec.text_widths),
-                              "norm_num_groups": 16, "attention_head_dim": 4}
-    if spec.family == SDXL:
-        # As SDXL: no attention at the highest resolution; pooled text (1280) + 6 size values x 256 Fourier dims.
-        return UNet2DConditionModel(**common, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
-                                    addition_embed_type="text_time", addition_time_embed_dim=256,
-                                    projection_class_embeddings_input_dim=spec.text_widths[1] + 6 * 256)
-    return UNet2DConditionModel(**common, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                                use_linear_projection=spec.family == SD2)
+# The shipped full-size configs, shrunk: the LDM layout (4 UNet levels for SD1/SD2, 3 for SDXL, 2 resnets per
+# level, attention where the real model has it) is kept so checkpoints convert both ways, and the real text widths
+# and vocabulary are kept so embeddings and hypernetworks have the real shapes.
+_UNET = {"block_out_channels": [32, 32, 64, 64], "norm_num_groups": 16, "attention_head_dim": 4, "sample_size": 8}
+_UNET_SDXL = {"block_out_channels": [32, 64, 64], "norm_num_groups": 16, "attention_head_dim": [2, 4, 4],
+              "transformer_layers_per_block": [1, 1, 1], "sample_size": 8}
+_VAE = {"block_out_channels": [16, 16, 32, 32], "norm_num_groups": 8, "sample_size": 64}
+_TEXT = {"intermediate_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 77, "vocab_size": _VOCAB}
 
 
-def _vae(spec: TinySpec) -> Any:
-    """A VAE with 4 levels (3 downsamples: 8x) and 4 latent channels."""
-    from diffusers import AutoencoderKL
+def tiny_configs(spec: TinySpec) -> dict[str, dict]:
+    """Component name -> config dict of a tiny model of `spec`'s family."""
+    from finetune_core.model.configs import load_config
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
-                         scaling_factor=spec.vae_scaling)
+    family = spec.family
+    unet = {**load_config(family, "unet"), **(_UNET_SDXL if family == SDXL else _UNET),
+            "cross_attention_dim": sum(spec.text_widths)}
+    if family == SD2:
+        unet["attention_head_dim"] = [2, 2, 4, 4]
+    configs = {"unet": unet, "vae": {**load_config(family, "vae"), **_VAE, "scaling_factor": spec.vae_scaling}}
+    for index, width in enumerate(spec.text_widths):
+        name = "text_encoder" if index == 0 else "text_encoder_2"
+        configs[name] = {**load_config(family, name), **_TEXT, "hidden_size": width, "projection_dim": width,
+                         "num_attention_heads": width // 64}
+    return configs
 
 
 def randomize_weights(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -128,14 +115,14 @@ def tiny_components(name: str) -> TinyComponents:
     spec = _SPECS.get(name)
     if spec is None:
         raise FinetuneError(f"There is no built-in model called {name!r}; choose one of {', '.join(TINY_MODELS)}.")
+    from finetune_core.model.single_file import build_component
+
     # Built on the meta device: the libraries' own init would cost seconds and draw from the global RNG.
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        unet, vae = _unet(spec), _vae(spec)
-        te = _text_encoder(spec.text_widths[0], _EOS if spec.family == SD1 else 0, False, spec.family != SD2)
-        te2 = _text_encoder(1280, 0, True, False) if spec.family == SDXL else None
-    modules = [m.to_empty(device="cpu") for m in (unet, vae, te, te2) if m is not None]
+        built = {name: build_component(name, config) for name, config in tiny_configs(spec).items()}
+    modules = [m.to_empty(device="cpu") for m in built.values()]
     unet, vae, te = modules[:3]
-    te2 = modules[3] if te2 is not None else None
+    te2 = modules[3] if len(modules) > 3 else None
     generator = torch.Generator().manual_seed(1000 * _WEIGHTS_VERSION + spec.seed)
     for module in modules:
         randomize_weights(module, generator)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,14 +24,19 @@ from finetune_core.model.interface import (
     SD2,
     SDXL,
     V_PREDICTION,
+    ChunkHook,
     ContextTransform,
     LatentMoments,
     ModelIdentity,
+    SampleRequest,
     TextConditioning,
     TextEncoderSpec,
     TrainableEmbedding,
+    TrainingSession,
+    TrainingSetup,
 )
 from finetune_core.model.placement import Residency
+from finetune_core.model.session import WeightState, autocast_factory, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +78,6 @@ class WebUIModel:
         self.text_encoders = self._text_specs()
         self._residency = Residency(sd_model, {"unet": sd_model.model, "text": self._hooked_text_module(),
                                                "vae": sd_model.first_stage_model}, lowvram, devices)
-        self._snapshots: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, bool],
-                                         torch.dtype]] = {}
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
@@ -196,7 +200,13 @@ class WebUIModel:
             finally:
                 self._residency.release("vae")
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        if grad:  # the VAE's own decode (ldm's decode_first_stage is no_grad), kept resident for backward
+            vae = self.sd_model.first_stage_model
+            self._residency.need("vae", pin=True)
+            with self._devices.autocast():
+                z = latents.to(self.device, self._vae_dtype()) / float(self.sd_model.scale_factor)
+                return type(vae).decode(vae, z).float().clamp(-1, 1)
         with torch.no_grad(), self._devices.autocast():
             z = latents.to(self.device, self._vae_dtype())
             pixels = self._vae_call("decode", z)
@@ -280,43 +290,71 @@ class WebUIModel:
                 widths["cross" if is_cross else "self"].add(to_k.in_features)
         return widths
 
-    # --- weights ----------------------------------------------------------------------------------------------
+    def text_chunk_hook(self, hook: ChunkHook) -> AbstractContextManager[None]:
+        return _chunk_hooked(list(zip(self.text_encoders, self._wrappers())), hook)
+
+    # --- weights and jobs -------------------------------------------------------------------------------------
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        """Modules a method may train. Each is snapshotted first and upcast to float32 (master weights), and
-        `restore_weights()` puts the loaded model back exactly as it was."""
+        """The UNet and the text encoders inside the WebUI's wrappers; a query that changes nothing."""
         modules = {"unet": self.sd_model.model.diffusion_model}
-        wrappers = self._wrappers()
-        for i, wrapper in enumerate(wrappers):
+        for i, wrapper in enumerate(self._wrappers()):
             inner = wrapper.wrapped
             encoder = getattr(inner, "transformer", None)
             modules["text_encoder" if i == 0 else "text_encoder_2"] = encoder if encoder is not None else inner.model
-        for name, module in modules.items():
-            self._snapshot(name, module)
         return modules
 
-    def _snapshot(self, name: str, module: torch.nn.Module) -> None:
-        if name in self._snapshots:
-            return
-        state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        flags = {k: p.requires_grad for k, p in module.named_parameters()}
-        dtype = next(module.parameters()).dtype
-        self._snapshots[name] = (module, state, flags, dtype)
-        if dtype in (torch.float16, torch.bfloat16):
-            module.float()
+    @contextmanager
+    def training_session(self, setup: TrainingSetup) -> Iterator[TrainingSession]:
+        from finetune_core.model import webui_session as ws
 
-    def restore_weights(self) -> None:
-        """Undo everything training did to the loaded model's weights (values, dtypes, requires_grad)."""
-        for name, (module, state, flags, dtype) in list(self._snapshots.items()):
-            with torch.no_grad():
-                module.to(dtype)
-                module.load_state_dict(state, strict=True)
-                for key, param in module.named_parameters():
-                    param.requires_grad_(flags.get(key, False))
-                    param.grad = None
-            del self._snapshots[name]
+        ws.refuse_untrainable(self.sd_model)
+        available = self.trainable_modules()
+        unknown = [name for name in setup.train if name not in available]
+        if unknown:
+            raise ModelMismatchError(f"this {self.family} model has no {', '.join(unknown)} to train")
+        trained = {name: available[name] for name in setup.train}
+        compute = compute_dtype(setup.precision, self.dtype)
+        supported = ws.autocast_supported(self._devices, compute)
+        factory = autocast_factory(self.device, compute, supported)
+        with ExitStack() as stack:
+            stack.enter_context(ws.generation_state_set_aside(self.sd_model))
+            weights = WeightState([self.sd_model], trained)
+            stack.callback(weights.restore)
+            if setup.gradient_checkpointing:
+                stack.enter_context(ws.checkpointed_blocks(self.sd_model.model.diffusion_model))
+            stack.enter_context(ws.job_autocast(self._devices, factory))
+            yield TrainingSession(trained, compute if supported else self.dtype, factory)
 
     def placement(self) -> AbstractContextManager[None]:
         return self._residency
+
+    def sample(self, request: SampleRequest, embeddings: Mapping[str, TrainableEmbedding] | None = None,
+               context_transform: ContextTransform | None = None) -> list[Any]:
+        """The WebUI's own txt2img; under a placement it runs paused, so the WebUI's hooks move modules as usual."""
+        from finetune_core.model.webui_sampler import txt2img
+
+        with self._residency.paused(), self._spliced(embeddings or {}), self.context_transform(context_transform):
+            return txt2img(self.sd_model, request)
+
+    def sampler_names(self) -> list[str]:
+        from finetune_core.model.webui_sampler import sampler_names
+
+        return sampler_names()
+
+    def ldm_state_dict(self, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The WebUI holds the LDM layout itself; only its wrappers (`.wrapped`: the hijack's text wrappers and
+        `EmbeddingsWithFixes`) add a level that the checkpoint file does not have."""
+        available = {**self.trainable_modules(), "vae": self.sd_model.first_stage_model}
+        names = {id(m): name for name, m in self.sd_model.named_modules()}
+        out: dict[str, torch.Tensor] = {}
+        for key in modules:
+            if key not in available:
+                raise ModelMismatchError(f"this {self.family} model has no {key}")
+            prefix = names[id(available[key])]
+            for name, tensor in available[key].state_dict().items():
+                full = ".".join(part for part in f"{prefix}.{name}".split(".") if part != "wrapped")
+                out[full] = tensor.detach().to("cpu")
+        return out
 
 
 class HypernetworkShim:
@@ -373,11 +411,38 @@ def _trainable(embedders: list[Any]) -> Iterator[None]:
             embedder.is_trainable = value
 
 
+@contextmanager
+def _chunk_hooked(encoders: list[tuple[TextEncoderSpec, Any]], hook: ChunkHook) -> Iterator[None]:
+    """Wrap each text wrapper's `process_tokens` (one call per 77-token chunk) by instance; always undone."""
+    wrapped = []
+    for spec, wrapper in encoders:
+        if "process_tokens" in vars(wrapper):
+            raise FinetuneError("another text-encoder hook is active on this model; only one can be")
+        original = wrapper.process_tokens
+
+        def process_tokens(tokens: Any, multipliers: Any, _original: Any = original, _key: str = spec.key) -> Any:
+            z = _original(tokens, multipliers)
+            pooled = getattr(z, "pooled", None)
+            out = hook(torch.as_tensor(tokens), z, _key)
+            if pooled is not None:  # SDXL's CLIP-G wrapper hangs the pooled vector on the tensor
+                setattr(out, "pooled", pooled)  # noqa: B010
+            return out
+
+        wrapper.process_tokens = process_tokens
+        wrapped.append(wrapper)
+    try:
+        yield
+    finally:
+        for wrapper in wrapped:
+            del wrapper.process_tokens
+
+
 def _identity(sd_model: Any) -> ModelIdentity:
     info = getattr(sd_model, "sd_checkpoint_info", None)
     name = getattr(info, "model_name", None) or "unknown"
     shorthash = getattr(info, "shorthash", None) or getattr(sd_model, "sd_model_hash", None) or ""
-    return ModelIdentity(str(name), str(shorthash))
+    source = getattr(info, "filename", None) or ""
+    return ModelIdentity(str(name), str(shorthash), str(Path(source)) if source else "")
 
 
 def wrap_loaded_model(sd_model: Any = None) -> WebUIModel:

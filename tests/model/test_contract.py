@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_core.model.interface import EPSILON, SD1, SD2, SDXL, V_PREDICTION, DiffusionModel, TrainableEmbedding
-from finetune_core.model.sampler import sample
+from finetune_core.model.interface import (
+    EPSILON,
+    SD1,
+    SD2,
+    SDXL,
+    V_PREDICTION,
+    DiffusionModel,
+    SampleRequest,
+    TrainableEmbedding,
+    TrainingSetup,
+)
 
 CONTEXT_WIDTH = {SD1: 768, SD2: 1024, SDXL: 2048}
 LONG_PROMPT = "a photo of " + ", ".join(f"tag{i} detail" for i in range(20))
@@ -108,15 +117,124 @@ def test_embedding_changes_output_only_where_named(model: DiffusionModel) -> Non
         assert not torch.allclose(plain.pooled[0], spliced.pooled[0])
 
 
-def test_gradients_reach_only_the_embedding(model: DiffusionModel) -> None:
+def embedding_gradient(model: DiffusionModel, setup: TrainingSetup) -> dict[str, torch.Tensor]:
+    """The embedding's gradient from one forward/backward inside a training session with `setup`."""
     embedding = make_embedding(model, n_vectors=3)
-    cond = model.encode_prompts([f"{NAME} in a garden", f"a {NAME}"], {NAME: embedding})
-    out = model.predict(latents_for(model), torch.tensor([10, 700]), cond)
-    out.square().mean().backward()
-    for key, vec in embedding.vectors.items():
-        assert vec.grad is not None and float(vec.grad.abs().sum()) > 0, key
-    for name, module in model.trainable_modules().items():
-        assert all(p.grad is None for p in module.parameters()), name
+    with model.training_session(setup) as session, model.placement(), session.autocast():
+        cond = model.encode_prompts([f"{NAME} in a garden", f"a {NAME}"], {NAME: embedding})
+        out = model.predict(latents_for(model), torch.tensor([10, 700]), cond)
+        out.square().mean().backward()
+        for name, module in model.trainable_modules().items():
+            assert all(p.grad is None for p in module.parameters()), name  # frozen: no gradient kept
+    return {key: vec.grad for key, vec in embedding.vectors.items() if vec.grad is not None}
+
+
+def test_gradients_reach_only_the_embedding(model: DiffusionModel) -> None:
+    grads = embedding_gradient(model, TrainingSetup())
+    assert set(grads) == {t.key for t in model.text_encoders}
+    assert all(float(g.abs().sum()) > 0 for g in grads.values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model: DiffusionModel) -> None:
+    plain = embedding_gradient(model, TrainingSetup(gradient_checkpointing=False))
+    checkpointed = embedding_gradient(model, TrainingSetup(gradient_checkpointing=True))
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-7)
+
+
+def model_state(model: DiffusionModel) -> list[tuple[str, torch.dtype, bool, bytes]]:
+    """Every parameter's name, dtype, requires_grad and bytes, in order."""
+    state = []
+    for name, module in sorted(model.trainable_modules().items()):
+        for key, p in module.named_parameters():
+            data = p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            state.append((f"{name}.{key}", p.dtype, p.requires_grad, data))
+    return state
+
+
+def test_trainable_modules_is_a_query(model: DiffusionModel) -> None:
+    before = model_state(model)
+    modules = model.trainable_modules()
+    expected = {"unet", "text_encoder"} | ({"text_encoder_2"} if model.family == SDXL else set())
+    assert set(modules) == expected
+    assert model_state(model) == before
+
+
+def test_training_session_trains_what_it_names_and_restores_everything(model: DiffusionModel) -> None:
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match="a failing job"):
+        with model.training_session(TrainingSetup(train=("unet",), gradient_checkpointing=True)) as session:
+            unet = session.modules["unet"]
+            assert set(session.modules) == {"unet"}
+            assert all(p.requires_grad and p.dtype == torch.float32 for p in unet.parameters())
+            for name, module in model.trainable_modules().items():
+                if name != "unet":
+                    assert not any(p.requires_grad for p in module.parameters()), name
+            with model.placement(), session.autocast():
+                cond = model.encode_prompts(["a cat", "a dog"])
+                model.predict(latents_for(model), torch.tensor([10, 700]), cond).square().mean().backward()
+            assert any(p.grad is not None for p in unet.parameters())
+            with torch.no_grad():
+                for p in unet.parameters():
+                    p.add_(1.0)  # an optimizer step
+            raise RuntimeError("a failing job")
+    assert model_state(model) == before
+    assert all(p.grad is None for m in model.trainable_modules().values() for p in m.parameters())
+
+
+def test_training_session_refuses_a_module_the_model_has_not(model: DiffusionModel) -> None:
+    from finetune_core.errors import ModelMismatchError
+
+    with pytest.raises(ModelMismatchError, match="text_encoder_3"):
+        with model.training_session(TrainingSetup(train=("text_encoder_3",))):
+            pass
+
+
+def test_session_precision(model: DiffusionModel) -> None:
+    with model.training_session(TrainingSetup(precision="bf16")) as session:
+        assert session.compute_dtype in (torch.bfloat16, model.dtype)  # bf16 where the device can autocast to it
+    with model.training_session(TrainingSetup(precision="fp32")) as session:
+        assert session.compute_dtype == model.dtype
+
+
+def test_text_chunk_hook_sees_every_chunk_and_is_undone(model: DiffusionModel) -> None:
+    seen: list[tuple[tuple[int, ...], str]] = []
+    first = model.text_encoders[0]
+
+    def shift(tokens: torch.Tensor, hidden: torch.Tensor, key: str) -> torch.Tensor:
+        seen.append((tuple(tokens.shape), key))
+        return hidden + 1.0 if key == first.key else hidden
+
+    with torch.no_grad():
+        plain = model.encode_prompts([LONG_PROMPT])
+        with model.text_chunk_hook(shift):
+            hooked = model.encode_prompts([LONG_PROMPT])
+        with pytest.raises(RuntimeError), model.text_chunk_hook(shift):
+            raise RuntimeError("a failing generation")
+        after = model.encode_prompts([LONG_PROMPT])
+    rows = {t.key: sum(shape[0] for shape, key in seen if key == t.key) for t in model.text_encoders}
+    assert rows == {t.key: 2 for t in model.text_encoders}  # the long prompt's two chunks, per encoder
+    assert all(shape[1:] == (77,) for shape, _ in seen)
+    torch.testing.assert_close(hooked.context[..., :first.width], plain.context[..., :first.width] + 1.0)
+    torch.testing.assert_close(hooked.context[..., first.width:], plain.context[..., first.width:])
+    assert torch.equal(after.context, plain.context)
+
+
+def test_decode_with_gradients_reaches_the_latents(model: DiffusionModel) -> None:
+    latents = latents_for(model, batch=1).requires_grad_()
+    with model.training_session(TrainingSetup()), model.placement():
+        model.decode_latents(latents, grad=True).mean().backward()
+        assert latents.grad is not None and float(latents.grad.abs().sum()) > 0
+        assert not model.decode_latents(latents).requires_grad
+
+
+def test_ldm_state_dict_names_every_weight(model: DiffusionModel) -> None:
+    unet = model.ldm_state_dict(("unet",))
+    assert unet and all(k.startswith("model.diffusion_model.") for k in unet)
+    text = model.ldm_state_dict(("text_encoder",))
+    prefix = "conditioner.embedders.0." if model.family == SDXL else "cond_stage_model."
+    assert text and all(k.startswith(prefix) and ".wrapped." not in k for k in text)
+    assert all(v.device.type == "cpu" for v in (*unet.values(), *text.values()))
 
 
 def test_encode_and_decode_images(model: DiffusionModel) -> None:
@@ -179,28 +297,20 @@ def test_attention_widths(model: DiffusionModel) -> None:
     assert widths["self"] and model.context_width not in widths["self"]
 
 
-def test_trainable_modules(model: DiffusionModel) -> None:
-    modules = model.trainable_modules()
-    expected = {"unet", "text_encoder"} | ({"text_encoder_2"} if model.family == SDXL else set())
-    assert set(modules) == expected
-    assert all(not p.requires_grad for m in modules.values() for p in m.parameters())
-    with model.placement():
-        pass
-
-
-def test_sampler_is_deterministic(model: DiffusionModel) -> None:
-    kwargs = {"steps": 2, "cfg_scale": 5.0, "width": 64, "height": 48}
-    first = sample(model, ["a cat"], seed=7, **kwargs)
-    again = sample(model, ["a cat"], seed=7, **kwargs)
-    other = sample(model, ["a cat"], seed=8, **kwargs)
+def test_sample_is_deterministic(model: DiffusionModel) -> None:
+    request = SampleRequest(("a cat",), ("",), steps=2, cfg_scale=5.0, width=64, height=48, seed=7)
+    first = model.sample(request)
+    again = model.sample(request)
+    other = model.sample(SampleRequest(("a cat",), ("",), steps=2, cfg_scale=5.0, width=64, height=48, seed=8))
     assert len(first) == 1 and first[0].size == (64, 48) and first[0].mode == "RGB"
     assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
     assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
+    assert request.sampler in model.sampler_names()
 
 
-def test_sampler_with_embedding_long_negative_and_transform(model: DiffusionModel) -> None:
-    images = sample(model, [f"a {NAME}"], [LONG_PROMPT], steps=1, width=64, height=64, sampler="euler",
-                    embeddings={NAME: make_embedding(model)}, context_transform=lambda c, cross: (c, c))
+def test_sample_with_embedding_long_negative_and_transform(model: DiffusionModel) -> None:
+    request = SampleRequest((f"a {NAME}",), (LONG_PROMPT,), steps=1, width=64, height=64, sampler="Euler a")
+    images = model.sample(request, {NAME: make_embedding(model)}, lambda c, cross: (c, c))
     assert images[0].size == (64, 64)
 
 
