@@ -49,8 +49,13 @@ class TrainConfig:
     clip_grad_mode: str = _f("disabled", "Gradient clipping", "Clip each gradient value, or the total norm.",
                              CLIP_MODES)
     clip_grad_value: str = _f("0.1", "Clip value", "A number, or a schedule with the learning-rate syntax.")
-    precision: str = _f("fp32", "Precision", "Autocast dtype of the forward pass; fp16 uses a grad scaler on CUDA.",
+    precision: str = _f("fp32", "Precision", "Autocast dtype of the forward pass; fp16 uses a grad scaler on CUDA. "
+                        "A model loaded in fp16 (the WebUI without --no-half) computes in fp16 whatever is chosen.",
                         PRECISIONS)
+    gradient_checkpointing: bool = _f(True, "Gradient checkpointing",
+                                      "Recompute the UNet's blocks in backward instead of storing them: much less "
+                                      "memory for about a third more time per step (the WebUI's trainers always "
+                                      "use it).")
     min_snr_gamma: float = _f(0.0, "Min-SNR gamma", "Min-SNR loss weighting (Hang et al. 2023); 0 = off, 5 is usual.")
     noise_offset: float = _f(0.0, "Noise offset", "Adds offset x per-channel noise; 0 = off, 0.1 is usual.")
     seed: int = _f(0, "Seed", "Seed of noise, timesteps and data order; -1 = random (recorded in the run folder).")
@@ -59,6 +64,9 @@ class TrainConfig:
     preview_prompt: str = _f("", "Preview prompt", "Empty: the current training prompt.")
     preview_negative_prompt: str = _f("", "Preview negative prompt", "")
     preview_steps: int = _f(20, "Preview sampling steps", "")
+    preview_sampler: str = _f("DPM++ 2M", "Preview sampler", "A sampler name as in the WebUI's txt2img (inside "
+                              "the WebUI its own samplers run; standalone: DPM++ 2M, DPM++ 2M Karras, Euler, "
+                              "Euler a, DDIM, UniPC, Heun).")
     preview_cfg_scale: float = _f(7.0, "Preview CFG scale", "")
     preview_seed: int = _f(-1, "Preview seed", "The same for every preview of a run so steps compare side by side; "
                            "-1: derived from the run seed.")

@@ -19,6 +19,15 @@ class Started:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """Progress of work before step 1: "latents" (encoding the images), or a method's own ("class images")."""
+
+    what: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class StepEvent:
     step: int  # optimizer steps done so far (1-based after the first step)
     total_steps: int
@@ -65,7 +74,7 @@ class Failed:
     error: BaseException | None = field(default=None, compare=False)
 
 
-Event = Started | StepEvent | PreviewEvent | ArtifactSaved | Warning_ | Finished | Failed
+Event = Started | Phase | StepEvent | PreviewEvent | ArtifactSaved | Warning_ | Finished | Failed
 EventSink = Callable[[Event], None]
 
 

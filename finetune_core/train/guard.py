@@ -43,16 +43,20 @@ def _to_cpu(value: Any) -> Any:
 class NanGuard:
     """Counts bad steps in a row; after `bad_steps` of them rolls back and multiplies the lr by `lr_factor`."""
 
-    def __init__(self, state: GuardState, bad_steps: int, max_rollbacks: int, lr_factor: float) -> None:
+    def __init__(self, state: GuardState, bad_steps: int, max_rollbacks: int, lr_factor: float,
+                 snapshots: bool = True) -> None:
         self.state = state
         self.bad_steps = bad_steps
-        self.max_rollbacks = max_rollbacks
+        self.max_rollbacks = max_rollbacks if snapshots else 0
         self.lr_factor = lr_factor
+        self.snapshots = snapshots  # False: the method's state is too large to copy (a full fine-tune)
         self.snapshot: Snapshot | None = None
 
     def take_snapshot(self, step: int, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                       scaler: Any) -> None:
-        """Remember the current state as the last good one."""
+        """Remember the current state as the last good one (nothing when snapshots are off)."""
+        if not self.snapshots:
+            return
         self.snapshot = Snapshot(step, [p.detach().to("cpu", copy=True) for p in params],
                                  _to_cpu(optimizer.state_dict()), _to_cpu(scaler.state_dict()))
 
@@ -64,6 +68,11 @@ class NanGuard:
         self.state.bad_streak += 1
         if self.state.bad_streak < self.bad_steps:
             return False
+        if not self.snapshots:
+            raise TrainingDiverged(
+                f"training diverged: the loss or the gradients were not finite for {self.state.bad_streak} steps in "
+                "a row (this method keeps no in-memory copy to roll back to; the last saved file is intact). Lower "
+                "the learning rate, and train in fp32 or bf16 instead of fp16; check the dataset for broken images")
         if self.state.rollbacks >= self.max_rollbacks or self.snapshot is None:
             raise TrainingDiverged(
                 f"training diverged: the loss or the gradients were not finite for {self.state.bad_streak} steps in "

@@ -5,10 +5,8 @@ A step itself lives in `finetune_core.train.step`; this module runs steps and do
 
 from __future__ import annotations
 
-import glob
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +14,8 @@ import torch
 
 from finetune_core.data.batch import TrainingData
 from finetune_core.data.cache import TextCache
-from finetune_core.errors import ArtifactError
-from finetune_core.model.interface import DiffusionModel
+from finetune_core.errors import ArtifactError, ConfigError
+from finetune_core.model.interface import DiffusionModel, SampleRequest, TrainingSession, TrainingSetup
 from finetune_core.train import randomness
 from finetune_core.train.config import TrainConfig, config_from_dict
 from finetune_core.train.control import Control
@@ -26,6 +24,7 @@ from finetune_core.train.events import (
     EventSink,
     Failed,
     Finished,
+    Phase,
     PreviewEvent,
     Started,
     StepEvent,
@@ -34,7 +33,7 @@ from finetune_core.train.events import (
 )
 from finetune_core.train.guard import NanGuard
 from finetune_core.train.job import Counters, OutputSpec, TrainJob, TrainResult
-from finetune_core.train.method import ArtifactMeta
+from finetune_core.train.method import ArtifactMeta, PrepareContext
 from finetune_core.train.optim import build_optimizer, set_learning_rate
 from finetune_core.train.run_folder import LossRow, RunFolder
 from finetune_core.train.schedule import end_step, parse_schedule, rate_at
@@ -45,39 +44,43 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# sample(model, prompts, negative_prompts, *, steps, cfg_scale, width, height, seed, embeddings, context_transform)
-Sampler = Callable[..., list[Any]]
+
+class _Interrupted(Exception):
+    """The job was interrupted during a preparation phase (raised by the progress callback)."""
 
 
 def run_training(model: DiffusionModel, method: Method, data: TrainingData, config: TrainConfig, run: RunFolder,
-                 output: OutputSpec, *, on_event: EventSink = ignore_events, control: Control | None = None,
-                 sampler: Sampler | None = None) -> TrainResult:
+                 output: OutputSpec, *, on_event: EventSink = ignore_events,
+                 control: Control | None = None) -> TrainResult:
     """Train `method` on `data` from its current state; writes the final artefact into `output.final_dir`."""
-    return Trainer(TrainJob(model, method, data, config, run, output), on_event, control, sampler).run()
+    return Trainer(TrainJob(model, method, data, config, run, output), on_event, control).run()
 
 
 def resume_training(model: DiffusionModel, method: Method, data: TrainingData, run: RunFolder, output: OutputSpec,
                     *, on_event: EventSink = ignore_events, control: Control | None = None,
-                    sampler: Sampler | None = None, config: TrainConfig | None = None) -> TrainResult:
+                    config: TrainConfig | None = None) -> TrainResult:
     """Continue the run saved in `run` exactly where it stopped (same config unless one is given)."""
     job = TrainJob(model, method, data, config or config_from_dict(run.load_config()), run, output)
-    return Trainer(job, on_event, control, sampler, resume=True).run()
+    return Trainer(job, on_event, control, resume=True).run()
 
 
 def existing_artifacts(method: Method, directory: Path, stem: str) -> list[Path]:
-    """Files a final write would replace: the method's `artifact_paths` hook if it has one, else `<stem>.*`."""
-    paths_hook = getattr(method, "artifact_paths", None)
-    if paths_hook is not None:
-        return [p for p in paths_hook(directory, stem) if p.exists()]
-    return sorted(p for p in directory.glob(glob.escape(stem) + ".*") if p.is_file())
+    """Files a final write would replace."""
+    return [p for p in method.artifact_paths(Path(directory), stem) if p.exists()]
 
 
 class Trainer:
-    """Runs one job; `run()` returns a TrainResult, emits Failed and re-raises on any error."""
+    """Runs one job; `run()` returns a TrainResult, emits Failed and re-raises on any error.
+
+    Phases: the model's training session is entered once (frozen weights, precision, checkpointing, host state set
+    aside); the preparation phase (the method's own, then the latents) runs with the host's usual device handling;
+    then all steps run inside one placement (modules resident, no host hook inside a step) and the method's
+    training context.
+    """
 
     def __init__(self, job: TrainJob, on_event: EventSink = ignore_events, control: Control | None = None,
-                 sampler: Sampler | None = None, resume: bool = False) -> None:
-        self.job, self.emit, self.sampler, self.resume = job, on_event, sampler, resume
+                 resume: bool = False) -> None:
+        self.job, self.emit, self.resume = job, on_event, resume
         self.control = control or Control()
         self.counters = Counters(step=0, attempt=0, seed=0)
 
@@ -95,18 +98,52 @@ class Trainer:
         self._check_output()
         schedule = parse_schedule(config.learning_rate, config.steps)
         total = min(config.steps, end_step(schedule))
-        job.data.prepare(job.model)
-        with job.method.training_context(job.model):
-            ctx = self._build_context(checkpoint, schedule)
-            guard = NanGuard(self.counters.guard, config.nan_guard_bad_steps, config.nan_guard_max_rollbacks,
-                             config.nan_guard_lr_factor)
-            guard.take_snapshot(self.counters.step, ctx.params, ctx.optimizer, ctx.scaler)
-            job.run.write_settings(self._settings())
-            self.emit(Started(job.run.path, total, self.counters.step))
-            interrupted = self._loop(ctx, guard, schedule, total)
-            artifacts = self._finish(ctx, interrupted)
+        self._check_steps_left(total)
+        setup = TrainingSetup(job.method.trains, config.precision, config.gradient_checkpointing)
+        with job.model.training_session(setup) as session:
+            try:
+                self._prepare()
+            except _Interrupted:
+                return self._stopped_before_training()
+            with job.model.placement(), job.method.training_context(job.model):
+                ctx = self._build_context(checkpoint, schedule, session)
+                guard = NanGuard(self.counters.guard, config.nan_guard_bad_steps, config.nan_guard_max_rollbacks,
+                                 config.nan_guard_lr_factor, snapshots=job.method.state_policy.rollback_snapshots)
+                guard.take_snapshot(self.counters.step, ctx.params, ctx.optimizer, ctx.scaler)
+                job.run.write_settings(self._settings())
+                self.emit(Started(job.run.path, total, self.counters.step))
+                interrupted = self._loop(ctx, guard, schedule, total)
+                artifacts = self._finish(ctx, interrupted)
         self.emit(Finished(self.counters.step, interrupted, artifacts, job.run.path))
         return TrainResult(self.counters.step, interrupted, artifacts, job.run.path, self.counters.seed)
+
+    def _check_steps_left(self, total: int) -> None:
+        """A file continued from at or past the run's last step would be written back unchanged: say so instead."""
+        step = self.counters.step
+        if not self.resume and step > 0 and step >= total:
+            raise ConfigError(f"the file continued from is already at step {step}, and this run stops at step "
+                              f"{total} (max steps or the end of the learning-rate schedule), so there is nothing "
+                              f"to train; raise max steps above {step}, or start a new file")
+
+    def _prepare(self) -> None:
+        """The preparation phase: the method's own (class images), then the latents, with progress and interrupt."""
+        job = self.job
+        context = PrepareContext(job.model, job.run.path, job.model.sample, self._phase_progress, self.counters.seed)
+        job.method.prepare(context)
+        job.data.prepare(job.model, on_progress=lambda done, total: self._phase_progress("latents", done, total))
+
+    def _phase_progress(self, what: str, done: int, total: int) -> None:
+        self.emit(Phase(what, done, total))
+        self.control.wait_while_paused()
+        if self.control.interrupted:
+            raise _Interrupted
+
+    def _stopped_before_training(self) -> TrainResult:
+        """Interrupted while preparing: nothing was trained, so nothing is written; what was prepared is kept."""
+        job = self.job
+        self.emit(Warning_("interrupted before the first step; nothing was trained (what was prepared is kept)"))
+        self.emit(Finished(self.counters.step, True, (), job.run.path))
+        return TrainResult(self.counters.step, True, (), job.run.path, self.counters.seed)
 
     # --- setup ---------------------------------------------------------------------------------------------------
     def _start_counters(self) -> dict[str, Any] | None:
@@ -116,6 +153,9 @@ class Trainer:
             self.counters = Counters(start, start, randomness.resolve_seed(self.job.config.seed))
             return None
         checkpoint, _config = self.job.run.load_state()
+        if "params" not in checkpoint:
+            raise ArtifactError(f"the run {self.job.run.path} kept no resume state (this method keeps it only when "
+                                f"asked); start a new run, continuing from its last saved file instead")
         self.counters = Counters.from_dict(checkpoint["counters"])
         self.job.run.truncate_loss_rows(self.counters.step)
         saved_model = checkpoint.get("model", {})
@@ -133,7 +173,8 @@ class Trainer:
         if found:
             raise ArtifactError(f"{found[0]} already exists; choose another name, or ask to overwrite it")
 
-    def _build_context(self, checkpoint: dict[str, Any] | None, schedule: list[tuple[float, int]]) -> StepContext:
+    def _build_context(self, checkpoint: dict[str, Any] | None, schedule: list[tuple[float, int]],
+                       session: TrainingSession) -> StepContext:
         job, config = self.job, self.job.config
         model, method, device = job.model, job.method, job.model.device
         if checkpoint is not None:
@@ -145,7 +186,7 @@ class Trainer:
                 p.data = p.data.to(device)  # in place: the method keeps referencing the same tensor
             p.requires_grad_(True)
         optimizer = build_optimizer(groups, config, rate_at(schedule, self.counters.step) or 0.0)
-        scaler = make_grad_scaler(device, config.precision)
+        scaler = make_grad_scaler(device, session.compute_dtype)
         if checkpoint is not None:
             _restore_params(params, checkpoint["params"], job.run.path)
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -154,8 +195,8 @@ class Trainer:
         clip = parse_schedule(config.clip_grad_value, config.steps, "clip value") \
             if config.clip_grad_mode != "disabled" else []
         return StepContext(model, method, job.data, optimizer, scaler, params, self.counters.seed,
-                           config.gradient_accumulation, config.precision, config.min_snr_gamma, config.noise_offset,
-                           config.clip_grad_mode, clip, model.alphas_cumprod().float(),
+                           config.gradient_accumulation, session.autocast, config.min_snr_gamma,
+                           config.noise_offset, config.clip_grad_mode, clip, model.alphas_cumprod().float(),
                            TextCache() if method.caches_text else None)
 
     # --- the loop --------------------------------------------------------------------------------------------------
@@ -173,8 +214,7 @@ class Trainer:
                 return False
             lr = rate * c.guard.lr_factor
             set_learning_rate(ctx.optimizer, lr)
-            with self.job.model.placement():
-                outcome = train_step(ctx, c.attempt, c.step)
+            outcome = train_step(ctx, c.attempt, c.step)
             c.attempt += 1
             if not outcome.ok:
                 self._on_bad_step(ctx, guard, outcome)
@@ -240,30 +280,38 @@ class Trainer:
 
     def _save_state(self, ctx: StepContext) -> None:
         identity = self.job.model.identity
-        state = {"format": 1, "counters": self.counters.to_dict(), "method": self.job.method.state_dict(),
-                 "params": [p.detach().cpu() for p in ctx.params], "optimizer": ctx.optimizer.state_dict(),
-                 "scaler": ctx.scaler.state_dict(),
-                 "model": {"name": identity.name, "shorthash": identity.shorthash, "family": self.job.model.family}}
+        state: dict[str, Any] = {
+            "format": 1, "counters": self.counters.to_dict(),
+            "model": {"name": identity.name, "shorthash": identity.shorthash, "family": self.job.model.family}}
+        if self.job.method.state_policy.resume_state:
+            state.update(method=self.job.method.state_dict(), params=[p.detach().cpu() for p in ctx.params],
+                         optimizer=ctx.optimizer.state_dict(), scaler=ctx.scaler.state_dict())
         self.job.run.save_state(state, self.job.config.to_dict())
 
     def _finish(self, ctx: StepContext, interrupted: bool) -> tuple[Path, ...]:
         """Write the final artefact (also on interrupt, as the WebUI does) and the resume state."""
-        out, c = self.job.output, self.counters
-        paths = self.job.method.write_artifact(Path(out.final_dir), out.name, self._meta(),
-                                               out.overwrite or c.final_written)
+        out, c, method = self.job.output, self.counters, self.job.method
+        paths = method.write_artifact(Path(out.final_dir), out.name, self._meta(), out.overwrite or c.final_written)
         c.final_written = True
         self._save_state(ctx)
-        sidecar = getattr(self.job.method, "optimizer_sidecar", None)  # optional Method hook
-        if self.job.config.save_optimizer_state and sidecar is not None:
-            name = self.job.config.optimizer
-            paths = [*paths, *(sidecar(p, ctx.optimizer, name) for p in paths if p.suffix == ".pt")]
+        if self.job.config.save_optimizer_state:
+            paths = [*paths, *self._sidecars(paths, ctx)]
         self.emit(ArtifactSaved(c.step, tuple(paths), final=True))
         return tuple(paths)
 
+    def _sidecars(self, paths: list[Path], ctx: StepContext) -> list[Path]:
+        """The WebUI's `.pt.optim` files, where the method says the WebUI can load this optimizer's state."""
+        name = self.job.config.optimizer
+        written = [s for s in (self.job.method.optimizer_sidecar(p, ctx.optimizer, name)
+                               for p in paths if p.suffix == ".pt") if s is not None]
+        if not written:
+            self.emit(Warning_(f"no optimizer state file was written next to the artefact: the WebUI cannot load "
+                               f"the state of the {name} optimizer for this kind of file (the run folder keeps it "
+                               f"for resuming here)"))
+        return written
+
     def _preview(self, outcome: StepOutcome) -> None:
-        """Sample a preview image with the method's extras; its randomness is forked off the training RNG."""
-        if self.sampler is None:
-            return
+        """Sample a preview image with the method's extras through the host's sampler; one seed per run."""
         config, model, c = self.job.config, self.job.model, self.counters
         extras = self.job.method.inference_extras()
         prompt = config.preview_prompt or outcome.prompt
@@ -271,20 +319,20 @@ class Trainer:
         # One seed for every preview of a run, so saved steps compare side by side.
         seed = config.preview_seed if config.preview_seed >= 0 else \
             randomness.stream_seed(c.seed, randomness.PREVIEW, 0) & 0x7FFFFFFF
-        with torch.no_grad(), randomness.seeded_global_rng(seed, model.device), model.placement():
-            images = self.sampler(model, [prompt], [negative], steps=config.preview_steps,
-                                  cfg_scale=config.preview_cfg_scale,
-                                  width=config.preview_width or outcome.pixel_size[1],
-                                  height=config.preview_height or outcome.pixel_size[0], seed=seed,
-                                  embeddings=extras.embeddings or None, context_transform=extras.context_transform)
+        request = SampleRequest((prompt,), (negative,), steps=config.preview_steps,
+                                cfg_scale=config.preview_cfg_scale,
+                                width=config.preview_width or outcome.pixel_size[1],
+                                height=config.preview_height or outcome.pixel_size[0], seed=seed,
+                                sampler=config.preview_sampler)
+        with torch.no_grad(), randomness.seeded_global_rng(seed, model.device):
+            images = model.sample(request, extras.embeddings or None, extras.context_transform)
         path = self.job.run.save_image(images[0], f"{self.job.output.name}-{c.step}")
         self.emit(PreviewEvent(c.step, path, images[0], prompt))
-        preview_artifact = getattr(self.job.method, "preview_artifact", None)  # optional Method hook
-        if preview_artifact is not None:
-            stem = f"{self.job.output.name}-{c.step}"
-            paths = preview_artifact(images[0], self.job.run.path / "image_embeddings", stem, self._meta())
-            if paths:
-                self.emit(ArtifactSaved(c.step, tuple(paths), final=False))
+        stem = f"{self.job.output.name}-{c.step}"
+        paths = self.job.method.preview_artifact(images[0], self.job.run.path / "image_embeddings", stem,
+                                                 self._meta())
+        if paths:
+            self.emit(ArtifactSaved(c.step, tuple(paths), final=False))
 
     def _settings(self) -> dict[str, Any]:
         job = self.job

@@ -7,7 +7,6 @@ use a rule of thumb (see `ACTIVATION_VALUES_PER_CELL`) that scales with batch ×
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,19 +25,29 @@ _DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bf
 
 
 @dataclass(frozen=True)
-class MemoryPlan:
-    """The settings that drive memory: method, batch, size, precision and the method's trainable size knobs."""
+class MemoryNeeds:
+    """What a method adds to the loaded model, as the method itself counts it (`MethodSpec.memory`).
 
-    method: str
+    trainable: values it trains; each costs a float32 master, a float32 gradient and the optimizer's state.
+    replaces_model_weights: the trained values are the model's own weights (DreamBooth), so they are not also
+        counted among the frozen weights.
+    extra_bytes: anything else it keeps on the device (an EMA copy, a discriminator, decoded images, ...).
+    """
+
+    trainable: int
+    replaces_model_weights: bool = False
+    extra_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The run settings that drive memory, whatever the method."""
+
     batch_size: int = 1
     width: int = 512
     height: int = 512
-    precision: str = "fp16"  # compute dtype of the frozen weights: fp32 / fp16 / bf16
+    precision: str = "fp16"  # the asked autocast: fp32 / fp16 / bf16
     gradient_checkpointing: bool = False
-    vectors: int = 1  # textual inversion / dreamartist vectors per token
-    hypernetwork_layers: tuple[float, ...] = (1, 2, 1)  # the WebUI's layer structure
-    hypernetwork_sizes: tuple[int, ...] = ()  # context widths with modules; empty: the model's cross widths
-    train_text_encoder: bool = False  # dreambooth
 
 
 @dataclass(frozen=True)
@@ -103,24 +112,6 @@ def hypernetwork_parameters(widths: set[int], layers: tuple[float, ...]) -> int:
     return total
 
 
-def trainable_parameters(model: DiffusionModel, plan: MemoryPlan) -> int:
-    """How many weights `plan.method` trains on `model`."""
-    counters: dict[str, Callable[[], int]] = {
-        "textual-inversion": lambda: plan.vectors * sum(t.width for t in model.text_encoders),
-        "dreamartist": lambda: 2 * plan.vectors * sum(t.width for t in model.text_encoders),
-        "hypernetwork": lambda: hypernetwork_parameters(
-            set(plan.hypernetwork_sizes) or model.attention_context_widths().get("cross", set()),
-            plan.hypernetwork_layers),
-        "dreambooth": lambda: _count([m for k, m in model.trainable_modules().items()
-                                      if k == "unet" or (plan.train_text_encoder and k.startswith("text_encoder"))]),
-        "aesthetic-gradients": lambda: _count([m for k, m in model.trainable_modules().items()
-                                               if k.startswith("text_encoder")]),
-    }
-    if plan.method not in counters:
-        raise ConfigError(f"no memory estimate for method '{plan.method}'; known: {', '.join(sorted(counters))}")
-    return counters[plan.method]()
-
-
 def unet_base_channels(model: DiffusionModel) -> int:
     """Channels of the UNet's first convolution (320 for SD1/SD2/SDXL), found by module inspection."""
     unet = model.trainable_modules().get("unet")
@@ -131,13 +122,15 @@ def unet_base_channels(model: DiffusionModel) -> int:
     return 320
 
 
-def activation_bytes(plan: MemoryPlan, base_channels: int, vae_scale: int = 8) -> int:
+def activation_bytes(plan: MemoryPlan, base_channels: int, vae_scale: int = 8,
+                     compute: torch.dtype | None = None) -> int:
     """Rule of thumb: batch × latent cells × base channels × ACTIVATION_VALUES_PER_CELL values of the compute dtype."""
     cells = (plan.width // vae_scale) * (plan.height // vae_scale)
     values = plan.batch_size * cells * base_channels * ACTIVATION_VALUES_PER_CELL
     if plan.gradient_checkpointing:
         values = int(values * CHECKPOINTING_FACTOR)
-    return values * dtype_bytes(plan.precision)
+    itemsize = dtype_bytes(plan.precision) if compute is None else torch.empty((), dtype=compute).element_size()
+    return values * itemsize
 
 
 def device_memory(device: torch.device | str) -> int | None:
@@ -154,17 +147,22 @@ def device_memory(device: torch.device | str) -> int | None:
     return None
 
 
-def estimate_memory(model: DiffusionModel, plan: MemoryPlan, device_total: int | None = -1) -> MemoryEstimate:
-    """Peak memory of training `plan` on `model`; `device_total=-1` asks the model's device for its size."""
-    size = dtype_bytes(plan.precision)
-    trainable = trainable_parameters(model, plan)
-    frozen = model_parameters(model)
-    if plan.method in ("dreambooth", "aesthetic-gradients"):
-        frozen -= trainable  # these train weights of the model itself; they are held in fp32 below
-    params = frozen * size + trainable * 4
-    grads = trainable * 4
-    optimizer = trainable * 4 * ADAM_STATES
-    activations = activation_bytes(plan, unet_base_channels(model), model.vae_scale)
+def estimate_memory(model: DiffusionModel, needs: MemoryNeeds, plan: MemoryPlan,
+                    device_total: int | None = -1) -> MemoryEstimate:
+    """Peak memory of training with `needs` and `plan` on `model`; `device_total=-1` asks the model's device.
+
+    Frozen weights count in the dtype the model holds them in; activations in the dtype the forward computes in.
+    """
+    from finetune_core.model.session import compute_dtype
+
+    dtype_bytes(plan.precision)  # a ConfigError for an unknown precision
+    stored = model.dtype
+    frozen = model_parameters(model) - (needs.trainable if needs.replaces_model_weights else 0)
+    params = frozen * torch.empty((), dtype=stored).element_size() + needs.trainable * 4
+    grads = needs.trainable * 4
+    optimizer = needs.trainable * 4 * ADAM_STATES
+    compute = compute_dtype(plan.precision, stored)
+    activations = activation_bytes(plan, unet_base_channels(model), model.vae_scale, compute) + needs.extra_bytes
     total = params + grads + optimizer + activations
     if device_total == -1:
         device_total = device_memory(model.device)

@@ -1,4 +1,5 @@
-"""The diffusion training objective as pure functions: timesteps, noise, noisy latents, targets, weights, loss.
+"""The diffusion training objective as pure functions: timesteps, noise, targets, weights, loss (the schedule
+identities themselves live in `finetune_core.model.schedule`).
 
 Notation of Ho et al. (2020), "Denoising Diffusion Probabilistic Models": x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,
 with a_t = alphas_cumprod[t]. Randomness comes from explicit per-sample generators so a run is reproducible
@@ -10,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from finetune_core.errors import ConfigError
+from finetune_core.model.interface import EPSILON, V_PREDICTION
+from finetune_core.model.schedule import add_noise, snr, velocity_target
 
-EPSILON = "epsilon"
-V_PREDICTION = "v_prediction"
+__all__ = ["add_noise", "min_snr_weights", "sample_noise", "sample_timesteps", "training_target", "weighted_mse"]
 
 
 def sample_timesteps(generators: list[torch.Generator], num_timesteps: int) -> torch.Tensor:
@@ -33,40 +35,14 @@ def sample_noise(shape: tuple[int, ...], generators: list[torch.Generator], offs
     return noise
 
 
-def _gather(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """a_t for each sample, shaped to broadcast over `like` (B, ...), in float32 on `like`'s device."""
-    a = alphas_cumprod.to(like.device, torch.float32)[timesteps.to(like.device).long()]
-    return a.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-              alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The forward process q(x_t | x0): sqrt(a_t) x0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 4)."""
-    a = _gather(alphas_cumprod, timesteps, latents)
-    return a.sqrt() * latents + (1 - a).sqrt() * noise
-
-
-def velocity(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-             alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The v-prediction target sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022, LDM `get_v`)."""
-    a = _gather(alphas_cumprod, timesteps, latents)
-    return a.sqrt() * noise - (1 - a).sqrt() * latents
-
-
 def training_target(prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                     alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """What the model should predict: eps for epsilon models, v for v-prediction models."""
     if prediction_type == EPSILON:
         return noise
     if prediction_type == V_PREDICTION:
-        return velocity(latents, noise, timesteps, alphas_cumprod)
+        return velocity_target(latents, noise, timesteps, alphas_cumprod)
     raise ConfigError(f"unknown prediction type {prediction_type!r}; expected {EPSILON!r} or {V_PREDICTION!r}")
-
-
-def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio a_t / (1 - a_t) per sample (Kingma et al. 2021, "Variational Diffusion Models")."""
-    a = alphas_cumprod.to(torch.float32)[timesteps.to(alphas_cumprod.device).long()]
-    return a / (1 - a)
 
 
 def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,

@@ -4,9 +4,10 @@ backward -> clip -> step, each stage a named call. The maths lives in `objective
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,6 @@ if TYPE_CHECKING:  # train sits below methods: the protocol is for hints only
     from finetune_core.train.method import Method
 
 OVERFLOW = "fp16 overflow"  # a skipped step the NaN guard does not count
-_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -39,7 +39,7 @@ class StepContext:
     params: list[torch.Tensor]
     seed: int
     accumulation: int
-    precision: str
+    autocast: Callable[[], AbstractContextManager[Any]]  # the session's mixed precision for one forward
     min_snr_gamma: float
     noise_offset: float
     clip_mode: str
@@ -59,19 +59,18 @@ class StepOutcome:
     reason: str = ""
 
 
-def make_grad_scaler(device: torch.device, precision: str) -> Any:
-    """A GradScaler enabled only for fp16 on CUDA, where fp16 gradients can underflow; elsewhere a pass-through."""
-    enabled = device.type == "cuda" and precision == "fp16"
+def needs_loss_scaling(device: torch.device, compute_dtype: torch.dtype) -> bool:
+    """fp16 gradients underflow on CUDA without loss scaling; the dtype is what the forward really computes in
+    (the WebUI runs an fp16 model in fp16 whatever the job asked)."""
+    return device.type == "cuda" and compute_dtype == torch.float16
+
+
+def make_grad_scaler(device: torch.device, compute_dtype: torch.dtype) -> Any:
+    """A GradScaler where `needs_loss_scaling`; elsewhere a pass-through."""
+    enabled = needs_loss_scaling(device, compute_dtype)
     if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
         return torch.amp.GradScaler("cuda", enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)  # the WebUI's torch 2.1
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast to fp16/bf16 on the model's device, or nothing for fp32."""
-    if precision not in _AUTOCAST:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
 
 
 def to_device(batch: DataBatch, device: torch.device) -> DataBatch:
@@ -103,7 +102,7 @@ def build_train_batch(ctx: StepContext, data: DataBatch, index: int) -> TrainBat
         snr_weight = objective.min_snr_weights(timesteps, alphas, ctx.min_snr_gamma, ctx.model.prediction_type)
     cond = None
     if ctx.text_cache is not None:
-        with autocast(device, ctx.precision):
+        with ctx.autocast():
             cond = ctx.text_cache.encode(ctx.model, data.prompts).to(device)  # cached on the CPU
     return TrainBatch(data=data, latents=latents, noise=noise, timesteps=timesteps, noisy_latents=noisy,
                       target=target, alphas_cumprod=alphas, size_cond=data.size_cond, loss_weight=data.loss_weight,
@@ -114,7 +113,7 @@ def compute_loss(ctx: StepContext, batch: TrainBatch, index: int) -> torch.Tenso
     """The method's loss under autocast, with the global RNG (dropout) seeded from the micro-batch number."""
     device = ctx.model.device
     seed = randomness.stream_seed(ctx.seed, randomness.FORWARD, index)
-    with randomness.seeded_global_rng(seed, device), autocast(device, ctx.precision):
+    with randomness.seeded_global_rng(seed, device), ctx.autocast():
         return ctx.method.loss(ctx.model, batch)
 
 

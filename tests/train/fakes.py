@@ -13,8 +13,18 @@ from PIL import Image
 
 from finetune_core.data.batch import DataBatch
 from finetune_core.formats.atomic import load_pt, save_pt
-from finetune_core.methods.base import ArtifactMeta, InferenceExtras, ParamGroup
-from finetune_core.model.interface import EPSILON, LatentMoments, ModelIdentity, TextConditioning, TextEncoderSpec
+from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, ParamGroup
+from finetune_core.model.interface import (
+    EPSILON,
+    LatentMoments,
+    ModelIdentity,
+    SampleRequest,
+    TextConditioning,
+    TextEncoderSpec,
+    TrainingSession,
+    TrainingSetup,
+)
+from finetune_core.model.session import WeightState, autocast_factory, compute_dtype
 from finetune_core.train.batch import TrainBatch
 from finetune_core.train.objective import weighted_mse
 
@@ -39,6 +49,9 @@ class FakeModel:
                 p.requires_grad_(False)
         self.encoded: list[str] = []
         self.placements = 0
+        self.sessions: list[TrainingSetup] = []
+        self.samples: list[SampleRequest] = []
+        self.sample_extras: list[Any] = []
 
     @property
     def device(self) -> torch.device:
@@ -91,12 +104,39 @@ class FakeModel:
         return {"unet": self.conv}
 
     @contextlib.contextmanager
+    def training_session(self, setup: TrainingSetup):  # type: ignore[no-untyped-def]
+        self.sessions.append(setup)
+        trained = {name: self.conv for name in setup.train}
+        weights = WeightState([self.conv, self.proj], trained)
+        compute = compute_dtype(setup.precision, torch.float32)
+        try:
+            yield TrainingSession(trained, compute, autocast_factory(self.device, compute))
+        finally:
+            weights.restore()
+
+    @contextlib.contextmanager
     def placement(self):  # type: ignore[no-untyped-def]
         self.placements += 1
         yield
 
+    def text_chunk_hook(self, hook: Any) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
-class FakeMethod:
+    def sampler_names(self) -> list[str]:
+        return ["DPM++ 2M"]
+
+    def sample(self, request: SampleRequest, embeddings: Any = None, context_transform: Any = None) -> list[Any]:
+        """Records calls; a grey image of the asked size. Draws from the global RNG to prove isolation."""
+        torch.randn(100)
+        self.samples.append(request)
+        self.sample_extras.append((embeddings, context_transform))
+        return [Image.new("RGB", (request.width, request.height), (128, 128, 128)) for _ in request.prompts]
+
+    def ldm_state_dict(self, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return {f"model.diffusion_model.{k}": v.detach().clone() for k, v in self.conv.state_dict().items()}
+
+
+class FakeMethod(Method):
     """One learnable vector added to the text context; loss = weighted MSE of the model's prediction (+ dropout)."""
 
     name = "fake"
@@ -131,9 +171,6 @@ class FakeMethod:
 
     def after_step(self, model: Any) -> None:
         self.after_steps += 1
-
-    def training_context(self, model: Any) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
 
     def inference_extras(self) -> InferenceExtras:
         return InferenceExtras(negative_prompt_suffix="fake-neg")
@@ -181,15 +218,3 @@ class FakeData:
         weight = None if self.weights is None else self.weights[ids].clone()
         return DataBatch(self.latents[ids].clone(), [self.prompts[i] for i in ids],
                          torch.zeros(len(ids), 6), loss_weight=weight)
-
-
-class FakeSampler:
-    """Records calls; returns a grey image of the asked size. Draws from the global RNG to prove isolation."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    def __call__(self, model: Any, prompts: list[str], negative_prompts: list[str], **kwargs: Any) -> list[Any]:
-        torch.randn(100)
-        self.calls.append({"prompts": prompts, "negative_prompts": negative_prompts, **kwargs})
-        return [Image.new("RGB", (kwargs["width"], kwargs["height"]), (128, 128, 128))]

@@ -12,13 +12,15 @@ import pytest
 import torch
 
 from finetune_core.errors import ArtifactError, ConfigError, TrainingDiverged
+from finetune_core.methods.base import StatePolicy
+from finetune_core.model.interface import TrainingSetup
 from finetune_core.train.config import TrainConfig
 from finetune_core.train.control import Control
 from finetune_core.train.events import ArtifactSaved, Failed, Finished, PreviewEvent, Started, StepEvent, Warning_
 from finetune_core.train.loop import OutputSpec, existing_artifacts, resume_training, run_training
 from finetune_core.train.run_folder import RunFolder
 
-from .fakes import FakeData, FakeMethod, FakeModel, FakeSampler, read_vector
+from .fakes import FakeData, FakeMethod, FakeModel, read_vector
 
 BASE = TrainConfig(steps=6, learning_rate="0.05", save_every=0, preview_every=0, csv_every=0)
 
@@ -33,7 +35,8 @@ def train(tmp: Path, config: TrainConfig = BASE, method: FakeMethod | None = Non
         if sink is not None:
             sink(event)
     method = method or FakeMethod()
-    result = run_training(FakeModel(), method, data or FakeData(), config, RunFolder(tmp / run),
+    model = kwargs.pop("model", None) or FakeModel()
+    result = run_training(model, method, data or FakeData(), config, RunFolder(tmp / run),
                           OutputSpec(tmp / out, "emb", kwargs.pop("overwrite", False)), on_event=on_event, **kwargs)
     return result, method, events
 
@@ -49,7 +52,7 @@ def test_training_changes_the_vector_and_writes_the_final_artifact(tmp_path: Pat
 
 def test_events_come_in_order_with_eta(tmp_path: Path) -> None:
     config = dataclasses.replace(BASE, save_every=3, preview_every=3)
-    _result, _method, events = train(tmp_path, config, sampler=FakeSampler())
+    _result, _method, events = train(tmp_path, config)
     kinds = [type(e).__name__ for e in events]
     assert kinds == ["Started", "StepEvent", "StepEvent", "StepEvent", "ArtifactSaved", "PreviewEvent",
                      "StepEvent", "StepEvent", "StepEvent", "ArtifactSaved", "PreviewEvent", "ArtifactSaved",
@@ -228,7 +231,7 @@ def test_text_is_encoded_once_per_prompt(tmp_path: Path) -> None:
     model = FakeModel()
     run_training(model, FakeMethod(), FakeData(), BASE, RunFolder(tmp_path / "r"), OutputSpec(tmp_path / "o", "emb"))
     assert sorted(model.encoded) == sorted(set(model.encoded)) and len(model.encoded) == 4
-    assert model.placements >= 6
+    assert model.placements == 1  # one placement for the whole training phase, not one per step
 
 
 def test_nan_steps_are_skipped_then_rolled_back_with_a_lower_rate(tmp_path: Path) -> None:
@@ -259,16 +262,17 @@ def test_persistent_nan_raises_training_diverged(tmp_path: Path) -> None:
 
 
 def test_previews_use_training_prompt_and_do_not_change_training(tmp_path: Path) -> None:
-    sampler = FakeSampler()
+    model = FakeModel()
     config = dataclasses.replace(BASE, preview_every=2)
-    _r, with_previews, events = train(tmp_path, config, sampler=sampler, run="a", out="a")
+    _r, with_previews, events = train(tmp_path, config, model=model, run="a", out="a")
     _r, without, _ = train(tmp_path, run="b", out="b")
     assert torch.equal(with_previews.vector, without.vector)
     previews = [e for e in events if isinstance(e, PreviewEvent)]
     assert [p.step for p in previews] == [2, 4, 6] and all(p.path.is_file() for p in previews)
-    call = sampler.calls[0]
-    assert call["prompts"][0].startswith("item ") and call["negative_prompts"] == ["fake-neg"]
-    assert (call["width"], call["height"], call["steps"]) == (32, 32, 20)
+    request = model.samples[0]
+    assert request.prompts[0].startswith("item ") and request.negative_prompts == ("fake-neg",)
+    assert (request.width, request.height, request.steps, request.sampler) == (32, 32, 20, "DPM++ 2M")
+    assert len({r.seed for r in model.samples}) == 1  # one seed per run: previews compare side by side
 
 
 def test_pause_blocks_until_resumed(tmp_path: Path) -> None:
@@ -294,3 +298,53 @@ def test_a_method_can_name_its_artifact_files(tmp_path: Path) -> None:
     (tmp_path / "out" / "emb.safetensors").write_text("x")
     with pytest.raises(ArtifactError, match="emb.safetensors"):
         train(tmp_path, method=Named())
+
+
+def test_no_optimizer_file_the_webui_cannot_load_is_written_and_the_user_is_told(tmp_path: Path) -> None:
+    config = dataclasses.replace(BASE, save_optimizer_state=True)
+    result, _method, events = train(tmp_path, config)  # FakeMethod keeps the default: no WebUI sidecar
+    assert result.artifacts == (tmp_path / "out" / "emb.pt",)
+    warnings = [e.message for e in events if isinstance(e, Warning_)]
+    assert any("no optimizer state file" in w for w in warnings)
+
+
+def test_a_method_without_rollback_snapshots_stops_with_advice(tmp_path: Path) -> None:
+    class Big(FakeMethod):
+        state_policy = StatePolicy(rollback_snapshots=False, resume_state=False)
+
+    config = dataclasses.replace(BASE, nan_guard_bad_steps=2, save_every=2)
+    with pytest.raises(TrainingDiverged, match="no in-memory copy"):
+        train(tmp_path, config, method=Big(nan_calls=tuple(range(3, 100))))
+    state = torch.load(tmp_path / "run" / "state" / "checkpoint.pt", weights_only=True)
+    assert "params" not in state and "optimizer" not in state  # the policy keeps the big state out
+    with pytest.raises(ArtifactError, match="kept no resume state"):
+        resume_training(FakeModel(), Big(), FakeData(), RunFolder(tmp_path / "run"),
+                        OutputSpec(tmp_path / "out", "emb"))
+
+
+def test_interrupt_during_preparation_trains_and_writes_nothing(tmp_path: Path) -> None:
+    control = Control()
+
+    class Preparing(FakeMethod):
+        def prepare(self, context: Any) -> None:
+            for i in range(5):
+                context.progress("class images", i, 5)
+                if i == 2:
+                    control.interrupt()
+
+    result, method, events = train(tmp_path, control=control, method=Preparing())
+    assert result.interrupted and result.step == 0 and result.artifacts == ()
+    assert method.calls == 0 and not (tmp_path / "out").exists()
+    phases = [e for e in events if type(e).__name__ == "Phase"]
+    assert [p.done for p in phases] == [0, 1, 2, 3]  # the progress call after the interrupt stops the phase
+
+
+def test_the_session_gets_the_methods_modules_precision_and_checkpointing(tmp_path: Path) -> None:
+    class Tuning(FakeMethod):
+        trains = ("unet",)
+
+    model = FakeModel()
+    config = dataclasses.replace(BASE, precision="bf16", gradient_checkpointing=False, steps=1)
+    train(tmp_path, config, model=model, method=Tuning())
+    assert model.sessions == [TrainingSetup(("unet",), "bf16", False)]
+    assert not any(p.requires_grad for p in model.conv.parameters())  # given back frozen, as it came

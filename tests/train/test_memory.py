@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from finetune_core.errors import ConfigError
+from finetune_core.methods import hypernetwork, textual_inversion
+from finetune_core.methods.hypernetwork import HypernetworkConfig
+from finetune_core.methods.textual_inversion import TextualInversionCreate
 from finetune_core.model.interface import TextEncoderSpec
 from finetune_core.train.memory import (
     ACTIVATION_VALUES_PER_CELL,
     GIB,
+    MemoryNeeds,
     MemoryPlan,
     activation_bytes,
     estimate_memory,
@@ -26,6 +30,8 @@ class TinyModel:
     vae_scale = 8
     text_encoders = (TextEncoderSpec("clip_l", 8),)
     device = torch.device("cpu")
+    dtype = torch.float32
+    context_width = 8
 
     def __init__(self) -> None:
         self.unet = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3), torch.nn.Linear(16, 16))  # 592 + 272
@@ -50,44 +56,48 @@ def test_weights_are_counted_from_the_modules() -> None:
 
 def test_textual_inversion_trains_only_its_vectors() -> None:
     model = TinyModel()
-    plan = MemoryPlan("textual-inversion", batch_size=2, width=64, height=32, precision="fp16", vectors=3)
-    est = estimate_memory(model, plan, device_total=None)
+    needs = textual_inversion.memory_needs(model, TextualInversionCreate(num_vectors=3))  # type: ignore[arg-type]
+    plan = MemoryPlan(batch_size=2, width=64, height=32, precision="fp16")
+    est = estimate_memory(model, needs, plan, device_total=None)  # type: ignore[arg-type]
     trainable = 3 * 8
-    assert est.parameters_bytes == 956 * 2 + trainable * 4
+    assert needs == MemoryNeeds(trainable)
+    assert est.parameters_bytes == 956 * 4 + trainable * 4  # frozen weights in the dtype the model holds (fp32)
     assert est.gradients_bytes == trainable * 4 and est.optimizer_bytes == trainable * 8
-    assert est.activations_bytes == 2 * (8 * 4) * 16 * ACTIVATION_VALUES_PER_CELL * 2
+    assert est.activations_bytes == 2 * (8 * 4) * 16 * ACTIVATION_VALUES_PER_CELL * 2  # computed in fp16
     assert est.total == est.parameters_bytes + est.gradients_bytes + est.optimizer_bytes + est.activations_bytes
     assert est.suggestion == "" and "estimate" in est.describe()
 
 
-def test_dreambooth_holds_the_unet_in_fp32_and_hypernetwork_sizes() -> None:
+def test_model_weights_that_train_count_once_in_fp32_and_hypernetwork_sizes() -> None:
     model = TinyModel()
-    est = estimate_memory(model, MemoryPlan("dreambooth", precision="bf16", width=64, height=64), device_total=None)
-    assert est.parameters_bytes == (956 - 864) * 2 + 864 * 4 and est.optimizer_bytes == 864 * 8
+    unet = 864
+    est = estimate_memory(model, MemoryNeeds(unet, replaces_model_weights=True, extra_bytes=100),  # type: ignore[arg-type]
+                          MemoryPlan(precision="bf16", width=64, height=64), device_total=None)
+    assert est.parameters_bytes == (956 - unet) * 4 + unet * 4 and est.optimizer_bytes == unet * 8
+    assert est.activations_bytes == 64 * 16 * ACTIVATION_VALUES_PER_CELL * 2 + 100
     # (1, 2, 1) on width 8: Linear(8,16) + Linear(16,8) = 144 + 136, for k and v.
     assert hypernetwork_parameters({8}, (1, 2, 1)) == 2 * (144 + 136)
-    hn = estimate_memory(model, MemoryPlan("hypernetwork", width=64, height=64), device_total=None)
-    assert hn.gradients_bytes == 2 * (144 + 136) * 4
+    config = HypernetworkConfig(sizes="8, 16, 99")  # 99 matches no attention layer: it would never train
+    assert hypernetwork.memory_needs(model, config).trainable == (  # type: ignore[arg-type]
+        hypernetwork_parameters({8, 16}, (1, 2, 1)))
 
 
 def test_a_plan_that_does_not_fit_gets_a_suggestion() -> None:
     model = TinyModel()
-    plan = MemoryPlan("textual-inversion", batch_size=4, width=1024, height=1024, precision="fp32")
-    est = estimate_memory(model, plan, device_total=GIB // 4)
+    plan = MemoryPlan(batch_size=4, width=1024, height=1024, precision="fp32")
+    est = estimate_memory(model, MemoryNeeds(8), plan, device_total=GIB // 4)  # type: ignore[arg-type]
     assert est.total > GIB // 4
     assert "exceeds" in est.suggestion and "gradient checkpointing" in est.suggestion
     assert "fp16" in est.suggestion and "batch size" in est.suggestion
-    checkpointed = activation_bytes(MemoryPlan("x", gradient_checkpointing=True), 320)
-    assert checkpointed < activation_bytes(MemoryPlan("x"), 320)
+    checkpointed = activation_bytes(MemoryPlan(gradient_checkpointing=True), 320)
+    assert checkpointed < activation_bytes(MemoryPlan(), 320)
 
 
-def test_unknown_method_and_precision_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="no memory estimate"):
-        estimate_memory(TinyModel(), MemoryPlan("lora"), device_total=None)
+def test_unknown_precision_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="precision"):
-        estimate_memory(TinyModel(), MemoryPlan("textual-inversion", precision="fp8"), device_total=None)
+        estimate_memory(TinyModel(), MemoryNeeds(8), MemoryPlan(precision="fp8"), device_total=None)  # type: ignore[arg-type]
 
 
 def test_cpu_device_total_comes_from_meminfo() -> None:
-    est = estimate_memory(TinyModel(), MemoryPlan("textual-inversion", width=64, height=64))
+    est = estimate_memory(TinyModel(), MemoryNeeds(8), MemoryPlan(width=64, height=64))  # type: ignore[arg-type]
     assert est.device_total is None or est.device_total > 0
