@@ -106,8 +106,10 @@ def hypernetwork_from_obj(obj: Any, source: Path) -> HypernetworkFile:
               for size, pair in obj.items() if isinstance(size, int)}
     layer_structure = [float(x) for x in obj.get("layer_structure") or [1, 2, 1]]
     dropout = obj.get("dropout_structure")
-    # Like the WebUI: dropout counts as used when a structure with a non-zero entry is stored.
-    use_dropout = bool(obj.get("use_dropout", bool(dropout) and any(float(x) for x in dropout)))
+    # As the WebUI's `Hypernetwork.load`: a stored structure with a non-zero entry means dropout is used, whatever
+    # `use_dropout` says; otherwise the stored flag (default off) decides.
+    has_dropout = bool(dropout) and any(float(x) for x in dropout)
+    use_dropout = True if has_dropout else bool(obj.get("use_dropout", False))
     last_layer_dropout = bool(obj.get("last_layer_dropout", False))
     if dropout is None:
         dropout = dropout_structure_for(layer_structure, use_dropout, last_layer_dropout)

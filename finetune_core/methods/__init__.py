@@ -10,11 +10,14 @@ from typing import Any
 from finetune_core.methods import hypernetwork, textual_inversion
 from finetune_core.methods.base import Method
 from finetune_core.model.interface import DiffusionModel
+from finetune_core.train.memory import MemoryNeeds
 
 # build(model, name, config, folder of existing artefacts, seed) -> Method
 Build = Callable[[DiffusionModel, str, Any, Path, int], Method]
 # create(model, name, create config, output folder, overwrite) -> paths written
 Create = Callable[[DiffusionModel, str, Any, Path, bool], "list[Path]"]
+# memory(model, config) -> what the method adds to the model in memory (for the estimate before Train)
+Memory = Callable[[DiffusionModel, Any], MemoryNeeds]
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class MethodSpec:
     description: str
     build: Build
     create: Create | None
+    memory: Memory
     data_defaults: dict[str, Any] = field(default_factory=dict)  # overrides of DatasetConfig defaults
     train_defaults: dict[str, Any] = field(default_factory=dict)  # overrides of TrainConfig defaults
 
@@ -39,14 +43,14 @@ METHODS: dict[str, MethodSpec] = {
         "textual-inversion", "Textual Inversion", textual_inversion.TextualInversionConfig,
         textual_inversion.TextualInversionCreate, "embeddings", "textual_inversion",
         "Learn a new word (an embedding) for a subject or style; the model stays unchanged.",
-        textual_inversion.build, textual_inversion.create_file,
+        textual_inversion.build, textual_inversion.create_file, textual_inversion.memory_needs,
         data_defaults={"template": "style_filewords.txt"},
         train_defaults={"learning_rate": "0.005"}),
     "hypernetwork": MethodSpec(
         "hypernetwork", "Hypernetwork", hypernetwork.HypernetworkConfig, hypernetwork.HypernetworkCreate,
-        "hypernetworks", "textual_inversion",
+        "hypernetworks", "hypernetwork",
         "Small networks on every attention layer's keys and values; good for styles.",
-        hypernetwork.build, hypernetwork.create_file,
+        hypernetwork.build, hypernetwork.create_file, hypernetwork.memory_needs,
         data_defaults={"template": "hypernetwork.txt"},
         train_defaults={"learning_rate": "0.00001"}),
 }

@@ -2,12 +2,20 @@
 
 from typing import Any
 
-from finetune_core.train.method import ArtifactMeta, InferenceExtras, Method, MethodDefaults, ParamGroup
+from finetune_core.train.method import (
+    ArtifactMeta,
+    InferenceExtras,
+    Method,
+    ParamGroup,
+    PrepareContext,
+    StatePolicy,
+)
 
-__all__ = ["ArtifactMeta", "ArtifactMethod", "InferenceExtras", "Method", "MethodDefaults", "ParamGroup"]
+__all__ = ["ArtifactMeta", "ArtifactMethod", "InferenceExtras", "Method", "ParamGroup", "PrepareContext",
+           "StatePolicy"]
 
 
-class ArtifactMethod(MethodDefaults):
+class ArtifactMethod(Method):
     """A method training an artefact file object (`name`, `step`): `[name]` is its name; it starts at its step."""
 
     file: Any

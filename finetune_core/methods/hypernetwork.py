@@ -7,6 +7,7 @@ Objective: the LDM loss with the modules applied (methods.md §3.2). Artefact: t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +33,7 @@ from finetune_core.methods.hypernetwork_net import (
 )
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train.batch import TrainBatch
+from finetune_core.train.memory import MemoryNeeds, hypernetwork_parameters
 from finetune_core.train.objective import weighted_mse
 
 TEXT_WIDTH_FAMILY = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
@@ -164,13 +166,17 @@ class Hypernetwork(ArtifactMethod):
     def trainable_parameters(self, model: DiffusionModel) -> list[ParamGroup]:
         return [ParamGroup("hypernetwork", list(self.pairs.parameters()), weight_decay=0.01)]
 
+    def training_context(self, model: DiffusionModel) -> AbstractContextManager[None]:
+        """The modules act on every attention layer for the whole run, so backward (and the recomputation gradient
+        checkpointing does in it) sees the same forward."""
+        return model.context_transform(self.transform)
+
     def loss(self, model: DiffusionModel, batch: TrainBatch) -> torch.Tensor:
         cond = batch.cond
         if cond is None:
             with torch.no_grad():
                 cond = model.encode_prompts(batch.prompts)
-        with model.context_transform(self.transform):
-            pred = model.predict(batch.noisy_latents, batch.timesteps, cond, batch.size_cond)
+        pred = model.predict(batch.noisy_latents, batch.timesteps, cond, batch.size_cond)
         return weighted_mse(pred, batch.target, batch.loss_weight, batch.snr_weight)
 
     def inference_extras(self) -> InferenceExtras:
@@ -187,10 +193,15 @@ class Hypernetwork(ArtifactMethod):
         return _replace_file(self.file, layers=layers, step=meta.step, sd_checkpoint=meta.model.shorthash,
                              sd_checkpoint_name=meta.model.name)
 
-    def optimizer_sidecar(self, artifact: Path, optimizer: torch.optim.Optimizer, optimizer_name: str) -> Path:
-        """The WebUI's `<file>.pt.optim`: it resumes the optimizer when the hash matches the file."""
+    def optimizer_sidecar(self, artifact: Path, optimizer: torch.optim.Optimizer,
+                          optimizer_name: str) -> Path | None:
+        """The WebUI's `<file>.pt.optim`: it resumes the optimizer named there when the hash matches the file;
+        it only knows torch's own optimizers, so none is written for the others."""
+        webui_name = webui_optimizer_name(optimizer_name)
+        if webui_name is None:
+            return None
         sidecar = OptimizerSidecar(hash=file_shorthash(artifact), optimizer_state_dict=optimizer.state_dict(),
-                                   optimizer_name=webui_optimizer_name(optimizer_name))
+                                   optimizer_name=webui_name)
         return write_optimizer_sidecar(artifact, sidecar)
 
     def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
@@ -233,9 +244,10 @@ def _module(file: HypernetworkFile, size: int, state: Mapping[str, torch.Tensor]
     dropout = file.dropout_structure
     if dropout is None:  # as write_hypernetwork fills it in
         dropout = dropout_structure_for(file.layer_structure, file.use_dropout, file.last_layer_dropout)
+    # As the WebUI: the stored dropout structure builds the Dropout layers, whatever `use_dropout` says.
     module = HypernetworkModule(size, list(file.layer_structure), file.activation_func or "linear",
                                 file.weight_initialization or "Normal", bool(file.is_layer_norm),
-                                bool(file.activate_output), list(dropout) if file.use_dropout else None)
+                                bool(file.activate_output), list(dropout))
     if state is not None:
         missing, unexpected = module.load_state_dict(dict(state), strict=False)
         if missing or unexpected:
@@ -286,15 +298,24 @@ def create_file(model: DiffusionModel, name: str, config: HypernetworkCreate, di
     return [write_hypernetwork(file, Path(directory) / f"{name}.pt", overwrite)]
 
 
-def build(model: DiffusionModel, name: str, config: HypernetworkConfig, directory: Path, seed: int) -> Hypernetwork:
-    """The registry's constructor: continue a file or create new modules seeded by the run seed.
-
-    The WebUI's default sizes name SD1's 768-wide text; on SD2/SDXL that module is made at the model's text width
-    instead, so the defaults train on every family.
-    """
+def for_model(model: DiffusionModel, config: HypernetworkConfig) -> HypernetworkConfig:
+    """The WebUI's default sizes name SD1's 768-wide text; on SD2/SDXL that module is made at the model's text
+    width instead, so the defaults train on every family."""
     default_sizes = HypernetworkCreate.sizes
     if not config.continue_from and config.sizes == default_sizes and model.context_width != 768:
-        config = replace(config, sizes=default_sizes.replace("768", str(model.context_width)))
-    method = load_for_training(name, config, directory, seed)
+        return replace(config, sizes=default_sizes.replace("768", str(model.context_width)))
+    return config
+
+
+def build(model: DiffusionModel, name: str, config: HypernetworkConfig, directory: Path, seed: int) -> Hypernetwork:
+    """The registry's constructor: continue a file or create new modules seeded by the run seed."""
+    method = load_for_training(name, for_model(model, config), directory, seed)
     method.check(model)
     return method
+
+
+def memory_needs(model: DiffusionModel, config: HypernetworkConfig) -> MemoryNeeds:
+    """A k and a v MLP per module size that matches an attention layer of the model."""
+    sizes, layers, _ = for_model(model, config).shape()
+    available = set().union(*model.attention_context_widths().values())
+    return MemoryNeeds(hypernetwork_parameters({s for s in sizes if s in available}, tuple(layers)))

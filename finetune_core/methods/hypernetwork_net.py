@@ -36,14 +36,6 @@ def activation_choices() -> list[str]:
     return [name for name in activation_classes() if name not in _HIDDEN_ACTIVATIONS]
 
 
-def dropout_for(layer_structure: list[float], use_dropout: bool, last_layer_dropout: bool) -> list[float]:
-    """The WebUI's `parse_dropout_structure`: 0.3 on hidden layers when dropout is on (legacy files)."""
-    if not use_dropout:
-        return [0.0] * len(layer_structure)
-    inner = [0.3] * (len(layer_structure) - 3)
-    return [0.0, *inner, 0.3 if last_layer_dropout else 0.0, 0.0] if len(layer_structure) >= 3 else [0.0, 0.0]
-
-
 def structure_problems(layer_structure: list[float], dropout_structure: list[float] | None,
                        activation: str, weight_init: str) -> list[str]:
     """Every reason the WebUI would refuse these module settings, as sentences."""

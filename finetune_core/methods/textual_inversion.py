@@ -21,6 +21,7 @@ from finetune_core.formats.optim import OptimizerSidecar, embedding_checksum, wr
 from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
 from finetune_core.model.interface import DiffusionModel, TrainableEmbedding
 from finetune_core.train.batch import TrainBatch
+from finetune_core.train.memory import MemoryNeeds
 from finetune_core.train.objective import weighted_mse
 
 SAVE_FORMATS = ("pt", "safetensors")
@@ -167,8 +168,12 @@ class TextualInversion(ArtifactMethod):
         write_embedding_png(self.current_file(meta), image, path, overwrite=True)
         return [path]
 
-    def optimizer_sidecar(self, artifact: Path, optimizer: torch.optim.Optimizer, optimizer_name: str) -> Path:
-        """The WebUI's `<file>.pt.optim`, keyed by its 4-digit checksum of the vectors (SD1/SD2 `.pt` only)."""
+    def optimizer_sidecar(self, artifact: Path, optimizer: torch.optim.Optimizer,
+                          optimizer_name: str) -> Path | None:
+        """The WebUI's `<file>.pt.optim`, keyed by its 4-digit checksum of the vectors (SD1/SD2 `.pt` only). The
+        WebUI loads it into AdamW, so only AdamW/Adam state (the same entries) is written."""
+        if optimizer_name not in ("adamw", "adam"):
+            return None
         vectors = next(iter(self.embedding.vectors.values()))
         sidecar = OptimizerSidecar(hash=embedding_checksum(vectors), optimizer_state_dict=optimizer.state_dict())
         return write_optimizer_sidecar(artifact, sidecar)
@@ -216,3 +221,8 @@ def build(model: DiffusionModel, name: str, config: TextualInversionConfig, dire
           seed: int) -> TextualInversion:
     """The registry's constructor: continue a file or start from the init text (seed unused: init is exact)."""
     return load_for_training(model, name, config, directory)
+
+
+def memory_needs(model: DiffusionModel, config: TextualInversionCreate) -> MemoryNeeds:
+    """The embedding's vectors: one row per vector for each text encoder."""
+    return MemoryNeeds(config.num_vectors * sum(t.width for t in model.text_encoders))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from finetune_core.errors import ArtifactError
+from finetune_core.formats import checkpoint_keys as keys
 from finetune_core.formats.checkpoint import (
     detect_family,
     diffusers_to_ldm,
@@ -360,3 +361,30 @@ def test_full_size_layout_on_meta_tensors(family, expected):
     assert {k: tuple(ldm[k].shape) for k in expected} == expected
     back = ldm_to_diffusers(ldm, family)
     assert {n: set(sd) for n, sd in back.items()} == {n: set(sd) for n, sd in components.items()}
+
+
+def test_diffusers_own_single_file_converters_read_what_we_write(family_components):
+    """An independent oracle: diffusers' single-file converters (how that library reads the LDM layout) turn our
+    LDM state dict back into exactly the weights it came from."""
+    from diffusers.loaders import single_file_utils as oracle
+
+    from finetune_core.model.configs import tiny_overrides
+
+    family, components = family_components
+    configs = tiny_overrides(family)
+    ldm = diffusers_to_ldm(components, family)
+    read = {"unet": oracle.convert_ldm_unet_checkpoint(ldm, configs["unet"]),
+            "vae": oracle.convert_ldm_vae_checkpoint(ldm, configs["vae"])}
+    text = keys.TEXT_PREFIXES[family]
+    modules = tiny_family_modules(family)
+    for name, (prefix, kind) in text.items():
+        if kind == "hf":
+            read[name] = oracle.convert_ldm_clip_checkpoint(ldm, remove_prefix=prefix)
+        else:
+            read[name] = oracle.convert_open_clip_checkpoint(modules[name], ldm, prefix=prefix)
+    for name, sd in components.items():
+        expected = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+        got = {k: v for k, v in read[name].items() if not k.endswith("position_ids")}
+        assert set(got) == set(expected), (name, sorted(set(got) ^ set(expected))[:4])
+        for key, value in expected.items():
+            assert torch.equal(got[key].reshape(value.shape), value), (name, key)

@@ -95,6 +95,19 @@ def test_stored_dropout_structure_implies_use_dropout(tmp_path):
     assert back.use_dropout is True and back.dropout_structure == [0.0, 0.1, 0.0]
 
 
+def test_a_stored_structure_builds_dropout_even_when_use_dropout_says_no(tmp_path):
+    """The WebUI's `Hypernetwork.load` derives use_dropout from a non-zero structure and builds its Dropout
+    layers from the structure; such files exist (made by other tools) and the WebUI loads them."""
+    from finetune_core.methods.hypernetwork import Hypernetwork, HypernetworkConfig
+
+    save_pt({768: (_module(768), _module(768)), "use_dropout": False, "dropout_structure": [0.0, 0.3, 0.0]},
+            tmp_path / "d.pt")
+    back = read_hypernetwork(tmp_path / "d.pt")
+    assert back.use_dropout is True and back.dropout_structure == [0.0, 0.3, 0.0]
+    modules = Hypernetwork(HypernetworkConfig(), back).pairs["768"][0].linear
+    assert [type(m).__name__ for m in modules] == ["Linear", "Dropout", "Linear"]
+
+
 def test_embedding_given_to_read_hypernetwork(tmp_path):
     path = write_embedding(EmbeddingFile(name="e", vectors={"clip_l": torch.zeros(1, 768)}), tmp_path / "e.pt")
     with pytest.raises(ArtifactError, match="this file is an embedding, not a hypernetwork"):

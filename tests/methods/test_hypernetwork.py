@@ -14,7 +14,6 @@ from finetune_core.formats.embedding import EmbeddingFile, write_embedding
 from finetune_core.formats.hypernetwork import HypernetworkFile, read_hypernetwork, write_hypernetwork
 from finetune_core.methods.hypernetwork import Hypernetwork, HypernetworkConfig, HypernetworkCreate, create_hypernetwork
 from finetune_core.methods.hypernetwork_net import HypernetworkModule, activation_classes
-from finetune_core.model.interface import TextConditioning
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent, Warning_
 from tests.conftest import weights_checksum
@@ -187,11 +186,20 @@ def test_bad_settings_and_files_each_give_a_sentence(tiny_model, one_image_datas
         service.train(_request(one_image_dataset, 1, continue_from="emb"), model, folders)
 
 
-def test_cached_text_conditioning_is_used(tiny_model):
+def test_cached_text_conditioning_is_used(tiny_model, one_image_dataset, tmp_path, monkeypatch):
+    """The text encoder is frozen, so each prompt is encoded once, without gradients, however many steps run."""
     model = tiny_model("tiny-sd1")
-    method = Hypernetwork(HypernetworkConfig(), create_hypernetwork("hn", HypernetworkCreate(sizes="768")))
-    assert method.caches_text
-    assert isinstance(model.encode_prompts(["x"]), TextConditioning)
+    calls: list[tuple[tuple[str, ...], bool]] = []
+    encode = model.encode_prompts
+
+    def counting(prompts, embeddings=None):
+        calls.append((tuple(prompts), torch.is_grad_enabled()))
+        return encode(prompts, embeddings)
+
+    monkeypatch.setattr(model, "encode_prompts", counting)
+    result = service.train(_request(one_image_dataset, 4), model, service.OutputFolders.standalone(tmp_path / "out"))
+    assert calls == [(("a picture of hn",), False)]  # the one-line template: one prompt, encoded once
+    assert result.run_dir is not None and result.run_dir.parts[-3] == "hypernetwork"  # runs/hypernetwork/<date>/
 
 
 def test_optimizer_sidecar_matches_the_file_when_asked(tiny_model, one_image_dataset, tmp_path):
@@ -206,3 +214,12 @@ def test_optimizer_sidecar_matches_the_file_when_asked(tiny_model, one_image_dat
     assert len(sidecar.optimizer_state_dict["state"]) == 3 * 2 * 2 * 2  # sizes x (k, v) x linears x (weight, bias)
     raw = torch.load(pt.with_name(pt.name + ".optim"), weights_only=True)
     assert set(raw) == {"optimizer_name", "hash", "optimizer_state_dict"}
+
+
+def test_no_optimizer_state_file_for_optimizers_the_webui_cannot_build(tmp_path):
+    """The WebUI rebuilds a hypernetwork's optimizer from torch.optim by the name in the .optim file."""
+    method = Hypernetwork(HypernetworkConfig(), create_hypernetwork("hn", HypernetworkCreate(sizes="768")))
+    optimizer = torch.optim.AdamW(list(method.pairs.parameters()))
+    for name in ("lion", "prodigy", "adamw8bit"):
+        assert method.optimizer_sidecar(tmp_path / "hn.pt", optimizer, name) is None
+    assert not (tmp_path / "hn.pt.optim").exists()

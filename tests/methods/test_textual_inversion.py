@@ -98,10 +98,8 @@ def test_written_forms_read_back_equal_and_pt_is_weights_only(fmt, tiny_model, o
                             "sd_checkpoint_name"}
         assert torch.equal(raw["string_to_param"]["*"], back.vectors["clip_l"])
         assert raw["sd_checkpoint"] == model.identity.shorthash and raw["step"] == 3
-    state = torch.load(Path(result.run_dir) / "state" / "state.pt", weights_only=True) \
-        if (Path(result.run_dir) / "state" / "state.pt").exists() else None
-    if state is not None:
-        assert torch.equal(state["method"]["clip_l"], back.vectors["clip_l"])
+    state = torch.load(Path(result.run_dir) / "state" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(state["method"]["clip_l"], back.vectors["clip_l"])  # the resume state is the same vectors
 
 
 def test_interrupt_then_resume_equals_uninterrupted(tiny_model, one_image_dataset, tmp_path):
@@ -137,6 +135,29 @@ def test_continue_training_from_existing_embedding_keeps_its_step(tiny_model, on
     request.train_settings["steps"] = 7
     second = service.train(request, model, folders)
     assert read_embedding(second.artifacts[0]).step == 7 and read_embedding(second.artifacts[0]).num_vectors == 3
+
+
+def test_continuing_a_file_already_at_max_steps_says_so(tiny_model, one_image_dataset, tmp_path):
+    model = tiny_model("tiny-sd1")
+    folders = service.OutputFolders.standalone(tmp_path / "out")
+    request = _request(one_image_dataset, tmp_path / "name_only.txt", 3)
+    service.train(request, model, folders)
+    before = (folders.embeddings / "ballword.pt").read_bytes()
+    again = _request(one_image_dataset, tmp_path / "name_only.txt", 3, continue_from="ballword")
+    with pytest.raises(ConfigError, match="already at step 3.*raise max steps above 3"):
+        service.train(again, model, folders)
+    assert (folders.embeddings / "ballword.pt").read_bytes() == before
+
+
+def test_optimizer_state_files_only_for_optimizers_the_webui_loads(tiny_model, tmp_path):
+    from finetune_core.methods.textual_inversion import TextualInversion
+
+    file = create_embedding(tiny_model("tiny-sd1"), "word", TextualInversionConfig())
+    method = TextualInversion(TextualInversionConfig(), file)
+    optimizer = torch.optim.SGD(method.trainable_parameters(tiny_model("tiny-sd1"))[0].params, lr=0.1)
+    # The WebUI loads an embedding's .optim into AdamW: SGD's state would break its next step.
+    assert method.optimizer_sidecar(tmp_path / "word.pt", optimizer, "sgd") is None
+    assert not (tmp_path / "word.pt.optim").exists()
 
 
 def test_embedding_for_another_family_is_refused(tiny_model, one_image_dataset, tmp_path):
