@@ -193,7 +193,6 @@ def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, 
     job = _prepare_job(request, model, folders, template_dirs)
     for message in job.warnings:
         emit(Warning_(message))
-    from finetune_core.model.sampler import sample
     from finetune_core.train.run_folder import RunFolder
     output = OutputSpec(job.final_dir, job.name, overwrite=request.overwrite or job.in_place,
                         settings={"method": request.method, **job.method_settings})
@@ -201,10 +200,10 @@ def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, 
         run_dir = _new_run_dir(folders, job.spec.log_folder, job.name)
         _write_request(run_dir, request)
         result = run_training(model, job.method, job.data, job.train_config, RunFolder(run_dir), output,
-                              on_event=emit, control=control, sampler=sample)
+                              on_event=emit, control=control)
     else:
         result = resume_training(model, job.method, job.data, RunFolder(run_dir), output, on_event=emit,
-                                 control=control, sampler=sample)
+                                 control=control)
     verb = "interrupted at" if result.interrupted else "finished at"
     written = ", ".join(str(p) for p in result.artifacts)
     message = f"Training {verb} step {result.step}. Wrote {written}. Run folder: {result.run_dir}"
@@ -253,9 +252,12 @@ def _prepare_job(request: TrainRequest, model: DiffusionModel, folders: OutputFo
     data = ImageDataset(data_config, placeholder=name)
     final_dir = folders.for_kind(spec.output_kind)
     seed = resolve_seed(configs["train"].seed)
+    train_config = configs["train"]
+    if train_config.preview_every and train_config.preview_sampler not in model.sampler_names():
+        raise ConfigError(f"the preview sampler {train_config.preview_sampler!r} is not available here; choose one "
+                          f"of {', '.join(model.sampler_names())}")
     method = spec.build(model, name, configs["method"], final_dir, seed)
-    check = getattr(method, "check", None)
-    warnings = list(check(model)) if check is not None else []
+    warnings = list(method.check(model))
     continue_from = getattr(configs["method"], "continue_from", "")
     in_place = bool(continue_from) and _same_stem(continue_from, final_dir, name)
     return _Job(spec, name, method, dataclasses.asdict(configs["method"]), data,

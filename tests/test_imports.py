@@ -16,7 +16,8 @@ LIGHT_MODULES = ["finetune_core", "finetune_core.service", "finetune_core.cli", 
                  "finetune_core.train", "finetune_core.data", "finetune_core.formats", "finetune_core.model",
                  "finetune_core.formats.inspect"]
 # Modules allowed to import the WebUI's `modules` (lazily, inside functions).
-WEBUI_SIDE = {"model/webui_backend.py", "model/placement.py", "ui/webui_host.py"}
+WEBUI_SIDE = {"model/webui_backend.py", "model/webui_session.py", "model/webui_sampler.py", "model/placement.py",
+              "ui/webui_host.py"}
 STDLIB = set(sys.stdlib_module_names)
 
 

@@ -93,18 +93,18 @@ class MethodActions:
             return None
 
     def estimate(self, values: Values) -> str:
-        """The memory estimate for the form's settings, as a sentence."""
+        """The memory estimate for the form's settings, as a sentence; the method counts what it adds."""
+        from finetune_core.service import build_config, form_defaults, method_spec
+
         typed = self.typed(values)
-        method, data, train = typed["method"], typed["data"], typed["train"]
-        plan = MemoryPlan(method=self.method, batch_size=int(data.get("batch_size", 1)),
-                          width=int(data.get("width", 512)), height=int(data.get("height", 512)),
-                          precision=str(train.get("precision", "fp32")),
-                          gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
-                          vectors=int(method.get("num_vectors", 1)),
-                          hypernetwork_layers=_numbers(method.get("layer_structure", "1, 2, 1"), float),
-                          hypernetwork_sizes=_numbers(method.get("sizes", ""), int),
-                          train_text_encoder=bool(method.get("train_text_encoder", False)))
-        return estimate_memory(self.host.get_model(), plan).describe()
+        data, train = typed["data"], typed["train"]
+        spec = method_spec(self.method)
+        config = build_config(spec.config_type, form_defaults(self.method)["method"], typed["method"], spec.label)
+        model = self.host.get_model()
+        plan = MemoryPlan(batch_size=int(data.get("batch_size", 1)), width=int(data.get("width", 512)),
+                          height=int(data.get("height", 512)), precision=str(train.get("precision", "fp32")),
+                          gradient_checkpointing=bool(train.get("gradient_checkpointing", True)))
+        return estimate_memory(model, spec.memory(model, config), plan).describe()
 
     def create(self, name: str, settings: dict[str, Any], create_specs: list[FieldSpec], overwrite: bool) -> str:
         """Create an empty artefact; returns a message naming the files."""
@@ -139,12 +139,3 @@ class MethodActions:
     def load_preset(self, preset: str) -> tuple[str, Values]:
         settings = presets.load_preset(self._presets_dir(), self.method, preset)
         return str(settings.get("name", "")), {s: dict(settings.get(s, {})) for s in SECTIONS}
-
-
-def _numbers(text: Any, kind: type) -> tuple[Any, ...]:
-    """'1, 2, 1' -> (1.0, 2.0, 1.0); an unparsable list is a ConfigError."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    try:
-        return tuple(kind(float(p)) if kind is int else kind(p) for p in parts)
-    except ValueError as exc:
-        raise ConfigError(f"'{text}' is not a comma-separated list of numbers") from exc

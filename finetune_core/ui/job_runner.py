@@ -21,6 +21,7 @@ from finetune_core.train.events import (
     Event,
     Failed,
     Finished,
+    Phase,
     PreviewEvent,
     Started,
     StepEvent,
@@ -47,6 +48,7 @@ class JobState:
     total: int = 0
     start_step: int = 0
     epoch: int = 0
+    phase: str = ""  # work before step 1, e.g. "latents 3/10"; empty once training runs
     losses: list[tuple[int, float]] = field(default_factory=list)
     learning_rates: list[tuple[int, float]] = field(default_factory=list)
     eta_seconds: float | None = None
@@ -68,7 +70,8 @@ class JobState:
         """JSON-friendly view (REST); loss/LR histories thinned to at most `history` points."""
         return {"job_id": self.job_id, "method": self.method, "name": self.name, "status": self.status,
                 "active": self.active, "step": self.step, "total": self.total, "start_step": self.start_step,
-                "epoch": self.epoch, "eta_seconds": self.eta_seconds, "seconds_per_step": self.seconds_per_step,
+                "epoch": self.epoch, "phase": self.phase, "eta_seconds": self.eta_seconds,
+                "seconds_per_step": self.seconds_per_step,
                 "losses": [list(p) for p in thin(self.losses, history)],
                 "learning_rates": [list(p) for p in thin(self.learning_rates, history)],
                 "previews": [{"path": str(p), "step": s, "prompt": t} for p, s, t in self.previews],
@@ -223,7 +226,10 @@ def record_event(state: JobState, event: Event) -> None:
     if isinstance(event, Started):
         state.run_dir, state.total, state.start_step, state.step = (event.run_dir, event.total_steps,
                                                                     event.start_step, event.start_step)
+    elif isinstance(event, Phase):
+        state.phase = f"{event.what} {event.done}/{event.total}"
     elif isinstance(event, StepEvent):
+        state.phase = ""
         state.step, state.total, state.epoch = event.step, event.total_steps, event.epoch
         state.losses.append((event.step, float(event.loss)))
         state.learning_rates.append((event.step, float(event.learning_rate)))

@@ -46,6 +46,8 @@ def progress_html(state: JobState, method: str) -> str:
     text = (f"<span class='finetune-state finetune-state-{state.status}'>{word}"
             f"</span> <b class='finetune-steps-done'>{state.step}/{state.total or '?'}</b> · epoch {state.epoch}"
             f" · loss {loss} · {format_speed(state.seconds_per_step)} · ETA {format_seconds(state.eta_seconds)}")
+    if state.phase:
+        text += f" · preparing {html.escape(state.phase)}"
     parts = [bar, f"<div class='finetune-progress-text'>{text}</div>"]
     parts += [f"<div class='finetune-message'>{html.escape(m)}</div>" for m in state.messages[-5:]]
     if state.error:

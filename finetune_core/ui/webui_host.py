@@ -16,6 +16,7 @@ from finetune_core.train.events import (
     Event,
     Failed,
     Finished,
+    Phase,
     PreviewEvent,
     Started,
     StepEvent,
@@ -129,8 +130,8 @@ class WebUIHost:
 
     # --- jobs -------------------------------------------------------------------------------------------------
     def run_exclusive(self, job: Callable[[], T], task_id: str | None = None) -> T:
-        """Run `job` holding `call_queue.queue_lock`, with `shared.state` showing it as the current job; whatever
-        the job did to the loaded model's weights is undone before the lock is released."""
+        """Run `job` holding `call_queue.queue_lock`, with `shared.state` showing it as the current job (the job's
+        training session has already undone whatever it did to the loaded model when it returns)."""
         from modules import call_queue, progress, shared
 
         if task_id:
@@ -143,8 +144,6 @@ class WebUIHost:
             try:
                 return job()
             finally:
-                if self._model is not None:
-                    self._model.restore_weights()
                 if task_id:
                     progress.finish_task(task_id)
                 shared.state.end()
@@ -157,6 +156,8 @@ class WebUIHost:
         if isinstance(event, Started):
             state.job_count, state.job_no = event.total_steps, event.start_step
             state.textinfo = f"Fine-tune: starting at step {event.start_step} of {event.total_steps}"
+        elif isinstance(event, Phase):
+            state.textinfo = f"Fine-tune: preparing {event.what}, {event.done}/{event.total}"
         elif isinstance(event, StepEvent):
             state.job_count, state.job_no = event.total_steps, event.step
             state.textinfo = (f"Step {event.step}/{event.total_steps}, loss {event.loss:.5f}, "

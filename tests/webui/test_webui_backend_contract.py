@@ -19,6 +19,4 @@ def model(tmp_path_factory):
 
     from finetune_core.model.webui_backend import WebUIModel
 
-    backend = WebUIModel(tiny_webui_model.build_sd1())
-    yield backend
-    backend.restore_weights()
+    return WebUIModel(tiny_webui_model.build_sd1())

@@ -24,8 +24,7 @@ def model(tmp_path_factory):
     from finetune_core.model.webui_backend import WebUIModel
 
     backend = WebUIModel(tiny_webui_sdxl.build_sd2())
-    yield backend
-    backend.restore_weights()
+    return backend
 
 
 def test_sd2_stub_is_shaped_like_the_webui(model):

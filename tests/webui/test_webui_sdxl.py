@@ -25,8 +25,7 @@ def model(tmp_path_factory):
     import tiny_webui_sdxl
 
     backend = WebUIModel(tiny_webui_sdxl.build_sdxl())
-    yield backend
-    backend.restore_weights()
+    return backend
 
 
 def test_sdxl_stub_is_shaped_like_the_webui(model):
