@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,14 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
     except Exception as exc:  # torch raises many types for garbage (IndexError, KeyError, EOFError, ...)
         raise ArtifactError(f"{source} is not a readable torch file (truncated or another format): "
                             f"{_first_line(exc)}") from exc
+
+
+def require_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str | os.PathLike[str]) -> None:
+    """Refuse tensors read from `source` that hold NaN or infinity: training would start from (and save) garbage."""
+    bad = [name for name, tensor in tensors if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ArtifactError(f"{source} holds values that are not numbers (NaN or infinity) in {', '.join(bad[:3])}; "
+                            f"it cannot be trained further: continue from an earlier copy or start a new file")
 
 
 def _first_line(exc: BaseException) -> str:
