@@ -249,10 +249,12 @@ class Trainer:
     def _finish(self, ctx: StepContext, interrupted: bool) -> tuple[Path, ...]:
         """Write the final artefact (also on interrupt, as the WebUI does) and the resume state."""
         out, c = self.job.output, self.counters
-        paths = self.job.method.write_artifact(Path(out.final_dir), out.name, self._meta(),
-                                               out.overwrite or c.final_written)
+        self._check_output()  # a file someone made while this run trained is not replaced unasked
+        # The run claims its final file in the resume state before writing it: killed between the two, a resume
+        # then rewrites the file as its own instead of refusing it as someone else's.
         c.final_written = True
         self._save_state(ctx)
+        paths = self.job.method.write_artifact(Path(out.final_dir), out.name, self._meta(), True)
         sidecar = getattr(self.job.method, "optimizer_sidecar", None)  # optional Method hook
         if self.job.config.save_optimizer_state and sidecar is not None:
             name = self.job.config.optimizer
