@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
+from finetune_core.preflight import memory_plan
 from finetune_core.service import TrainRequest
-from finetune_core.train.memory import MemoryPlan, estimate_memory
+from finetune_core.train.memory import estimate_memory
 from finetune_core.ui import presets
 from finetune_core.ui.dataset_view import lint_html, steps_arithmetic
 from finetune_core.ui.host import Host
@@ -68,7 +69,7 @@ class MethodActions:
         if not name.strip() and not resume_run.strip():
             raise ConfigError("the name is empty; type the name the new file should have")
         return TrainRequest(method=self.method, name=name.strip(), method_settings=typed["method"],
-                            data_settings=typed["data"], train_settings=typed["train"], overwrite=bool(overwrite),
+                            data_settings=typed["data"], train_settings=typed["train"], overwrite=overwrite,
                             resume_run=resume_run.strip() or None)
 
     def train(self, name: str, values: Values, overwrite: bool, resume_run: str, task_id: str | None) -> str:
@@ -95,15 +96,7 @@ class MethodActions:
     def estimate(self, values: Values) -> str:
         """The memory estimate for the form's settings, as a sentence."""
         typed = self.typed(values)
-        method, data, train = typed["method"], typed["data"], typed["train"]
-        plan = MemoryPlan(method=self.method, batch_size=int(data.get("batch_size", 1)),
-                          width=int(data.get("width", 512)), height=int(data.get("height", 512)),
-                          precision=str(train.get("precision", "fp32")),
-                          gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
-                          vectors=int(method.get("num_vectors", 1)),
-                          hypernetwork_layers=_numbers(method.get("layer_structure", "1, 2, 1"), float),
-                          hypernetwork_sizes=_numbers(method.get("sizes", ""), int),
-                          train_text_encoder=bool(method.get("train_text_encoder", False)))
+        plan = memory_plan(self.method, typed["method"], typed["data"], typed["train"])
         return estimate_memory(self.host.get_model(), plan).describe()
 
     def create(self, name: str, settings: dict[str, Any], create_specs: list[FieldSpec], overwrite: bool) -> str:
@@ -111,9 +104,7 @@ class MethodActions:
         if not name.strip():
             raise ConfigError("the name is empty; type the name the new file should have")
         typed = coerce_all(create_specs, settings)
-        paths = self.service.create(self.method, name.strip(), typed, self.host.get_model(), self.host.folders(),
-                                    overwrite=bool(overwrite))
-        self.host.artifacts_written(self.output_kind, list(paths))
+        paths = self.runner.create(self.service, self.method, name.strip(), typed, overwrite)
         return "Created " + ", ".join(str(p) for p in paths)
 
     def status(self, state: JobState | None = None) -> StatusView:
@@ -139,12 +130,3 @@ class MethodActions:
     def load_preset(self, preset: str) -> tuple[str, Values]:
         settings = presets.load_preset(self._presets_dir(), self.method, preset)
         return str(settings.get("name", "")), {s: dict(settings.get(s, {})) for s in SECTIONS}
-
-
-def _numbers(text: Any, kind: type) -> tuple[Any, ...]:
-    """'1, 2, 1' -> (1.0, 2.0, 1.0); an unparsable list is a ConfigError."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    try:
-        return tuple(kind(float(p)) if kind is int else kind(p) for p in parts)
-    except ValueError as exc:
-        raise ConfigError(f"'{text}' is not a comma-separated list of numbers") from exc
