@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_core.cli import build_parser, main
+from finetune_core.cli import _section_types, _settings_from_args, build_parser, main
 from tests.conftest import EXAMPLES
 
 
@@ -12,10 +12,11 @@ def test_every_setting_is_a_flag_and_aliases_exist():
     parser = build_parser()
     args = parser.parse_args(["train", "textual-inversion", "--name", "x", "--data", "d", "--lr", "0.01",
                               "--vectors", "3", "--shuffle-tags", "--no-use-alpha-weight", "--steps", "5"])
-    assert vars(args)["data:data_dir"] == "d" and vars(args)["train:learning_rate"] == "0.01"
-    assert vars(args)["method:num_vectors"] == 3 and vars(args)["data:shuffle_tags"] is True
-    assert vars(args)["data:use_alpha_weight"] is False and vars(args)["train:steps"] == 5
-    assert vars(args)["train:seed"] is None  # unset flags leave the method's defaults alone
+    settings = _settings_from_args(args, _section_types(args))  # typed by the one coercer, text mode
+    assert settings["data"]["data_dir"] == "d" and settings["train"]["learning_rate"] == "0.01"
+    assert settings["method"]["num_vectors"] == 3 and settings["data"]["shuffle_tags"] is True
+    assert settings["data"]["use_alpha_weight"] is False and settings["train"]["steps"] == 5
+    assert "seed" not in settings["train"]  # unset flags leave the method's defaults alone
 
 
 def test_train_inspect_lint_create(tmp_path, capsys):
