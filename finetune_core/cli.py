@@ -196,6 +196,9 @@ class Progress:
     """Loop events as a tqdm bar (step, loss, learning rate, speed, ETA); warnings and previews print above it."""
 
     def __init__(self, stream: Any = None) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
         self.stream = stream or sys.stderr
         self.bar: Any = None
 
@@ -207,19 +210,17 @@ class Progress:
             self.bar.close()
 
     def __call__(self, event: Any) -> None:
-        from tqdm import tqdm
-
         from finetune_core.train import events
         if isinstance(event, events.Started):
-            self.bar = tqdm(total=event.total_steps, initial=event.start_step, file=self.stream, unit="step",
-                            dynamic_ncols=True, mininterval=0.2)
+            self.bar = self.tqdm(total=event.total_steps, initial=event.start_step, file=self.stream, unit="step",
+                                 dynamic_ncols=True, mininterval=0.2)
         elif isinstance(event, events.StepEvent) and self.bar is not None:
             self.bar.set_postfix_str(f"loss {event.loss:.4f} lr {event.learning_rate:.2g}", refresh=False)
             self.bar.update(event.step - self.bar.n)
         elif isinstance(event, events.Warning_):
-            tqdm.write(f"warning: {event.message}", file=self.stream)
+            self.tqdm.write(f"warning: {event.message}", file=self.stream)
         elif isinstance(event, events.PreviewEvent):
-            tqdm.write(f"preview at step {event.step}: {event.path}", file=self.stream)
+            self.tqdm.write(f"preview at step {event.step}: {event.path}", file=self.stream)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,17 @@ def check_writable(folder: Path, what: str, min_free: int = MIN_FREE_BYTES) -> N
 def storage_error(exc: OSError, run_dir: Path | None) -> StorageError:
     """One sentence for an operating-system error met while reading or writing, naming the file and what to do."""
     where = f" {exc.filename}" if exc.filename else " a file"
+    verb = "write" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) else "read or write"
     advice = {errno.ENOSPC: "free some space on that disk", errno.EDQUOT: "free some space on that disk",
               errno.EROFS: "choose an output folder you can write to",
               errno.EACCES: "choose an output folder you can write to or fix its permissions",
               errno.ENAMETOOLONG: "choose a shorter name or output folder"}.get(exc.errno or 0, "check that folder")
-    resume = f"; the run folder {run_dir} keeps the last saved state to resume from" if run_dir else ""
-    return StorageError(f"could not write or read{where} ({_reason(exc)}); {advice}{resume}")
+    resume = ""
+    if run_dir is not None and (Path(run_dir) / "state" / "checkpoint.pt").is_file():
+        resume = f"; the run folder {run_dir} keeps the last saved state: resume it with --resume {run_dir}"
+    elif run_dir is not None:
+        resume = f"; nothing was saved in the run folder {run_dir} yet"
+    return StorageError(f"could not {verb}{where} ({_reason(exc)}); {advice}{resume}")
 
 
 def _reason(exc: OSError) -> str:

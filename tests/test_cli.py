@@ -45,3 +45,23 @@ def test_bad_input_exits_2_with_one_sentence(argv, message, tmp_path, capsys):
                  str(tmp_path), *argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_progress_bar_keeps_warnings_and_previews_readable():
+    import io
+    from pathlib import Path
+
+    from finetune_core.cli import Progress
+    from finetune_core.train.events import PreviewEvent, Started, StepEvent, Warning_
+
+    stream = io.StringIO()
+    with Progress(stream) as progress:
+        progress(Started(Path("run"), 10, 2))
+        progress(StepEvent(3, 10, 0.25, 0.005, 0, 0.1, 0.7))
+        progress(Warning_("rolled back to step 2"))
+        progress(StepEvent(2, 10, 0.5, 0.0025, 0, 0.1, 0.8))  # after a rollback the step goes back
+        progress(PreviewEvent(4, Path("run/images/x-4.png"), None, "a prompt"))
+        assert progress.bar.n == 2
+    lines = [line.split("\r")[-1] for line in stream.getvalue().splitlines()]
+    assert "warning: rolled back to step 2" in lines and "preview at step 4: run/images/x-4.png" in lines
+    assert "2/10" in stream.getvalue() and "loss 0.5000" in stream.getvalue()

@@ -241,19 +241,38 @@ def test_a_full_disk_before_the_run_is_refused_and_leaves_nothing(one_image_data
 def test_a_full_disk_mid_run_is_one_sentence_naming_the_run_folder(tiny_model, one_image_dataset, tmp_path,
                                                                    monkeypatch):
     from finetune_core.formats import atomic
+    real_save = torch.save
+    saves = []
+
+    def save(obj, path, **kwargs):  # torch reports a full disk as a RuntimeError, not an OSError
+        saves.append(Path(path).name)
+        if len(saves) > 2:
+            raise RuntimeError("write(): fd 3 failed with No space left on device")
+        return real_save(obj, path, **kwargs)
+
+    monkeypatch.setattr(atomic.torch, "save", save)
+    folders = service.OutputFolders.standalone(tmp_path / "out")
+    with pytest.raises(StorageError, match="could not write .*No space left on device.*free some space.*"
+                                           "resume it with --resume"):
+        service.train(_request(one_image_dataset, steps=4, save_every=1), tiny_model("tiny-sd1"), folders)
+    run = _runs(folders)[0].parent
+    assert (run / "request.json").stat().st_size > 0 and not list(run.rglob(".*.tmp"))
+
+
+def test_a_full_disk_when_the_run_starts_leaves_no_run_folder(tiny_model, one_image_dataset, tmp_path, monkeypatch):
+    from finetune_core.formats import atomic
     real = atomic.atomic_write
 
     def full(path, write, overwrite=False):
-        if Path(path).name == "checkpoint.pt":
+        if Path(path).name == "request.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, write, overwrite)
 
     monkeypatch.setattr(atomic, "atomic_write", full)
     folders = service.OutputFolders.standalone(tmp_path / "out")
-    with pytest.raises(StorageError, match="No space left on device.*free some space.*run folder"):
-        service.train(_request(one_image_dataset, steps=2, save_every=1), tiny_model("tiny-sd1"), folders)
-    request_json = _runs(folders)[0]
-    assert request_json.stat().st_size > 0
+    with pytest.raises(StorageError, match="request.json \\(No space left on device\\)"):
+        service.train(_request(one_image_dataset), tiny_model("tiny-sd1"), folders)
+    assert not _runs(folders) and not list(folders.logs.rglob("word-*"))
 
 
 def test_a_read_only_output_folder_and_a_file_in_the_way(one_image_dataset, tmp_path, monkeypatch):

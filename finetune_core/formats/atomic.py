@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -27,13 +28,31 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        _write_reporting_os_errors(write, tmp, target)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artefacts get the usual mode, as the WebUI's do
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
     return target
+
+
+# What the disk says when a write fails; torch.save reports these as RuntimeError("write(): fd 3 failed with ...").
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG)
+
+
+def _write_reporting_os_errors(write: Callable[[Path], object], tmp: Path, target: Path) -> None:
+    """Call `write(tmp)`; an I/O failure a writer wrapped in another exception type comes out as an OSError."""
+    try:
+        write(tmp)
+    except OSError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        code = next((c for c in _WRITE_ERRNOS if os.strerror(c) in text), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(target)) from exc
 
 
 def _umask() -> int:
