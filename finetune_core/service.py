@@ -164,6 +164,7 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
     output = OutputSpec(plan.final_dir, plan.name, overwrite=plan.overwrite,
                         settings={"method": plan.request.method, **dataclasses.asdict(plan.configs["method"])})
     preflight.remove_stale_temporaries(plan.final_dir)
+    preflight.remove_stale_temporaries(plan.logs / plan.spec.log_folder, recursive=True)  # runs killed earlier
     run_dir = plan.run_dir
     try:
         if run_dir is None:

@@ -311,8 +311,12 @@ def test_stale_temporary_files_are_cleaned_on_the_next_run(tiny_model, one_image
     fresh.write_bytes(b"")
     user = folders.embeddings / ".notes.tmp"  # not one of ours
     user.write_bytes(b"")
+    old_run = folders.logs / "textual_inversion" / "2024-01-01" / "killed-000000" / "state"
+    old_run.mkdir(parents=True)
+    (old_run / ".checkpoint.pt.zz11yy_2.tmp").write_bytes(b"half a state")
+    os.utime(old_run / ".checkpoint.pt.zz11yy_2.tmp", (time.time() - 3600, time.time() - 3600))
     service.train(_request(one_image_dataset, steps=1), tiny_model("tiny-sd1"), folders)
-    assert not stale.exists() and fresh.exists() and user.exists()
+    assert not stale.exists() and fresh.exists() and user.exists() and not list(old_run.iterdir())
 
 
 def test_two_files_of_one_name_and_reserved_names_are_refused(tiny_model, one_image_dataset, tmp_path):
