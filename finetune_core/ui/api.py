@@ -18,8 +18,6 @@ log = logging.getLogger(__name__)
 PREFIX = "/finetune/v1"
 _CREATE_KEYS = {"method", "name", "method_settings", "settings", "overwrite"}
 _LINT_KEYS = {"method", "data_settings", "settings"}
-
-
 MAX_BODY_BYTES = 1 << 20  # settings are small; a larger body is a mistake (or an attack), refused before parsing
 
 
