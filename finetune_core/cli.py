@@ -7,10 +7,12 @@ API accept the same settings under the same names (`learning_rate` -> `--learnin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-import time
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -41,18 +43,23 @@ def _add_settings(parser: argparse.ArgumentParser, section: str, config_type: ty
         if f.type in (bool, "bool"):
             group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        kind = {"int": int, "float": float}.get(str(f.type), None) or (f.type if f.type in (int, float) else str)
-        group.add_argument(*flags, dest=dest, type=kind, default=None, choices=meta.get("choices"), help=help_text,
-                           metavar=f.name.upper())
+        # Values stay text here: the settings coercer parses them (one sentence per bad value, not argparse's usage).
+        choices = meta.get("choices")
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
+        group.add_argument(*flags, dest=dest, default=None, help=help_text, metavar=metavar)
 
 
-def _settings_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def _settings_from_args(args: argparse.Namespace, types: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """Flag values per section, typed by the one coercer in its text mode (the command line is typed text)."""
+    from finetune_core.settings import coerce_settings
+
     out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for dest, value in vars(args).items():
         if ":" in dest and value is not None:
             section, name = dest.split(":", 1)
             out[section][name] = value
-    return out
+    return {section: coerce_settings(types[section], values, section, from_text=True) if section in types else values
+            for section, values in out.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,71 +132,95 @@ def _dispatch(args: argparse.Namespace) -> int:
         from finetune_core.bench import run_bench
         run_bench(models=args.models.split(","), methods=args.methods.split(","), steps=args.steps, full=args.full)
         return 0
-    settings = _settings_from_args(args)
+    settings = _settings_from_args(args, _section_types(args))
     if args.command == "lint":
         model = service.load(args.model) if args.model else None
         print(service.lint(settings["data"], args.method, model).format())
         return 0
     folders = service.OutputFolders.standalone(args.output_dir)
-    model = service.load(args.model, args.device)
     if args.command == "create":
+        service.validate_create(args.method, args.name, settings["method"], folders, args.overwrite)
+        model = service.load(args.model, args.device)
         for path in service.create(args.method, args.name, settings["method"], model, folders, args.overwrite):
             print(f"wrote {path}")
         return 0
     request = service.TrainRequest(args.method, args.name, settings["method"], settings["data"], settings["train"],
                                    overwrite=args.overwrite, resume_run=args.resume)
-    progress = ProgressLine()
-    result = service.train(request, model, folders, on_event=progress)
-    progress.close()
+    service.validate_request(request, folders)  # every setting and path before the model loads
+    return _train(request, service.load(args.model, args.device), folders)
+
+
+def _section_types(args: argparse.Namespace) -> dict[str, type]:
+    from finetune_core.methods import METHODS
+    types = dict(_setting_types())
+    if getattr(args, "method", None) in METHODS and args.command in ("train", "create"):
+        spec = METHODS[args.method]
+        types["method"] = spec.config_type if args.command == "train" else (spec.create_type or spec.config_type)
+    return types
+
+
+def _train(request: Any, model: Any, folders: Any) -> int:
+    """Run the job with a progress bar; Ctrl-C asks the loop to save and stop (a second one stops at once)."""
+    from finetune_core import service
+    from finetune_core.train.control import Control
+    control = Control()
+    with Progress() as progress, _interrupt_on_sigint(control):
+        result = service.train(request, model, folders, on_event=progress, control=control)
+    if result.interrupted:
+        print(f"{result.message}\nStopped by Ctrl-C; resume with --resume {result.run_dir}", file=sys.stderr)
+        return 130
     print(result.message)
     return 0
 
 
-class ProgressLine:
-    """Turns loop events into one rewritten terminal line with step, loss, speed and ETA."""
+@contextlib.contextmanager
+def _interrupt_on_sigint(control: Any) -> Iterator[None]:
+    """SIGINT becomes the Interrupt button: the loop saves the artefact and the resume state, then stops."""
+    def handler(signum: int, frame: Any) -> None:
+        if control.interrupted:  # asked twice: the user wants out now
+            raise KeyboardInterrupt
+        print("\nCtrl-C: saving and stopping after this step (press Ctrl-C again to stop at once)", file=sys.stderr)
+        control.interrupt()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Progress:
+    """Loop events as a tqdm bar (step, loss, learning rate, speed, ETA); warnings and previews print above it."""
 
     def __init__(self, stream: Any = None) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
         self.stream = stream or sys.stderr
-        self.last_draw = 0.0
-        self.width = 0
+        self.bar: Any = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def __call__(self, event: Any) -> None:
         from finetune_core.train import events
-        if isinstance(event, events.StepEvent):
-            now = time.monotonic()
-            if now - self.last_draw < 0.2 and event.step < event.total_steps:
-                return
-            self.last_draw = now
-            done = int(30 * event.step / max(event.total_steps, 1))
-            line = (f"[{'#' * done}{'.' * (30 - done)}] {event.step}/{event.total_steps} loss {event.loss:.4f} "
-                    f"lr {event.learning_rate:.2g} {1 / max(event.seconds_per_step, 1e-9):.2f} it/s "
-                    f"ETA {_duration(event.eta_seconds)}")
-            self._draw(line)
+        if isinstance(event, events.Started):
+            self.bar = self.tqdm(total=event.total_steps, initial=event.start_step, file=self.stream, unit="step",
+                                 dynamic_ncols=True, mininterval=0.2)
+        elif isinstance(event, events.StepEvent) and self.bar is not None:
+            self.bar.set_postfix_str(f"loss {event.loss:.4f} lr {event.learning_rate:.2g}", refresh=False)
+            self.bar.update(event.step - self.bar.n)
         elif isinstance(event, events.Warning_):
-            self._newline()
-            print(f"warning: {event.message}", file=self.stream)
+            self.tqdm.write(f"warning: {event.message}", file=self.stream)
         elif isinstance(event, events.PreviewEvent):
-            self._newline()
-            print(f"preview at step {event.step}: {event.path}", file=self.stream)
-
-    def _draw(self, line: str) -> None:
-        self.stream.write("\r" + line.ljust(self.width))
-        self.stream.flush()
-        self.width = len(line)
-
-    def _newline(self) -> None:
-        if self.width:
-            self.stream.write("\n")
-            self.width = 0
-
-    def close(self) -> None:
-        self._newline()
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+            self.tqdm.write(f"preview at step {event.step}: {event.path}", file=self.stream)
 
 
 if __name__ == "__main__":

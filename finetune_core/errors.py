@@ -37,3 +37,11 @@ class TrainingDiverged(FinetuneError):
 
 class JobBusy(FinetuneError):
     """A second training job was asked for while one runs."""
+
+
+class StorageError(FinetuneError):
+    """A folder or file cannot be written: full disk, read-only folder, a file where a folder should be, bad name."""
+
+
+class OutOfMemory(FinetuneError):
+    """The run needs more memory than the device has (estimated before step 1, or met while training)."""

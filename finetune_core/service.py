@@ -2,68 +2,41 @@
 
 A host supplies the loaded model and the folders; this module builds the dataset, the method and the loop from plain
 settings dicts (what a form, a JSON body or argparse produces), so every host validates and fails the same way.
+Requests are checked without a model first (`validate_request`, `validate_create`; see `finetune_core.request`), so a
+host can refuse a bad one before it loads anything or accepts a job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_core.errors import ConfigError
+from finetune_core.request import (
+    OutputFolders,
+    Plan,
+    TrainRequest,
+    build_config,
+    form_defaults,
+    method_spec,
+    plan_request,
+    request_from_json,
+)
+from finetune_core.settings import coerce_value
+
+__all__ = ["JobResult", "OutputFolders", "TrainRequest", "build_config", "create", "form_defaults", "inspect", "lint",
+           "load", "method_spec", "request_from_json", "train", "validate_create", "validate_request"]
 
 if TYPE_CHECKING:
     from finetune_core.data.lint import LintReport
     from finetune_core.formats.inspect import ArtifactInfo
-    from finetune_core.methods import MethodSpec
+    from finetune_core.methods import Create
     from finetune_core.model.interface import DiffusionModel
     from finetune_core.train.control import Control
     from finetune_core.train.events import EventSink
-
-
-@dataclass(frozen=True)
-class OutputFolders:
-    """Where artefacts and run logs go; laid out like the WebUI's folders."""
-
-    embeddings: Path
-    hypernetworks: Path
-    checkpoints: Path
-    aesthetic_embeddings: Path
-    logs: Path  # run folders: <logs>/<method>/<YYYY-MM-DD>/<name>-<HHMMSS>/
-
-    @classmethod
-    def standalone(cls, root: str | Path) -> OutputFolders:
-        """The standalone layout under one output folder (default `./outputs`)."""
-        base = Path(root)
-        return cls(embeddings=base / "embeddings", hypernetworks=base / "models" / "hypernetworks",
-                   checkpoints=base / "models" / "Stable-diffusion",
-                   aesthetic_embeddings=base / "models" / "aesthetic_embeddings", logs=base / "runs")
-
-    def for_kind(self, kind: str) -> Path:
-        """The folder for an output kind named by a MethodSpec ("embeddings", "hypernetworks", ...)."""
-        return {"embeddings": self.embeddings, "hypernetworks": self.hypernetworks, "checkpoints": self.checkpoints,
-                "aesthetic_embeddings": self.aesthetic_embeddings}[kind]
-
-
-@dataclass
-class TrainRequest:
-    """Everything one training job needs, as plain values (JSON-serialisable).
-
-    method: a key of `finetune_core.methods.METHODS` ("textual-inversion", "hypernetwork", ...).
-    name: the artefact name (embedding word / hypernetwork name / checkpoint name).
-    method_settings / data_settings / train_settings: field values of the method's Config, `DatasetConfig` and
-    `TrainConfig`; missing fields take the method's defaults. `resume_run`: a run folder to continue exactly.
-    """
-
-    method: str
-    name: str
-    method_settings: dict[str, Any] = field(default_factory=dict)
-    data_settings: dict[str, Any] = field(default_factory=dict)
-    train_settings: dict[str, Any] = field(default_factory=dict)
-    overwrite: bool = False
-    resume_run: str | None = None
 
 
 @dataclass
@@ -86,80 +59,38 @@ def load(spec: str, device: str | None = None) -> DiffusionModel:
     return load_model(spec, device=chosen)
 
 
-def method_spec(method: str) -> MethodSpec:
-    """The registry entry for `method`, or a ConfigError listing the known methods."""
-    from finetune_core.methods import METHODS
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method]
+def validate_request(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = ()) -> TrainRequest:
+    """Check a training request without a model; returns it as it will run (a resume: the run's saved request)."""
+    return plan_request(request, folders, template_dirs).request
 
 
-def form_defaults(method: str) -> dict[str, dict[str, Any]]:
-    """Default values of every setting a method's forms show, with the method's overrides applied."""
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
-    spec = method_spec(method)
-    return {"method": _defaults(spec.config_type), "data": {**_defaults(DatasetConfig), **spec.data_defaults},
-            "train": {**_defaults(TrainConfig), **spec.train_defaults}}
-
-
-def _defaults(config_type: type) -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
-
-
-def build_config(config_type: type, defaults: Mapping[str, Any], settings: Mapping[str, Any], what: str) -> Any:
-    """A validated settings dataclass from defaults + user settings; unknown keys and bad values are ConfigErrors."""
-    known = {f.name: f for f in dataclasses.fields(config_type)}
-    unknown = sorted(set(settings) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {**{k: v for k, v in defaults.items() if k in known}, **settings}
-    problems = []
-    for name, value in list(values.items()):
-        try:
-            values[name] = _coerce(value, str(known[name].type))
-        except (TypeError, ValueError):
-            problems.append(f"{what} setting {name!r} must be {known[name].type}, got {value!r}")
-    if problems:
-        raise ConfigError(problems)
-    config = config_type(**values)
-    config.validate()
-    return config
-
-
-def _coerce(value: Any, type_name: str) -> Any:
-    """Accept what forms and JSON send ("10" for 10, 10.0 for an int field), refusing anything lossy."""
-    base = type_name.replace("typing.", "").split("|")[0].strip()
-    if value is None or value == "" and "None" in type_name:
-        return None if "None" in type_name else value
-    if base == "bool":
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, (bool, int)):
-            return bool(value)
-        raise ValueError(value)
-    if base == "int":
-        number = float(value)
-        if number != int(number):
-            raise ValueError(value)
-        return int(number)
-    if base == "float":
-        return float(value)
-    if base == "str":
-        return str(value)
-    return value
+def validate_create(method: str, name: str, settings: Mapping[str, Any], folders: OutputFolders,
+                    overwrite: bool = False) -> tuple[Create, str, Any, Path]:
+    """Check a create request without a model: (create function, clean name, config, folder), or the sentence
+    saying what is wrong."""
+    from finetune_core.formats.names import sanitize_name
+    from finetune_core.preflight import check_writable, refuse_same_name
+    spec = method_spec(coerce_value(method, "str", False, "method"))
+    if spec.create_type is None or spec.create is None:
+        raise ConfigError(f"{spec.label} has no separate create step; train it directly")
+    clean = sanitize_name(coerce_value(name, "str", False, "name"))
+    config = build_config(spec.create_type, form_defaults(method)["method"], settings, spec.label)
+    folder = folders.for_kind(spec.output_kind)
+    if not coerce_value(overwrite, "bool", False, "overwrite"):
+        refuse_same_name(folder, clean, spec.output_kind)
+    check_writable(folder, "output folder")
+    return spec.create, clean, config, folder
 
 
 def create(method: str, name: str, settings: Mapping[str, Any], model: DiffusionModel, folders: OutputFolders,
            overwrite: bool = False) -> list[Path]:
     """Create a new, untrained artefact file (the WebUI's Create embedding / Create hypernetwork)."""
-    from finetune_core.formats.names import sanitize_name
-    spec = method_spec(method)
-    if spec.create_type is None or spec.create is None:
-        raise ConfigError(f"{spec.label} has no separate create step; train it directly")
-    clean = sanitize_name(name)
-    config = build_config(spec.create_type, form_defaults(method)["method"], settings, spec.label)
-    return spec.create(model, clean, config, folders.for_kind(spec.output_kind), overwrite)
+    from finetune_core.preflight import storage_error
+    make, clean, config, folder = validate_create(method, name, settings, folders, overwrite)
+    try:
+        return make(model, clean, config, folder, overwrite)
+    except OSError as exc:
+        raise storage_error(exc, None) from exc
 
 
 def lint(data_settings: Mapping[str, Any], method: str = "textual-inversion",
@@ -185,133 +116,119 @@ def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, 
     (continuing an embedding or hypernetwork in place counts as asked).
     """
     from finetune_core.train.events import Warning_, ignore_events
-    from finetune_core.train.loop import OutputSpec, resume_training, run_training
     emit = on_event or ignore_events
-    run_dir = Path(request.resume_run) if request.resume_run else None
-    if run_dir is not None:
-        request = _saved_request(run_dir, request)
-    job = _prepare_job(request, model, folders, template_dirs)
+    plan = plan_request(request, folders, template_dirs)
+    if plan.run_dir is not None:
+        _require_same_family(plan.run_dir, model)
+    job = _prepare_job(plan, model)
     for message in job.warnings:
         emit(Warning_(message))
+    return _run(plan, job, model, folders, emit, control)
+
+
+@dataclass
+class _Job:
+    method: Any
+    data: Any
+    train_config: Any
+    warnings: list[str]
+
+
+def _prepare_job(plan: Plan, model: DiffusionModel) -> _Job:
+    """Build the dataset and the method (reading the file to continue from), then check memory and disk space."""
+    from finetune_core import preflight
+    from finetune_core.data.dataset import ImageDataset
+    from finetune_core.data.scan import encoding_warnings
+    from finetune_core.train.randomness import resolve_seed
+    configs = plan.configs
+    data = ImageDataset(configs["data"], placeholder=plan.name)
+    seed = resolve_seed(configs["train"].seed)
+    train_config = configs["train"]
+    if train_config.preview_every and train_config.preview_sampler not in model.sampler_names():
+        raise ConfigError(f"the preview sampler {train_config.preview_sampler!r} is not available here; choose one "
+                          f"of {', '.join(model.sampler_names())}")
+    method = plan.spec.build(model, plan.name, configs["method"], plan.final_dir, seed)
+    warnings = list(method.check(model))
+    warnings += encoding_warnings(data.records)
+    needs = plan.spec.memory(model, configs["method"])
+    memory_plan = preflight.memory_plan(dataclasses.asdict(configs["data"]), dataclasses.asdict(train_config))
+    folders = [(plan.final_dir, "output folder"), (plan.run_dir or plan.logs, "run folder")]
+    warnings += preflight.check_resources(model, needs, memory_plan, folders)
+    return _Job(method, data, dataclasses.replace(configs["train"], seed=seed), warnings)
+
+
+def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, emit: EventSink,
+         control: Control | None) -> JobResult:
+    """Start or resume the loop; operating-system errors and running out of memory become one sentence."""
+    from finetune_core import preflight
+    from finetune_core.train.loop import OutputSpec, resume_training, run_training
     from finetune_core.train.run_folder import RunFolder
-    output = OutputSpec(job.final_dir, job.name, overwrite=request.overwrite or job.in_place,
-                        settings={"method": request.method, **job.method_settings})
-    if run_dir is None:
-        run_dir = _new_run_dir(folders, job.spec.log_folder, job.name)
-        _write_request(run_dir, request)
-        result = run_training(model, job.method, job.data, job.train_config, RunFolder(run_dir), output,
-                              on_event=emit, control=control)
-    else:
-        result = resume_training(model, job.method, job.data, RunFolder(run_dir), output, on_event=emit,
-                                 control=control)
+    output = OutputSpec(plan.final_dir, plan.name, overwrite=plan.overwrite,
+                        settings={"method": plan.request.method, **dataclasses.asdict(plan.configs["method"])})
+    preflight.remove_stale_temporaries(plan.final_dir)
+    preflight.remove_stale_temporaries(plan.logs / plan.spec.log_folder, recursive=True)  # runs killed earlier
+    run_dir = plan.run_dir
+    try:
+        if run_dir is None:
+            run_dir = _start_run_dir(folders, plan.spec.log_folder, plan.name, plan.request)
+            result = run_training(model, job.method, job.data, job.train_config, RunFolder(run_dir), output,
+                                  on_event=emit, control=control)
+        else:
+            preflight.remove_stale_temporaries(run_dir, recursive=True, older_than=0.0)
+            result = resume_training(model, job.method, job.data, RunFolder(run_dir), output, on_event=emit,
+                                     control=control)
+    except OSError as exc:
+        raise preflight.storage_error(exc, run_dir) from exc
+    except (RuntimeError, MemoryError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        raise preflight.out_of_memory(exc, model, run_dir) from exc
     verb = "interrupted at" if result.interrupted else "finished at"
     written = ", ".join(str(p) for p in result.artifacts)
     message = f"Training {verb} step {result.step}. Wrote {written}. Run folder: {result.run_dir}"
     return JobResult(list(result.artifacts), result.run_dir, result.step, result.interrupted, message)
 
 
-@dataclass
-class _Job:
-    spec: MethodSpec
-    name: str
-    method: Any
-    method_settings: dict[str, Any]
-    data: Any
-    train_config: Any
-    final_dir: Path
-    in_place: bool
-    warnings: list[str]
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA and CPU allocators, and Python's, each say it differently."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
-def _prepare_job(request: TrainRequest, model: DiffusionModel, folders: OutputFolders,
-                 template_dirs: Sequence[Path]) -> _Job:
-    """Validate every setting (all problems at once), then build the dataset and the method."""
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.data.dataset import ImageDataset
-    from finetune_core.formats.names import sanitize_name
-    from finetune_core.train.config import TrainConfig
-    from finetune_core.train.randomness import resolve_seed
-    spec = method_spec(request.method)
-    name = sanitize_name(request.name)
-    defaults = form_defaults(request.method)
-    problems: list[str] = []
-    configs = {}
-    for key, config_type, settings, what in (
-            ("method", spec.config_type, request.method_settings, spec.label),
-            ("data", DatasetConfig, {**request.data_settings, "placeholder": name}, "dataset"),
-            ("train", TrainConfig, request.train_settings, "training")):
-        try:
-            configs[key] = build_config(config_type, defaults[key], settings, what)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise ConfigError(problems)
-    data_config = _with_template_path(configs["data"], template_dirs)
-    if getattr(spec.config_type, "needs_name_in_prompt", False):
-        _require_name_in_template(data_config)
-    data = ImageDataset(data_config, placeholder=name)
-    final_dir = folders.for_kind(spec.output_kind)
-    seed = resolve_seed(configs["train"].seed)
-    train_config = configs["train"]
-    if train_config.preview_every and train_config.preview_sampler not in model.sampler_names():
-        raise ConfigError(f"the preview sampler {train_config.preview_sampler!r} is not available here; choose one "
-                          f"of {', '.join(model.sampler_names())}")
-    method = spec.build(model, name, configs["method"], final_dir, seed)
-    warnings = list(method.check(model))
-    continue_from = getattr(configs["method"], "continue_from", "")
-    in_place = bool(continue_from) and _same_stem(continue_from, final_dir, name)
-    return _Job(spec, name, method, dataclasses.asdict(configs["method"]), data,
-                dataclasses.replace(configs["train"], seed=seed), final_dir, in_place, warnings)
-
-
-def _with_template_path(config: Any, template_dirs: Sequence[Path]) -> Any:
-    """A template named like the WebUI's (a basename) is looked up in the host's template folders first."""
-    for folder in template_dirs:
-        matches = sorted(Path(folder).rglob(config.template)) if Path(folder).is_dir() else []
-        if matches and not Path(config.template).is_absolute():
-            return dataclasses.replace(config, template=str(matches[0]))
-    return config
-
-
-def _require_name_in_template(config: Any) -> None:
-    """A method that trains the word `[name]` learns nothing from a template that never says it."""
-    from finetune_core.data.templates import load_template
-    lines = load_template(config.template)
-    if not any("[name]" in line for line in lines):
-        raise ConfigError(f"the prompt template {config.template!r} never uses [name], so the embedding would never "
-                          f"appear in a prompt and nothing would train; pick a template with [name] such as "
-                          f"style_filewords.txt or subject.txt")
-
-
-def _same_stem(reference: str, final_dir: Path, name: str) -> bool:
-    path = Path(reference)
-    return path.stem == name and (not path.parent.parts or path.parent.resolve() == final_dir.resolve())
-
-
-def _new_run_dir(folders: OutputFolders, log_folder: str, name: str) -> Path:
+def _start_run_dir(folders: OutputFolders, log_folder: str, name: str, request: TrainRequest) -> Path:
+    """Create a new run folder holding request.json; a failed write removes the folder again."""
     import datetime
+    import json
+    import shutil
+
+    from finetune_core.formats.atomic import atomic_write
     now = datetime.datetime.now()
     base = folders.logs / log_folder / now.strftime("%Y-%m-%d") / f"{name}-{now.strftime('%H%M%S')}"
-    candidate, n = base, 1
-    while candidate.exists():
+    run_dir, n = base, 1
+    while run_dir.exists():
         n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
+        run_dir = base.with_name(f"{base.name}-{n}")
+    text = json.dumps(dataclasses.asdict(request), indent=2, default=str)
+    run_dir.mkdir(parents=True)
+    try:
+        atomic_write(run_dir / "request.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir
 
 
-def _write_request(run_dir: Path, request: TrainRequest) -> None:
+def _require_same_family(run_dir: Path, model: DiffusionModel) -> None:
+    """A run resumes only on a model of the family it started with (its settings.json says which)."""
     import json
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "request.json").write_text(json.dumps(dataclasses.asdict(request), indent=2, default=str))
 
-
-def _saved_request(run_dir: Path, request: TrainRequest) -> TrainRequest:
-    """The request a run was started with, so a resume rebuilds the same method and data."""
-    import json
-    saved = run_dir / "request.json"
-    if not saved.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder of this tool (no request.json); pass the folder that "
-                          f"holds state/ and request.json")
-    values = json.loads(saved.read_text())
-    values["resume_run"] = str(run_dir)
-    return TrainRequest(**values)
+    from finetune_core.errors import ModelMismatchError
+    try:
+        started = json.loads((run_dir / "settings.json").read_text(encoding="utf-8"))["model"]
+        family, name = str(started["family"]), started.get("name")
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record to compare with: the resume state itself is checked when it loads
+    if family != model.family:
+        raise ModelMismatchError(f"{run_dir} was trained on {name} ({family.upper()}) but the loaded model is "
+                                 f"{model.family.upper()}; resume it with a {family.upper()} model")

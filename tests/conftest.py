@@ -6,6 +6,7 @@ import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,3 +61,23 @@ def tiny_family_modules(family: str, seed: int = 0) -> dict[str, torch.nn.Module
     torch.manual_seed(seed)
     return {name: build_component(name, config) for name, config in tiny_overrides(family).items()
             if name != "scheduler"}
+
+
+def rest_client(out: Path) -> tuple[Any, Any, Any]:
+    """(TestClient, JobRunner, StandaloneHost): the REST routes as the standalone app mounts them, on a host whose
+    model must never load (every request these tests send is refused before that)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from finetune_core.ui.api import mount_api
+    from finetune_core.ui.job_runner import JobRunner
+    from finetune_core.ui.standalone_host import StandaloneHost
+
+    def never(spec: str) -> Any:
+        raise AssertionError("a refused request loaded the model")
+
+    host = StandaloneHost(out, "tiny-sd1", loader=never)
+    runner = JobRunner(host)
+    app = FastAPI()
+    mount_api(app, host, runner)
+    return TestClient(app), runner, host

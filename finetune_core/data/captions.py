@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import random
 import re
 from pathlib import Path
@@ -26,14 +27,42 @@ def caption_file(image_path: Path) -> Path:
     return image_path.with_suffix(".txt")
 
 
-def read_caption(image_path: Path, word_regex: str = "", join_string: str = " ") -> tuple[str, str]:
-    """Return (caption, source) for an image: the `.txt` next to it, else its file name."""
+def read_caption(image_path: Path, word_regex: str = "", join_string: str = " ") -> tuple[str, str, str]:
+    """(caption, source, encoding) for an image: the `.txt` next to it, else its file name (encoding "")."""
     text_path = caption_file(image_path)
     if text_path.is_file():
-        text = text_path.read_text(encoding="utf-8", errors="replace")
+        text, encoding = read_text(text_path)
         # Caption files often end with a newline or hold one tag list per line; a prompt is one line.
-        return " ".join(text.split()), CAPTION_FROM_TXT
-    return caption_from_filename(image_path.stem, word_regex, join_string), CAPTION_FROM_FILENAME
+        return " ".join(text.split()), CAPTION_FROM_TXT, encoding
+    return caption_from_filename(image_path.stem, word_regex, join_string), CAPTION_FROM_FILENAME, ""
+
+
+# Byte-order marks, longest first (a UTF-32 LE mark starts like the UTF-16 LE one).
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+UTF8 = ("utf-8", "utf-8-sig")
+
+
+def read_text(path: Path) -> tuple[str, str]:
+    """(text, encoding) of a user's text file, decoded as editors write them.
+
+    UTF-8 with or without a byte-order mark, UTF-16/32 with one (Windows Notepad's "Unicode"), UTF-16 without one
+    when every other byte is zero; anything else is read as Windows-1252 (the usual non-UTF-8 Latin text) rather
+    than turned into replacement characters. Callers say so when the encoding is not UTF-8.
+    """
+    data = path.read_bytes()
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data.decode(encoding, errors="replace"), encoding
+    if len(data) >= 2 and len(data) % 2 == 0 and b"\0" in data:  # NUL is valid UTF-8 but never in a caption
+        encoding = "utf-16-le" if data[1::2].count(0) >= data[0::2].count(0) else "utf-16-be"
+        return data.decode(encoding, errors="replace"), encoding
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            return data.decode(encoding), encoding
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1"), "latin-1"
 
 
 def split_tags(caption: str) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Any
 from finetune_core.data.buckets import RESIZE_MODES
 from finetune_core.data.templates import DEFAULT_TEMPLATE, resolve_template
 from finetune_core.errors import ConfigError
+from finetune_core.settings import type_problems
 
 LATENT_SAMPLING = ("once", "deterministic", "random")
 CROP_MODES = ("center", "random")
@@ -67,6 +68,9 @@ class DatasetConfig:
 
     def validate(self) -> None:
         """Raise one ConfigError listing every invalid setting; changes nothing."""
+        wrong_types = type_problems(self)
+        if wrong_types:  # the other checks compare numbers and strings: they need the right types first
+            raise ConfigError(wrong_types)
         problems = [*_size_problems(self), *_choice_problems(self), *_range_problems(self)]
         if not self.data_dir.strip():
             problems.append("data_dir is empty; choose the folder that holds the training images")
@@ -83,12 +87,15 @@ class DatasetConfig:
             raise ConfigError(problems)
 
 
+MAX_SIZE = 4096  # pixels per side: twice SDXL's native size; beyond it no consumer device holds one step
+
+
 def _size_problems(config: DatasetConfig) -> list[str]:
     problems = []
     for name in ("width", "height"):
         value = getattr(config, name)
-        if not isinstance(value, int) or value < 64 or value % 8:
-            problems.append(f"{name} is {value}; use a whole number of pixels, at least 64 and a multiple of 8")
+        if value < 64 or value > MAX_SIZE or value % 8:
+            problems.append(f"{name} is {value}; use a whole number of pixels from 64 to {MAX_SIZE}, a multiple of 8")
     return problems
 
 

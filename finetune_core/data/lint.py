@@ -9,7 +9,7 @@ from pathlib import Path
 
 from finetune_core.data.buckets import RESIZE_BUCKETS, Size, make_buckets, target_size
 from finetune_core.data.config import DatasetConfig
-from finetune_core.data.scan import find_files, scan_dataset
+from finetune_core.data.scan import encoding_warnings, find_files, scan_dataset
 from finetune_core.data.templates import load_template, render_prompt
 
 CHUNK_TOKENS = 75  # one CLIP chunk: longer prompts are split into several chunks
@@ -110,6 +110,7 @@ def _problems(caption: str, source: str, size: Size, bucket: Size, tokens: int |
 
 def _warnings(config: DatasetConfig, records: list, unreadable: list, lines: list[str]) -> list[str]:
     warnings = [f"{path.name} cannot be read and will be skipped" for path, _ in unreadable]
+    warnings += encoding_warnings(records)
     if config.batch_size > len(records):
         warnings.append(f"the batch size {config.batch_size} is larger than the {len(records)} readable images; "
                         f"training will refuse to start")

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_core.data.captions import CAPTION_FROM_TXT, read_caption
+from finetune_core.data.captions import CAPTION_FROM_TXT, UTF8, caption_file, read_caption
 from finetune_core.data.transforms import IMAGE_EXTENSIONS, probe_image
 from finetune_core.errors import DatasetError
 
@@ -26,6 +26,7 @@ class ImageRecord:
     content_hash: str  # sha256 of the file bytes: the cache key part that notices an edited image
     caption: str
     caption_source: str  # "txt" or "filename"
+    caption_encoding: str = ""  # how the .txt caption was decoded ("utf-8", "utf-16", "cp1252", ...)
 
     @property
     def has_caption_file(self) -> bool:
@@ -55,13 +56,22 @@ def find_files(folder: Path, recursive: bool) -> tuple[list[Path], int, int]:
     return images, texts, len(files) - len(images) - texts
 
 
-def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", join_string: str = " ") -> ScanResult:
-    """Scan a dataset folder; unreadable images are skipped and named, an unusable folder is a DatasetError."""
+def image_files(folder: Path, recursive: bool = False) -> tuple[list[Path], int]:
+    """(image files, number of .txt files); a DatasetError saying what the folder holds when there is no image.
+
+    Cheap (nothing is decoded), so a request can be checked before a model loads.
+    """
     images, texts, others = find_files(folder, recursive)
     if not images:
         has_subfolders = any(p.is_dir() for p in folder.iterdir())
         raise DatasetError(_no_images_message(folder, recursive and has_subfolders, texts, others,
                                               has_subfolders and not recursive))
+    return images, texts
+
+
+def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", join_string: str = " ") -> ScanResult:
+    """Scan a dataset folder; unreadable images are skipped and named, an unusable folder is a DatasetError."""
+    images, texts = image_files(folder, recursive)
     result = ScanResult(folder, [], [], texts)
     for path in images:
         try:
@@ -72,14 +82,30 @@ def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", jo
             logger.warning("skipping unreadable image %s: %s", path, reason)
             result.unreadable.append((path, reason))
             continue
-        caption, source = read_caption(path, word_regex, join_string)
+        caption, source, encoding = read_caption(path, word_regex, join_string)
         result.records.append(ImageRecord(path, info.width, info.height, info.mode, info.has_alpha,
-                                          hashlib.sha256(data).hexdigest(), caption, source))
+                                          hashlib.sha256(data).hexdigest(), caption, source, encoding))
     if not result.records:
         named = ", ".join(f"{p.name} ({why})" for p, why in result.unreadable)
         raise DatasetError(f"none of the {len(images)} images in the dataset folder {folder} could be read: "
                            f"{named}; replace them with valid image files")
     return result
+
+
+def encoding_warnings(records: list[ImageRecord]) -> list[str]:
+    """One sentence naming the caption files that were not UTF-8 (decoded anyway; a guess for legacy encodings)."""
+    others = [(caption_file(r.path).name, r.caption_encoding) for r in records
+              if r.has_caption_file and r.caption_encoding not in UTF8]
+    if not others:
+        return []
+    named = ", ".join(f"{name} ({_ENCODING_WORDS.get(enc, enc)})" for name, enc in others)
+    return [f"{len(others)} caption file(s) are not UTF-8 and were decoded as noted: {named}; check those captions "
+            f"and save them as UTF-8 so every tool reads them the same way"]
+
+
+_ENCODING_WORDS = {"utf-16": "UTF-16", "utf-32": "UTF-32", "utf-16-le": "UTF-16 without a byte-order mark",
+                   "utf-16-be": "UTF-16 without a byte-order mark", "cp1252": "read as Windows-1252/Latin-1",
+                   "latin-1": "read as Latin-1"}
 
 
 def _no_images_message(folder: Path, searched_subfolders: bool, texts: int, others: int, skipped: bool) -> str:

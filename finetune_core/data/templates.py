@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from finetune_core.data.captions import read_text
 from finetune_core.errors import ConfigError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -36,7 +37,7 @@ def resolve_template(name_or_path: str, extra_dirs: tuple[Path, ...] = ()) -> Pa
 def load_template(name_or_path: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
     """The non-blank lines of a template; an empty template is an error."""
     path = resolve_template(name_or_path, extra_dirs)
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [line.strip() for line in read_text(path)[0].splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise ConfigError(f"the prompt template {path} has no lines; write one prompt per line "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,31 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        _write_reporting_os_errors(write, tmp, target)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artefacts get the usual mode, as the WebUI's do
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
     return target
+
+
+# What the disk says when a write fails; torch.save reports these as RuntimeError("write(): fd 3 failed with ...").
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG)
+
+
+def _write_reporting_os_errors(write: Callable[[Path], object], tmp: Path, target: Path) -> None:
+    """Call `write(tmp)`; an I/O failure a writer wrapped in another exception type comes out as an OSError."""
+    try:
+        write(tmp)
+    except OSError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        code = next((c for c in _WRITE_ERRNOS if os.strerror(c) in text), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(target)) from exc
 
 
 def _umask() -> int:
@@ -71,6 +90,14 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
     except Exception as exc:  # torch raises many types for garbage (IndexError, KeyError, EOFError, ...)
         raise ArtifactError(f"{source} is not a readable torch file (truncated or another format): "
                             f"{_first_line(exc)}") from exc
+
+
+def require_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str | os.PathLike[str]) -> None:
+    """Refuse tensors read from `source` that hold NaN or infinity: training would start from (and save) garbage."""
+    bad = [name for name, tensor in tensors if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ArtifactError(f"{source} holds values that are not numbers (NaN or infinity) in {', '.join(bad[:3])}; "
+                            f"it cannot be trained further: continue from an earlier copy or start a new file")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ import logging
 import os
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,37 @@ def inspect_file(path: str | os.PathLike[str]) -> ArtifactInfo:
         return _from_object(source, _load_torch(source))
     except ArtifactError as exc:
         return ArtifactInfo(path=source, kind="unknown", details=str(exc))
+
+
+def tensors_of(path: str | os.PathLike[str]) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in an artefact file of any kind, named by its key path (for checks such as finiteness)."""
+    source = Path(path)
+    suffix = source.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(source))
+        elif suffix in IMAGE_SUFFIXES:
+            obj = read_image_data(source)
+        else:
+            obj = _load_torch(source)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        raise ArtifactError(f"{source} cannot be read ({exc})") from exc
+    return list(_walk(obj, ""))
+
+
+def _walk(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix or "tensor", obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _walk(value, f"{prefix}/{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _walk(value, f"{prefix}/{index}" if prefix else str(index))
 
 
 def family_for_width(width: int | None) -> str | None:

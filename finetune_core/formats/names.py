@@ -7,13 +7,18 @@ from pathlib import Path
 from finetune_core.errors import ArtifactError, ConfigError
 
 _ALLOWED_PUNCTUATION = "._- "
+# Names Windows reserves for devices, with or without an extension ("nul.pt" cannot be created there).
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+# File systems allow 255 bytes per name; the run adds "-<step>.safetensors" and a temporary ".<8>.tmp" around it.
+MAX_NAME_BYTES = 200
 
 
 def sanitize_name(name: str, what: str = "name") -> str:
     """Keep letters, digits and `._- ` as the WebUI's create_embedding does; refuse what could escape the folder.
 
     `/`, `\\`, `..` and control characters are refused with a sentence rather than silently dropped, because a user
-    who typed them meant a path, not a name.
+    who typed them meant a path (or pasted something else); so are names Windows reserves and names too long for a
+    file system.
     """
     raw = name.strip()
     if not raw:
@@ -21,6 +26,9 @@ def sanitize_name(name: str, what: str = "name") -> str:
     if "/" in raw or "\\" in raw or ".." in raw:
         raise ConfigError(f"the {what} {raw!r} contains '/', '\\' or '..'; use a plain name without folders "
                           f"(the file always goes into its output folder)")
+    if any(not c.isprintable() for c in raw):
+        raise ConfigError(f"the {what} {raw!r} contains control characters (such as a tab or a newline); "
+                          f"type the name again without them")
     bad = sorted({c for c in raw if not (c.isalnum() or c in _ALLOWED_PUNCTUATION)})
     cleaned = "".join(c for c in raw if c.isalnum() or c in _ALLOWED_PUNCTUATION).strip()
     if not cleaned or cleaned.strip(".") == "":
@@ -28,6 +36,12 @@ def sanitize_name(name: str, what: str = "name") -> str:
     if bad and len(cleaned) < len(raw) / 2:
         raise ConfigError(f"the {what} {raw!r} is mostly characters a file name cannot hold ({''.join(bad)!r}); "
                           f"use letters, digits, '.', '_', '-' or spaces")
+    if cleaned.split(".")[0].strip().upper() in _RESERVED:
+        raise ConfigError(f"the {what} {cleaned!r} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, "
+                          f"LPT1-9), so the file could not be opened there; choose another name")
+    if len(cleaned.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ConfigError(f"the {what} is {len(cleaned.encode('utf-8'))} bytes long; file names hold at most "
+                          f"{MAX_NAME_BYTES} here (the run adds a step number and a suffix); choose a shorter one")
     return cleaned
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
+from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.hypernetwork import (
     HypernetworkFile,
     dropout_structure_for,
@@ -32,19 +33,12 @@ from finetune_core.methods.hypernetwork_net import (
     structure_problems,
 )
 from finetune_core.model.interface import DiffusionModel
+from finetune_core.settings import parse_numbers
 from finetune_core.train.batch import TrainBatch
 from finetune_core.train.memory import MemoryNeeds, hypernetwork_parameters
 from finetune_core.train.objective import weighted_mse
 
 TEXT_WIDTH_FAMILY = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
-
-
-def parse_numbers(text: str, what: str) -> list[float]:
-    """'1, 2, 1' -> [1.0, 2.0, 1.0], with a sentence naming the bad part."""
-    try:
-        return [float(part) for part in str(text).replace(" ", "").split(",") if part != ""]
-    except ValueError:
-        raise ConfigError(f"{what} {text!r} must be numbers separated by commas, e.g. '1, 2, 1'") from None
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -279,6 +273,8 @@ def load_for_training(name: str, config: HypernetworkConfig, hypernetworks_dir: 
     if config.continue_from:
         source = resolve_hypernetwork(config.continue_from, hypernetworks_dir)
         existing = read_hypernetwork(source)
+        require_finite(((f"{size}/{key}", t) for size, pair in existing.layers.items() for sd in pair
+                        for key, t in sd.items()), source)
         existing.name = name
         return Hypernetwork(config, existing)
     return Hypernetwork(config, create_hypernetwork(name, config, seed))

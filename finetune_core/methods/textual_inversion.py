@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from finetune_core.errors import ConfigError, ModelMismatchError
+from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
 from finetune_core.formats.image_embedding import write_embedding_png
 from finetune_core.formats.names import find_artifact
@@ -191,6 +192,7 @@ def load_for_training(model: DiffusionModel, name: str, config: TextualInversion
     if config.continue_from:
         source = resolve_embedding(config.continue_from, embeddings_dir)
         existing = read_embedding(source)
+        require_finite(existing.vectors.items(), source)
         check_fits(model, existing, str(source))
         existing.name = name
         return TextualInversion(config, existing)

@@ -48,7 +48,6 @@ __all__ = [
     "TrainableEmbedding",
     "TrainingSession",
     "TrainingSetup",
-    "list_builtin_models",
     "load_model",
 ]
 
@@ -60,10 +59,3 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     from finetune_core.model import loading
 
     return loading.load_model(spec, device=device, dtype=dtype or torch.float32)
-
-
-def list_builtin_models() -> list[str]:
-    """Names of the built-in tiny models."""
-    from finetune_core.model.tiny import TINY_MODELS
-
-    return list(TINY_MODELS)

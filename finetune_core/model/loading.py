@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,13 +20,9 @@ _ACCEPTED = (f"a built-in model ({', '.join(TINY_MODELS)}), a diffusers model fo
              f"or a single-file checkpoint ({' / '.join(_SINGLE_FILE_SUFFIXES)})")
 
 
-def list_builtin_models() -> list[str]:
-    """Names of the tiny models built in code (for tests and the demo)."""
-    return list(TINY_MODELS)
-
-
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """Load the model `spec` names, with every weight frozen, on `device` in `dtype`."""
+    device = resolve_device(device)
     _require_standalone_packages()
     if spec in TINY_MODELS:
         from finetune_core.model.tiny import build_tiny
@@ -42,6 +39,31 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if path.exists():
         raise FinetuneError(f"{path} is not a model file this trainer reads; give {_ACCEPTED}.")
     raise FinetuneError(f"There is no model {spec!r}: give {_ACCEPTED}.")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device `device` names, or a sentence saying why it cannot be used here (before anything loads)."""
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FinetuneError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:N (N counts from 0) "
+                            f"or mps") from exc
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a build without CUDA"
+            raise FinetuneError(f"--device {device} asks for a CUDA GPU, but this torch ({build}) sees none; "
+                                f"use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU")
+        count = torch.cuda.device_count()
+        if chosen.index is not None and chosen.index >= count:
+            raise FinetuneError(f"--device {device} names GPU {chosen.index}, but this machine has {count} "
+                                f"(cuda:0 to cuda:{count - 1})")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise FinetuneError(f"--device {device} asks for Apple's MPS, which this machine or torch build lacks; "
+                            f"use --device cpu")
+    elif chosen.type not in ("cpu", "cuda", "mps"):
+        raise FinetuneError(f"--device {device} is a {chosen.type} device, which training does not support; "
+                            f"use cpu, cuda or mps")
+    return chosen
 
 
 def _require_standalone_packages() -> None:
@@ -71,24 +93,45 @@ def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch
 
     from finetune_core.model.diffusers_backend import DiffusersModel
 
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    index = _read_json(folder / "model_index.json", folder, "model_index.json")
     for part in ("unet", "vae", "text_encoder"):
         if part not in index or not (folder / part).is_dir():
             raise FinetuneError(f"The diffusers folder {folder} has no {part}/ component; this trainer needs a full "
                                 "Stable Diffusion pipeline (unet, vae, text_encoder).")
     kwargs: dict = {"local_files_only": True, "torch_dtype": dtype}
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)
+    unet = _component(UNet2DConditionModel, folder, "unet", kwargs)
+    vae = _component(AutoencoderKL, folder, "vae", kwargs)
+    text_encoder = _component(CLIPTextModel, folder, "text_encoder", kwargs)
     text_encoder_2 = None
     if (folder / "text_encoder_2").is_dir():
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kwargs)
+        text_encoder_2 = _component(CLIPTextModelWithProjection, folder, "text_encoder_2", kwargs)
     family = _folder_family(folder, text_encoder.config.hidden_size, text_encoder_2 is not None)
     identity = ModelIdentity(folder.name, _folder_shorthash(folder), str(folder))
     logger.info("loaded diffusers folder %s as %s (%s)", folder, family, identity.shorthash)
     return DiffusersModel(unet, vae, text_encoder, text_encoder_2, family=family,
                           prediction_type=_folder_prediction_type(folder), identity=identity,
                           device=device, dtype=dtype)
+
+
+def _component(kind: Any, folder: Path, part: str, kwargs: dict[str, Any]) -> Any:
+    """One pipeline component; any failure (empty folder, bad JSON, truncated weights) names the component."""
+    try:
+        return kind.from_pretrained(folder, subfolder=part, **kwargs)
+    except Exception as exc:  # diffusers/transformers raise OSError, ValueError, JSON and safetensors errors alike
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FinetuneError(f"The {part} component of the diffusers folder {folder} cannot be loaded ({first[:300]}); "
+                            f"{folder / part} is incomplete or damaged: copy or download it again") from exc
+
+
+def _read_json(path: Path, folder: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FinetuneError(f"{what} in the diffusers folder {folder} cannot be read ({exc}); the folder is "
+                            f"damaged: copy or download it again") from exc
+    if not isinstance(value, dict):
+        raise FinetuneError(f"{what} in the diffusers folder {folder} is not a JSON object; the folder is damaged")
+    return value
 
 
 def _folder_family(folder: Path, text_width: int, has_second_encoder: bool) -> str:
@@ -105,7 +148,7 @@ def _folder_prediction_type(folder: Path) -> str:
     config = folder / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         return EPSILON
-    value = json.loads(config.read_text(encoding="utf-8")).get("prediction_type", EPSILON)
+    value = _read_json(config, folder, "scheduler/scheduler_config.json").get("prediction_type", EPSILON)
     return V_PREDICTION if value == V_PREDICTION else EPSILON
 
 

@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from finetune_core.errors import ConfigError
+from finetune_core.settings import type_problems
 from finetune_core.train.schedule import parse_schedule
 
 CONFIG_VERSION = 1
 OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit", "prodigy", "lion")
 CLIP_MODES = ("disabled", "value", "norm")
 PRECISIONS = ("fp32", "fp16", "bf16")
+MAX_PREVIEW_SIZE = 4096  # as the training size (DatasetConfig): a larger image fits on no consumer device
+MAX_PREVIEW_STEPS = 1000  # the scheduler has 1000 timesteps
 
 
 def _f(default: Any, label: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -99,24 +102,6 @@ def config_fields() -> list[dataclasses.Field]:  # type: ignore[type-arg]
     return list(dataclasses.fields(TrainConfig))
 
 
-def _types(c: TrainConfig) -> list[str]:
-    out = []
-    for f in dataclasses.fields(c):
-        value, default = getattr(c, f.name), f.default
-        if isinstance(default, bool) or isinstance(value, bool):
-            ok = isinstance(value, bool) and isinstance(default, bool)
-        elif default is None:
-            ok = value is None or isinstance(value, (int, float))
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float))
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            expected = "a number or empty" if default is None else type(default).__name__
-            out.append(f"{f.metadata['label']} ({f.name}) must be {expected}, not {value!r}")
-    return out
-
-
 def _counts(c: TrainConfig) -> list[str]:
     out = []
     if _is_int(c.steps) and c.steps <= 0:
@@ -132,8 +117,10 @@ def _counts(c: TrainConfig) -> list[str]:
             out.append(f"{name} must be 0 (off) or more, not {value}")
     for name in ("preview_width", "preview_height"):
         value = getattr(c, name)
-        if _is_int(value) and value % 8:
-            out.append(f"{name} must be a multiple of 8, not {value}")
+        if _is_int(value) and (value % 8 or value > MAX_PREVIEW_SIZE):
+            out.append(f"{name} must be a multiple of 8 up to {MAX_PREVIEW_SIZE}, not {value}")
+    if _is_int(c.preview_steps) and c.preview_steps > MAX_PREVIEW_STEPS:
+        out.append(f"preview_steps must be at most {MAX_PREVIEW_STEPS}, not {c.preview_steps}")
     for name in ("seed", "preview_seed"):
         value = getattr(c, name)
         if _is_int(value) and value < -1:
@@ -179,7 +166,7 @@ def _choices_and_schedules(c: TrainConfig) -> list[str]:
     return out
 
 
-_CHECKS: tuple[Callable[[TrainConfig], list[str]], ...] = (_types, _counts, _numbers, _choices_and_schedules)
+_CHECKS: tuple[Callable[[TrainConfig], list[str]], ...] = (type_problems, _counts, _numbers, _choices_and_schedules)
 
 
 def _is_int(value: Any) -> bool:

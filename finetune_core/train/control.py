@@ -39,9 +39,3 @@ class Control:
     def wait_while_paused(self, timeout: float | None = None) -> None:
         """Block while paused; returns at once when not paused or when interrupted."""
         self._resume.wait(timeout)
-
-    def request_save(self) -> None:
-        self.save_requested = True
-
-    def request_preview(self) -> None:
-        self.preview_requested = True

@@ -291,9 +291,12 @@ class Trainer:
     def _finish(self, ctx: StepContext, interrupted: bool) -> tuple[Path, ...]:
         """Write the final artefact (also on interrupt, as the WebUI does) and the resume state."""
         out, c, method = self.job.output, self.counters, self.job.method
-        paths = method.write_artifact(Path(out.final_dir), out.name, self._meta(), out.overwrite or c.final_written)
+        self._check_output()  # a file someone made while this run trained is not replaced unasked
+        # The run claims its final file in the resume state before writing it: killed between the two, a resume
+        # then rewrites the file as its own instead of refusing it as someone else's.
         c.final_written = True
         self._save_state(ctx)
+        paths = method.write_artifact(Path(out.final_dir), out.name, self._meta(), True)
         if self.job.config.save_optimizer_state:
             paths = [*paths, *self._sidecars(paths, ctx)]
         self.emit(ArtifactSaved(c.step, tuple(paths), final=True))

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
+from finetune_core.preflight import memory_plan
 from finetune_core.service import TrainRequest
-from finetune_core.train.memory import MemoryPlan, estimate_memory
+from finetune_core.train.memory import estimate_memory
 from finetune_core.ui import presets
 from finetune_core.ui.dataset_view import lint_html, steps_arithmetic
 from finetune_core.ui.host import Host
@@ -68,7 +69,7 @@ class MethodActions:
         if not name.strip() and not resume_run.strip():
             raise ConfigError("the name is empty; type the name the new file should have")
         return TrainRequest(method=self.method, name=name.strip(), method_settings=typed["method"],
-                            data_settings=typed["data"], train_settings=typed["train"], overwrite=bool(overwrite),
+                            data_settings=typed["data"], train_settings=typed["train"], overwrite=overwrite,
                             resume_run=resume_run.strip() or None)
 
     def train(self, name: str, values: Values, overwrite: bool, resume_run: str, task_id: str | None) -> str:
@@ -94,16 +95,13 @@ class MethodActions:
 
     def estimate(self, values: Values) -> str:
         """The memory estimate for the form's settings, as a sentence; the method counts what it adds."""
-        from finetune_core.service import build_config, form_defaults, method_spec
+        from finetune_core.request import build_config, form_defaults, method_spec
 
         typed = self.typed(values)
-        data, train = typed["data"], typed["train"]
         spec = method_spec(self.method)
         config = build_config(spec.config_type, form_defaults(self.method)["method"], typed["method"], spec.label)
         model = self.host.get_model()
-        plan = MemoryPlan(batch_size=int(data.get("batch_size", 1)), width=int(data.get("width", 512)),
-                          height=int(data.get("height", 512)), precision=str(train.get("precision", "fp32")),
-                          gradient_checkpointing=bool(train.get("gradient_checkpointing", True)))
+        plan = memory_plan(typed["data"], typed["train"])
         return estimate_memory(model, spec.memory(model, config), plan).describe()
 
     def create(self, name: str, settings: dict[str, Any], create_specs: list[FieldSpec], overwrite: bool) -> str:
@@ -111,9 +109,7 @@ class MethodActions:
         if not name.strip():
             raise ConfigError("the name is empty; type the name the new file should have")
         typed = coerce_all(create_specs, settings)
-        paths = self.service.create(self.method, name.strip(), typed, self.host.get_model(), self.host.folders(),
-                                    overwrite=bool(overwrite))
-        self.host.artifacts_written(self.output_kind, list(paths))
+        paths = self.runner.create(self.service, self.method, name.strip(), typed, overwrite)
         return "Created " + ", ".join(str(p) for p in paths)
 
     def status(self, state: JobState | None = None) -> StatusView:

@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
-from finetune_core.service import TrainRequest
 from finetune_core.ui.host import Host
 from finetune_core.ui.job_runner import JobBusy, JobRunner
 from finetune_core.ui.schema import field_specs
 
 log = logging.getLogger(__name__)
 PREFIX = "/finetune/v1"
-_REQUEST_KEYS = {f.name for f in dataclasses.fields(TrainRequest)}
 _CREATE_KEYS = {"method", "name", "method_settings", "settings", "overwrite"}
+_LINT_KEYS = {"method", "data_settings", "settings"}
+MAX_BODY_BYTES = 1 << 20  # settings are small; a larger body is a mistake (or an attack), refused before parsing
 
 
 def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[Any] | None = None,
               service: Any = None, methods: Mapping[str, Any] | None = None) -> None:
-    """Add the routes to a FastAPI `app`; `dependencies` (e.g. the WebUI's --api-auth check) guard every route."""
-    from fastapi import APIRouter, Body
+    """Add the routes to a FastAPI `app`; `dependencies` (e.g. the WebUI's --api-auth check) guard every route.
+
+    The error contract: 400 with one sentence in `detail` for anything the caller can fix (malformed JSON, a field
+    of the wrong type, a bad setting, a missing file), 409 while a training job holds the model, 413 for a body
+    over 1 MiB, and 500 only for a bug (logged with its traceback).
+    """
+    from fastapi import APIRouter, Request
+    from starlette.concurrency import run_in_threadpool
 
     if service is None:
         from finetune_core import service
@@ -33,9 +40,13 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     router.add_api_route("/status", routes.status, methods=["GET"])
 
     def post(path: str, handler: Callable[[dict], Any]) -> None:
-        def endpoint(body: dict = Body(...)) -> Any:  # noqa: B008 - FastAPI's way of declaring a JSON body
-            return _call(handler, body)
+        async def endpoint(request: Request) -> Any:
+            raw = await _read_body(request)
+            # Route bodies touch files and the model: keep them off the event loop.
+            return await run_in_threadpool(_call, handler, raw)
 
+        # FastAPI reads the annotation to inject the request; a string from postponed annotations would not resolve.
+        endpoint.__annotations__["request"] = Request
         endpoint.__name__ = f"finetune_{path.strip('/')}"
         router.add_api_route(path, endpoint, methods=["POST"])
 
@@ -48,14 +59,30 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     app.include_router(router)
 
 
-def _call(handler: Callable[[dict], Any], body: Any) -> Any:
-    """Run a route body; FinetuneError -> 400 with its message, JobBusy -> 409, a bug -> 500 (logged)."""
+async def _read_body(request: Any) -> bytes:
+    """The raw body, refused with 413 past MAX_BODY_BYTES (declared or streamed)."""
+    from fastapi import HTTPException
+
+    declared = request.headers.get("content-length", "")
+    too_large = HTTPException(status_code=413, detail=f"the request body is larger than {MAX_BODY_BYTES} bytes; "
+                                                      f"send only the settings that differ from the defaults")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _call(handler: Callable[[dict], Any], raw: bytes) -> Any:
+    """Parse and run a route body; FinetuneError -> 400 with its message, JobBusy -> 409, a bug -> 500 (logged)."""
     from fastapi import HTTPException
 
     try:
-        if not isinstance(body, dict):
-            raise ConfigError("the request body must be a JSON object")
-        return handler(body)
+        return handler(_json_object(raw))
     except JobBusy as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from exc
     except FinetuneError as exc:
@@ -63,6 +90,17 @@ def _call(handler: Callable[[dict], Any], body: Any) -> Any:
     except Exception as exc:
         log.exception("finetune API call failed")
         raise HTTPException(status_code=500, detail=f"Internal error ({type(exc).__name__}: {exc})") from exc
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"the request body is not valid JSON ({str(exc).splitlines()[0]}); send a JSON object "
+                          f"such as {{\"method\": \"textual-inversion\", \"name\": \"my-style\"}}") from exc
+    if not isinstance(body, dict):
+        raise ConfigError("the request body must be a JSON object (with the fields listed in the README)")
+    return body
 
 
 class _Routes:
@@ -95,40 +133,28 @@ class _Routes:
         return self.runner.state().as_dict()
 
     def train(self, body: dict) -> dict[str, Any]:
-        unknown = sorted(set(body) - _REQUEST_KEYS)
-        if unknown:
-            raise ConfigError(f"unknown field(s) in the train request: {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(_REQUEST_KEYS))}")
-        if not isinstance(body.get("method"), str) or not isinstance(body.get("name", ""), str):
-            raise ConfigError("the train request needs 'method' (e.g. \"textual-inversion\") and 'name' as strings")
-        if body["method"] not in self._registry():
-            raise ConfigError(f"unknown method {body['method']!r}; choose one of {', '.join(self._registry())}")
-        request = TrainRequest(**{"name": "", **body})
+        request = self.service.request_from_json(body)
         job_id = self.runner.start(request)
         return {"job_id": job_id, "status": self.runner.state().as_dict()}
 
     def create(self, body: dict) -> dict[str, Any]:
-        unknown = sorted(set(body) - _CREATE_KEYS)
-        if unknown:
-            raise ConfigError(f"unknown field(s) in the create request: {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(_CREATE_KEYS))}")
-        method, name = _required(body, "method"), _required(body, "name")
-        spec = self._registry().get(method)
+        _known(body, _CREATE_KEYS, "create")
         # `method_settings` is the name train uses (and the README shows); `settings` is kept for old callers.
-        settings = dict(body.get("method_settings") or body.get("settings") or {})
-        paths = self.service.create(method, name, settings, self.host.get_model(),
-                                    self.host.folders(), overwrite=bool(body.get("overwrite", False)))
-        if spec is not None:
-            self.host.artifacts_written(spec.output_kind, list(paths))
+        settings = _object(body, "method_settings") if "method_settings" in body else _object(body, "settings")
+        paths = self.runner.create(self.service, _required(body, "method"), _required(body, "name"), settings,
+                                   body.get("overwrite", False))
         return {"paths": [str(p) for p in paths]}
 
     def lint(self, body: dict) -> dict[str, Any]:
-        settings = dict(body.get("data_settings") or body.get("settings") or {})
-        report = self.service.lint(settings, body.get("method", "textual-inversion"), None)
+        _known(body, _LINT_KEYS, "lint")
+        settings = _object(body, "data_settings") if "data_settings" in body else _object(body, "settings")
+        method = _required(body, "method") if "method" in body else "textual-inversion"
+        report = self.service.lint(settings, method, None)
         return {"summary": report.format(), "n_images": len(report.rows),
                 "rows": [_row(r) for r in report.rows]}
 
     def inspect(self, body: dict) -> dict[str, Any]:
+        _known(body, {"path"}, "inspect")
         info = self.service.inspect(_required(body, "path"))
         fields: dict[str, Any] = {}
         if dataclasses.is_dataclass(info) and not isinstance(info, type):
@@ -144,6 +170,22 @@ class _Routes:
 
     def resume(self) -> dict[str, bool]:
         return {"resumed": self.runner.resume()}
+
+
+def _known(body: dict, allowed: set[str], route: str) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown field(s) in the {route} request: {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(allowed))}")
+
+
+def _object(body: dict, key: str) -> dict[str, Any]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{key}' must be an object of setting names and values, not {value!r}")
+    return value
 
 
 def _required(body: dict, key: str) -> str:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune_core.errors import ConfigError
 from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs
 from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.standalone_host import StandaloneHost
@@ -73,8 +76,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import uvicorn
 
+    try:
+        listener = listen(args.host, args.port)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     host = StandaloneHost(args.output_dir, args.model)
     _, app, _ = build_app(host)
     print(f"Fine-tune app on http://{args.host}:{args.port}/ (REST under /finetune/v1/)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket, so a port in use is said before the URL is printed (uvicorn would say it after)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} is not an address of this machine ({exc.strerror}); use 127.0.0.1 "
+                          f"or 0.0.0.0") from exc
+    family, _, _, _, address = infos[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart without a wait
+    try:
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); another program (maybe another "
+                          f"copy of this app) uses that port: stop it or pass --port with a free one") from exc
+    return listener

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from finetune_core.errors import FinetuneError, JobBusy
 from finetune_core.service import JobResult, TrainRequest
@@ -32,6 +32,7 @@ from finetune_core.ui.host import Host
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[..., JobResult]
+T = TypeVar("T")
 ACTIVE = ("waiting", "running", "paused")
 
 
@@ -95,6 +96,15 @@ def _default_train(*args: Any, **kwargs: Any) -> JobResult:
     return service.train(*args, **kwargs)
 
 
+def _default_check(host: Host) -> Callable[[TrainRequest], TrainRequest]:
+    def check(request: TrainRequest) -> TrainRequest:
+        from finetune_core import service
+
+        return service.validate_request(request, host.folders(), host.template_dirs())
+
+    return check
+
+
 def _default_output_kind(method: str) -> str:
     from finetune_core.methods import METHODS
 
@@ -105,10 +115,13 @@ class JobRunner:
     """One job at a time: start / interrupt / pause / resume, and a polled JobState."""
 
     def __init__(self, host: Host, train_fn: TrainFn | None = None,
-                 output_kind: Callable[[str], str] | None = None) -> None:
+                 output_kind: Callable[[str], str] | None = None,
+                 check: Callable[[TrainRequest], TrainRequest] | None = None) -> None:
         self.host = host
         self._train_fn = train_fn or _default_train
         self._output_kind = output_kind or _default_output_kind
+        # Validates a request without the model before it is accepted (FinetuneError: refused, nothing written).
+        self._check = check or _default_check(host)
         self._lock = threading.Lock()
         self._state = JobState()
         self._control: Control | None = None
@@ -116,11 +129,15 @@ class JobRunner:
 
     # --- commands -----------------------------------------------------------------------------------------
     def start(self, request: TrainRequest, task_id: str | None = None) -> str:
-        """Start `request` in the background and return its job id; JobBusy when a job is already running."""
+        """Check `request`, start it in the background and return its job id.
+
+        JobBusy when a job is already running; the check's FinetuneError when the request cannot run.
+        """
         with self._lock:
-            if self._state.active:
-                raise JobBusy(f"A training job is already running ({self._state.method} '{self._state.name}', "
-                              f"step {self._state.step}/{self._state.total}); wait for it or press Interrupt.")
+            self._refuse_if_busy("A training job is already running")
+        request = self._check(request)
+        with self._lock:
+            self._refuse_if_busy("A training job is already running")
             job_id = uuid.uuid4().hex[:12]
             self._control = Control()
             self._state = JobState(job_id=job_id, method=request.method, name=request.name, task_id=task_id or "",
@@ -130,6 +147,31 @@ class JobRunner:
                                         name=f"finetune-job-{job_id}", daemon=True)
         self._thread.start()
         return job_id
+
+    def run_with_model(self, work: Callable[[], T]) -> T:
+        """Run `work`, which uses the model, serialised with jobs by the host's lock; JobBusy while a job runs.
+
+        A running job has hooks on the shared model (spliced embeddings, attention transforms), so other work on
+        the model is refused rather than made to wait for the whole job.
+        """
+        with self._lock:
+            self._refuse_if_busy("The model is in use by a training job")
+        return run_exclusive(self.host, work, None)
+
+    def create(self, service: Any, method: str, name: str, settings: dict[str, Any], overwrite: Any) -> list[Path]:
+        """Create an untrained artefact: checked without the model first, then made under the model lock."""
+        folders = self.host.folders()
+        service.validate_create(method, name, settings, folders, overwrite)
+        paths = self.run_with_model(lambda: service.create(method, name, settings, self.host.get_model(), folders,
+                                                           overwrite))
+        self.host.artifacts_written(self._output_kind(method), list(paths))
+        return list(paths)
+
+    def _refuse_if_busy(self, what: str) -> None:
+        """Under self._lock: JobBusy naming the running job."""
+        if self._state.active:
+            raise JobBusy(f"{what} ({self._state.method} '{self._state.name}', step {self._state.step}/"
+                          f"{self._state.total}); wait for it to finish or press Interrupt, then try again.")
 
     def interrupt(self) -> bool:
         """Ask the running job to save and stop at the next step; False when nothing runs."""
@@ -253,7 +295,7 @@ def _unique(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(Path(p) for p in paths))
 
 
-def run_exclusive(host: Host, job: Callable[[], JobResult], task_id: str | None) -> JobResult:
+def run_exclusive(host: Host, job: Callable[[], T], task_id: str | None) -> T:
     """host.run_exclusive(job), passing the WebUI task id when the host's run_exclusive takes `task_id`."""
     if task_id and "task_id" in inspect.signature(host.run_exclusive).parameters:
         return host.run_exclusive(job, task_id=task_id)  # type: ignore[call-arg]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from finetune_core.errors import ConfigError
-
-_SCALARS = {int: "int", float: "float", str: "str", bool: "bool"}
+from finetune_core.settings import Kind, coerce_value, kind_of
 
 
 @dataclass(frozen=True)
@@ -19,7 +17,7 @@ class FieldSpec:
     """One settings field as the UI sees it: name, kind ("int"/"float"/"str"/"bool"), default and labels."""
 
     name: str
-    kind: str
+    kind: Kind
     default: Any
     label: str
     help: str = ""
@@ -44,24 +42,11 @@ def field_specs(config_type: type) -> list[FieldSpec]:
         meta: Mapping[str, Any] = f.metadata or {}
         if f.name.startswith("_") or f.name == "version" or not f.init or meta.get("hidden"):
             continue
-        kind, optional = _kind_of(hints.get(f.name, f.type))
+        kind, optional = kind_of(hints.get(f.name, f.type))
         specs.append(FieldSpec(name=f.name, kind=kind, default=_default_of(f), label=meta.get("label", _label(f.name)),
                                help=meta.get("help", ""), choices=tuple(meta.get("choices", ())),
                                advanced=bool(meta.get("advanced", False)), optional=optional))
     return specs
-
-
-def _kind_of(annotation: Any) -> tuple[str, bool]:
-    """("int"|"float"|"str"|"bool", optional) for int/float/str/bool and Optional of them; other types are "str"."""
-    optional = False
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(annotation))
-        annotation = args[0] if len(args) == 1 else str
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return "str", optional
-    return _SCALARS.get(annotation, "str"), optional
 
 
 def _default_of(f: dataclasses.Field) -> Any:
@@ -76,47 +61,9 @@ def _label(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
-def coerce(spec: FieldSpec, value: Any) -> Any:
-    """Turn a form or JSON value into the field's type; raises ConfigError naming the field when it cannot."""
-    if value is None or (isinstance(value, str) and value.strip() == "" and spec.kind != "str"):
-        if spec.optional:
-            return None
-        if spec.kind == "str":
-            return ""
-        raise ConfigError(f"'{spec.label}' ({spec.name}) needs a value")
-    try:
-        if spec.kind == "bool":
-            return _to_bool(value)
-        if spec.kind == "int":
-            number = float(value)
-            if number != int(number):
-                raise ValueError("not a whole number")
-            return int(number)
-        if spec.kind == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"'{spec.label}' ({spec.name}) must be {_KIND_WORDS[spec.kind]}, got {value!r}") from exc
-
-
-_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("not a boolean")
-
-
 def coerce_all(specs: list[FieldSpec], values: dict[str, Any]) -> dict[str, Any]:
-    """Coerce every known field in `values`; gathers all problems into one ConfigError. Unknown keys are kept."""
+    """Form values -> typed values with the one coercer in its form mode (the text of a number is parsed, a bool
+    must be a checkbox's bool); all problems in one ConfigError. Unknown keys are kept for the service to refuse."""
     known = {s.name: s for s in specs}
     out: dict[str, Any] = {}
     problems: list[str] = []
@@ -124,8 +71,9 @@ def coerce_all(specs: list[FieldSpec], values: dict[str, Any]) -> dict[str, Any]
         if key not in known:
             out[key] = value
             continue
+        spec = known[key]
         try:
-            out[key] = coerce(known[key], value)
+            out[key] = coerce_value(value, spec.kind, spec.optional, spec.name, spec.label, from_text=True)
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:

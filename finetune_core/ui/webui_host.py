@@ -22,6 +22,7 @@ from finetune_core.train.events import (
     StepEvent,
     Warning_,
 )
+from finetune_core.ui.panels import format_seconds
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -161,7 +162,7 @@ class WebUIHost:
         elif isinstance(event, StepEvent):
             state.job_count, state.job_no = event.total_steps, event.step
             state.textinfo = (f"Step {event.step}/{event.total_steps}, loss {event.loss:.5f}, "
-                              f"lr {event.learning_rate:.3g}, ETA {_duration(event.eta_seconds)}")
+                              f"lr {event.learning_rate:.3g}, ETA {format_seconds(event.eta_seconds)}")
         elif isinstance(event, PreviewEvent) and setting("finetune_live_preview"):
             state.assign_current_image(event.image)
         elif isinstance(event, ArtifactSaved):
@@ -220,7 +221,3 @@ class WebUIHost:
 def _text_files(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*.txt")]
 
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

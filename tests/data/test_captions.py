@@ -1,5 +1,8 @@
+import codecs
 import random
 from pathlib import Path
+
+import pytest
 
 from finetune_core.data.captions import (
     augment_caption,
@@ -25,9 +28,24 @@ def test_filename_caption_regex_and_join():
 def test_read_caption_prefers_txt(tmp_path: Path):
     image = tmp_path / "005-a dog.png"
     image.write_bytes(b"")
-    assert read_caption(image) == ("a dog", "filename")
+    assert read_caption(image) == ("a dog", "filename", "")
     (tmp_path / "005-a dog.txt").write_text("a cat,\n sitting\n", encoding="utf-8")
-    assert read_caption(image) == ("a cat, sitting", "txt")
+    assert read_caption(image) == ("a cat, sitting", "txt", "utf-8")
+
+
+@pytest.mark.parametrize("encoded,encoding", [
+    ("café, crème brûlée".encode("utf-16"), "utf-16"),  # Notepad's "Unicode": UTF-16 LE with a BOM
+    (codecs.BOM_UTF16_BE + "café, crème brûlée".encode("utf-16-be"), "utf-16"),
+    (codecs.BOM_UTF8 + "café, crème brûlée".encode(), "utf-8-sig"),
+    ("café, crème brûlée".encode(), "utf-8"),
+    ("café, crème brûlée".encode("cp1252"), "cp1252"),  # Latin-1 text from an old editor
+    ("café, crème brûlée".encode("utf-16-le"), "utf-16-le"),
+])
+def test_captions_decode_as_editors_write_them(tmp_path: Path, encoded: bytes, encoding: str):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    (tmp_path / "a.txt").write_bytes(encoded)
+    assert read_caption(image) == ("café, crème brûlée", "txt", encoding)
 
 
 def test_shuffle_keeps_first_n_and_all_tags():

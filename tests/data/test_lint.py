@@ -52,3 +52,18 @@ def test_example_dataset_trains(fake_model):
     dataset.prepare(fake_model)
     batch = dataset.get_batch(0, 0)
     assert len(batch) == 2 and "spotted orange ball" in " ".join(batch.prompts)
+
+
+def test_lint_reads_utf16_and_latin1_captions_and_names_them(tmp_path: Path, make_image):
+    make_image(tmp_path / "a.png", (64, 64))
+    (tmp_path / "a.txt").write_bytes("a red fox, snow".encode("utf-16"))  # Notepad's "Unicode" (UTF-16 + BOM)
+    make_image(tmp_path / "b.png", (64, 64))
+    (tmp_path / "b.txt").write_bytes("crème brûlée".encode("cp1252"))
+    make_image(tmp_path / "c.png", (64, 64))
+    (tmp_path / "c.txt").write_text("plain", encoding="utf-8")
+    report = lint_dataset(DatasetConfig(data_dir=str(tmp_path), width=64, height=64))
+    captions = {row.path.name: row.caption for row in report.rows}
+    assert captions == {"a.png": "a red fox, snow", "b.png": "crème brûlée", "c.png": "plain"}
+    warning = next(w for w in report.warnings if "not UTF-8" in w)
+    assert "a.txt (UTF-16)" in warning and "b.txt" in warning and "c.txt" not in warning
+    assert "not UTF-8" in report.format()

@@ -32,3 +32,18 @@ def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["keep.bin"]
     with pytest.raises(ArtifactError, match="already exists"):
         atomic_write(target, lambda p: p.write_bytes(b"new"))
+
+
+def test_a_writer_reporting_a_full_disk_in_another_type_raises_an_os_error(tmp_path):
+    import errno
+
+    def torch_like(tmp):
+        tmp.write_bytes(b"part")
+        raise RuntimeError("write(): fd 3 failed with No space left on device")
+
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "x.pt", torch_like)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "x.pt")
+    assert list(tmp_path.iterdir()) == []  # the temporary file went too
+    with pytest.raises(ValueError):  # anything else passes through unchanged
+        atomic_write(tmp_path / "y.pt", lambda tmp: (_ for _ in ()).throw(ValueError("a bug")))

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from finetune_core.errors import FinetuneError
-from finetune_core.model import list_builtin_models, load_model
+from finetune_core.model import load_model
 from finetune_core.model.interface import SD2, V_PREDICTION
-from finetune_core.model.tiny import tiny_components
+from finetune_core.model.tiny import TINY_MODELS, tiny_components
 
 
 def test_builtin_names() -> None:
-    assert list_builtin_models() == ["tiny-sd1", "tiny-sd2", "tiny-sdxl"]
+    assert TINY_MODELS == ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
     model = load_model("tiny-sd1")
     assert model.identity.name == "tiny-sd1" and model.family == "sd1"
 
@@ -77,3 +77,54 @@ def test_package_import_does_not_load_diffusers() -> None:
     code = ("import sys, finetune_core.model; "
             "assert not [m for m in ('diffusers', 'transformers', 'ftfy', 'regex') if m in sys.modules]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small diffusers folder saved once for the broken-folder cases."""
+    c = tiny_components("tiny-sd1")
+    folder = tmp_path_factory.mktemp("diffusers") / "sd1"
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(c, name).save_pretrained(folder / name)
+    (folder / "model_index.json").write_text(json.dumps({"unet": [], "vae": [], "text_encoder": []}))
+    return folder
+
+
+def _truncate_weights(folder: Path) -> None:
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _empty_vae(folder: Path) -> None:
+    for path in (folder / "vae").iterdir():
+        path.unlink()
+
+
+@pytest.mark.parametrize("damage,named", [
+    (_truncate_weights, "unet"),
+    (_empty_vae, "vae"),
+    (lambda f: (f / "text_encoder" / "config.json").write_text("{not json"), "text_encoder"),
+    (lambda f: (f / "model_index.json").write_text("{\"unet\": "), "model_index.json"),
+])
+def test_a_broken_diffusers_folder_names_the_component(sd1_folder: Path, tmp_path: Path, damage, named) -> None:
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(sd1_folder, folder)
+    damage(folder)
+    with pytest.raises(FinetuneError, match=named) as info:
+        load_model(str(folder))
+    assert "damaged" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("device,message", [("gpu0", "not a device name"), ("meta", "does not support"),
+                                            ("cuda:99", "CUDA GPU|names GPU 99")])
+def test_an_unusable_device_is_refused_before_loading(device: str, message: str) -> None:
+    with pytest.raises(FinetuneError, match=message):
+        load_model("tiny-sd1", device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_says_so() -> None:
+    with pytest.raises(FinetuneError, match="use --device cpu"):
+        load_model("tiny-sd1", device="cuda")

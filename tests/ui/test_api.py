@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 
-from finetune_core.errors import ArtifactError
+from finetune_core import service
+from finetune_core.errors import ArtifactError, ConfigError
 from finetune_core.service import JobResult
 from finetune_core.train.events import StepEvent
 from finetune_core.ui.api import mount_api
@@ -31,12 +32,26 @@ def _service(tmp_path: Path) -> Any:
                               problems=[])
         return SimpleNamespace(rows=[row], format=lambda: f"1 image in {settings.get('data_dir')}")
 
-    return SimpleNamespace(create=create, inspect=inspect, lint=lint, form_defaults=lambda m: {})
+    def validate_create(method, name, settings, folders, overwrite=False):
+        if not isinstance(overwrite, bool):
+            raise ConfigError(f"overwrite must be true or false, not {overwrite!r}")
+
+    return SimpleNamespace(create=create, inspect=inspect, lint=lint, form_defaults=lambda m: {},
+                           validate_create=validate_create, request_from_json=service.request_from_json)
+
+
+def _known_method(methods: dict):
+    def check(request):
+        if request.method not in methods:
+            raise ConfigError(f"unknown method {request.method!r}")
+        return request
+
+    return check
 
 
 def _client(host: Any, tmp_path: Path, methods: dict, train, dependencies=None) -> tuple[TestClient, JobRunner]:
     app = FastAPI()
-    runner = JobRunner(host, train_fn=train, output_kind=lambda m: "embeddings")
+    runner = JobRunner(host, train_fn=train, output_kind=lambda m: "embeddings", check=_known_method(methods))
     mount_api(app, host, runner, dependencies, service=_service(tmp_path), methods=methods)
     return TestClient(app), runner
 

@@ -6,7 +6,7 @@ from typing import Optional
 import pytest
 
 from finetune_core.errors import ConfigError
-from finetune_core.ui.schema import coerce, coerce_all, field_specs, with_advanced, with_defaults
+from finetune_core.ui.schema import coerce_all, field_specs, with_advanced, with_defaults
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,18 @@ def test_field_specs_read_types_metadata_and_skip_version() -> None:
     assert specs["other"].label == "Other"
 
 
-def test_coerce_converts_form_values_and_names_bad_fields() -> None:
-    specs = {s.name: s for s in field_specs(Settings)}
-    assert coerce(specs["steps"], 6.0) == 6 and isinstance(coerce(specs["steps"], "6"), int)
-    assert coerce(specs["flag"], "true") is True and coerce(specs["flag"], 0) is False
-    assert coerce(specs["decay"], "") is None
+def test_form_values_parse_number_text_but_never_cast_a_bool() -> None:
+    specs = field_specs(Settings)
+    typed = coerce_all(specs, {"steps": "6", "rate": 6, "flag": True, "decay": "", "mode": None})
+    assert typed == {"steps": 6, "rate": 6.0, "flag": True, "decay": None, "mode": ""}
+    assert isinstance(typed["steps"], int) and coerce_all(specs, {"steps": 6.0})["steps"] == 6
+    for bad in ("true", "false", "no", 0, 1):  # a checkbox sends a bool; text is never truthy-cast
+        with pytest.raises(ConfigError, match="Flag"):
+            coerce_all(specs, {"flag": bad})
     with pytest.raises(ConfigError, match="Max steps"):
-        coerce(specs["steps"], 2.5)
+        coerce_all(specs, {"steps": 2.5})
     with pytest.raises(ConfigError) as info:
-        coerce_all(list(specs.values()), {"steps": "x", "rate": "y", "unknown": 3})
+        coerce_all(specs, {"steps": "x", "rate": "nan", "unknown": 3})
     assert len(info.value.problems) == 2
 
 

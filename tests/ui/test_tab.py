@@ -49,7 +49,8 @@ def test_a_fake_method_gets_its_own_fields_and_create_section(host: Any, fake_me
 
 def _actions(host: Any, fake_methods: dict, service: Any) -> MethodActions:
     spec = fake_methods["fake-method"]
-    return MethodActions(host, JobRunner(host, train_fn=lambda *a, **k: None, output_kind=lambda m: "embeddings"),
+    return MethodActions(host, JobRunner(host, train_fn=lambda *a, **k: None, output_kind=lambda m: "embeddings",
+                                         check=lambda r: r),
                          service, spec.key, spec.output_kind, method_sections(spec, service))
 
 

@@ -1,0 +1,150 @@
+"""Checks a job passes before it starts, each answering with one sentence that names the folder or setting:
+output folders that can be written with room to spare, no second file of the same name, a memory estimate that
+fits the device. Also clears the hidden temporary files a killed run leaves behind.
+
+None of these checks creates anything: a refused request leaves the disk as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from finetune_core.errors import ArtifactError, OutOfMemory, StorageError
+
+logger = logging.getLogger(__name__)
+
+MIN_FREE_BYTES = 32 << 20  # below this a disk is full for any run: state, CSV and previews need room
+# What the WebUI loads from each output folder: a second file of the same stem and one of these is the same artefact.
+ARTIFACT_SUFFIXES = {"embeddings": (".pt", ".bin", ".safetensors", ".png", ".webp"), "hypernetworks": (".pt",),
+                     "checkpoints": (".safetensors", ".ckpt"), "aesthetic_embeddings": (".pt",)}
+# `formats.atomic.atomic_write` names its temporary files `.<target name>.<8 random characters>.tmp`.
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+STALE_AFTER_SECONDS = 60.0  # an atomic write takes seconds; an older temporary file belongs to no live write
+REFUSE_ABOVE = 2.0  # refuse when the estimate is this many times the device's memory (it is only an estimate)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_writable(folder: Path, what: str, min_free: int = MIN_FREE_BYTES) -> None:
+    """Refuse a folder that cannot be created or written, or whose disk is (nearly) full; creates nothing."""
+    existing = _nearest_existing(Path(folder))
+    if not existing.is_dir():
+        raise StorageError(f"the {what} {folder} cannot be created because {existing} is a file, not a folder; "
+                           f"choose another output folder or move that file away")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise StorageError(f"the {what} {folder} cannot be written ({_reason(exc)}); choose a folder you can "
+                           f"write to or fix its permissions") from exc
+    free = shutil.disk_usage(existing).free
+    if free < min_free:
+        raise StorageError(f"the disk of the {what} {folder} has only {_mib(free)} free and this run needs at "
+                           f"least {_mib(min_free)}; free some space or choose an output folder on another disk")
+
+
+def storage_error(exc: OSError, run_dir: Path | None) -> StorageError:
+    """One sentence for an operating-system error met while reading or writing, naming the file and what to do."""
+    where = f" {exc.filename}" if exc.filename else " a file"
+    verb = "write" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) else "read or write"
+    advice = {errno.ENOSPC: "free some space on that disk", errno.EDQUOT: "free some space on that disk",
+              errno.EROFS: "choose an output folder you can write to",
+              errno.EACCES: "choose an output folder you can write to or fix its permissions",
+              errno.ENAMETOOLONG: "choose a shorter name or output folder"}.get(exc.errno or 0, "check that folder")
+    resume = ""
+    if run_dir is not None and (Path(run_dir) / "state" / "checkpoint.pt").is_file():
+        resume = f"; the run folder {run_dir} keeps the last saved state: resume it with --resume {run_dir}"
+    elif run_dir is not None:
+        resume = f"; nothing was saved in the run folder {run_dir} yet"
+    return StorageError(f"could not {verb}{where} ({_reason(exc)}); {advice}{resume}")
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def same_name_files(folder: Path, name: str, kind: str) -> list[Path]:
+    """Files in `folder` the WebUI would load under `name` (any of its formats for that kind of artefact)."""
+    suffixes = ARTIFACT_SUFFIXES.get(kind, ())
+    if not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.stem == name
+                  and p.suffix.lower() in suffixes)
+
+
+def refuse_same_name(folder: Path, name: str, kind: str) -> None:
+    """Refuse to write an artefact `name` where one of that name exists in any format (the WebUI would see two)."""
+    found = same_name_files(folder, name, kind)
+    if found:
+        others = " and ".join(str(p) for p in found)
+        raise ArtifactError(f"{others} already exists; choose another name, or ask to overwrite it")
+
+
+def remove_stale_temporaries(folder: Path, recursive: bool = False, older_than: float = STALE_AFTER_SECONDS) -> int:
+    """Delete the hidden temporary files a killed write left in `folder`; returns how many went."""
+    if not Path(folder).is_dir():
+        return 0
+    now = time.time()
+    candidates = Path(folder).rglob(".*.tmp") if recursive else Path(folder).glob(".*.tmp")
+    removed = 0
+    for path in candidates:
+        try:
+            if _TEMPORARY.match(path.name) and path.is_file() and now - path.stat().st_mtime >= older_than:
+                path.unlink()
+                removed += 1
+        except OSError as exc:  # another process may be cleaning too; a leftover is harmless
+            logger.debug("could not remove %s: %s", path, exc)
+    if removed:
+        logger.info("removed %d stale temporary file(s) in %s", removed, folder)
+    return removed
+
+
+def memory_plan(data: Mapping[str, Any], train: Mapping[str, Any]) -> Any:
+    """The MemoryPlan for typed dataset and training settings (as forms and requests hold them)."""
+    from finetune_core.train.memory import MemoryPlan
+
+    return MemoryPlan(batch_size=int(data.get("batch_size", 1)), width=int(data.get("width", 512)),
+                      height=int(data.get("height", 512)), precision=str(train.get("precision", "fp32")),
+                      gradient_checkpointing=bool(train.get("gradient_checkpointing", True)))
+
+
+def check_resources(model: Any, needs: Any, plan: Any, folders: Sequence[tuple[Path, str]]) -> list[str]:
+    """Memory and disk before step 1: refuse a run whose memory estimate is far beyond the device's and folders
+    without room for the artefact and its resume state; a warning when memory is close. Returns the warnings."""
+    from finetune_core.train.memory import estimate_memory
+
+    estimate = estimate_memory(model, needs, plan)
+    # The final artefact, an intermediate copy, and the resume state (weights plus two Adam moments).
+    needed = MIN_FREE_BYTES + 5 * estimate.gradients_bytes
+    for folder, what in folders:
+        check_writable(folder, what, needed)
+    if estimate.device_total is None or estimate.total <= estimate.device_total:
+        return []
+    if estimate.total > REFUSE_ABOVE * estimate.device_total:
+        raise OutOfMemory(f"this run cannot fit on {model.device}: {estimate.describe()}")
+    return [f"this run may not fit on {model.device}: {estimate.describe()}"]
+
+
+def out_of_memory(exc: BaseException, model: Any, run_dir: Path | None) -> OutOfMemory:
+    """One sentence for an allocator failure met while training."""
+    resume = f"; the run folder {run_dir} keeps the last saved state to resume from" if run_dir else ""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OutOfMemory(f"training ran out of memory on {model.device} ({first[:200]}); lower the batch size or the "
+                       f"training size, or turn on gradient checkpointing where the method offers it{resume}")

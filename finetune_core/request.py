@@ -1,0 +1,266 @@
+"""A training request: its fields, and every check of it that needs no model (types, ranges, names, the dataset
+folder, the template, the file to continue from, existing files, the output folders).
+
+Hosts call `plan_request` before they load a model or accept a job, so a bad request is answered at once and leaves
+nothing on disk; `service.train` plans again (cheaply) before it builds anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune_core.errors import ArtifactError, ConfigError, DatasetError
+from finetune_core.settings import Kind, coerce_settings, coerce_value
+
+if TYPE_CHECKING:
+    from finetune_core.methods import MethodSpec
+
+
+@dataclass(frozen=True)
+class OutputFolders:
+    """Where artefacts and run logs go; laid out like the WebUI's folders."""
+
+    embeddings: Path
+    hypernetworks: Path
+    checkpoints: Path
+    aesthetic_embeddings: Path
+    logs: Path  # run folders: <logs>/<method>/<YYYY-MM-DD>/<name>-<HHMMSS>/
+
+    @classmethod
+    def standalone(cls, root: str | Path) -> OutputFolders:
+        """The standalone layout under one output folder (default `./outputs`)."""
+        base = Path(root)
+        return cls(embeddings=base / "embeddings", hypernetworks=base / "models" / "hypernetworks",
+                   checkpoints=base / "models" / "Stable-diffusion",
+                   aesthetic_embeddings=base / "models" / "aesthetic_embeddings", logs=base / "runs")
+
+    def for_kind(self, kind: str) -> Path:
+        """The folder for an output kind named by a MethodSpec ("embeddings", "hypernetworks", ...)."""
+        return {"embeddings": self.embeddings, "hypernetworks": self.hypernetworks, "checkpoints": self.checkpoints,
+                "aesthetic_embeddings": self.aesthetic_embeddings}[kind]
+
+
+@dataclass
+class TrainRequest:
+    """Everything one training job needs, as plain values (JSON-serialisable).
+
+    method: a key of `finetune_core.methods.METHODS` ("textual-inversion", "hypernetwork", ...).
+    name: the artefact name (embedding word / hypernetwork name / checkpoint name).
+    method_settings / data_settings / train_settings: field values of the method's Config, `DatasetConfig` and
+    `TrainConfig`; missing fields take the method's defaults. `resume_run`: a run folder to continue exactly.
+    """
+
+    method: str
+    name: str
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    data_settings: dict[str, Any] = field(default_factory=dict)
+    train_settings: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    resume_run: str | None = None
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The registry entry for `method`, or a ConfigError listing the known methods."""
+    from finetune_core.methods import METHODS
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def form_defaults(method: str) -> dict[str, dict[str, Any]]:
+    """Default values of every setting a method's forms show, with the method's overrides applied."""
+    from finetune_core.data.config import DatasetConfig
+    from finetune_core.train.config import TrainConfig
+    spec = method_spec(method)
+    return {"method": _defaults(spec.config_type), "data": {**_defaults(DatasetConfig), **spec.data_defaults},
+            "train": {**_defaults(TrainConfig), **spec.train_defaults}}
+
+
+def _defaults(config_type: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
+
+
+def build_config(config_type: type, defaults: Mapping[str, Any], settings: Mapping[str, Any], what: str) -> Any:
+    """A validated settings dataclass from defaults + user settings; unknown keys and bad values are ConfigErrors.
+
+    `settings` must already have their fields' types (JSON values, argparse or form output after `from_text`
+    coercion): "false" for a bool or "10" for a number is refused here, never cast.
+    """
+    known = {f.name for f in dataclasses.fields(config_type)}
+    values = {**{k: v for k, v in defaults.items() if k in known}, **coerce_settings(config_type, settings, what)}
+    config = config_type(**values)
+    config.validate()
+    return config
+
+
+def request_from_json(body: Mapping[str, Any]) -> TrainRequest:
+    """A TrainRequest from a JSON object; unknown fields and values of the wrong type are ConfigErrors."""
+    unknown = sorted(set(body) - _REQUEST_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown field(s) in the train request: {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(_REQUEST_FIELDS))}")
+    return _typed_request(TrainRequest(**{"method": "", "name": "", **body}))
+
+
+_REQUEST_FIELDS = {f.name for f in dataclasses.fields(TrainRequest)}
+
+
+def _typed_request(request: TrainRequest) -> TrainRequest:
+    """The request with every top-level field checked for its type (settings are checked by `build_config`)."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    fields: tuple[tuple[str, Kind, bool], ...] = (("method", "str", False), ("name", "str", False),
+                                                  ("overwrite", "bool", False), ("resume_run", "str", True))
+    for name, kind, optional in fields:
+        try:
+            values[name] = coerce_value(getattr(request, name), kind, optional, name)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    for name in ("method_settings", "data_settings", "train_settings"):
+        values[name] = getattr(request, name)
+        if not isinstance(values[name], Mapping):
+            problems.append(f"{name} must be an object of setting names and values, not {values[name]!r}")
+    if problems:
+        raise ConfigError(problems)
+    values["resume_run"] = values["resume_run"] or None
+    return TrainRequest(**{**values, **{k: dict(values[k]) for k in ("method_settings", "data_settings",
+                                                                     "train_settings")}})
+
+
+@dataclass
+class Plan:
+    """A checked request: what will run, where it writes, and the validated settings."""
+
+    request: TrainRequest  # as it will run (a resume's saved request, with this request's overwrite)
+    spec: MethodSpec
+    name: str
+    configs: dict[str, Any]  # "method" / "data" / "train" -> validated settings dataclass
+    final_dir: Path
+    overwrite: bool  # asked for, or continuing a file in place
+    run_dir: Path | None  # the run folder when resuming
+    logs: Path  # where new run folders go
+
+
+def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = ()) -> Plan:
+    """Check everything about a training request that needs no model; the Plan says what will run and where.
+
+    A resume plans the run's saved request (this request's `overwrite` counts too). Creates nothing.
+    """
+    from finetune_core.formats.names import sanitize_name
+    from finetune_core.preflight import check_writable, refuse_same_name
+    request = _typed_request(request)
+    run_dir = Path(request.resume_run) if request.resume_run else None
+    if run_dir is not None:
+        request = _saved_request(run_dir, request)
+    spec = method_spec(request.method)
+    name = sanitize_name(request.name)
+    configs = _configs(spec, request, name, template_dirs)
+    final_dir = folders.for_kind(spec.output_kind)
+    continue_from = getattr(configs["method"], "continue_from", "")
+    if continue_from:
+        _check_continue_from(continue_from, final_dir, spec.output_kind)
+    overwrite = request.overwrite or (bool(continue_from) and _same_stem(continue_from, final_dir, name))
+    if run_dir is None and not overwrite:
+        refuse_same_name(final_dir, name, spec.output_kind)
+    check_writable(final_dir, "output folder")
+    check_writable(run_dir or folders.logs, "run folder")
+    return Plan(request, spec, name, configs, final_dir, overwrite, run_dir, folders.logs)
+
+
+def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: Sequence[Path]) -> dict[str, Any]:
+    """The three settings dataclasses, every problem at once; then the template and the dataset folder."""
+    from finetune_core.data.config import DatasetConfig
+    from finetune_core.data.scan import image_files
+    from finetune_core.train.config import TrainConfig
+    defaults = form_defaults(request.method)
+    problems: list[str] = []
+    configs = {}
+    for key, config_type, settings, what in (
+            ("method", spec.config_type, request.method_settings, spec.label),
+            ("data", DatasetConfig, {**request.data_settings, "placeholder": name}, "dataset"),
+            ("train", TrainConfig, request.train_settings, "training")):
+        try:
+            configs[key] = build_config(config_type, defaults[key], settings, what)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    data = configs["data"] = _with_template_path(configs["data"], template_dirs)
+    if getattr(spec.config_type, "needs_name_in_prompt", False):
+        _require_name_in_template(data)
+    images, _ = image_files(Path(data.data_dir), data.recursive)
+    if data.batch_size > len(images):
+        raise DatasetError(f"the batch size {data.batch_size} is larger than the dataset: {data.data_dir} has "
+                           f"{len(images)} image(s); lower the batch size to {len(images)} or add images")
+    return configs
+
+
+def _check_continue_from(reference: str, final_dir: Path, kind: str) -> None:
+    """The file to continue from exists, is of the right kind and holds only finite numbers."""
+    from finetune_core.formats.atomic import require_finite
+    from finetune_core.formats.inspect import inspect_file, tensors_of
+    from finetune_core.formats.names import find_artifact
+    from finetune_core.preflight import ARTIFACT_SUFFIXES
+    expected = {"embeddings": "embedding", "hypernetworks": "hypernetwork", "checkpoints": "checkpoint",
+                "aesthetic_embeddings": "aesthetic embedding"}.get(kind, kind)
+    path = find_artifact(reference, final_dir, ARTIFACT_SUFFIXES.get(kind, ()), expected)
+    info = inspect_file(path)
+    if info.kind != expected:
+        raise ArtifactError(f"{path} cannot be continued from: it is not a{'n' if expected[0] in 'ae' else ''} "
+                            f"{expected} ({info.describe()})")
+    require_finite(tensors_of(path), path)
+
+
+def _with_template_path(config: Any, template_dirs: Sequence[Path]) -> Any:
+    """A template named like the WebUI's (a basename) is looked up in the host's template folders first."""
+    for folder in template_dirs:
+        matches = sorted(Path(folder).rglob(config.template)) if Path(folder).is_dir() else []
+        if matches and not Path(config.template).is_absolute():
+            return dataclasses.replace(config, template=str(matches[0]))
+    return config
+
+
+def _require_name_in_template(config: Any) -> None:
+    """A method that trains the word `[name]` learns nothing from a template that never says it."""
+    from finetune_core.data.templates import load_template
+    lines = load_template(config.template)
+    if not any("[name]" in line for line in lines):
+        raise ConfigError(f"the prompt template {config.template!r} never uses [name], so the embedding would never "
+                          f"appear in a prompt and nothing would train; pick a template with [name] such as "
+                          f"style_filewords.txt or subject.txt")
+
+
+def _same_stem(reference: str, final_dir: Path, name: str) -> bool:
+    path = Path(reference)
+    return path.stem == name and (not path.parent.parts or path.parent.resolve() == final_dir.resolve())
+
+
+def _saved_request(run_dir: Path, request: TrainRequest) -> TrainRequest:
+    """The request a run was started with, so a resume rebuilds the same method and data; `--overwrite` given now
+    counts too."""
+    import json
+
+    from finetune_core.train.run_folder import RunFolder
+    saved = run_dir / "request.json"
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder of this tool (no request.json); pass the folder that "
+                          f"holds state/ and request.json")
+    try:
+        values = json.loads(saved.read_text(encoding="utf-8"))
+        if not isinstance(values, dict) or set(values) - _REQUEST_FIELDS:
+            raise ValueError("not a request written by this tool")
+        old = _typed_request(TrainRequest(**{"method": "", "name": "", **values}))
+    except (OSError, ValueError, TypeError, ConfigError) as exc:
+        raise ConfigError(f"{saved} is damaged ({str(exc).splitlines()[0]}), so this run cannot be resumed; "
+                          f"start a new run with the same settings") from exc
+    if request.method and request.method != old.method:
+        raise ConfigError(f"{run_dir} is a {old.method} run; resume it as {old.method}, not {request.method}")
+    if not RunFolder(run_dir).has_state():
+        raise ConfigError(f"{run_dir} has no resume state yet (it stopped before its first save); start a new run")
+    return dataclasses.replace(old, resume_run=str(run_dir), overwrite=old.overwrite or request.overwrite)
+
+
