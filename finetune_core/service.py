@@ -227,6 +227,7 @@ class _Job:
 def _prepare_job(request: TrainRequest, model: DiffusionModel, folders: OutputFolders,
                  template_dirs: Sequence[Path]) -> _Job:
     """Validate every setting (all problems at once), then build the dataset and the method."""
+    from finetune_core.cpu import autocast_problem
     from finetune_core.data.config import DatasetConfig
     from finetune_core.data.dataset import ImageDataset
     from finetune_core.formats.names import sanitize_name
@@ -245,8 +246,9 @@ def _prepare_job(request: TrainRequest, model: DiffusionModel, folders: OutputFo
             configs[key] = build_config(config_type, defaults[key], settings, what)
         except ConfigError as exc:
             problems.extend(exc.problems)
-    if problems:
-        raise ConfigError(problems)
+    slow = autocast_problem(model.device, configs["train"].precision) if "train" in configs else None
+    if problems or slow:
+        raise ConfigError(problems + ([slow] if slow else []))
     data_config = _with_template_path(configs["data"], template_dirs)
     if getattr(spec.config_type, "needs_name_in_prompt", False):
         _require_name_in_template(data_config)

@@ -1,0 +1,82 @@
+"""CPU pitfalls: passive OpenMP waiting is set before torch loads, --threads, and slow autocast is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_core import cpu, service
+from finetune_core.errors import ConfigError
+from tests.conftest import REPO
+
+
+def test_prepare_process_sets_passive_waiting_only_before_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    env: dict[str, str] = {}
+    assert cpu.prepare_process(env) is False and env == {}  # torch is loaded in this process: too late
+    monkeypatch.delitem(sys.modules, "torch")
+    assert cpu.prepare_process(env) is True and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    cpu.prepare_process(mine)
+    assert mine == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's own choice stays
+
+
+def test_the_command_line_sets_it_before_importing_torch() -> None:
+    code = ("import os, sys; from finetune_core.cli import main; main(['inspect', '/no/such/file']); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                          check=False)
+    assert done.stdout.split() == ["PASSIVE", "True"], done.stderr
+
+
+def test_set_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert cpu.set_threads(1) == 1 and torch.get_num_threads() == 1
+        assert cpu.set_threads(None) == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ConfigError, match="threads"):
+            cpu.set_threads(bad)  # type: ignore[arg-type]
+
+
+def test_native_autocast_falls_back_to_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # as if torch had no probe
+    for flags, expected in (({"avx2", "avx512_bf16"}, True), ({"avx2", "fma"}, False), (set(), None)):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: flags)
+        assert cpu.native_autocast("bf16") is expected
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"amx_fp16"})
+    assert cpu.native_autocast("fp16") is True and cpu.native_autocast("bf16") is False
+
+
+def test_cpu_flags_reads_proc_cpuinfo() -> None:
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo")
+    flags = cpu.cpu_flags()
+    assert flags and all(" " not in f for f in flags)
+
+
+def test_autocast_problem_only_for_slow_cpu_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "native_autocast", lambda precision: False)
+    problem = cpu.autocast_problem(torch.device("cpu"), "bf16")
+    assert problem is not None and "precision bf16" in problem and "fp32" in problem
+    assert cpu.autocast_problem(torch.device("cpu"), "fp32") is None
+    assert cpu.autocast_problem(torch.device("cuda"), "fp16") is None
+    monkeypatch.setattr(cpu, "native_autocast", lambda precision: None)  # cannot tell: let it run
+    assert cpu.autocast_problem(torch.device("cpu"), "bf16") is None
+
+
+def test_slow_autocast_never_starts_a_job(monkeypatch: pytest.MonkeyPatch, tiny_model, tmp_path: Path,
+                                         one_image_dataset: Path) -> None:
+    monkeypatch.setattr(cpu, "native_autocast", lambda precision: False)
+    request = service.TrainRequest("textual-inversion", "slowword", {}, {"data_dir": str(one_image_dataset)},
+                                   {"precision": "bf16", "steps": 1})
+    folders = service.OutputFolders.standalone(tmp_path / "out")
+    with pytest.raises(ConfigError, match="Precision \\(precision\\) to fp32"):
+        service.train(request, tiny_model("tiny-sd1"), folders)
+    assert not (tmp_path / "out").exists()
