@@ -185,6 +185,8 @@ def run(spec: RunSpec, t_start: float) -> RunResult:
 
 def child_main(spec_json: str, t_start: float) -> None:
     """Entry of the run's process: print the result as one marked JSON line."""
+    from finetune_core.cpu import prepare_process
+    prepare_process()  # what the CLI does at its start, before torch loads
     spec = RunSpec(**json.loads(spec_json))
     result = run(spec, t_start)
     print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)
