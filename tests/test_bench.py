@@ -59,7 +59,7 @@ def test_every_problem_is_found_before_anything_runs(monkeypatch: pytest.MonkeyP
 def _record(seconds: float, before: float = 100.0, after: float = 100.0, others: float | None = 0.0,
             gflop: float | None = 2.0) -> runner.RunRecord:
     result = case.RunResult([seconds, seconds * 1.1, seconds * 0.9], 3.0, {"import": 1.0, "load": 1.0},
-                            500.0, None, 1000.0, before, after, gflop, 2, "cpu", "64x64")
+                            500.0, None, 1000.0, seconds * 2, before, after, gflop, 2, "cpu", "64x64")
     return runner.RunRecord(result, 0.5, others)
 
 
@@ -97,7 +97,7 @@ def test_summary_and_ratio(capsys: pytest.CaptureFixture[str]) -> None:
                            {"A": [_record(0.1), _record(0.1)], "B": [_record(0.15), _record(0.25), failed]})
     report.print_case(runs, _options(compare=("", "")))
     out = capsys.readouterr().out
-    assert "B/A: s/step 2.000x (rounds 1.500-2.500)" in out and "run 3 (B) failed: exit 1: boom" in out
+    assert "B/A: s/step 2.000x (rounds 1.500-2.500), CPU s/step 2.000x" in out and "run 3 (B) failed: exit 1: boom" in out
 
 
 def test_one_real_run_measures_steps_flops_and_faults(monkeypatch: pytest.MonkeyPatch, tiny_model) -> None:
@@ -107,6 +107,7 @@ def test_one_real_run_measures_steps_flops_and_faults(monkeypatch: pytest.Monkey
     assert len(result.step_seconds) == 2 and all(s > 0 for s in result.step_seconds)
     assert result.step_gflop is not None and result.step_gflop > 0
     assert result.size == "64x64" and result.threads == 1 and result.faults_per_step >= 0
+    assert result.cpu_seconds_per_step > 0
     assert set(result.phases) == {"import", "load", "prepare", "step 1"}
     assert result.first_step_seconds >= result.phases["step 1"] and result.matmul_before > 0
 

@@ -47,6 +47,8 @@ class RunResult:
     peak_rss_mib: float
     peak_device_mib: float | None  # CUDA only
     faults_per_step: float  # minor page faults per timed step
+    cpu_seconds_per_step: float  # CPU time (user + system, all threads) per timed step: less sensitive to a busy
+    # machine than the wall clock; above s/step x threads it shows threads spinning instead of working
     matmul_before: float
     matmul_after: float
     step_gflop: float | None
@@ -100,6 +102,7 @@ class _Recorder:
         self.started = 0.0
         self.times: list[float] = []
         self.faults: list[int] = []
+        self.cpu: list[float] = []
         self.flops: float | None = None
         self._modes = contextlib.ExitStack()
         self._profiler: Any = None
@@ -112,7 +115,9 @@ class _Recorder:
         if not isinstance(event, StepEvent):
             return
         self.times.append(time.perf_counter())
-        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.faults.append(usage.ru_minflt)
+        self.cpu.append(usage.ru_utime + usage.ru_stime)
         done, timed = len(self.times), self.spec.steps
         if done == 1 and self.spec.profile_path:
             self._profiler = self._modes.enter_context(_profiler())
@@ -178,6 +183,7 @@ def run(spec: RunSpec, t_start: float) -> RunResult:
         phases=phases, peak_rss_mib=peak,
         peak_device_mib=torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
         faults_per_step=(recorder.faults[spec.steps] - recorder.faults[0]) / spec.steps,
+        cpu_seconds_per_step=(recorder.cpu[spec.steps] - recorder.cpu[0]) / spec.steps,
         matmul_before=before, matmul_after=matmul_rate(device),
         step_gflop=recorder.flops / 1e9 if recorder.flops is not None else None, threads=threads, device=device,
         size=f"{settings['data']['width']}x{settings['data']['height']}")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from finetune_core.bench.runner import BenchOptions, CaseRuns, RunRecord
 
-COLUMNS = (f"{'model':<12} {'method':<18} {'size':>7} {'set':>3} {'s/step':>8} {'spread':>6} {'1st step':>8} "
+COLUMNS = (f"{'model':<12} {'method':<18} {'size':>7} {'set':>3} {'s/step':>8} {'spread':>6} {'CPU s':>7} "
+           f"{'1st step':>8} "
            f"{'faults/step':>11} {'peak RSS':>9} {'GFLOP':>7} {'floor s':>8} {'achieved':>8} {'matmul GF/s':>11} "
            f"{'load':>5} {'others':>6}")
 
@@ -28,6 +29,7 @@ class SideSummary:
     first_step: float
     phases: dict[str, float]
     faults_per_step: float
+    cpu_seconds_per_step: float
     peak_mib: float
     step_gflop: float | None
     matmul: tuple[float, float]  # lowest and highest rate measured around the runs
@@ -62,7 +64,8 @@ def summarize(records: list[RunRecord]) -> SideSummary | None:
         len(results), middle, (max(per_run) - min(per_run)) / middle if len(results) > 1 else None,
         statistics.median(r.first_step_seconds for r in results),
         {k: statistics.median(r.phases[k] for r in results) for k in results[0].phases},
-        statistics.median(r.faults_per_step for r in results), peak, gflop, (min(rates), max(rates)),
+        statistics.median(r.faults_per_step for r in results),
+        statistics.median(r.cpu_seconds_per_step for r in results), peak, gflop, (min(rates), max(rates)),
         statistics.median(rates), max(r.load for r in good), max(others) if others else None, results[0].size)
 
 
@@ -109,7 +112,8 @@ def _row(case: CaseRuns, label: str, s: SideSummary | None) -> str:
     achieved = f"{s.achieved:.1%}" if s.achieved else "-"
     gflop = f"{s.step_gflop:.1f}" if s.step_gflop else "-"
     others = f"{s.others:.0%}" if s.others is not None else "-"
-    return (f"{start} {s.size:>7} {label:>3} {s.seconds_per_step:>8.4f} {spread:>6} {s.first_step:>7.1f}s "
+    return (f"{start} {s.size:>7} {label:>3} {s.seconds_per_step:>8.4f} {spread:>6} {s.cpu_seconds_per_step:>7.3f} "
+            f"{s.first_step:>7.1f}s "
             f"{s.faults_per_step:>11,.0f} {s.peak_mib:>5.0f} MiB {gflop:>7} {floor:>8} {achieved:>8} "
             f"{s.matmul[0]:>5.0f}-{s.matmul[1]:<5.0f} {s.load:>5.2f} {others:>6}")
 
@@ -122,6 +126,10 @@ def _ratios(case: CaseRuns, summaries: dict[str, SideSummary | None]) -> str:
     rounds = [rb.result.seconds_per_step / ra.result.seconds_per_step
               for ra, rb in zip(case.runs["A"], case.runs["B"]) if ra.result and rb.result]
     spread = f" (rounds {min(rounds):.3f}-{max(rounds):.3f})" if len(rounds) > 1 else ""
-    faults = f"{b.faults_per_step / a.faults_per_step:.2f}x" if a.faults_per_step else "-"
-    return (f"{'':>12}   B/A: s/step {statistics.median(rounds):.3f}x{spread}, first step "
-            f"{b.first_step / a.first_step:.2f}x, faults/step {faults}, peak memory {b.peak_mib / a.peak_mib:.2f}x")
+    cpu = [rb.result.cpu_seconds_per_step / ra.result.cpu_seconds_per_step
+           for ra, rb in zip(case.runs["A"], case.runs["B"]) if ra.result and rb.result]
+    cpu_spread = f" (rounds {min(cpu):.3f}-{max(cpu):.3f})" if len(cpu) > 1 else ""
+    return (f"{'':>12}   B/A: s/step {statistics.median(rounds):.3f}x{spread}, CPU s/step "
+            f"{statistics.median(cpu):.3f}x{cpu_spread}, first step {b.first_step / a.first_step:.2f}x, "
+            f"faults/step {a.faults_per_step:,.0f} -> {b.faults_per_step:,.0f}, peak memory "
+            f"{b.peak_mib / a.peak_mib:.2f}x")
