@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class RunResult:
     threads: int
     device: str
     size: str  # "WxH"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seconds_per_step(self) -> float:
@@ -149,7 +148,8 @@ def flop_counter() -> Any:
 
     def backward(grad: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kw: Any) -> int:
         return int(fc.sdpa_backward_flop_count(grad, query, key, value))
-    aten, extra = torch.ops.aten, dict[Any, Any]()
+    aten = torch.ops.aten
+    extra: dict[Any, Any] = {}
     if hasattr(fc, "sdpa_flop_count") and hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         extra[aten._scaled_dot_product_flash_attention_for_cpu] = forward
         extra[aten._scaled_dot_product_flash_attention_for_cpu_backward] = backward
