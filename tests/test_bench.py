@@ -47,12 +47,13 @@ def _options(**kw) -> runner.BenchOptions:
 
 def test_every_problem_is_found_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "run_once", lambda *a: pytest.fail("a run started"))
-    options = _options(models=["tiny-sd1", "no-such-model"], compare=("batch_size=0", "threads=0"), repeats=0)
+    options = _options(models=["tiny-sd1", "no-such-model"], compare=("batch_size=0", "threads=0,device=gpu7"),
+                       repeats=0)
     with pytest.raises(ConfigError) as caught:
         runner.run_bench(options)
     text = str(caught.value)
     for part in ("--repeats must be at least 1", "no model 'no-such-model'", "threads must be a whole number",
-                 "batch_size"):
+                 "batch_size", "device 'gpu7' is not a device name"):
         assert part in text
 
 

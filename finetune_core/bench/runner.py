@@ -63,7 +63,7 @@ class BenchOptions:
     @classmethod
     def from_args(cls, args: Any) -> BenchOptions:
         models = [m for m in args.models.split(",") if m] + ([FULL_SD15] if args.full else [])
-        base = ",".join(p for p in (f"threads={args.threads}" if args.threads else "", args.set) if p)
+        base = ",".join(p for p in (f"threads={args.threads}" if args.threads is not None else "", args.set) if p)
         return cls(models, [m for m in args.methods.split(",") if m], args.steps, args.repeats, base,
                    tuple(args.compare) if args.compare else None, args.margin, args.threads, args.profile)
 
@@ -158,8 +158,21 @@ def validate(model: str, method: str, settings: RunSettings, steps: int) -> None
         problems.append(f"threads must be a whole number of at least 1, not {threads!r}")
     if settings.run.get("channels_last", "false").lower() not in ("1", "0", "true", "false", "yes", "no"):
         problems.append(f"channels_last must be true or false, not {settings.run['channels_last']!r}")
+    if "device" in settings.run:
+        problems += _device_problems(settings.run["device"])
     if problems:
         raise ConfigError(problems)
+
+
+def _device_problems(device: str) -> list[str]:
+    import torch
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        return [f"device {device!r} is not a device name; use cpu, cuda or cuda:N"]
+    if kind == "cuda" and not torch.cuda.is_available():
+        return [f"device {device!r} was asked for, but torch sees no CUDA device here"]
+    return []
 
 
 def run_case(case: CaseRuns, options: BenchOptions) -> CaseRuns:
