@@ -86,10 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="say what an artefact file is and which model it fits")
     inspect.add_argument("file")
     bench = commands.add_parser("bench", help="print speed, memory and compute-floor figures")
-    bench.add_argument("--full", action="store_true", help="also the full-size SD1.5 architecture at 256x256")
-    bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
-    bench.add_argument("--models", default="tiny-sd1,tiny-sd2,tiny-sdxl")
-    bench.add_argument("--methods", default=",".join(METHODS))
+    from finetune_core.bench import add_arguments
+    add_arguments(bench)
+    _threads_flag(bench)
     ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
     ui.add_argument("rest", nargs=argparse.REMAINDER, help="options of the app (see `ui --help`)")
     return parser
@@ -104,9 +103,17 @@ def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     if training:
         parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run exactly")
+    _threads_flag(parser)
+
+
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: one per physical core; fewer on a busy shared machine)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from finetune_core.cpu import prepare_process
+    prepare_process()  # before anything imports torch: OpenMP reads its wait policy once, at load
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ui"]:
         from finetune_core.ui.app import main as ui_main
@@ -125,13 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from finetune_core import service
+    from finetune_core.cpu import set_threads
     if args.command == "inspect":
         print(service.inspect(args.file).describe())
         return 0
     if args.command == "bench":
-        from finetune_core.bench import run_bench
-        run_bench(models=args.models.split(","), methods=args.methods.split(","), steps=args.steps, full=args.full)
+        from finetune_core.bench import BenchOptions, run_bench
+        run_bench(BenchOptions.from_args(args))
         return 0
+    set_threads(getattr(args, "threads", None))
     settings = _settings_from_args(args, _section_types(args))
     if args.command == "lint":
         model = service.load(args.model) if args.model else None

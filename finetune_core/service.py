@@ -137,6 +137,7 @@ class _Job:
 def _prepare_job(plan: Plan, model: DiffusionModel) -> _Job:
     """Build the dataset and the method (reading the file to continue from), then check memory and disk space."""
     from finetune_core import preflight
+    from finetune_core.cpu import autocast_problem
     from finetune_core.data.dataset import ImageDataset
     from finetune_core.data.scan import encoding_warnings
     from finetune_core.train.randomness import resolve_seed
@@ -144,6 +145,9 @@ def _prepare_job(plan: Plan, model: DiffusionModel) -> _Job:
     data = ImageDataset(configs["data"], placeholder=plan.name)
     seed = resolve_seed(configs["train"].seed)
     train_config = configs["train"]
+    slow = autocast_problem(model.device, train_config.precision)
+    if slow:
+        raise ConfigError(slow)
     if train_config.preview_every and train_config.preview_sampler not in model.sampler_names():
         raise ConfigError(f"the preview sampler {train_config.preview_sampler!r} is not available here; choose one "
                           f"of {', '.join(model.sampler_names())}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "dataset"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Checkpoint hashes go to a cache file of the test session, never the user's cache folder."""
+    path = tmp_path_factory.mktemp("hash-cache") / "hashes.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_HASH_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

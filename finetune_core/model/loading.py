@@ -154,7 +154,7 @@ def _folder_prediction_type(folder: Path) -> str:
 
 def _folder_shorthash(folder: Path) -> str:
     """sha256[:10] of the UNet weight file(s): the part that makes one model of a family differ from another."""
-    from finetune_core.formats.checkpoint import file_sha256
+    from finetune_core.formats.hash_cache import cached_sha256
 
     # from_pretrained loads the files without a variant infix ("model.fp16.safetensors" is another copy).
     found = [f for ext in ("*.safetensors", "*.bin") for f in sorted((folder / "unet").glob(ext))]
@@ -163,7 +163,7 @@ def _folder_shorthash(folder: Path) -> str:
     if not files:
         raise FinetuneError(f"The diffusers folder {folder} has no UNet weights in unet/; it may be incomplete.")
     if len(files) == 1:
-        return file_sha256(files[0])[:10]
+        return cached_sha256(files[0])[:10]
     import hashlib
 
-    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:10]
+    return hashlib.sha256("".join(cached_sha256(f) for f in files).encode()).hexdigest()[:10]

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from finetune_core.errors import ArtifactError
-from finetune_core.formats.checkpoint import detect_family, file_sha256, ldm_to_diffusers, read_state_dict
+from finetune_core.formats.checkpoint import detect_family, ldm_to_diffusers, read_state_dict
+from finetune_core.formats.hash_cache import cached_sha256
 from finetune_core.model.configs import load_config
 from finetune_core.model.interface import EPSILON, SD2, SDXL, V_PREDICTION, ModelIdentity
 
@@ -77,7 +78,7 @@ def load_single_file(
         modules[name].to(device=device, dtype=dtype).eval()
         _realign(modules[name])
     prediction = _prediction_type(source, family, modules["unet"], v_marker)
-    identity = ModelIdentity(name=source.stem, shorthash=file_sha256(source)[:10], source=str(source))
+    identity = ModelIdentity(name=source.stem, shorthash=cached_sha256(source)[:10], source=str(source))
     logger.info("loaded %s as %s (%s, %s)", source, family, prediction, identity.shorthash)
     return SingleFileComponents(
         family=family,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -153,3 +154,19 @@ def test_not_a_checkpoint(tmp_path):
     path = write_checkpoint({"emb_params": torch.zeros(2, 16)}, tmp_path / "embedding.safetensors")
     with pytest.raises(ArtifactError, match="not a Stable Diffusion checkpoint"):
         load_single_file(path)
+
+
+def test_a_previously_seen_checkpoint_is_not_hashed_again(tmp_path, monkeypatch):
+    from finetune_core.formats import checkpoint, hash_cache
+
+    monkeypatch.setenv(hash_cache.ENV_VAR, str(tmp_path / "hashes.json"))
+    path = write_file(tiny_models("sd1", 0), "sd1", tmp_path / "seen.safetensors")
+    calls = []
+    real = checkpoint.file_sha256
+    monkeypatch.setattr(checkpoint, "file_sha256", lambda p, *a: calls.append(p) or real(p, *a))
+    configs = tiny_overrides("sd1")
+    first = load_single_file(path, configs=configs).identity.shorthash
+    assert load_single_file(path, configs=configs).identity.shorthash == first and len(calls) == 1
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: it may have been rewritten
+    assert load_single_file(path, configs=configs).identity.shorthash == first and len(calls) == 2
