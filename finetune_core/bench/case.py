@@ -176,6 +176,24 @@ def _load(model_name: str, device: str) -> Any:
     return load_model(model_name, device=device)
 
 
+def _emulate_unet_gradients(model: Any) -> None:
+    """What a job did on the WebUI's model before it froze what it does not train: the UNet's weights keep
+    requires_grad=True (the WebUI never clears it), so every step computes and accumulates their gradients."""
+    session = model.training_session
+
+    @contextlib.contextmanager
+    def with_unet_gradients(setup: Any) -> Any:
+        with session(setup) as opened:
+            unet = model.trainable_modules()["unet"]
+            unet.requires_grad_(True)
+            try:
+                yield opened
+            finally:
+                unet.requires_grad_(False)
+
+    model.training_session = with_unet_gradients
+
+
 def run(spec: RunSpec, t_start: float) -> RunResult:
     """Measure one run in this process; `t_start` is when the process began (before importing torch)."""
     import torch
@@ -191,6 +209,8 @@ def run(spec: RunSpec, t_start: float) -> RunResult:
     model = _load(spec.model, device)
     if str(run_keys.get("channels_last", "")).lower() in ("1", "true", "yes"):
         model.unet.to(memory_format=torch.channels_last)
+    if str(run_keys.get("unet_grads", "")).lower() in ("1", "true", "yes"):
+        _emulate_unet_gradients(model)
     t_loaded = time.perf_counter()
     settings = request_settings(spec.model, spec.method, spec.settings, spec.steps + 1 + spec.count_flops)
     recorder = _Recorder(spec)

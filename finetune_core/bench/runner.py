@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--set", default="", metavar="SETTINGS",
                         help="settings of every run, e.g. 'batch_size=2,threads=1,MALLOC_ARENA_MAX=2': method, "
-                        "data or train settings, threads, device, channels_last, or environment variables in capitals")
+                        "data or train settings, threads, device, channels_last, unet_grads, or environment "
+                        "variables in capitals")
     parser.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
                         help="time each case under settings A and B in alternating runs and print B/A, e.g. "
                         "--compare 'threads=1' 'threads=2'")
@@ -156,8 +157,9 @@ def validate(model: str, method: str, settings: RunSettings, steps: int) -> None
     threads = settings.run.get("threads")
     if threads is not None and (not threads.isdigit() or int(threads) < 1):
         problems.append(f"threads must be a whole number of at least 1, not {threads!r}")
-    if settings.run.get("channels_last", "false").lower() not in ("1", "0", "true", "false", "yes", "no"):
-        problems.append(f"channels_last must be true or false, not {settings.run['channels_last']!r}")
+    for flag in ("channels_last", "unet_grads"):
+        if settings.run.get(flag, "false").lower() not in ("1", "0", "true", "false", "yes", "no"):
+            problems.append(f"{flag} must be true or false, not {settings.run[flag]!r}")
     if "device" in settings.run:
         problems += _device_problems(settings.run["device"])
     if problems:

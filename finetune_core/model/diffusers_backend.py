@@ -26,7 +26,7 @@ from finetune_core.model.interface import (
     TrainingSetup,
 )
 from finetune_core.model.schedule import scaled_linear_alphas_cumprod
-from finetune_core.model.session import WeightState, autocast_factory, compute_dtype
+from finetune_core.model.session import WeightState, autocast_factory, compute_dtype, select_trained
 from finetune_core.model.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -230,11 +230,7 @@ class DiffusersModel:
 
     @contextmanager
     def training_session(self, setup: TrainingSetup) -> Iterator[TrainingSession]:
-        available = self.trainable_modules()
-        unknown = [name for name in setup.train if name not in available]
-        if unknown:
-            raise ModelMismatchError(f"this {self.family} model has no {', '.join(unknown)} to train")
-        trained = {name: available[name] for name in setup.train}
+        trained = select_trained(self.trainable_modules(), setup.train, self.family)
         compute = compute_dtype(setup.precision, self._dtype)
         factory = autocast_factory(self._device, compute)
         with ExitStack() as stack:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from finetune_core.errors import ConfigError
+from finetune_core.errors import ConfigError, ModelMismatchError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,6 +38,16 @@ def autocast_factory(device: torch.device, dtype: torch.dtype,
     if dtype == torch.float32 or not supported:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def select_trained(available: Mapping[str, torch.nn.Module], names: Iterable[str],
+                   family: str) -> dict[str, torch.nn.Module]:
+    """The modules a session trains, by name; ModelMismatchError naming any the model does not have."""
+    names = list(names)
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ModelMismatchError(f"this {family} model has no {', '.join(unknown)} to train")
+    return {name: available[name] for name in names}
 
 
 def unique_parameters(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Parameter]:

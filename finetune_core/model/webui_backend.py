@@ -36,7 +36,7 @@ from finetune_core.model.interface import (
     TrainingSetup,
 )
 from finetune_core.model.placement import Residency
-from finetune_core.model.session import WeightState, autocast_factory, compute_dtype
+from finetune_core.model.session import WeightState, autocast_factory, compute_dtype, select_trained
 
 logger = logging.getLogger(__name__)
 
@@ -308,11 +308,7 @@ class WebUIModel:
         from finetune_core.model import webui_session as ws
 
         ws.refuse_untrainable(self.sd_model)
-        available = self.trainable_modules()
-        unknown = [name for name in setup.train if name not in available]
-        if unknown:
-            raise ModelMismatchError(f"this {self.family} model has no {', '.join(unknown)} to train")
-        trained = {name: available[name] for name in setup.train}
+        trained = select_trained(self.trainable_modules(), setup.train, self.family)
         compute = compute_dtype(setup.precision, self.dtype)
         supported = ws.autocast_supported(self._devices, compute)
         factory = autocast_factory(self.device, compute, supported)
