@@ -5,7 +5,8 @@ the same text for `--set` (every run) and each side of `--compare A B`. A bare n
 the dataset's and the training settings (prefix `method.`, `data.` or `train.` where a name is in two of them);
 `threads`, `device`, `channels_last` and `unet_grads` (true: emulate the WebUI's loaded model before a job froze
 its UNet, whose weight gradients were then computed and kept) are the run's own; a name in capitals is an
-environment variable of the run's process (the allocator and OpenMP read theirs only at start, so each run is its own process).
+environment variable of the run's process (the allocator and OpenMP read theirs only at start, so each run is
+its own process).
 """
 
 from __future__ import annotations
