@@ -132,3 +132,13 @@ def test_the_flop_count_includes_cpu_attention() -> None:
         torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
     # forward: QK^T and AV, 2*b*h*s*s*d each; backward: five such products (scores recomputed)
     assert counter.get_total_flops() == 7 * 2 * 2 * 4 * 64 * 64 * 16
+
+
+def test_run_settings_are_typed_from_command_line_text() -> None:
+    """Numbers as the CLI types them; a bool field takes the words true / false, and anything else is refused."""
+    sections = parse_settings("gradient_checkpointing=False,batch_size=2,precision=bf16", TI).to_dict()
+    typed = case.request_settings("tiny-sd1", TI, sections, steps=3)
+    assert typed["train"]["gradient_checkpointing"] is False and typed["data"]["batch_size"] == 2
+    runner.validate("tiny-sd1", TI, parse_settings("gradient_checkpointing=true", TI), 3)
+    with pytest.raises(ConfigError, match="true or false"):
+        runner.validate("tiny-sd1", TI, parse_settings("gradient_checkpointing=maybe", TI), 3)

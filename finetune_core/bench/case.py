@@ -83,6 +83,16 @@ def default_size(model: str) -> int:
     return 64 if model in TINY else 256
 
 
+def _bool_words(config_type: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`true` / `false` (any case) as bools for the bool fields of `config_type`; anything else is left as it is."""
+    from finetune_core.settings import field_kinds
+
+    words = {"true": True, "false": False}
+    kinds = field_kinds(config_type)
+    return {name: words.get(value.strip().lower(), value) if isinstance(value, str) and name in kinds
+            and kinds[name][0] == "bool" else value for name, value in values.items()}
+
+
 def request_settings(spec_model: str, method: str, settings: dict[str, Any], steps: int) -> dict[str, dict]:
     """The method/data/train settings of a run: the bench's defaults under the run's overrides."""
     from finetune_core.data.config import DatasetConfig
@@ -91,8 +101,10 @@ def request_settings(spec_model: str, method: str, settings: dict[str, Any], ste
     from finetune_core.train.config import TrainConfig
 
     size = default_size(spec_model)
-    # `--set` / `--compare` values are command-line text: typed here, as the CLI types its flags.
-    sections = {name: coerce_settings(config_type, settings.get("sections", {}).get(name, {}), name, from_text=True)
+    # `--set` / `--compare` values are command-line text: numbers are typed as the CLI types its flags, and a bool
+    # field takes the words true / false (the bench's own `name=value` text; there is no --flag form here).
+    sections = {name: coerce_settings(config_type, _bool_words(config_type, settings.get("sections", {}).get(name, {})),
+                                      name, from_text=True)
                 for name, config_type in (("method", METHODS[method].config_type), ("data", DatasetConfig),
                                           ("train", TrainConfig))}
     data = {"data_dir": str(EXAMPLES), "width": size, "height": size, "template": "style.txt", **sections["data"]}
