@@ -36,10 +36,12 @@ def unet_layer(path: str, family: str, layout: str) -> tuple[str, str] | None:
     """(kohya name, block) of a UNet layer given its module path in `layout` ("diffusers" or "ldm"); None for a
     layer kohya never targets (conv_in, conv_out, time embeddings, norms) or one outside the SD layout."""
     rules = unet_rules(family)
+    diffusers: str | None = path + "."
+    ldm: str | None = path + "."
     if layout == "diffusers":
-        diffusers, ldm = path + ".", map_key(path + ".", rules)
+        ldm = map_key(path + ".", rules)
     else:
-        diffusers, ldm = map_key(path + ".", rules, reverse=True), path + "."
+        diffusers = map_key(path + ".", rules, reverse=True)
     if diffusers is None or ldm is None:
         return None
     block = next((name for pattern, name in _BLOCKS if pattern.search(diffusers[:-1])), None)

@@ -42,7 +42,8 @@ def _target(name: str, module_key: str, block: str, layer: nn.Module) -> Adapter
     if isinstance(layer, nn.Conv2d):
         return AdapterTarget(name, module_key, block, layer.in_channels, layer.out_channels,
                              _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding))
-    return AdapterTarget(name, module_key, block, int(layer.in_features), int(layer.out_features))
+    weight: Any = layer.weight
+    return AdapterTarget(name, module_key, block, int(weight.shape[1]), int(weight.shape[0]))
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -76,7 +77,8 @@ def openclip_text_layers(text_model: nn.Module, module_key: str, prefix: str, la
     """OpenCLIP's residual blocks under their transformers names (via the checkpoint mapping); only the first
     `layers_run` blocks, the ones the embedder runs (SD2 stops before its last)."""
     found: Layers = {}
-    for index, block in enumerate(text_model.transformer.resblocks):
+    blocks: Any = text_model.transformer.resblocks  # type: ignore[union-attr]
+    for index, block in enumerate(blocks):
         if index >= layers_run:
             break
         hf_prefix = f"text_model.encoder.layers.{index}."

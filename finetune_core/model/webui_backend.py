@@ -345,7 +345,7 @@ class WebUIModel:
                 if hasattr(encoder, "text_model"):
                     layers.update(hf_text_layers(encoder, key, prefix))
                     continue
-                run = len(encoder.transformer.resblocks)
+                run = len(encoder.transformer.resblocks)  # type: ignore[union-attr,arg-type]
                 if self.family == SD2:
                     run -= int(getattr(wrapper.wrapped, "layer_idx", 0) or 0)
                 layers.update(openclip_text_layers(encoder, key, prefix, run))
