@@ -29,6 +29,7 @@ class OutputFolders:
     checkpoints: Path
     aesthetic_embeddings: Path
     logs: Path  # run folders: <logs>/<method>/<YYYY-MM-DD>/<name>-<HHMMSS>/
+    loras: Path | None = None  # None: <models folder>/Lora beside the checkpoints, as the WebUI's --lora-dir default
 
     @classmethod
     def standalone(cls, root: str | Path) -> OutputFolders:
@@ -36,12 +37,14 @@ class OutputFolders:
         base = Path(root)
         return cls(embeddings=base / "embeddings", hypernetworks=base / "models" / "hypernetworks",
                    checkpoints=base / "models" / "Stable-diffusion",
-                   aesthetic_embeddings=base / "models" / "aesthetic_embeddings", logs=base / "runs")
+                   aesthetic_embeddings=base / "models" / "aesthetic_embeddings", logs=base / "runs",
+                   loras=base / "models" / "Lora")
 
     def for_kind(self, kind: str) -> Path:
         """The folder for an output kind named by a MethodSpec ("embeddings", "hypernetworks", ...)."""
         return {"embeddings": self.embeddings, "hypernetworks": self.hypernetworks, "checkpoints": self.checkpoints,
-                "aesthetic_embeddings": self.aesthetic_embeddings}[kind]
+                "aesthetic_embeddings": self.aesthetic_embeddings,
+                "loras": self.loras or self.checkpoints.parent / "Lora"}[kind]
 
 
 @dataclass
@@ -206,7 +209,7 @@ def _check_continue_from(reference: str, final_dir: Path, kind: str) -> None:
     from finetune_core.formats.names import find_artifact
     from finetune_core.preflight import ARTIFACT_SUFFIXES
     expected = {"embeddings": "embedding", "hypernetworks": "hypernetwork", "checkpoints": "checkpoint",
-                "aesthetic_embeddings": "aesthetic embedding"}.get(kind, kind)
+                "aesthetic_embeddings": "aesthetic embedding", "loras": "lora"}.get(kind, kind)
     path = find_artifact(reference, final_dir, ARTIFACT_SUFFIXES.get(kind, ()), expected)
     info = inspect_file(path)
     if info.kind != expected:

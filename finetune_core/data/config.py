@@ -32,9 +32,10 @@ class DatasetConfig:
     placeholder: str = field(default="", metadata={
         "label": "Name ([name])", "hidden": True,
         "help": "What [name] in the prompt template becomes: the embedding or hypernetwork name."})
-    template: str = _setting(DEFAULT_TEMPLATE, "Prompt template", "A shipped template (hypernetwork.txt, none.txt, "
-                             "style.txt, style_filewords.txt, subject.txt, subject_filewords.txt) or the path of a "
-                             ".txt file with one prompt per line using [name] and [filewords].")
+    template: str = _setting(DEFAULT_TEMPLATE, "Prompt template", "A shipped template (filewords.txt, "
+                             "hypernetwork.txt, none.txt, style.txt, style_filewords.txt, subject.txt, "
+                             "subject_filewords.txt) or the path of a .txt file with one prompt per line using [name] "
+                             "and [filewords].")
     width: int = _setting(512, "Width", "Training width in pixels (multiple of 8); with buckets, the training area "
                           "is width x height.")
     height: int = _setting(512, "Height", "Training height in pixels (multiple of 8).")

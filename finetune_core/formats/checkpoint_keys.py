@@ -266,14 +266,15 @@ def openclip_from_ldm(
             layer, rest = key[len(_OC_LAYERS) :].split(".", 1)
             if drop_layer is not None and int(layer) == drop_layer:
                 continue
-            out.update(_hf_layer_weights(f"{_HF_LAYERS}{layer}.", rest, value))
+            out.update(hf_layer_weights(f"{_HF_LAYERS}{layer}.", rest, value))
         elif key not in ("logit_scale", "attn_mask"):
             raise ArtifactError(f"the OpenCLIP text encoder has a weight this converter does not know: {key}")
     return out
 
 
-def _hf_layer_weights(prefix: str, rest: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    """transformers weights of one OpenCLIP layer weight (three of them for in_proj)."""
+def hf_layer_weights(prefix: str, rest: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers weights of one OpenCLIP layer weight (three of them for in_proj); `rest` is the name inside
+    the layer (`attn.in_proj_weight`, `mlp.c_fc.weight`), `prefix` the transformers layer (`...layers.3.`)."""
     if rest.startswith("attn.in_proj_"):
         kind = rest[len("attn.in_proj_") :]
         return {f"{prefix}self_attn.{p}.{kind}": part for p, part in zip(_QKV, value.chunk(3, dim=0))}  # noqa: B905

@@ -198,7 +198,7 @@ def _from_shapes(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> A
     """Classify a flat name -> shape map (a .safetensors header or a loaded state dict)."""
     downs = {k: s for k, s in shapes.items() if k.endswith(_LORA_DOWN_MARKERS)}
     if downs:
-        return _lora_info(source, shapes, downs)
+        return _lora_info(source, shapes, downs, metadata)
     checkpoint_info = _checkpoint_info(source, shapes)
     if checkpoint_info is not None:
         return checkpoint_info
@@ -216,19 +216,33 @@ def _from_shapes(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> A
                         details=f"{len(shapes)} tensors with names such as {keys or '(none)'}")
 
 
-def _lora_info(source: Path, shapes: Shapes, downs: Shapes) -> ArtifactInfo:
+def _lora_info(source: Path, shapes: Shapes, downs: Shapes, metadata: Mapping[str, str]) -> ArtifactInfo:
+    """rank, alpha, modules per part and the base model version (`ss_base_model_version`, else from the keys)."""
     kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in downs)
     ranks = sorted({s[0] for s in downs.values() if s})
-    family: str | None
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in downs):
+    family: str | None = {"sdxl_": "SDXL", "sd_v2": "SD2", "sd_v1": "SD1"}.get(
+        next((p for p in ("sdxl_", "sd_v2", "sd_v1") if metadata.get("ss_base_model_version", "").startswith(p)),
+             ""))
+    if family is None and any(k.startswith(("lora_te1_", "lora_te2_")) for k in downs):
         family = "SDXL"
-    else:
+    elif family is None:
         te_widths = {s[-1] for k, s in downs.items() if k.startswith("lora_te_") and s}
         family = family_for_width(next(iter(te_widths))) if len(te_widths) == 1 else None
+    parts = {"UNet": sum(k.startswith("lora_unet_") for k in downs),
+             "text encoder": sum(k.startswith("lora_te") for k in downs)}
+    conv = sum(len(s) == 4 and s[2:] != (1, 1) for s in downs.values())
+    counts = ", ".join(f"{n} {part}" for part, n in parts.items() if n) or str(len(downs))
+    alpha = metadata.get("ss_network_alpha") or ("per module" if any(k.endswith(".alpha") for k in shapes) else
+                                                 "none (scale 1)")
     rank = ", ".join(map(str, ranks)) if ranks else "?"
     naming = "kohya naming" if kohya else "diffusers/PEFT naming"
+    details = f"{len(downs)} modules ({counts}{f', {conv} 3x3 conv' if conv else ''}), rank {rank}, alpha {alpha}"
+    version = metadata.get("ss_base_model_version")
+    details += f", base {version}" if version else ""
+    details += f", step {metadata['ss_steps']}" if metadata.get("ss_steps") else ""
     return ArtifactInfo(path=source, kind="lora", family=family, tensor_count=len(shapes),
-                        details=f"{len(downs)} modules, rank {rank} ({naming})")
+                        sd_checkpoint_name=metadata.get("ss_sd_model_name"),
+                        sd_checkpoint=metadata.get("finetune_model_hash"), details=f"{details} ({naming})")
 
 
 def _checkpoint_info(source: Path, shapes: Shapes) -> ArtifactInfo | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_core.methods import hypernetwork, textual_inversion
+from finetune_core.methods import hypernetwork, lora, textual_inversion
 from finetune_core.methods.base import Method
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train.memory import MemoryNeeds
@@ -28,7 +28,7 @@ class MethodSpec:
     label: str
     config_type: type
     create_type: type | None
-    output_kind: str  # a field of OutputFolders: "embeddings", "hypernetworks", "checkpoints", "aesthetic_embeddings"
+    output_kind: str  # a field of OutputFolders: "embeddings", "hypernetworks", "checkpoints", "loras", ...
     log_folder: str  # the WebUI's log directory name for this method
     description: str
     build: Build
@@ -53,4 +53,10 @@ METHODS: dict[str, MethodSpec] = {
         hypernetwork.build, hypernetwork.create_file, hypernetwork.memory_needs,
         data_defaults={"template": "hypernetwork.txt"},
         train_defaults={"learning_rate": "0.00001"}),
+    "lora": MethodSpec(
+        "lora", "LoRA", lora.LoraConfig, None, "loras", "lora",
+        "Low-rank adapters on the UNet (and optionally the text encoders); the file <lora:NAME:1> loads.",
+        lora.build, None, lora.memory_needs,
+        data_defaults={"template": "filewords.txt"},
+        train_defaults={"learning_rate": "0.0001"}),
 }

@@ -11,9 +11,11 @@ import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
 from finetune_core.model import chunks as chunking
+from finetune_core.model.adapters import AdapterStack, Layers, hf_text_layers, unet_layers
 from finetune_core.model.interface import (
     SD1,
     SDXL,
+    AdapterTarget,
     ChunkHook,
     ContextTransform,
     LatentMoments,
@@ -24,6 +26,7 @@ from finetune_core.model.interface import (
     TrainableEmbedding,
     TrainingSession,
     TrainingSetup,
+    WeightAdapter,
 )
 from finetune_core.model.schedule import scaled_linear_alphas_cumprod
 from finetune_core.model.session import WeightState, autocast_factory, compute_dtype, select_trained
@@ -60,6 +63,8 @@ class DiffusersModel:
         # Embeddings the prompts of this model may name without passing them (loaded ones); the caller fills it.
         self.known_embeddings: dict[str, TrainableEmbedding] = {}
         self._chunk_hook: ChunkHook | None = None
+        self._adapters = AdapterStack()
+        self._adapter_layer_map: Layers | None = None
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
@@ -240,14 +245,34 @@ class DiffusersModel:
                 stack.enter_context(_checkpointing(self.unet, trained))
             yield TrainingSession(trained, compute, factory)
 
+    def adapter_targets(self) -> dict[str, AdapterTarget]:
+        return {name: target for name, (target, _) in self._adapter_layers().items()}
+
+    def weight_adapters(self, adapters: Mapping[str, WeightAdapter]) -> AbstractContextManager[None]:
+        return self._adapters.applied(self._adapter_layers(), adapters)
+
+    def _adapter_layers(self) -> Layers:
+        """diffusers module paths for the UNet, transformers ones for the text encoders (built once)."""
+        if self._adapter_layer_map is None:
+            from finetune_core.formats.lora_keys import text_prefixes
+
+            layers = unet_layers(self.unet, self.family, "diffusers")
+            modules = self.trainable_modules()
+            for key, prefix in text_prefixes(self.family).items():
+                layers.update(hf_text_layers(modules[key], key, prefix))
+            self._adapter_layer_map = layers
+        return self._adapter_layer_map
+
     def placement(self) -> AbstractContextManager[None]:
         return nullcontext()
 
     def sample(self, request: SampleRequest, embeddings: Mapping[str, TrainableEmbedding] | None = None,
-               context_transform: ContextTransform | None = None) -> list[Any]:
+               context_transform: ContextTransform | None = None,
+               adapters: Mapping[str, WeightAdapter] | None = None) -> list[Any]:
         from finetune_core.model.sampler import sample
 
-        return sample(self, request, embeddings, context_transform)
+        with nullcontext() if adapters is None else self.weight_adapters(adapters):
+            return sample(self, request, embeddings, context_transform)
 
     def sampler_names(self) -> list[str]:
         from finetune_core.model.sampler import SAMPLERS

@@ -121,6 +121,34 @@ class SampleRequest:
     sampler: str = "DPM++ 2M"
 
 
+@dataclass(frozen=True)
+class AdapterTarget:
+    """A layer a weight adapter (LoRA) can attach to, named as kohya's sd-scripts names it: `lora_unet_...`,
+    `lora_te_...` (SDXL: `lora_te1_...`, `lora_te2_...`), the names LoRA files carry (lora.md §3).
+
+    block: "transformer" (the UNet's attention blocks), "resnet", "sampler" (down/upsampler convolutions) or "text".
+    kernel_size is None for a linear layer; a convolution's adapter copies its kernel, stride and padding.
+    """
+
+    name: str
+    module: str  # "unet", "text_encoder", "text_encoder_2"
+    block: str
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, int] | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+
+class WeightAdapter(Protocol):
+    """A change to one layer: its output for an input, or the same change as a change of the layer's weight
+    (for layers the host computes from their weight directly, such as OpenCLIP's fused attention projections)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def weight_delta(self) -> torch.Tensor: ...
+
+
 # Signature of a context transform (hypernetworks): given the attention context and whether it is cross-attention,
 # return the (context for k, context for v). `is_cross` tells text cross-attention from self-attention.
 ContextTransform = Callable[[torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor]"]
@@ -231,6 +259,17 @@ class DiffusionModel(Protocol):
         undone on exit, also when the body raises."""
         ...
 
+    def adapter_targets(self) -> dict[str, AdapterTarget]:
+        """Every layer a LoRA may adapt (UNet transformer, resnet and sampler layers; the text encoders' attention
+        and MLP layers), by kohya name; a query that changes nothing."""
+        ...
+
+    def weight_adapters(self, adapters: Mapping[str, WeightAdapter]) -> AbstractContextManager[None]:
+        """While active, each named layer's output is its own plus its adapter's (gradients reach the adapters,
+        also through gradient checkpointing); a nested call replaces the outer set until it exits. An unknown name
+        is a ModelMismatchError. Always undone on exit, also when the body raises."""
+        ...
+
     # --- weights and jobs ---------------------------------------------------------------------------------
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """The modules a method may train, by name: "unet", "text_encoder" (and "text_encoder_2" on SDXL).
@@ -251,9 +290,11 @@ class DiffusionModel(Protocol):
         ...
 
     def sample(self, request: SampleRequest, embeddings: Mapping[str, TrainableEmbedding] | None = None,
-               context_transform: ContextTransform | None = None) -> list[Any]:
+               context_transform: ContextTransform | None = None,
+               adapters: Mapping[str, WeightAdapter] | None = None) -> list[Any]:
         """txt2img with the host's own samplers (WebUI: its samplers; standalone: diffusers schedulers) and the
-        given extras applied; one PIL image per prompt; the same request gives the same images."""
+        given extras applied (weight adapters replace any set active around the call); one PIL image per prompt;
+        the same request gives the same images."""
         ...
 
     def sampler_names(self) -> list[str]:

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
+from finetune_core.model.adapters import AdapterStack, Layers, hf_text_layers, openclip_text_layers, unet_layers
 from finetune_core.model.interface import (
     EPSILON,
     SD1,
     SD2,
     SDXL,
     V_PREDICTION,
+    AdapterTarget,
     ChunkHook,
     ContextTransform,
     LatentMoments,
@@ -34,6 +36,7 @@ from finetune_core.model.interface import (
     TrainableEmbedding,
     TrainingSession,
     TrainingSetup,
+    WeightAdapter,
 )
 from finetune_core.model.placement import Residency
 from finetune_core.model.session import WeightState, autocast_factory, compute_dtype, select_trained
@@ -78,6 +81,8 @@ class WebUIModel:
         self.text_encoders = self._text_specs()
         self._residency = Residency(sd_model, {"unet": sd_model.model, "text": self._hooked_text_module(),
                                                "vae": sd_model.first_stage_model}, lowvram, devices)
+        self._adapters = AdapterStack()
+        self._adapter_layer_map: Layers | None = None
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
@@ -321,15 +326,47 @@ class WebUIModel:
             stack.enter_context(ws.job_autocast(self._devices, factory))
             yield TrainingSession(trained, compute if supported else self.dtype, factory)
 
+    def adapter_targets(self) -> dict[str, AdapterTarget]:
+        return {name: target for name, (target, _) in self._adapter_layers().items()}
+
+    def weight_adapters(self, adapters: Mapping[str, WeightAdapter]) -> AbstractContextManager[None]:
+        return self._adapters.applied(self._adapter_layers(), adapters)
+
+    def _adapter_layers(self) -> Layers:
+        """LDM module paths for the UNet; the text encoders' under transformers names (OpenCLIP's through the
+        checkpoint mapping, only the layers the embedder runs: SD2's stops before its last)."""
+        if self._adapter_layer_map is None:
+            from finetune_core.formats.lora_keys import text_prefixes
+
+            layers = unet_layers(self.sd_model.model.diffusion_model, self.family, "ldm")
+            modules = self.trainable_modules()
+            for (key, prefix), wrapper in zip(text_prefixes(self.family).items(), self._wrappers()):
+                encoder = modules[key]
+                if hasattr(encoder, "text_model"):
+                    layers.update(hf_text_layers(encoder, key, prefix))
+                    continue
+                run = len(encoder.transformer.resblocks)  # type: ignore[union-attr,arg-type]
+                if self.family == SD2:
+                    run -= int(getattr(wrapper.wrapped, "layer_idx", 0) or 0)
+                layers.update(openclip_text_layers(encoder, key, prefix, run))
+            self._adapter_layer_map = layers
+        return self._adapter_layer_map
+
     def placement(self) -> AbstractContextManager[None]:
         return self._residency
 
     def sample(self, request: SampleRequest, embeddings: Mapping[str, TrainableEmbedding] | None = None,
-               context_transform: ContextTransform | None = None) -> list[Any]:
+               context_transform: ContextTransform | None = None,
+               adapters: Mapping[str, WeightAdapter] | None = None) -> list[Any]:
         """The WebUI's own txt2img; under a placement it runs paused, so the WebUI's hooks move modules as usual."""
         from finetune_core.model.webui_sampler import txt2img
 
-        with self._residency.paused(), self._spliced(embeddings or {}), self.context_transform(context_transform):
+        with ExitStack() as stack:
+            stack.enter_context(self._residency.paused())
+            stack.enter_context(self._spliced(embeddings or {}))
+            stack.enter_context(self.context_transform(context_transform))
+            if adapters is not None:
+                stack.enter_context(self.weight_adapters(adapters))
             return txt2img(self.sd_model, request)
 
     def sampler_names(self) -> list[str]:

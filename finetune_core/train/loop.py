@@ -328,7 +328,7 @@ class Trainer:
                                 height=config.preview_height or outcome.pixel_size[0], seed=seed,
                                 sampler=config.preview_sampler)
         with torch.no_grad(), randomness.seeded_global_rng(seed, model.device):
-            images = model.sample(request, extras.embeddings or None, extras.context_transform)
+            images = model.sample(request, extras.embeddings or None, extras.context_transform, extras.adapters or None)
         path = self.job.run.save_image(images[0], f"{self.job.output.name}-{c.step}")
         self.emit(PreviewEvent(c.step, path, images[0], prompt))
         stem = f"{self.job.output.name}-{c.step}"

@@ -23,6 +23,7 @@ from finetune_core.model.interface import (
     ModelIdentity,
     SampleRequest,
     TrainableEmbedding,
+    WeightAdapter,
 )
 from finetune_core.train.batch import TrainBatch
 
@@ -50,11 +51,13 @@ class ArtifactMeta:
 
 @dataclass
 class InferenceExtras:
-    """What a method adds to sampling (previews): embeddings to splice in and an attention context transform."""
+    """What a method adds to sampling (previews): embeddings to splice in, an attention context transform, and
+    weight adapters by layer name (they replace the training set while the preview samples)."""
 
     embeddings: dict[str, TrainableEmbedding] = field(default_factory=dict)
     context_transform: ContextTransform | None = None
     negative_prompt_suffix: str = ""
+    adapters: dict[str, WeightAdapter] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

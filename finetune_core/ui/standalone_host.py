@@ -91,8 +91,11 @@ class StandaloneHost:
             from finetune_core.data.templates import available_templates
 
             return sorted(available_templates(tuple(self._template_dirs)))
+        from finetune_core.preflight import ARTIFACT_SUFFIXES as KIND_SUFFIXES
+
         folder = self._folders.for_kind(kind)
         if not folder.is_dir():
             return []
-        return sorted({p.stem for p in folder.iterdir() if p.is_file() and p.suffix.lower() in ARTIFACT_SUFFIXES})
+        suffixes = KIND_SUFFIXES[kind] if kind == "loras" else ARTIFACT_SUFFIXES  # NAME.preview.png is no LoRA
+        return sorted({p.stem for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes})
 

@@ -121,7 +121,8 @@ class WebUIHost:
         logs = setting("finetune_log_dir") or os.path.join(paths.data_path, "outputs", "finetune")
         return OutputFolders(embeddings=Path(opts.embeddings_dir), hypernetworks=Path(opts.hypernetwork_dir),
                              checkpoints=Path(getattr(opts, "ckpt_dir", None) or models / "Stable-diffusion"),
-                             aesthetic_embeddings=models / "aesthetic_embeddings", logs=Path(logs))
+                             aesthetic_embeddings=models / "aesthetic_embeddings", logs=Path(logs),
+                             loras=Path(getattr(opts, "lora_dir", None) or models / "Lora"))  # Lora's preload.py
 
     def template_dirs(self) -> list[Path]:
         from modules import shared
@@ -197,6 +198,8 @@ class WebUIHost:
             shared.reload_hypernetworks()
         elif kind == "checkpoints":
             shared.refresh_checkpoints()
+        elif kind == "loras" and _lora_extension() is not None:
+            _lora_extension().list_available_networks()  # what its Refresh button and /sdapi/v1/refresh-loras do
         logger.info("made %d new %s file(s) visible", len(paths), kind)
 
     def list_existing(self, kind: str) -> list[str]:
@@ -215,9 +218,18 @@ class WebUIHost:
             return list(sd_models.checkpoint_tiles())
         if kind == "templates":
             return sorted({f for d in self.template_dirs() if d.is_dir() for f in _text_files(d)})
+        if kind == "loras" and _lora_extension() is not None:
+            return sorted(_lora_extension().available_networks)
         return []
 
 
 def _text_files(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*.txt")]
+
+
+def _lora_extension() -> Any:
+    """The built-in Lora extension's `networks` module (imported under that top-level name), when it is loaded."""
+    import sys
+
+    return sys.modules.get("networks") if hasattr(sys.modules.get("networks"), "list_available_networks") else None
 

@@ -73,7 +73,7 @@ def test_kohya_lora(tmp_path):
     save_file(tensors, str(tmp_path / "style.safetensors"))
     info = inspect_file(tmp_path / "style.safetensors")
     assert (info.kind, info.family) == ("lora", "SD1")
-    assert "2 modules, rank 4 (kohya naming)" in info.describe()
+    assert "2 modules (1 UNet, 1 text encoder), rank 4, alpha per module (kohya naming)" in info.describe()
 
 
 def test_checkpoint(tmp_path):

@@ -16,6 +16,7 @@ from finetune_core.model.interface import (
     SD2,
     SDXL,
     V_PREDICTION,
+    AdapterTarget,
     DiffusionModel,
     SampleRequest,
     TrainableEmbedding,
@@ -312,6 +313,123 @@ def test_sample_with_embedding_long_negative_and_transform(model: DiffusionModel
     request = SampleRequest((f"a {NAME}",), (LONG_PROMPT,), steps=1, width=64, height=64, sampler="Euler a")
     images = model.sample(request, {NAME: make_embedding(model)}, lambda c, cross: (c, c))
     assert images[0].size == (64, 64)
+
+
+class LowRank(torch.nn.Module):
+    """A reference weight adapter for the contract: output change `scale * up(down(x))`, weight change
+    `scale * up @ down` (kohya's LoRA maths, lora.md §2), with random up and down."""
+
+    def __init__(self, target: AdapterTarget, rank: int = 2, scale: float = 0.5, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        kernel = target.kernel_size
+        down_shape = (rank, target.in_features, *kernel) if kernel else (rank, target.in_features)
+        up_shape = (target.out_features, rank, 1, 1) if kernel else (target.out_features, rank)
+        self.target, self.scale = target, scale
+        self.down = torch.nn.Parameter(0.3 * torch.randn(down_shape, generator=generator))
+        self.up = torch.nn.Parameter(0.3 * torch.randn(up_shape, generator=generator))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
+        if self.target.kernel_size:
+            hidden = torch.nn.functional.conv2d(x, down, stride=self.target.stride, padding=self.target.padding)
+            return torch.nn.functional.conv2d(hidden, up) * self.scale
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * self.scale
+
+    def weight_delta(self) -> torch.Tensor:
+        flat = self.up.flatten(1) @ self.down.flatten(1)
+        return (flat.reshape(self.up.shape[0], *self.down.shape[1:]) * self.scale)
+
+
+def adapters_for(model: DiffusionModel, scale: float = 0.5, blocks: tuple[str, ...] = ("transformer", "text"),
+                 ) -> dict[str, LowRank]:
+    return {name: LowRank(target, scale=scale, seed=i).to(model.device)
+            for i, (name, target) in enumerate(sorted(model.adapter_targets().items())) if target.block in blocks}
+
+
+def _outputs(model: DiffusionModel) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        cond = model.encode_prompts(["a cat", "a dog"])
+        return cond.context, model.predict(latents_for(model), torch.tensor([10, 700]), cond)
+
+
+def _hooks_left(model: DiffusionModel) -> list[str]:
+    from torch.nn.utils import parametrize
+
+    return [name for key, root in model.trainable_modules().items() for name, m in root.named_modules()
+            if m._forward_hooks or parametrize.is_parametrized(m)]
+
+
+def test_adapter_targets_are_kohya_names_and_a_query(model: DiffusionModel) -> None:
+    before = model_state(model)
+    targets = model.adapter_targets()
+    assert model_state(model) == before
+    prefixes = {"text_encoder": "lora_te1_" if model.family == SDXL else "lora_te_", "text_encoder_2": "lora_te2_",
+                "unet": "lora_unet_"}
+    assert all(name == t.name and name.startswith(prefixes[t.module]) for name, t in targets.items())
+    assert {t.module for t in targets.values()} == set(model.trainable_modules())
+    blocks = {t.block for t in targets.values()}
+    assert blocks == {"transformer", "resnet", "sampler", "text"}
+    layout = "lora_unet_input_blocks_" if model.family == SDXL else "lora_unet_down_blocks_"
+    assert any(name.startswith(layout) for name in targets)
+    # every transformer block: proj_in, proj_out and attn1/attn2 q, k, v, out, ff.net.0.proj, ff.net.2
+    transformer = [n for n, t in targets.items() if t.block == "transformer"]
+    assert len(transformer) % 12 == 0 and all(not n.endswith("_norm") for n in transformer)
+    text = [n for n, t in targets.items() if t.module == "text_encoder"]
+    assert len(text) % 6 == 0 and any(n.endswith("_self_attn_q_proj") for n in text)
+    assert any(n.endswith("_downsamplers_0_conv") or n.endswith("_0_op") for n in targets)
+
+
+def test_zero_adapters_give_the_base_output_exactly(model: DiffusionModel) -> None:
+    plain = _outputs(model)
+    adapters = adapters_for(model, scale=0.0, blocks=("transformer", "resnet", "sampler", "text"))
+    with model.weight_adapters(adapters):
+        zero = _outputs(model)
+    assert torch.equal(zero[0], plain[0]) and torch.equal(zero[1], plain[1])
+
+
+def test_adapters_change_the_output_and_are_always_undone(model: DiffusionModel) -> None:
+    plain = _outputs(model)
+    adapters = adapters_for(model, blocks=("transformer", "resnet", "sampler", "text"))
+    with model.weight_adapters(adapters):
+        changed = _outputs(model)
+        assert _hooks_left(model)
+        with model.weight_adapters({}):  # a nested set replaces the outer one while it is active
+            assert torch.equal(_outputs(model)[1], plain[1])
+        assert torch.equal(_outputs(model)[1], changed[1])
+    assert not torch.allclose(changed[0], plain[0]) and not torch.allclose(changed[1], plain[1])
+    assert not _hooks_left(model) and torch.equal(_outputs(model)[1], plain[1])
+    with pytest.raises(RuntimeError, match="a failing job"), model.weight_adapters(adapters):
+        raise RuntimeError("a failing job")
+    assert not _hooks_left(model) and torch.equal(_outputs(model)[1], plain[1])
+    from finetune_core.errors import ModelMismatchError
+
+    with pytest.raises(ModelMismatchError, match="lora_unet_nowhere"), model.weight_adapters({"lora_unet_nowhere": 0}):
+        pass
+
+
+def _adapter_gradients(model: DiffusionModel, checkpointing: bool) -> dict[str, torch.Tensor]:
+    adapters = adapters_for(model)
+    setup = TrainingSetup(gradient_checkpointing=checkpointing)
+    with model.training_session(setup) as session, model.placement(), model.weight_adapters(adapters):
+        with session.autocast():
+            cond = model.encode_prompts(["a cat", "a dog"])
+            # 128 px: the middle block sees 2x2 cells, so its self-attention's q and k matter (1 cell: softmax of one)
+            model.predict(latents_for(model, size=128), torch.tensor([10, 700]), cond).square().mean().backward()
+    return {name: a.down.grad for name, a in adapters.items() if a.down.grad is not None}
+
+
+def test_adapter_gradients_reach_every_adapter_and_survive_checkpointing(model: DiffusionModel) -> None:
+    plain = _adapter_gradients(model, checkpointing=False)
+    targets = model.adapter_targets()
+    # every UNet and text adapter that can change the UNet's output gets a gradient (SDXL's CLIP-L last layer
+    # and OpenCLIP's last layer feed nothing the UNet reads, except the pooled vector)
+    assert len(plain) >= 0.9 * sum(t.block in ("transformer", "text") for t in targets.values())
+    assert all(float(g.abs().sum()) > 0 for name, g in plain.items() if targets[name].module == "unet")
+    checkpointed = _adapter_gradients(model, checkpointing=True)
+    assert set(checkpointed) == set(plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-7)
 
 
 # What another backend's test module imports (`from tests.model.test_contract import *`) to run the same contract.

@@ -125,11 +125,12 @@ class FakeModel:
     def sampler_names(self) -> list[str]:
         return ["DPM++ 2M"]
 
-    def sample(self, request: SampleRequest, embeddings: Any = None, context_transform: Any = None) -> list[Any]:
+    def sample(self, request: SampleRequest, embeddings: Any = None, context_transform: Any = None,
+               adapters: Any = None) -> list[Any]:
         """Records calls; a grey image of the asked size. Draws from the global RNG to prove isolation."""
         torch.randn(100)
         self.samples.append(request)
-        self.sample_extras.append((embeddings, context_transform))
+        self.sample_extras.append((embeddings, context_transform, adapters))
         return [Image.new("RGB", (request.width, request.height), (128, 128, 128)) for _ in request.prompts]
 
     def ldm_state_dict(self, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:

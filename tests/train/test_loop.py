@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from finetune_core.errors import ArtifactError, ConfigError, TrainingDiverged
-from finetune_core.methods.base import StatePolicy
+from finetune_core.methods.base import InferenceExtras, StatePolicy
 from finetune_core.model.interface import TrainingSetup
 from finetune_core.train.config import TrainConfig
 from finetune_core.train.control import Control
@@ -273,6 +273,19 @@ def test_previews_use_training_prompt_and_do_not_change_training(tmp_path: Path)
     assert request.prompts[0].startswith("item ") and request.negative_prompts == ("fake-neg",)
     assert (request.width, request.height, request.steps, request.sampler) == (32, 32, 20, "DPM++ 2M")
     assert len({r.seed for r in model.samples}) == 1  # one seed per run: previews compare side by side
+
+
+def test_previews_get_the_methods_extras_and_no_adapters_unless_it_has_some(tmp_path: Path) -> None:
+    class WithAdapters(FakeMethod):
+        def inference_extras(self) -> InferenceExtras:
+            return InferenceExtras(adapters={"lora_unet_x": lambda x: x})
+
+    config = dataclasses.replace(BASE, preview_every=3)
+    plain, adapted = FakeModel(), FakeModel()
+    train(tmp_path, config, model=plain, run="a", out="a")
+    train(tmp_path, config, model=adapted, method=WithAdapters(), run="b", out="b")
+    assert [extras[2] for extras in plain.sample_extras] == [None, None]  # nothing replaces what is active
+    assert [set(extras[2]) for extras in adapted.sample_extras] == [{"lora_unet_x"}] * 2
 
 
 def test_pause_blocks_until_resumed(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(query_dim, query_dim, bias=False)
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim))
+        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None, mask=None):
         context = x if context is None else context
@@ -79,6 +79,27 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context_k), self.to_v(context_v)
         attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
         return self.to_out(attn @ v)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * torch.nn.functional.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """ldm FeedForward with gated_ff (SD's): `net` = GEGLU(proj), Dropout, Linear."""
+
+    def __init__(self, dim, mult=2):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -89,9 +110,9 @@ class BasicTransformerBlock(nn.Module):
     def __init__(self, dim, context_dim):
         super().__init__()
         self.attn1 = CrossAttention(dim)
+        self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
 
     def forward(self, x, context=None):
         BasicTransformerBlock.forward_calls += 1
@@ -101,19 +122,32 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels, context_dim):
+    """ldm SpatialTransformer: 1x1 convolution projections (SD1) or linear ones (`use_linear`: SD2, SDXL)."""
+
+    def __init__(self, channels, context_dim, use_linear=False):
         super().__init__()
+        self.use_linear = use_linear
         self.norm = nn.GroupNorm(8, channels)
-        self.proj_in = nn.Linear(channels, channels)
+        self.proj_in = nn.Linear(channels, channels) if use_linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, context_dim)])
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = nn.Linear(channels, channels) if use_linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context=None):
         b, c, h, w = x.shape
-        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        tokens = self.norm(x)
+        if not self.use_linear:
+            tokens = self.proj_in(tokens)
+        tokens = tokens.flatten(2).transpose(1, 2)
+        if self.use_linear:
+            tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context=context)
-        return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
+        if self.use_linear:
+            tokens = self.proj_out(tokens)
+        tokens = tokens.transpose(1, 2).reshape(b, c, h, w)
+        if not self.use_linear:
+            tokens = self.proj_out(tokens)
+        return x + tokens
 
 
 class ResBlock(nn.Module):
@@ -121,12 +155,31 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(nn.GroupNorm(8, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
-        self.out_layers = nn.Sequential(nn.GroupNorm(8, out_ch), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.out_layers = nn.Sequential(nn.GroupNorm(8, out_ch), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
         h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip(x) + self.out_layers(h)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -148,21 +201,54 @@ def timestep_embedding(t, dim):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class UNetModel(nn.Module):
-    """ldm/sgm UNetModel shape: time_embed, input_blocks, middle_block, output_blocks, out (lowvram hooks these)."""
+# The real models' layouts, shrunk in width (as the built-in tiny diffusers models): SD1/SD2 have four levels with
+# attention on the first three; SDXL three levels with attention on the last two.
+LAYOUTS = {"sd1": ((1, 1, 2, 2), (0, 1, 2), False), "sd2": ((1, 1, 2, 2), (0, 1, 2), True),
+           "sdxl": ((1, 2, 2), (1, 2), True)}
 
-    def __init__(self, context_dim, adm_in_channels=None):
+
+class UNetModel(nn.Module):
+    """ldm/sgm UNetModel on the real LDM layout (two resnets per level down, three up, attention and samplers
+    where the real model has them), so module paths are the real ones: time_embed, input_blocks, middle_block,
+    output_blocks, out (the lowvram hooks move these)."""
+
+    def __init__(self, context_dim, adm_in_channels=None, layout="sd1"):
         super().__init__()
+        mults, attention, linear = LAYOUTS[layout]
         ch, emb = CHANNELS, CHANNELS * 2
         self.model_channels = ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.label_emb = nn.Sequential(nn.Linear(adm_in_channels, emb)) if adm_in_channels else None
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(4, ch, 3, padding=1)),
-                                           TimestepEmbedSequential(ResBlock(ch, ch, emb),
-                                                                   SpatialTransformer(ch, context_dim))])
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, ch, emb), SpatialTransformer(ch, context_dim))
-        self.output_blocks = nn.ModuleList([TimestepEmbedSequential(ResBlock(2 * ch, ch, emb),
-                                                                    SpatialTransformer(ch, context_dim))])
+        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, emb), nn.SiLU(),
+                                                     nn.Linear(emb, emb))) if adm_in_channels else None
+
+        def block(*layers):
+            return TimestepEmbedSequential(*layers)
+
+        self.input_blocks = nn.ModuleList([block(nn.Conv2d(4, ch, 3, padding=1))])
+        skips, current = [ch], ch
+        for level, mult in enumerate(mults):
+            for _ in range(2):
+                layers = [ResBlock(current, ch * mult, emb)]
+                current = ch * mult
+                if level in attention:
+                    layers.append(SpatialTransformer(current, context_dim, linear))
+                self.input_blocks.append(block(*layers))
+                skips.append(current)
+            if level != len(mults) - 1:
+                self.input_blocks.append(block(Downsample(current)))
+                skips.append(current)
+        self.middle_block = block(ResBlock(current, current, emb), SpatialTransformer(current, context_dim, linear),
+                                  ResBlock(current, current, emb))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(mults))):
+            for index in range(3):
+                layers = [ResBlock(current + skips.pop(), ch * mult, emb)]
+                current = ch * mult
+                if level in attention:
+                    layers.append(SpatialTransformer(current, context_dim, linear))
+                if level and index == 2:
+                    layers.append(Upsample(current))
+                self.output_blocks.append(block(*layers))
         self.out = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 4, 3, padding=1))
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
@@ -175,7 +261,10 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+            skip = hs.pop()
+            if h.shape[-2:] != skip.shape[-2:]:  # the WebUI's sd_hijack_unet: sizes not a multiple of 64 px
+                h = torch.nn.functional.interpolate(h, skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h)
 
 
@@ -228,9 +317,9 @@ def linear_alphas_cumprod():
 class LatentDiffusion(nn.Module):
     """ldm.models.diffusion.ddpm.LatentDiffusion as the WebUI holds it (SD1)."""
 
-    def __init__(self, cond_stage_model=None, context_dim=768, parameterization="eps"):
+    def __init__(self, cond_stage_model=None, context_dim=768, parameterization="eps", layout="sd1"):
         super().__init__()
-        self.model = DiffusionWrapper(UNetModel(context_dim=context_dim))
+        self.model = DiffusionWrapper(UNetModel(context_dim=context_dim, layout=layout))
         self.first_stage_model = AutoencoderKL()
         self.cond_stage_model = cond_stage_model if cond_stage_model is not None else FrozenCLIPEmbedder()
         self.scale_factor = 0.18215

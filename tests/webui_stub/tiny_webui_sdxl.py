@@ -23,7 +23,7 @@ SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_t
 def build_sd2(seed=0):
     """A tiny SD2-v model (OpenCLIP width 1024, penultimate layer, parameterization "v"), loaded as the WebUI does."""
     torch.manual_seed(seed)
-    model = sd1.LatentDiffusion(FrozenOpenCLIPEmbedder(), context_dim=1024, parameterization="v")
+    model = sd1.LatentDiffusion(FrozenOpenCLIPEmbedder(), context_dim=1024, parameterization="v", layout="sd2")
     model.is_sd1, model.is_sd2 = False, True
     info = sd_models.CheckpointInfo(sd_models.model_path() + "/tiny-sd2.safetensors", "bcdef01234")
     model.sd_checkpoint_info, model.sd_model_hash, model.sd_model_checkpoint = info, info.shorthash, info.filename
@@ -132,7 +132,7 @@ class DiffusionEngine(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.model = OpenAIWrapper(sd1.UNetModel(context_dim=2048, adm_in_channels=2816))
+        self.model = OpenAIWrapper(sd1.UNetModel(context_dim=2048, adm_in_channels=2816, layout="sdxl"))
         self.first_stage_model = AutoencoderKLInferenceWrapper()
         self.conditioner = GeneralConditioner([FrozenCLIPEmbedder(), FrozenOpenCLIPEmbedder2()] +
                                               [ConcatTimestepEmbedderND(256, key) for key in SIZE_KEYS])

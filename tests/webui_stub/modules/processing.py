@@ -1,8 +1,9 @@
 """Stand-in for modules/processing.py: txt2img as far as a trainer's previews meet it.
 
 Kept from the real one: the class-level conditioning caches (`cached_c` / `cached_uc`, shared by every instance,
-keyed by the prompts and settings but not by embedding values, cleared by `close()` only without
-`persistent_cond_cache`), conditioning through `prompt_parser` and the hijacked text encoders, sampling through
+keyed by the prompts, extra networks and settings but not by embedding values, cleared by `close()` only without
+`persistent_cond_cache`), `<lora:...>` tags cut from the prompts and handed to the Lora extension (unless
+`disable_extra_networks`; with no tag it is called with none, which unloads the last generation's), conditioning through `prompt_parser` and the hijacked text encoders, sampling through
 `sd_model.apply_model` (so the lowvram hooks move the UNet in) and decoding through `decode_first_stage` (the
 lowvram VAE wrapper), everything under `devices.autocast()`, and `shared.state` bookkeeping. The sampler itself is
 a plain deterministic DDIM, whatever name is asked for.
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import devices, prompt_parser, shared
+from modules import devices, extra_networks, prompt_parser, shared
 
 
 class StableDiffusionProcessing:
@@ -38,7 +39,8 @@ class StableDiffusionProcessing:
         self.cached_c = StableDiffusionProcessing.cached_c
 
     def cached_params(self, required_prompts, steps):
-        return (tuple(required_prompts), steps, shared.opts.CLIP_stop_at_last_layers,
+        networks = tuple((k, tuple(tuple(a) for a in v)) for k, v in sorted(self.extra_network_data.items()))
+        return (tuple(required_prompts), steps, networks, shared.opts.CLIP_stop_at_last_layers,
                 shared.sd_model.sd_checkpoint_info, self.width, self.height)
 
     def get_conds_with_caching(self, function, required_prompts, steps, caches):
@@ -85,6 +87,12 @@ def process_images_inner(p):
     if shared.state.job_count == -1:
         shared.state.job_count = p.n_iter
     model = p.sd_model
+    prompts, p.extra_network_data = extra_networks.parse_prompts(prompts)
+    if not p.disable_extra_networks:
+        import networks  # the built-in Lora extension (the only extra network the stand-in has)
+
+        with devices.autocast():
+            networks.activate_from_prompt_params(p.extra_network_data.get("lora", []))
     uc = p.get_conds_with_caching(prompt_parser.get_learned_conditioning, negatives, p.steps, [p.cached_uc])
     c = p.get_conds_with_caching(prompt_parser.get_learned_conditioning, prompts, p.steps, [p.cached_c])
     generators = [torch.Generator().manual_seed(int(p.seed) + i) for i in range(len(prompts))]

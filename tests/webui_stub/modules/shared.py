@@ -44,7 +44,8 @@ def reset(root):
         embeddings_dir=os.path.join(root, "embeddings"), hypernetwork_dir=os.path.join(models, "hypernetworks"),
         ckpt_dir=None, textual_inversion_templates_dir=os.path.join(root, "textual_inversion_templates"),
         data_dir=str(root), models_dir=None, lowvram=False, medvram=False, medvram_sdxl=False, api_auth=None,
-        api=True, nowebui=False, no_half=True, precision="full", skip_install=False)
+        api=True, nowebui=False, no_half=True, precision="full", skip_install=False,
+        lora_dir=os.path.join(models, "Lora"))  # the Lora extension's preload.py default
     for folder in (cmd_opts.embeddings_dir, cmd_opts.hypernetwork_dir, cmd_opts.textual_inversion_templates_dir,
                    os.path.join(models, "Stable-diffusion")):
         os.makedirs(folder, exist_ok=True)

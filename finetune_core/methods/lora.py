@@ -1,0 +1,270 @@
+"""LoRA: low-rank adapters on the UNet's attention and projection layers (optionally its 3x3 convolutions, "LoCon",
+and the text encoders); the model's own weights stay frozen. Objective: the LDM loss with the adapters applied.
+Artefact: kohya's LoRA `.safetensors` (lora.md §1) in `models/Lora/`, with a preview PNG next to it.
+
+Where the data and the loss come from is kept outside the adapter core: `objective(pred, batch)` and `prepare`
+are the points a DreamBooth mode (prior preservation, methods.md §6) overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune_core.errors import ConfigError
+from finetune_core.formats.atomic import atomic_write
+from finetune_core.formats.lora import SAVE_DTYPES, LoraFile, base_version, write_lora
+from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, ParamGroup
+from finetune_core.methods.lora_net import LoraAdapter, LoraNetwork
+from finetune_core.methods.lora_setup import build_network, requested_targets
+from finetune_core.model.interface import V_PREDICTION, DiffusionModel, WeightAdapter
+from finetune_core.train.batch import TrainBatch
+from finetune_core.train.memory import MemoryNeeds
+from finetune_core.train.objective import weighted_mse
+
+
+def _f(default: Any, label: str, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"label": label, "help": help, **extra})
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Settings of a LoRA run (kohya's names in brackets)."""
+
+    rank: int = _f(16, "Rank", "Rank of every adapter (network_dim): its size and capacity; 4-32 for a subject or "
+                   "style, higher for more detail.")
+    alpha: float = _f(8.0, "Alpha", "Scales the adapters by alpha / rank (network_alpha): alpha = rank gives scale "
+                      "1; kohya's default 1 gives 1/rank and needs a higher learning rate. 0 means alpha = rank.")
+    train_unet: bool = _f(True, "Train the UNet", "Adapters on the UNet's attention and projection layers.")
+    train_text_encoder: bool = _f(False, "Train the text encoder(s)", "Also adapt the text encoders' attention and "
+                                  "MLP layers (both on SDXL); prompts are then encoded at every step.")
+    text_encoder_lr_scale: float = _f(0.5, "Text encoder learning rate (x learning rate)", "The text encoder "
+                                      "adapters' rate as a share of the learning rate (0.5 = half, kohya's usual "
+                                      "1e-4 against 5e-5); it follows the schedule.")
+    conv_rank: int = _f(0, "Conv rank (LoCon)", "Also adapt the UNet's residual blocks and samplers: their 3x3 "
+                        "convolutions get this rank (conv_dim), their other layers the rank above; 0 = off.")
+    conv_alpha: float = _f(0.0, "Conv alpha", "Alpha of the 3x3 convolution adapters (conv_alpha); 0 = conv rank.")
+    dropout: float = _f(0.0, "Dropout", "Dropout on each adapter's rank values (network_dropout).", advanced=True)
+    rank_dropout: float = _f(0.0, "Rank dropout", "Chance that a rank is dropped per sample (rank_dropout).",
+                             advanced=True)
+    module_dropout: float = _f(0.0, "Module dropout", "Chance that a whole adapter is skipped at a step "
+                               "(module_dropout).", advanced=True)
+    continue_from: str = _f("", "Continue from LoRA", "An existing LoRA file (path, or name in the Lora folder) to "
+                            "keep training; its layers, ranks and alphas are kept. Empty starts a new one.")
+    save_precision: str = _f("fp16", "Save precision", "dtype of the tensors in the file (save_precision).",
+                             choices=tuple(SAVE_DTYPES), advanced=True)
+    preview_multiplier: float = _f(1.0, "Preview strength", "The multiplier previews apply it with, as in "
+                                   "<lora:NAME:multiplier>.", advanced=True)
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every invalid setting (the widths of the layers are checked with the
+        model, when the network is built)."""
+        problems = []
+        if self.rank < 1:
+            problems.append(f"rank is {self.rank}; use 1 or more (4-32 is usual)")
+        if self.conv_rank < 0:
+            problems.append(f"conv_rank is {self.conv_rank}; use 0 (off) or more")
+        for name in ("alpha", "conv_alpha"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} is {getattr(self, name)}; use 0 (= the rank) or a positive number")
+        for name in ("dropout", "rank_dropout", "module_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} is {getattr(self, name)}; use a value from 0 up to (not including) 1")
+        if not (self.train_unet or self.train_text_encoder):
+            problems.append("neither the UNet nor the text encoder is trained; turn on at least one of them")
+        if self.conv_rank and not self.train_unet:
+            problems.append(f"conv_rank is {self.conv_rank} but the UNet is not trained, and only the UNet has "
+                            f"convolution layers; set conv_rank to 0 or train the UNet")
+        if self.train_text_encoder and self.text_encoder_lr_scale <= 0:
+            problems.append(f"text_encoder_lr_scale is {self.text_encoder_lr_scale}; use a positive share of the "
+                            f"learning rate, or do not train the text encoder")
+        if self.save_precision not in SAVE_DTYPES:
+            problems.append(f"save_precision is {self.save_precision!r}; choose one of {', '.join(SAVE_DTYPES)}")
+        if problems:
+            raise ConfigError(problems)
+
+
+class Lora(Method):
+    """The Method for LoRA: the adapters are the only trainable parameters; the model is frozen (`trains` empty)."""
+
+    name = "lora"
+
+    def __init__(self, name: str, config: LoraConfig, network: LoraNetwork, base_model_version: str,
+                 start_step: int = 0, notes: list[str] | None = None) -> None:
+        self.output_name = name
+        self.config = config
+        self.base_model_version = base_model_version  # ss_base_model_version of the model it trains on
+        self.network = network
+        self._start_step = start_step
+        self.notes = list(notes or [])
+        self.caches_text = not self._trained("text_encoder")
+        self.started_at = time.time()
+        self._preview: tuple[int, Any] | None = None
+        for adapter in network.by_name().values():
+            adapter.requires_grad_(self._trained(adapter.target.module))
+        network.train()
+
+    def _trained(self, module: str) -> bool:
+        return self.config.train_unet if module == "unet" else self.config.train_text_encoder
+
+    @property
+    def placeholder(self) -> str:
+        return self.output_name
+
+    @property
+    def start_step(self) -> int:
+        return self._start_step
+
+    def check(self, model: DiffusionModel) -> list[str]:
+        return list(self.notes)
+
+    def trainable_parameters(self, model: DiffusionModel) -> list[ParamGroup]:
+        groups: dict[str, list[torch.Tensor]] = {}
+        for adapter in self.network.by_name().values():
+            if self._trained(adapter.target.module):
+                key = "unet" if adapter.target.module == "unet" else "text_encoder"
+                groups.setdefault(key, []).extend([adapter.down, adapter.up])
+        scales = {"unet": 1.0, "text_encoder": self.config.text_encoder_lr_scale}
+        return [ParamGroup(f"lora_{key}", params, lr_scale=scales[key]) for key, params in groups.items()]
+
+    def training_context(self, model: DiffusionModel) -> AbstractContextManager[Any]:
+        """The adapters act for the whole run, so backward (and checkpointing's recomputation) sees them."""
+        return self._applied(model)
+
+    @contextmanager
+    def _applied(self, model: DiffusionModel) -> Iterator[None]:
+        # Adapters of a part that does not train (kept from a continued file) are not among the parameters the
+        # loop moves to the device: move the whole network.
+        self.network.to(model.device)
+        with model.weight_adapters(self.network.by_name()):
+            yield
+
+    def loss(self, model: DiffusionModel, batch: TrainBatch) -> torch.Tensor:
+        return self.objective(self.predict(model, batch), batch)
+
+    def predict(self, model: DiffusionModel, batch: TrainBatch) -> torch.Tensor:
+        """The UNet's prediction with the adapters applied (prompts encoded here when the text adapters train)."""
+        cond = batch.cond
+        if cond is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.caches_text):
+                cond = model.encode_prompts(batch.prompts)
+        return model.predict(batch.noisy_latents, batch.timesteps, cond, batch.size_cond)
+
+    def objective(self, pred: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        """The loss of a prediction; a DreamBooth mode overrides it (instance + weighted class loss)."""
+        return weighted_mse(pred, batch.target, batch.loss_weight, batch.snr_weight)
+
+    def inference_extras(self) -> InferenceExtras:
+        adapters: dict[str, WeightAdapter] = {name: _Preview(adapter, self.config.preview_multiplier)
+                                              for name, adapter in self.network.by_name().items()}
+        return InferenceExtras(adapters=adapters)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.network.load_state_dict(dict(state))
+
+    def artifact_paths(self, directory: Path, stem: str) -> list[Path]:
+        """The names the WebUI would list as this LoRA (any of its suffixes), and the card image written here."""
+        names = [f"{stem}{suffix}" for suffix in (".safetensors", ".pt", ".ckpt", ".preview.png")]
+        return [Path(directory) / name for name in names if (Path(directory) / name).is_file()]
+
+    def preview_artifact(self, image: Any, directory: Path, stem: str, meta: ArtifactMeta) -> list[Path]:
+        """Keep the latest preview: it becomes the card image (`NAME.preview.png`) of the file saved at its step
+        and of the final file."""
+        self._preview = (meta.step, image)
+        return []
+
+    def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
+        path = Path(directory) / f"{stem}.safetensors"
+        file = LoraFile(self.network.modules_for_file(), self.metadata(meta, stem))
+        written = [write_lora(file, path, overwrite, SAVE_DTYPES[self.config.save_precision])]
+        if self._preview is not None and (stem == meta.name or self._preview[0] == meta.step):
+            image = self._preview[1]
+            card = Path(directory) / f"{stem}.preview.png"
+            written.append(atomic_write(card, lambda tmp: image.save(tmp, format="PNG"), overwrite=True))
+        return written
+
+    def metadata(self, meta: ArtifactMeta, stem: str) -> dict[str, str]:
+        """The `ss_*` keys kohya writes that the WebUI and other tools read (lora.md §4.7, §5.2), as strings."""
+        train = dict(meta.settings.get("train", {}))
+        ranks = sorted({a.rank for a in self.network.by_name().values()})
+        alphas = sorted({a.alpha for a in self.network.by_name().values()})
+        values: dict[str, Any] = {
+            "ss_output_name": stem, "ss_network_module": "networks.lora",
+            "ss_network_dim": ranks[-1] if ranks else self.config.rank,
+            "ss_network_alpha": alphas[-1] if alphas else self.config.alpha,
+            "ss_network_dropout": self.config.dropout or None, "ss_network_args": json.dumps(self._network_args()),
+            "ss_base_model_version": self.base_model_version, "ss_v2": meta.family == "sd2",
+            "ss_sd_model_name": meta.model.name, "ss_steps": meta.step, "ss_max_train_steps": train.get("steps"),
+            "ss_learning_rate": train.get("learning_rate"), "ss_unet_lr": train.get("learning_rate"),
+            "ss_text_encoder_lr": self._text_encoder_rate(train), "ss_optimizer": train.get("optimizer"),
+            "ss_seed": train.get("seed"), "ss_mixed_precision": train.get("precision"),
+            "ss_noise_offset": train.get("noise_offset"), "ss_min_snr_gamma": train.get("min_snr_gamma"),
+            "ss_training_started_at": self.started_at, "ss_training_finished_at": time.time(),
+            "finetune_method": self.name, "finetune_model_hash": meta.model.shorthash,
+        }
+        return {key: str(value) for key, value in values.items()}
+
+    def _network_args(self) -> dict[str, str]:
+        conv_alpha = self.config.conv_alpha or self.config.conv_rank
+        args = {"conv_dim": self.config.conv_rank, "conv_alpha": conv_alpha if self.config.conv_rank else 0,
+                "rank_dropout": self.config.rank_dropout, "module_dropout": self.config.module_dropout}
+        return {key: str(value) for key, value in args.items() if value}
+
+    def _text_encoder_rate(self, train: Mapping[str, Any]) -> str | None:
+        if not self.config.train_text_encoder:
+            return None
+        rate = str(train.get("learning_rate"))
+        try:  # a single rate is written as a number, as kohya does; a schedule as its share of it
+            return f"{float(rate) * self.config.text_encoder_lr_scale:g}"
+        except ValueError:
+            return f"{self.config.text_encoder_lr_scale:g} x ({rate})"
+
+
+class _Preview:
+    """An adapter as previews use it: no dropout, at the preview multiplier."""
+
+    def __init__(self, adapter: LoraAdapter, multiplier: float) -> None:
+        self.adapter, self.multiplier = adapter, multiplier
+
+    def _run(self, call: Any) -> torch.Tensor:
+        adapter = self.adapter
+        was_training, saved = adapter.training, adapter.multiplier
+        adapter.train(False)
+        adapter.multiplier = self.multiplier
+        try:
+            return call()
+        finally:
+            adapter.train(was_training)
+            adapter.multiplier = saved
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(lambda: self.adapter(x))
+
+    def weight_delta(self) -> torch.Tensor:
+        return self._run(self.adapter.weight_delta)
+
+
+def build(model: DiffusionModel, name: str, config: LoraConfig, directory: Path, seed: int) -> Lora:
+    """The registry's constructor: a new network seeded by the run seed, or the one in a file to continue."""
+    network, start_step, notes = build_network(model, config, directory, seed)
+    version = base_version(model.family, model.prediction_type == V_PREDICTION)
+    return Lora(name, config, network, version, start_step, notes)
+
+
+def memory_needs(model: DiffusionModel, config: LoraConfig) -> MemoryNeeds:
+    """rank x (in + out) values per adapted layer (a convolution's down matrix is rank x in x kh x kw)."""
+    total = 0
+    for target, rank, _ in requested_targets(model.adapter_targets(), config):
+        kernel = target.kernel_size[0] * target.kernel_size[1] if target.kernel_size else 1
+        total += rank * (target.in_features * kernel + target.out_features)
+    return MemoryNeeds(total)

@@ -1,0 +1,122 @@
+"""LoRA inside the WebUI (on the stand-in): a file we write loads with the built-in Lora extension's v1.10.1 naming
+and scale rules (every key matches a module of the SD1 / SD2 / SDXL model, none is skipped) and its merge equals our
+own application; a trained LoRA is listed after the refresh and `<lora:NAME:1>` changes txt2img's output; the job
+leaves nothing behind on the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from webui_runs import request, same_weights, snapshot
+
+from finetune_core import service
+from finetune_core.formats.lora import read_lora
+from tests.methods.lora_files import our_network, outputs, random_lora_file
+
+FAMILIES = ["sd1", "sd2", "sdxl"]
+
+
+def _build(family):
+    import tiny_webui_model
+    import tiny_webui_sdxl
+
+    from finetune_core.model.webui_backend import WebUIModel
+
+    sd_model = {"sd1": tiny_webui_model.build_sd1, "sd2": tiny_webui_sdxl.build_sd2,
+                "sdxl": tiny_webui_sdxl.build_sdxl}[family]()
+    return WebUIModel(sd_model)
+
+
+def _leftovers(sd_model):
+    """Hooks, parametrizations or replaced classes the job could have left on any module."""
+    from torch.nn.utils import parametrize
+
+    return [name for name, m in sd_model.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m)
+            or "forward" in vars(m) or type(m).__name__.startswith("Parametrized")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_webui_loads_every_key_and_merges_what_we_apply(webui, family, tmp_path):
+    import networks
+
+    model = _build(family)
+    lora_dir = tmp_path / "models" / "Lora"
+    webui.cmd_opts.lora_dir = str(lora_dir)
+    path = random_lora_file(model, lora_dir / "style.safetensors")
+    base = outputs(model)
+    with model.weight_adapters(our_network(model, path, multiplier=0.7).by_name()):
+        ours = outputs(model)
+
+    networks.list_available_networks()
+    entry = networks.available_networks["style"]
+    assert entry.alias == "style" and entry.sd_version == {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[family]
+    net = networks.load_network("style", entry)
+    assert net.keys_failed_to_match == {}  # every key names a module of this model
+    assert len(net.modules) == len(read_lora(path).modules)
+    networks.load_networks(["style"], [0.7], [0.7], [None])
+    merged = outputs(model)  # the patched forwards merge the LoRA into the weights on first use
+    torch.testing.assert_close(merged[0], ours[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged[1], ours[1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(merged[1], base[1])
+    networks.load_networks([])
+    torch.testing.assert_close(outputs(model)[1], base[1], rtol=0, atol=1e-6)
+
+
+def _generate(sd_model, prompt):
+    """txt2img as the WebUI runs it for a user (extra networks on), one fixed seed."""
+    from modules import processing
+
+    p = processing.StableDiffusionProcessingTxt2Img(sd_model=sd_model, prompt=[prompt], negative_prompt=[""],
+                                                    batch_size=1, steps=3, cfg_scale=7.0, width=64, height=64, seed=3)
+    return np.asarray(processing.process_images_inner(p).images[0]).astype(int)
+
+
+def test_a_trained_lora_is_listed_after_the_refresh_and_changes_txt2img(webui, sd1, extension, dataset, tmp_path):
+    import networks
+
+    model = extension.EXTENSION.host.get_model()
+    before = snapshot(sd1)
+    networks.list_available_networks()
+    assert "shiny" not in networks.available_networks
+    folders = extension.EXTENSION.host.folders()
+    assert folders.for_kind("loras") == tmp_path / "models" / "Lora"  # cmd_opts.lora_dir (preload.py's default)
+    job = request(dataset, "lora", "shiny", steps=3, method_settings={"rank": 4, "alpha": 4})
+    job.train_settings["learning_rate"] = "0.05"
+    result = service.train(job, model, folders)
+    extension.EXTENSION.host.artifacts_written("loras", result.artifacts)  # what the job runner does after a job
+    assert "shiny" in networks.available_networks  # listed without a restart
+    assert extension.EXTENSION.host.list_existing("loras") == ["shiny"]
+    assert same_weights(sd1, before) and not _leftovers(sd1)
+
+    plain = _generate(sd1, "a red thing")
+    assert np.abs(_generate(sd1, "a red thing <lora:shiny:1>") - plain).sum() > 0
+    assert np.array_equal(_generate(sd1, "a red thing <lora:shiny:0>"), plain)  # multiplier 0: the base exactly
+    assert np.array_equal(_generate(sd1, "a red thing"), plain)  # no tag: the extension restores the weights
+
+
+def test_a_job_over_a_merged_lora_trains_on_the_plain_model_and_leaves_nothing(webui, sd1, dataset, tmp_path):
+    import networks
+
+    from finetune_core.model.webui_backend import WebUIModel
+
+    model = WebUIModel(sd1)
+    webui.cmd_opts.lora_dir = str(tmp_path / "models" / "Lora")
+    random_lora_file(model, tmp_path / "models" / "Lora" / "other.safetensors")
+    before = snapshot(sd1)
+    flags = {name: p.requires_grad for name, p in sd1.named_parameters()}
+    networks.load_networks(["other"])
+    merged = outputs(model)
+    job = request(dataset, "lora", "fresh", steps=2, method_settings={"rank": 2, "train_text_encoder": True})
+    job.train_settings["preview_every"] = 1
+    job.train_settings["preview_steps"] = 2
+    result = service.train(job, model, service.OutputFolders.standalone(tmp_path / "out"))
+    assert result.step == 2 and (tmp_path / "out" / "models" / "Lora" / "fresh.preview.png").is_file()
+    assert not _leftovers(sd1)
+    assert {name: p.requires_grad for name, p in sd1.named_parameters()} == flags
+    assert [net.name for net in networks.loaded_networks] == ["other"]  # the user's LoRA is back for generation
+    torch.testing.assert_close(outputs(model)[1], merged[1], rtol=0, atol=1e-6)
+    networks.load_networks([])
+    outputs(model)
+    assert same_weights(sd1, before)
