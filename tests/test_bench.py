@@ -132,3 +132,11 @@ def test_the_flop_count_includes_cpu_attention() -> None:
         torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
     # forward: QK^T and AV, 2*b*h*s*s*d each; backward: five such products (scores recomputed)
     assert counter.get_total_flops() == 7 * 2 * 2 * 4 * 64 * 64 * 16
+
+
+def test_bool_settings_are_the_words_true_and_false() -> None:
+    on = case.request_settings("tiny-sd1", "dreambooth", parse_settings(
+        "gradient_checkpointing=false,prior_preservation=TRUE,class_prompt=a ball", "dreambooth").to_dict(), 2)
+    assert on["train"]["gradient_checkpointing"] is False and on["method"]["prior_preservation"] is True
+    with pytest.raises(ConfigError, match="must be true or false, not 'yes'"):
+        case.request_settings("tiny-sd1", TI, parse_settings("gradient_checkpointing=yes", TI).to_dict(), 2)

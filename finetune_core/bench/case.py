@@ -91,13 +91,25 @@ def request_settings(spec_model: str, method: str, settings: dict[str, Any], ste
     from finetune_core.train.config import TrainConfig
 
     size = default_size(spec_model)
-    # `--set` / `--compare` values are command-line text: typed here, as the CLI types its flags.
-    sections = {name: coerce_settings(config_type, settings.get("sections", {}).get(name, {}), name, from_text=True)
+    # `--set` / `--compare` values are command-line text: typed here, as the CLI types its flags (where a bool is a
+    # --flag / --no-flag; here it is the word true or false).
+    sections = {name: coerce_settings(config_type, _bools(config_type, settings.get("sections", {}).get(name, {})),
+                                      name, from_text=True)
                 for name, config_type in (("method", METHODS[method].config_type), ("data", DatasetConfig),
                                           ("train", TrainConfig))}
     data = {"data_dir": str(EXAMPLES), "width": size, "height": size, "template": "style.txt", **sections["data"]}
     train = {"preview_every": 0, "save_every": 0, "csv_every": 0, **sections["train"], "steps": steps}
     return {"method": sections["method"], "data": data, "train": train}
+
+
+def _bools(config_type: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The words true / false of bool fields as bools; any other text stays text for the coercer to refuse."""
+    from finetune_core.settings import field_kinds
+
+    kinds = field_kinds(config_type)
+    words = {"true": True, "false": False}
+    return {k: words.get(v.lower(), v) if isinstance(v, str) and kinds.get(k, ("", False))[0] == "bool" else v
+            for k, v in values.items()}
 
 
 class _Recorder:
