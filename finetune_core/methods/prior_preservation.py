@@ -6,9 +6,9 @@ How a method uses it (DreamBooth does exactly this):
 - its config inherits `PriorPreservationSettings` (the fields, their form metadata, `prior_problems()`), listed
   first among the bases so the method's own fields come first in forms:
   `class MyConfig(PriorPreservationSettings, MySettings)`;
-- its registry line sets `resolve=resolve_class_folder` (the default class folder, and the user's own class images
-  checked before any model loads) and `data=paired_data(lines, placeholder)` or a function calling
-  `paired_images(settings, data, lines, placeholder)`;
+- its registry line sets `resolve=resolve_class_folder` (the default class folder and the class image size filled
+  in, the user's own class images checked, all before any model loads) and a `data` builder that returns
+  `paired_images(config, dataset_config, prompt_lines, placeholder)` (instance images alone when it is off);
 - its `prepare(context)` calls `generate_class_images(context, settings)` (missing images made through the host's
   sampler, with progress and interrupt; matching ones reused);
 - its `loss` calls `prior_loss(pred, batch, settings.prior_loss_weight)`.

@@ -120,6 +120,9 @@ def test_learns_and_writes_a_checkpoint_over_its_source(name, tiny_model, tmp_pa
     meta = read_safetensors_metadata(result.artifacts[0])
     assert meta["sd_checkpoint"] == model.identity.shorthash and meta["finetune_method"] == "dreambooth"
     assert meta["finetune_step"] == "6" and json.loads(meta["finetune_settings"])["instance_token"] == "sks"
+    described = service.inspect(result.artifacts[0]).describe()
+    assert described.startswith(f"Stable Diffusion checkpoint ({model.family.upper()})")
+    assert f"made by dreambooth in 6 steps, trained on base-{name} [{model.identity.shorthash}]" in described
 
     trained = load(result.artifacts[0], name)
     assert (trained.family, trained.prediction_type) == (model.family, model.prediction_type)
