@@ -123,24 +123,40 @@ def memory_plan(data: Mapping[str, Any], train: Mapping[str, Any]) -> Any:
 
     return MemoryPlan(batch_size=int(data.get("batch_size", 1)), width=int(data.get("width", 512)),
                       height=int(data.get("height", 512)), precision=str(train.get("precision", "fp32")),
-                      gradient_checkpointing=bool(train.get("gradient_checkpointing", True)))
+                      gradient_checkpointing=bool(train.get("gradient_checkpointing", True)),
+                      optimizer=str(train.get("optimizer", "adamw")), momentum=float(train.get("momentum") or 0.0))
 
 
-def check_resources(model: Any, needs: Any, plan: Any, folders: Sequence[tuple[Path, str]]) -> list[str]:
+def disk_needs(needs: Any, saves_copies: bool, resume_state: bool) -> tuple[int, int]:
+    """(bytes for the output folder, bytes for the run folder): the final artefact; an intermediate copy when
+    copies are saved, and the resume state (weights plus two Adam moments) when the method keeps one."""
+    state = 3 * 4 * needs.trainable if resume_state else 0
+    copy = needs.file_bytes if saves_copies else 0
+    return MIN_FREE_BYTES + needs.file_bytes, MIN_FREE_BYTES + copy + state
+
+
+def check_resources(model: Any, needs: Any, plan: Any, folders: Sequence[tuple[Path, str, int]]) -> list[str]:
     """Memory and disk before step 1: refuse a run whose memory estimate is far beyond the device's and folders
-    without room for the artefact and its resume state; a warning when memory is close. Returns the warnings."""
+    without room for what they will get (`(folder, what, bytes)`, see `disk_needs`; folders on one disk need the
+    sum); a warning when memory is close. Returns the warnings."""
     from finetune_core.train.memory import estimate_memory
 
     estimate = estimate_memory(model, needs, plan)
-    # The final artefact, an intermediate copy, and the resume state (weights plus two Adam moments).
-    needed = MIN_FREE_BYTES + 5 * estimate.gradients_bytes
-    for folder, what in folders:
-        check_writable(folder, what, needed)
+    for folder, what, needed in folders:
+        shared = sum(n for f, _, n in folders if _same_disk(f, folder))
+        check_writable(folder, what, max(needed, shared))
     if estimate.device_total is None or estimate.total <= estimate.device_total:
         return []
     if estimate.total > REFUSE_ABOVE * estimate.device_total:
         raise OutOfMemory(f"this run cannot fit on {model.device}: {estimate.describe()}")
     return [f"this run may not fit on {model.device}: {estimate.describe()}"]
+
+
+def _same_disk(a: Path, b: Path) -> bool:
+    try:
+        return _nearest_existing(Path(a)).stat().st_dev == _nearest_existing(Path(b)).stat().st_dev
+    except OSError:
+        return Path(a) == Path(b)
 
 
 def out_of_memory(exc: BaseException, model: Any, run_dir: Path | None) -> OutOfMemory:

@@ -162,6 +162,8 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
     spec = method_spec(request.method)
     name = sanitize_name(request.name)
     configs = _configs(spec, request, name, template_dirs)
+    if spec.resolve is not None:
+        configs["method"] = spec.resolve(configs["method"], configs["data"], folders.logs / spec.log_folder)
     final_dir = folders.for_kind(spec.output_kind)
     continue_from = getattr(configs["method"], "continue_from", "")
     if continue_from:

@@ -138,11 +138,10 @@ def _prepare_job(plan: Plan, model: DiffusionModel) -> _Job:
     """Build the dataset and the method (reading the file to continue from), then check memory and disk space."""
     from finetune_core import preflight
     from finetune_core.cpu import autocast_problem
-    from finetune_core.data.dataset import ImageDataset
     from finetune_core.data.scan import encoding_warnings
     from finetune_core.train.randomness import resolve_seed
     configs = plan.configs
-    data = ImageDataset(configs["data"], placeholder=plan.name)
+    data = plan.spec.data(configs["method"], configs["data"], plan.name)
     seed = resolve_seed(configs["train"].seed)
     train_config = configs["train"]
     slow = autocast_problem(model.device, train_config.precision)
@@ -152,13 +151,27 @@ def _prepare_job(plan: Plan, model: DiffusionModel) -> _Job:
         raise ConfigError(f"the preview sampler {train_config.preview_sampler!r} is not available here; choose one "
                           f"of {', '.join(model.sampler_names())}")
     method = plan.spec.build(model, plan.name, configs["method"], plan.final_dir, seed)
-    warnings = list(method.check(model))
-    warnings += encoding_warnings(data.records)
+    warnings = list(method.check(model)) + _unusual_rate(plan.spec, train_config)
+    warnings += encoding_warnings(getattr(data, "records", []))
     needs = plan.spec.memory(model, configs["method"])
     memory_plan = preflight.memory_plan(dataclasses.asdict(configs["data"]), dataclasses.asdict(train_config))
-    folders = [(plan.final_dir, "output folder"), (plan.run_dir or plan.logs, "run folder")]
+    final_bytes, run_bytes = preflight.disk_needs(needs, train_config.save_every > 0,
+                                                  method.state_policy.resume_state)
+    folders = [(plan.final_dir, "output folder", final_bytes), (plan.run_dir or plan.logs, "run folder", run_bytes)]
     warnings += preflight.check_resources(model, needs, memory_plan, folders)
     return _Job(method, data, dataclasses.replace(configs["train"], seed=seed), warnings)
+
+
+def _unusual_rate(spec: Any, train: Any) -> list[str]:
+    """A warning when the schedule's highest rate is far above what the method is usually trained with."""
+    from finetune_core.train.schedule import parse_schedule
+    if not spec.usual_max_lr:
+        return []
+    highest = max(rate for rate, _ in parse_schedule(train.learning_rate, train.steps))
+    if highest <= spec.usual_max_lr:
+        return []
+    return [f"the learning rate {highest:g} is above {spec.usual_max_lr:g}; {spec.label} is usually trained at "
+            f"far lower rates and a rate this high tends to destroy the model within a few steps"]
 
 
 def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, emit: EventSink,

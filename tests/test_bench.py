@@ -142,3 +142,9 @@ def test_run_settings_are_typed_from_command_line_text() -> None:
     runner.validate("tiny-sd1", TI, parse_settings("gradient_checkpointing=true", TI), 3)
     with pytest.raises(ConfigError, match="true or false"):
         runner.validate("tiny-sd1", TI, parse_settings("gradient_checkpointing=maybe", TI), 3)
+
+
+def test_a_method_bool_setting_takes_the_words_too() -> None:
+    on = case.request_settings("tiny-sd1", "dreambooth", parse_settings(
+        "prior_preservation=TRUE,class_prompt=a ball", "dreambooth").to_dict(), 2)
+    assert on["method"]["prior_preservation"] is True

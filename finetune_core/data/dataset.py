@@ -51,26 +51,33 @@ class PreparedSample:
     pixels: torch.Tensor | None  # (3, H, W) in [-1, 1]
 
 
-def _derived_seed(*parts: object) -> int:
+def derived_seed(*parts: object) -> int:
     """A 63-bit seed from any values, stable across processes (unlike hash())."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
 class ImageDataset:
-    """Implements TrainingData over a folder; `get_batch(index, seed)` is a pure function of its arguments."""
+    """Implements TrainingData over a folder; `get_batch(index, seed)` is a pure function of its arguments.
 
-    def __init__(self, config: DatasetConfig, placeholder: str | None = None,
-                 cache: LatentCache | None = None) -> None:
+    lines: prompt lines to use instead of the config's template (e.g. one fixed prompt); records: the images to
+    use instead of scanning `config.data_dir` (a chosen part of a folder).
+    """
+
+    def __init__(self, config: DatasetConfig, placeholder: str | None = None, cache: LatentCache | None = None,
+                 lines: list[str] | None = None, records: list[ImageRecord] | None = None) -> None:
         config.validate()
         self.config = config
         self.placeholder = placeholder if placeholder is not None else config.placeholder
         self.batch_size = config.batch_size
-        self.lines = load_template(config.template)
-        scan = scan_dataset(Path(config.data_dir), config.recursive, config.filename_word_regex,
-                            config.filename_join_string)
-        self.records: list[ImageRecord] = scan.records
-        self.unreadable = scan.unreadable
+        self.lines = list(lines) if lines else load_template(config.template)
+        if records is None:
+            scan = scan_dataset(Path(config.data_dir), config.recursive, config.filename_word_regex,
+                                config.filename_join_string)
+            records, self.unreadable = scan.records, scan.unreadable
+        else:
+            self.unreadable = []
+        self.records: list[ImageRecord] = list(records)
         self._buckets = make_buckets(config.width, config.height) if config.resize_mode == RESIZE_BUCKETS else None
         if config.batch_size > len(self.records):
             raise DatasetError(f"the batch size {config.batch_size} is larger than the dataset: {config.data_dir} "
@@ -93,7 +100,7 @@ class ImageDataset:
         """
         cfg = self.config
         size = target_size(cfg.resize_mode, (record.width, record.height), (cfg.width, cfg.height), self._buckets)
-        rng = random.Random(_derived_seed("crop", cfg.crop_seed, record.content_hash))
+        rng = random.Random(derived_seed("crop", cfg.crop_seed, record.content_hash))
         return plan_crop((record.width, record.height), size, cfg.crop, rng)
 
     def _group_by_size(self) -> dict[Size, list[int]]:
@@ -156,7 +163,7 @@ class ImageDataset:
             return mean, std
         if mode == "deterministic":
             return mean, None
-        generator = torch.Generator().manual_seed(_derived_seed("once", key))
+        generator = torch.Generator().manual_seed(derived_seed("once", key))
         return mean + std * torch.randn(mean.shape, generator=generator), None
 
     # --- batches ------------------------------------------------------------------------------------------
@@ -169,7 +176,7 @@ class ImageDataset:
         """The batches of one epoch: (image, repeat) entries shuffled within each size group, batches shuffled."""
         memo_key = (seed, epoch)
         if memo_key not in self._memo:
-            rng = random.Random(_derived_seed("epoch", seed, epoch))
+            rng = random.Random(derived_seed("epoch", seed, epoch))
             batches: list[list[Entry]] = []
             for size in sorted(self.groups):
                 entries = [(i, r) for i in self.groups[size] for r in range(self.config.repeats)]
@@ -186,28 +193,35 @@ class ImageDataset:
             raise RuntimeError("ImageDataset.prepare(model) must run before get_batch")
         epoch, position = divmod(index, self.batches_per_epoch())
         entries = self.epoch_batches(seed, epoch)[position]
-        rows = [self._row(entry[0], seed, index, slot) for slot, entry in enumerate(entries)]
+        return self.batch_of([entry[0] for entry in entries], seed, index)
+
+    def batch_of(self, record_indices: list[int], seed: int, index: int, first_slot: int = 0) -> DataBatch:
+        """The batch of the given images as micro-batch `index` would draw them (prompt, flip, latent sample);
+        `first_slot` numbers the samples after others of the same micro-batch, so their draws differ."""
+        if self._samples is None:
+            raise RuntimeError("ImageDataset.prepare(model) must run before batch_of")
+        rows = [self._row(record, seed, index, first_slot + slot) for slot, record in enumerate(record_indices)]
         return DataBatch(
             latents=torch.stack([row[0] for row in rows]),
             prompts=[row[1] for row in rows],
             size_cond=torch.tensor([row[2] for row in rows], dtype=torch.float32),
             loss_weight=torch.stack([row[3] for row in rows]) if self.config.use_alpha_weight else None,
             pixels=torch.stack([row[4] for row in rows]) if self.config.keep_pixels else None,
-            image_paths=[str(self.records[entry[0]].path) for entry in entries],
+            image_paths=[str(self.records[record].path) for record in record_indices],
             extras={"flipped": [row[5] for row in rows]},
         )
 
     def _row(self, record_index: int, seed: int, index: int, slot: int) -> tuple:
         """One sample's latent, prompt, size conditioning, weight, pixels and flip for this step."""
         cfg, record, plan = self.config, self.records[record_index], self.plans[record_index]
-        rng = random.Random(_derived_seed("sample", seed, index, slot))
+        rng = random.Random(derived_seed("sample", seed, index, slot))
         flip = cfg.flip_p > 0 and rng.random() < cfg.flip_p
         filewords = augment_caption(record.caption, rng, cfg.shuffle_tags, cfg.tag_dropout, cfg.keep_tags)
         prompt = render_prompt(draw_line(self.lines, rng), self.placeholder, filewords)
         sample = self._samples[record_index][flip]  # type: ignore[index]
         latent = sample.mean
         if sample.std is not None:
-            generator = torch.Generator().manual_seed(_derived_seed("noise", seed, index, slot))
+            generator = torch.Generator().manual_seed(derived_seed("noise", seed, index, slot))
             latent = sample.mean + sample.std * torch.randn(sample.mean.shape, generator=generator)
         left = flipped_crop_left(plan) if flip else plan.left
         size_cond = [record.height, record.width, plan.top, left, plan.height, plan.width]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -12,18 +13,22 @@ from typing import Any
 
 import torch
 
-from finetune_core.errors import ArtifactError
+from finetune_core.errors import ArtifactError, StorageError
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], overwrite: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], overwrite: bool = False,
+                 needed_bytes: int = 0) -> Path:
     """Call `write(tmp_path)` then rename the temporary file onto `path`, so a crash never leaves half a file.
 
-    Refuses to replace an existing file unless `overwrite` is set.
+    Refuses to replace an existing file unless `overwrite` is set, and, when `needed_bytes` is given (a file of
+    gigabytes), to start a write the disk has no room for.
     """
     target = Path(path)
     if target.exists() and not overwrite:
         raise ArtifactError(f"{target} already exists; choose another name or ask to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
+    if needed_bytes:
+        require_free_space(target, needed_bytes)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -55,6 +60,18 @@ def _write_reporting_os_errors(write: Callable[[Path], object], tmp: Path, targe
         raise OSError(code, os.strerror(code), str(target)) from exc
 
 
+FREE_SPACE_MARGIN = 64 << 20  # what a disk must keep beyond a file written onto it (logs, state, the system)
+
+
+def require_free_space(target: Path, needed_bytes: int) -> None:
+    """StorageError naming the folder when its disk has less than `needed_bytes` (plus a margin) free."""
+    free = shutil.disk_usage(target.parent).free
+    if free < needed_bytes + FREE_SPACE_MARGIN:
+        raise StorageError(f"the disk of {target.parent} has {free / (1 << 30):.2f} GiB free, but writing "
+                           f"{target.name} needs {(needed_bytes + FREE_SPACE_MARGIN) / (1 << 30):.2f} GiB; free "
+                           f"some space there or choose an output folder on another disk")
+
+
 def _umask() -> int:
     """The process umask (read by setting and restoring it; there is no getter)."""
     mask = os.umask(0)
@@ -62,13 +79,14 @@ def _umask() -> int:
     return mask
 
 
-def save_pt(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+def save_pt(obj: Any, path: str | os.PathLike[str], overwrite: bool = False, needed_bytes: int = 0) -> Path:
     """`torch.save` in the legacy (non-zip) format, atomically.
 
     A stock WebUI v1.10.1 rejects zip entries that newer torch releases add (`.format_version`,
     `.storage_alignment`); the legacy format is not a zip and goes straight to its restricted unpickler.
     """
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp, _use_new_zipfile_serialization=False), overwrite)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp, _use_new_zipfile_serialization=False), overwrite,
+                        needed_bytes)
 
 
 def load_pt(path: str | os.PathLike[str]) -> Any:

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import safetensors
@@ -78,6 +78,58 @@ def _unwrap(obj: object, source: Path) -> dict[str, torch.Tensor]:
     if len(tensors) != len(obj):
         logger.debug("%s: ignored %d non-tensor entries", source, len(obj) - len(tensors))
     return tensors
+
+
+def read_tensors(path: str | os.PathLike[str], wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint whose key `wanted` accepts, as stored (dtype and values unchanged).
+
+    A `.safetensors` file is read lazily, so only those tensors are loaded (the VAE of a 7 GB SDXL file, not all
+    of it); a `.ckpt` is unpickled whole, then filtered.
+    """
+    source = Path(path)
+    if source.suffix.lower() != ".safetensors":
+        return {k: v for k, v in read_state_dict(source).items() if wanted(k)}
+    if not source.is_file():
+        raise ArtifactError(f"{source} does not exist")
+    try:
+        with safetensors.safe_open(str(source), framework="pt", device="cpu") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys() if wanted(k)}
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{source} is not a readable .safetensors file (truncated or another format): "
+                            f"{exc}") from exc
+
+
+def tensor_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of a checkpoint, reading a `.safetensors` header only (a `.ckpt` whole)."""
+    source = Path(path)
+    if source.suffix.lower() != ".safetensors":
+        return {k: tuple(v.shape) for k, v in read_state_dict(source).items()}
+    if not source.is_file():
+        raise ArtifactError(f"{source} does not exist")
+    try:
+        with safetensors.safe_open(str(source), framework="pt", device="cpu") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{source} is not a readable .safetensors file (truncated or another format): "
+                            f"{exc}") from exc
+
+
+# Old SD1 files keep CLIP's layers without `text_model.`; the WebUI renames them so on load (sd_models.py).
+_OLD_SD1_TEXT = tuple(f"cond_stage_model.transformer.{part}." for part in ("embeddings", "encoder", "final_layer_norm"))
+
+
+def webui_key(key: str) -> str:
+    """A checkpoint key as the WebUI loads it (`transform_checkpoint_dict_key` for SD1's old text-encoder names)."""
+    if key.startswith(_OLD_SD1_TEXT):
+        return "cond_stage_model.transformer.text_model." + key[len("cond_stage_model.transformer."):]
+    return key
+
+
+def over_source(trained: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint of `source` with the `trained` weights in place of its own: every other entry (VAE, frozen
+    text encoders, schedule buffers, EMA, layers the trainer never had) is carried over exactly as stored."""
+    carried = read_tensors(source, lambda k: webui_key(k) not in trained)
+    return {**carried, **trained}
 
 
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -219,14 +271,16 @@ def write_checkpoint(
     if bad:
         raise ArtifactError(f"checkpoint metadata must be text; these entries are not: {', '.join(map(str, bad))}")
     tensors = _prepare(state_dict, half)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())  # the disk is checked before writing
     if suffix == ".safetensors":
         return atomic_write(
-            target, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta or None), overwrite
+            target, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta or None), overwrite,
+            needed_bytes=size,
         )
     payload: dict[str, object] = {"state_dict": tensors}
     if meta:
         payload["metadata"] = meta
-    return save_pt(payload, target, overwrite)
+    return save_pt(payload, target, overwrite, needed_bytes=size)
 
 
 def _prepare(state_dict: Mapping[str, torch.Tensor], half: bool) -> dict[str, torch.Tensor]:

@@ -199,7 +199,7 @@ def _from_shapes(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> A
     downs = {k: s for k, s in shapes.items() if k.endswith(_LORA_DOWN_MARKERS)}
     if downs:
         return _lora_info(source, shapes, downs, metadata)
-    checkpoint_info = _checkpoint_info(source, shapes)
+    checkpoint_info = _checkpoint_info(source, shapes, metadata)
     if checkpoint_info is not None:
         return checkpoint_info
     if set(shapes) == {"clip_l", "clip_g"} or (len(shapes) == 1 and len(next(iter(shapes.values()))) in (1, 2)):
@@ -245,7 +245,7 @@ def _lora_info(source: Path, shapes: Shapes, downs: Shapes, metadata: Mapping[st
                         sd_checkpoint=metadata.get("finetune_model_hash"), details=f"{details} ({naming})")
 
 
-def _checkpoint_info(source: Path, shapes: Shapes) -> ArtifactInfo | None:
+def _checkpoint_info(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> ArtifactInfo | None:
     try:
         from finetune_core.formats import checkpoint  # written separately; optional for inspection
     except ImportError:
@@ -258,4 +258,9 @@ def _checkpoint_info(source: Path, shapes: Shapes) -> ArtifactInfo | None:
         details = ""
     except ArtifactError as exc:
         family, details = None, str(exc)
-    return ArtifactInfo(path=source, kind="checkpoint", family=family, tensor_count=len(shapes), details=details)
+    method, step = metadata.get("finetune_method"), metadata.get("finetune_step")
+    if method and not details:  # one this extension wrote (DreamBooth): how it was made
+        details = f"made by {method}" + (f" in {step} steps" if step else "")
+    return ArtifactInfo(path=source, kind="checkpoint", family=family, tensor_count=len(shapes), details=details,
+                        sd_checkpoint=metadata.get("sd_checkpoint") if method else None,
+                        sd_checkpoint_name=metadata.get("sd_checkpoint_name") if method else None)

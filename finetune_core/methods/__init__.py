@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_core.methods import hypernetwork, lora, textual_inversion
-from finetune_core.methods.base import Method
+from finetune_core.data.batch import TrainingData
+from finetune_core.data.config import DatasetConfig
+from finetune_core.methods import dreambooth, hypernetwork, lora, textual_inversion
+from finetune_core.methods.base import Method, image_dataset
+from finetune_core.methods.prior_preservation import resolve_class_folder
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train.memory import MemoryNeeds
 
@@ -18,6 +21,11 @@ Build = Callable[[DiffusionModel, str, Any, Path, int], Method]
 Create = Callable[[DiffusionModel, str, Any, Path, bool], "list[Path]"]
 # memory(model, config) -> what the method adds to the model in memory (for the estimate before Train)
 Memory = Callable[[DiffusionModel, Any], MemoryNeeds]
+# data(method config, dataset config, what [name] becomes) -> the run's training data
+Data = Callable[[Any, DatasetConfig, str], TrainingData]
+# resolve(method config, dataset config, the method's own folder in the logs) -> the method config with folder
+# defaults filled in; run when a request is planned (no model yet), so it also refuses unusable folders then
+Resolve = Callable[[Any, DatasetConfig, Path], Any]
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,9 @@ class MethodSpec:
     memory: Memory
     data_defaults: dict[str, Any] = field(default_factory=dict)  # overrides of DatasetConfig defaults
     train_defaults: dict[str, Any] = field(default_factory=dict)  # overrides of TrainConfig defaults
+    data: Data = image_dataset  # the images of a run (DreamBooth: instance and class images in pairs)
+    resolve: Resolve | None = None
+    usual_max_lr: float = 0.0  # a learning rate above this gets a warning (the method's usual rates are far lower)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -53,6 +64,13 @@ METHODS: dict[str, MethodSpec] = {
         hypernetwork.build, hypernetwork.create_file, hypernetwork.memory_needs,
         data_defaults={"template": "hypernetwork.txt"},
         train_defaults={"learning_rate": "0.00001"}),
+    "dreambooth": MethodSpec(
+        "dreambooth", "DreamBooth", dreambooth.DreamBoothConfig, None, "checkpoints", "dreambooth",
+        "Fine-tune the model itself on your subject, optionally with prior preservation; writes a checkpoint.",
+        dreambooth.build, None, dreambooth.memory_needs,
+        train_defaults={"learning_rate": "0.000005", "steps": 800, "save_every": 0, "preview_every": 200,
+                        "csv_every": 50},
+        data=dreambooth.training_data, resolve=resolve_class_folder, usual_max_lr=1e-3),
     "lora": MethodSpec(
         "lora", "LoRA", lora.LoraConfig, None, "loras", "lora",
         "Low-rank adapters on the UNet (and optionally the text encoders); the file <lora:NAME:1> loads.",

@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from finetune_core.data.config import DatasetConfig
+from finetune_core.data.dataset import ImageDataset
 from finetune_core.train.method import (
     ArtifactMeta,
     InferenceExtras,
@@ -12,7 +14,12 @@ from finetune_core.train.method import (
 )
 
 __all__ = ["ArtifactMeta", "ArtifactMethod", "InferenceExtras", "Method", "ParamGroup", "PrepareContext",
-           "StatePolicy"]
+           "StatePolicy", "image_dataset"]
+
+
+def image_dataset(method_config: Any, data: DatasetConfig, name: str) -> ImageDataset:
+    """The training data of most methods (`MethodSpec.data`'s default): the dataset folder, `[name]` = `name`."""
+    return ImageDataset(data, placeholder=name)
 
 
 class ArtifactMethod(Method):

@@ -301,7 +301,9 @@ def _checkpointing(unet: Any, trained: Mapping[str, torch.nn.Module]) -> Iterato
     unet.enable_gradient_checkpointing()
     encoders: list[Any] = [m for name, m in trained.items() if name.startswith("text_encoder")]
     for encoder in encoders:
-        encoder.gradient_checkpointing_enable()
+        # Non-reentrant, as the UNet's: reentrant checkpointing warns (and keeps no graph) when a no-grad pass of
+        # the job (class images, previews) runs through the encoder.
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder.train()
     try:
         yield

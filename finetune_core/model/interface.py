@@ -30,6 +30,9 @@ class ModelIdentity:
     name: str  # the WebUI's `model_name`: file stem, or e.g. "tiny-sd1"
     shorthash: str  # 10 hex digits (sha256[:10] of the checkpoint file, or of the tiny model's weights)
     source: str = ""  # the checkpoint file or model folder the weights came from; "" for models built in code
+    # The .yaml the host built the model from: the WebUI's `used_config`, or the `.yaml` next to a loaded checkpoint;
+    # "" when none is known. A checkpoint written from this model copies it when the model needs one (v-prediction).
+    config: str = ""
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,9 @@ def load_single_file(
         modules[name].to(device=device, dtype=dtype).eval()
         _realign(modules[name])
     prediction = _prediction_type(source, family, modules["unet"], v_marker)
-    identity = ModelIdentity(name=source.stem, shorthash=cached_sha256(source)[:10], source=str(source))
+    yaml_path = source.with_suffix(".yaml")
+    identity = ModelIdentity(name=source.stem, shorthash=cached_sha256(source)[:10], source=str(source),
+                             config=str(yaml_path) if yaml_path.is_file() else "")
     logger.info("loaded %s as %s (%s, %s)", source, family, prediction, identity.shorthash)
     return SingleFileComponents(
         family=family,

@@ -62,6 +62,13 @@ _VAE = {"block_out_channels": [16, 16, 32, 32], "norm_num_groups": 8, "sample_si
 _TEXT = {"intermediate_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 77, "vocab_size": _VOCAB}
 
 
+def tiny_spec(name: str) -> TinySpec:
+    """What the built-in tiny model `name` is (its configs load single-file checkpoints written from it)."""
+    if name not in _SPECS:
+        raise FinetuneError(f"There is no built-in model called {name!r}; choose one of {', '.join(TINY_MODELS)}.")
+    return _SPECS[name]
+
+
 def tiny_configs(spec: TinySpec) -> dict[str, dict]:
     """Component name -> config dict of a tiny model of `spec`'s family."""
     from finetune_core.model.configs import load_config
@@ -112,9 +119,7 @@ def weights_shorthash(name: str, modules: list[torch.nn.Module]) -> str:
 
 def tiny_components(name: str) -> TinyComponents:
     """Build the modules of tiny model `name` with the same weights every time; the global RNG is left untouched."""
-    spec = _SPECS.get(name)
-    if spec is None:
-        raise FinetuneError(f"There is no built-in model called {name!r}; choose one of {', '.join(TINY_MODELS)}.")
+    spec = tiny_spec(name)
     from finetune_core.model.single_file import build_component
 
     # Built on the meta device: the libraries' own init would cost seconds and draw from the global RNG.

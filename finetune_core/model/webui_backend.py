@@ -475,7 +475,8 @@ def _identity(sd_model: Any) -> ModelIdentity:
     name = getattr(info, "model_name", None) or "unknown"
     shorthash = getattr(info, "shorthash", None) or getattr(sd_model, "sd_model_hash", None) or ""
     source = getattr(info, "filename", None) or ""
-    return ModelIdentity(str(name), str(shorthash), str(Path(source)) if source else "")
+    config = getattr(sd_model, "used_config", None) or ""  # the yaml `sd_models.load_model` built it from
+    return ModelIdentity(str(name), str(shorthash), str(Path(source)) if source else "", str(config))
 
 
 def wrap_loaded_model(sd_model: Any = None) -> WebUIModel:

@@ -63,6 +63,8 @@ class TrainConfig:
     noise_offset: float = _f(0.0, "Noise offset", "Adds offset x per-channel noise; 0 = off, 0.1 is usual.")
     seed: int = _f(0, "Seed", "Seed of noise, timesteps and data order; -1 = random (recorded in the run folder).")
     save_every: int = _f(500, "Save a copy every N steps", "Intermediate artefact and resume state; 0 = off.")
+    save_keep_last: int = _f(0, "Keep the last N copies", "Intermediate copies kept in the run folder: older ones are "
+                         "deleted as new ones are saved (a checkpoint is 2-7 GB); 0 keeps every copy.")
     preview_every: int = _f(500, "Save an image every N steps", "Preview image into the run folder; 0 = off.")
     preview_prompt: str = _f("", "Preview prompt", "Empty: the current training prompt.")
     preview_negative_prompt: str = _f("", "Preview negative prompt", "")
@@ -110,7 +112,7 @@ def _counts(c: TrainConfig) -> list[str]:
         value = getattr(c, name)
         if _is_int(value) and value < 1:
             out.append(f"{name} must be at least 1, not {value}")
-    for name in ("save_every", "preview_every", "csv_every", "nan_guard_snapshot_every",
+    for name in ("save_every", "save_keep_last", "preview_every", "csv_every", "nan_guard_snapshot_every",
                  "preview_width", "preview_height"):
         value = getattr(c, name)
         if _is_int(value) and value < 0:

@@ -6,7 +6,9 @@ A step itself lives in `finetune_core.train.step`; this module runs steps and do
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +16,7 @@ import torch
 
 from finetune_core.data.batch import TrainingData
 from finetune_core.data.cache import TextCache
-from finetune_core.errors import ArtifactError, ConfigError
+from finetune_core.errors import ArtifactError, ConfigError, StorageError
 from finetune_core.model.interface import DiffusionModel, SampleRequest, TrainingSession, TrainingSetup
 from finetune_core.train import randomness
 from finetune_core.train.config import TrainConfig, config_from_dict
@@ -128,7 +130,8 @@ class Trainer:
     def _prepare(self) -> None:
         """The preparation phase: the method's own (class images), then the latents, with progress and interrupt."""
         job = self.job
-        context = PrepareContext(job.model, job.run.path, job.model.sample, self._phase_progress, self.counters.seed)
+        context = PrepareContext(job.model, job.run.path, _without_grad(job.model.sample), self._phase_progress,
+                                 self.counters.seed)
         job.method.prepare(context)
         job.data.prepare(job.model, on_progress=lambda done, total: self._phase_progress("latents", done, total))
 
@@ -213,7 +216,7 @@ class Trainer:
             if rate is None or c.step >= total:
                 return False
             lr = rate * c.guard.lr_factor
-            set_learning_rate(ctx.optimizer, lr)
+            set_learning_rate(ctx.optimizer, lr, c.step, c.guard.lr_factor)
             outcome = train_step(ctx, c.attempt, c.step)
             c.attempt += 1
             if not outcome.ok:
@@ -273,10 +276,20 @@ class Trainer:
         return ArtifactMeta(self.job.output.name, self.counters.step, model.identity, model.family, settings)
 
     def _save_intermediate(self, ctx: StepContext) -> None:
-        run, step = self.job.run, self.counters.step
-        paths = self.job.method.write_artifact(run.artifacts_dir, f"{self.job.output.name}-{step}", self._meta(), True)
+        """An intermediate copy (the oldest beyond `save_keep_last` deleted) and the resume state. A copy the disk has
+        no room for is skipped with a warning: training goes on, and the final file is checked again."""
+        run, step, name = self.job.run, self.counters.step, self.job.output.name
+        try:
+            paths = self.job.method.write_artifact(run.artifacts_dir, f"{name}-{step}", self._meta(), True)
+        except StorageError as exc:
+            self.emit(Warning_(f"the copy at step {step} was not saved: {exc}; training goes on"))
+            paths = []
         self._save_state(ctx)
-        self.emit(ArtifactSaved(step, tuple(paths), final=False))
+        if paths:
+            self.emit(ArtifactSaved(step, tuple(paths), final=False))
+            removed = prune_copies(run.artifacts_dir, name, self.job.config.save_keep_last)
+            if removed:
+                logger.info("removed %d older copies: %s", len(removed), ", ".join(p.name for p in removed))
 
     def _save_state(self, ctx: StepContext) -> None:
         identity = self.job.model.identity
@@ -344,6 +357,32 @@ class Trainer:
                 "model": {"name": job.model.identity.name, "shorthash": job.model.identity.shorthash,
                           "family": job.model.family, "prediction_type": job.model.prediction_type},
                 "output": {"dir": str(job.output.final_dir), "name": job.output.name}}
+
+
+def _without_grad(sample: Callable[[SampleRequest], list[Any]]) -> Callable[[SampleRequest], list[Any]]:
+    """The host's sampler for a preparation phase: no graph is kept (trained weights require gradients then)."""
+    def call(request: SampleRequest) -> list[Any]:
+        with torch.no_grad():
+            return sample(request)
+    return call
+
+
+def prune_copies(folder: Path, name: str, keep: int) -> list[Path]:
+    """Delete the intermediate copies `<name>-<step>.*` in `folder` but those of the `keep` latest steps (0: keep
+    all); returns what went. Only files of that exact pattern: a user's own files there are never touched."""
+    if keep <= 0 or not Path(folder).is_dir():
+        return []
+    pattern = re.compile(re.escape(name) + r"-(\d+)\.[^/]+$")
+    by_step: dict[int, list[Path]] = {}
+    for path in Path(folder).iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_file():
+            by_step.setdefault(int(match.group(1)), []).append(path)
+    old = sorted(by_step)[:-keep]
+    removed = [path for step in old for path in by_step[step]]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def _restore_params(params: list[torch.Tensor], saved: list[torch.Tensor], where: Path) -> None:

@@ -7,6 +7,7 @@ use a rule of thumb (see `ACTIVATION_VALUES_PER_CELL`) that scales with batch ×
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from finetune_core.model.interface import DiffusionModel
 # Calibrated so SD1 at 512x512, batch 1, fp16 lands near the ~6 GB the WebUI's TI training is known to take.
 ACTIVATION_VALUES_PER_CELL = 1500
 CHECKPOINTING_FACTOR = 0.2  # gradient checkpointing keeps roughly a fifth of the activations
-ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32
+# Optimizer state bytes per trained value: Adam's two float32 moments; bitsandbytes' 8-bit AdamW keeps them in one
+# byte each (plus block scales, negligible); Lion one momentum; Prodigy two moments plus its s and p0 copies.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "lion": 4, "prodigy": 16, "sgd": 0}
 GIB = 1024 ** 3
 _DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
 
@@ -30,13 +33,24 @@ class MemoryNeeds:
 
     trainable: values it trains; each costs a float32 master, a float32 gradient and the optimizer's state.
     replaces_model_weights: the trained values are the model's own weights (DreamBooth), so they are not also
-        counted among the frozen weights.
+        counted among the frozen weights; under fp16/bf16 autocast each also has a half-precision copy (autocast
+        caches the cast of every trained weight for the forward and backward).
     extra_bytes: anything else it keeps on the device (an EMA copy, a discriminator, decoded images, ...).
+    batch_factor: samples per dataset image in one forward (2 with prior preservation: each instance image has a
+        class image beside it in the same UNet pass).
+    artifact_bytes: size of one artefact file, for the disk checks (0: the trainable values in float32).
     """
 
     trainable: int
     replaces_model_weights: bool = False
     extra_bytes: int = 0
+    batch_factor: int = 1
+    artifact_bytes: int = 0
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes one artefact file takes on disk."""
+        return self.artifact_bytes or 4 * self.trainable
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,8 @@ class MemoryPlan:
     height: int = 512
     precision: str = "fp16"  # the asked autocast: fp32 / fp16 / bf16
     gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    momentum: float = 0.0  # sgd keeps a momentum buffer only when this is set
 
 
 @dataclass(frozen=True)
@@ -123,10 +139,10 @@ def unet_base_channels(model: DiffusionModel) -> int:
 
 
 def activation_bytes(plan: MemoryPlan, base_channels: int, vae_scale: int = 8,
-                     compute: torch.dtype | None = None) -> int:
+                     compute: torch.dtype | None = None, batch_factor: int = 1) -> int:
     """Rule of thumb: batch × latent cells × base channels × ACTIVATION_VALUES_PER_CELL values of the compute dtype."""
     cells = (plan.width // vae_scale) * (plan.height // vae_scale)
-    values = plan.batch_size * cells * base_channels * ACTIVATION_VALUES_PER_CELL
+    values = plan.batch_size * batch_factor * cells * base_channels * ACTIVATION_VALUES_PER_CELL
     if plan.gradient_checkpointing:
         values = int(values * CHECKPOINTING_FACTOR)
     itemsize = dtype_bytes(plan.precision) if compute is None else torch.empty((), dtype=compute).element_size()
@@ -157,26 +173,40 @@ def estimate_memory(model: DiffusionModel, needs: MemoryNeeds, plan: MemoryPlan,
 
     dtype_bytes(plan.precision)  # a ConfigError for an unknown precision
     stored = model.dtype
+    compute = compute_dtype(plan.precision, stored)
     frozen = model_parameters(model) - (needs.trainable if needs.replaces_model_weights else 0)
     params = frozen * torch.empty((), dtype=stored).element_size() + needs.trainable * 4
+    if needs.replaces_model_weights and compute != torch.float32:
+        params += needs.trainable * torch.empty((), dtype=compute).element_size()  # autocast's cast cache
     grads = needs.trainable * 4
-    optimizer = needs.trainable * 4 * ADAM_STATES
-    compute = compute_dtype(plan.precision, stored)
-    activations = activation_bytes(plan, unet_base_channels(model), model.vae_scale, compute) + needs.extra_bytes
+    optimizer = needs.trainable * optimizer_state_bytes(plan)
+    activations = activation_bytes(plan, unet_base_channels(model), model.vae_scale, compute, needs.batch_factor)
+    activations += needs.extra_bytes
     total = params + grads + optimizer + activations
     if device_total == -1:
         device_total = device_memory(model.device)
     return MemoryEstimate(params, grads, optimizer, activations, total, device_total,
-                          suggest(plan, total, device_total))
+                          suggest(plan, total, device_total, optimizer))
 
 
-def suggest(plan: MemoryPlan, total: int, device_total: int | None) -> str:
+def optimizer_state_bytes(plan: MemoryPlan) -> int:
+    """Bytes of optimizer state per trained value for the plan's optimizer (ConfigError for an unknown one)."""
+    if plan.optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ConfigError(f"optimizer '{plan.optimizer}' is unknown; use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
+    if plan.optimizer == "sgd":
+        return 4 if plan.momentum else 0
+    return OPTIMIZER_STATE_BYTES[plan.optimizer]
+
+
+def suggest(plan: MemoryPlan, total: int, device_total: int | None, optimizer_bytes: int = 0) -> str:
     """What to change when `total` will not fit (or barely fits) in `device_total`."""
     if device_total is None or total <= 0.9 * device_total:
         return ""
     steps = []
     if not plan.gradient_checkpointing:
         steps.append("turn on gradient checkpointing")
+    if plan.optimizer in ("adamw", "adam") and optimizer_bytes > total // 10:
+        steps.append("use the adamw8bit optimizer (needs the bitsandbytes package)")
     if plan.precision in ("fp32", "float32"):
         steps.append("train in fp16 or bf16")
     if plan.batch_size > 1:
@@ -187,3 +217,36 @@ def suggest(plan: MemoryPlan, total: int, device_total: int | None) -> str:
         steps.append("use --medvram in the WebUI or a smaller model")
     verdict = "exceeds" if total > device_total else "is close to"
     return f"This {verdict} the device's memory: " + "; ".join(steps) + "."
+
+
+FIT_GIB = (8, 12, 16, 24)  # the usual consumer cards
+FULL_SIZE = (("sd1", "SD1.5"), ("sdxl", "SDXL"))
+
+
+def full_size_fits(needs_for: Callable[[DiffusionModel], MemoryNeeds], plan: MemoryPlan) -> dict[str, MemoryEstimate]:
+    """The estimate for the full-size SD1.5 and SDXL architectures (built on the meta device: shapes, no memory),
+    with frozen weights stored in the precision the plan computes in, as a GPU user loads them."""
+    from finetune_core.model.full_size import full_size_meta
+    from finetune_core.model.session import PRECISIONS
+
+    out = {}
+    for family, label in FULL_SIZE:
+        model = full_size_meta(family, PRECISIONS.get(plan.precision, torch.float32))
+        out[label] = estimate_memory(model, needs_for(model), plan, device_total=None)
+    return out
+
+
+def describe_fits(estimates: dict[str, MemoryEstimate]) -> str:
+    """'SD1.5 ≈9.1 GiB: fits 12, 16, 24 GB (not 8 GB). SDXL ≈27.9 GiB: fits none of 8, 12, 16, 24 GB.'"""
+    parts = []
+    for label, estimate in estimates.items():
+        fits = [size for size in FIT_GIB if estimate.total <= size * GIB * 0.95]  # the driver keeps a little
+        if len(fits) == len(FIT_GIB):
+            verdict = f"fits {', '.join(map(str, FIT_GIB))} GB"
+        elif fits:
+            misses = [size for size in FIT_GIB if size not in fits]
+            verdict = f"fits {', '.join(map(str, fits))} GB (not {', '.join(map(str, misses))} GB)"
+        else:
+            verdict = f"fits none of {', '.join(map(str, FIT_GIB))} GB"
+        parts.append(f"{label} ≈{_gib(estimate.total)}: {verdict}")
+    return "With these settings, the full-size models: " + "; ".join(parts) + "."

@@ -14,7 +14,8 @@ from finetune_core.errors import ConfigError
 from finetune_core.model.interface import EPSILON, V_PREDICTION
 from finetune_core.model.schedule import add_noise, snr, velocity_target
 
-__all__ = ["add_noise", "min_snr_weights", "sample_noise", "sample_timesteps", "training_target", "weighted_mse"]
+__all__ = ["add_noise", "min_snr_weights", "per_sample_mse", "sample_noise", "sample_timesteps", "training_target",
+           "weighted_mse"]
 
 
 def sample_timesteps(generators: list[torch.Generator], num_timesteps: int) -> torch.Tensor:
@@ -65,10 +66,16 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, loss_weight: torch.Te
     loss_weight: (B, 1, h, w) element weights (the WebUI's PNG-alpha `weighted_loss`); snr_weight: (B,).
     fp32 as diffusers does (`F.mse_loss(pred.float(), target.float())`): fp16 squares overflow.
     """
+    return per_sample_mse(pred, target, loss_weight, snr_weight).mean()
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, loss_weight: torch.Tensor | None = None,
+                   snr_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`weighted_mse` before the batch mean: one float32 value per sample, shape (B,)."""
     err = (pred.float() - target.float()) ** 2
     if loss_weight is not None:
         err = err * loss_weight.to(err.device, torch.float32)
     per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
     if snr_weight is not None:
         per_sample = per_sample * snr_weight.to(per_sample.device, torch.float32)
-    return per_sample.mean()
+    return per_sample

@@ -14,6 +14,7 @@ import torch
 
 from finetune_core.errors import ConfigError
 from finetune_core.train.config import TrainConfig
+from finetune_core.train.schedule import parse_schedule, rate_at
 
 if TYPE_CHECKING:  # train sits below methods: the protocol types are for hints only
     from finetune_core.train.method import ParamGroup
@@ -52,8 +53,12 @@ def build_optimizer(groups: list[ParamGroup], config: TrainConfig, base_lr: floa
         decay = config.weight_decay
         if decay is None:
             decay = group.weight_decay if group.weight_decay is not None else _DEFAULT_DECAY[config.optimizer]
+        own = [list(segment) for segment in parse_schedule(group.learning_rate, config.steps,
+                                                             f"{group.name} learning rate")] \
+            if group.learning_rate else []
         param_groups.append({"params": list(group.params), "lr": base_lr * group.lr_scale,
-                             "weight_decay": decay, "lr_scale": group.lr_scale, "name": group.name})
+                             "weight_decay": decay, "lr_scale": group.lr_scale, "name": group.name,
+                             "schedule": own, "stop_step": group.stop_step})
     if config.optimizer == "sgd":
         return cls(param_groups, lr=base_lr, momentum=config.momentum)
     betas = (config.adam_beta1, config.adam_beta2)
@@ -62,10 +67,26 @@ def build_optimizer(groups: list[ParamGroup], config: TrainConfig, base_lr: floa
     return cls(param_groups, lr=base_lr, betas=betas, eps=config.adam_epsilon)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:
-    """Write rate x the group's lr_scale into every param group (the WebUI writes one rate to all groups)."""
+def set_learning_rate(optimizer: torch.optim.Optimizer, rate: float, step: int = 0, factor: float = 1.0) -> None:
+    """Write the rate of the step after `step` into every param group: the run's `rate` x the group's lr_scale (the
+    WebUI writes one rate to all groups), or the group's own schedule x `factor` (the NaN guard's lowering).
+
+    A group whose own schedule ran out, or past its stop step, is frozen: lr 0 and no gradients for its parameters,
+    so backward skips it and the optimizer (which skips parameters without a gradient) leaves it as it is.
+    """
     for group in optimizer.param_groups:
-        group["lr"] = rate * group.get("lr_scale", 1.0)
+        own = group.get("schedule") or []
+        group_rate: float | None = rate * group.get("lr_scale", 1.0)
+        if own:
+            own_rate = rate_at([(float(r), int(end)) for r, end in own], step)
+            group_rate = None if own_rate is None else own_rate * factor
+        stop = int(group.get("stop_step") or 0)
+        active = group_rate is not None and not (stop and step >= stop)
+        group["lr"] = group_rate if active and group_rate is not None else 0.0
+        for param in group["params"]:
+            if param.requires_grad != active:
+                param.requires_grad_(active)
+                param.grad = None
 
 
 def clip_gradients(params: list[torch.Tensor], mode: str, value: float) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from finetune_core.errors import ConfigError, FinetuneError
 from finetune_core.preflight import memory_plan
 from finetune_core.service import TrainRequest
-from finetune_core.train.memory import estimate_memory
+from finetune_core.train.memory import describe_fits, estimate_memory, full_size_fits
 from finetune_core.ui import presets
 from finetune_core.ui.dataset_view import lint_html, steps_arithmetic
 from finetune_core.ui.host import Host
@@ -102,7 +102,8 @@ class MethodActions:
         config = build_config(spec.config_type, form_defaults(self.method)["method"], typed["method"], spec.label)
         model = self.host.get_model()
         plan = memory_plan(typed["data"], typed["train"])
-        return estimate_memory(model, spec.memory(model, config), plan).describe()
+        here = estimate_memory(model, spec.memory(model, config), plan).describe()
+        return f"{here} {describe_fits(full_size_fits(lambda m: spec.memory(m, config), plan))}"
 
     def create(self, name: str, settings: dict[str, Any], create_specs: list[FieldSpec], overwrite: bool) -> str:
         """Create an empty artefact; returns a message naming the files."""

@@ -388,3 +388,58 @@ def test_diffusers_own_single_file_converters_read_what_we_write(family_componen
         assert set(got) == set(expected), (name, sorted(set(got) ^ set(expected))[:4])
         for key, value in expected.items():
             assert torch.equal(got[key].reshape(value.shape), value), (name, key)
+
+
+def test_round_trip_ldm_diffusers_ldm_is_tensor_equal_but_for_what_diffusers_drops(family_components):
+    """From the LDM side: every key comes back bit-identical except the documented SD2 exceptions (OpenCLIP's last
+    layer, text_projection and logit_scale, which SD2 never uses) and the LDM-only schedule buffers and EMA."""
+    family, components = family_components
+    ldm = diffusers_to_ldm(components, family)
+    extra = {"alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.999)}
+    if family == "sd2":
+        extra.update({k.replace("resblocks.1.", "resblocks.23."): v.clone() for k, v in ldm.items()
+                      if ".resblocks.1." in k})
+        extra["cond_stage_model.model.text_projection"] = torch.randn(16, 16)
+        extra["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
+    back = diffusers_to_ldm(ldm_to_diffusers({**ldm, **extra}, family), family)
+    assert set(back) == set(ldm)
+    assert all(back[k].dtype == ldm[k].dtype and torch.equal(back[k], ldm[k]) for k in ldm)
+
+
+def test_over_source_carries_every_untrained_entry_exactly(tmp_path):
+    from finetune_core.formats.checkpoint import over_source, read_tensors, tensor_shapes, webui_key
+
+    source = {"model.diffusion_model.out.2.weight": torch.randn(4, 8), "first_stage_model.decoder.conv_in.bias":
+              torch.randn(3).half(), "alphas_cumprod": torch.rand(10, dtype=torch.float64),
+              "cond_stage_model.transformer.embeddings.position_ids": torch.arange(5)[None],
+              "cond_stage_model.transformer.final_layer_norm.weight": torch.randn(2)}
+    path = write_checkpoint(source, tmp_path / "src.safetensors")
+    assert tensor_shapes(path)["model.diffusion_model.out.2.weight"] == (4, 8)
+    assert set(read_tensors(path, lambda k: k.startswith("first"))) == {"first_stage_model.decoder.conv_in.bias"}
+    trained = {"model.diffusion_model.out.2.weight": torch.zeros(4, 8).half(),
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(2)}
+    assert webui_key("cond_stage_model.transformer.final_layer_norm.weight") in trained
+    merged = over_source(trained, path)
+    # the old-style text key is replaced by the trained new-style one; everything else is as stored
+    assert set(merged) == {*source, *trained} - {"cond_stage_model.transformer.final_layer_norm.weight"}
+    for key in ("first_stage_model.decoder.conv_in.bias", "alphas_cumprod",
+                "cond_stage_model.transformer.embeddings.position_ids"):
+        assert merged[key].dtype == source[key].dtype and torch.equal(merged[key], source[key])
+    assert torch.equal(merged["model.diffusion_model.out.2.weight"], trained["model.diffusion_model.out.2.weight"])
+
+
+def test_a_write_the_disk_has_no_room_for_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from finetune_core.errors import StorageError
+
+    existing = write_checkpoint({"model.diffusion_model.x": torch.ones(2)}, tmp_path / "keep.safetensors")
+    before = existing.read_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 1 << 20))
+    for name in ("keep.safetensors", "new.ckpt"):
+        with pytest.raises(StorageError, match="has 0.00 GiB free.*needs"):
+            write_checkpoint({"model.diffusion_model.x": torch.zeros(1 << 20)}, tmp_path / name, overwrite=True)
+    assert existing.read_bytes() == before and not (tmp_path / "new.ckpt").exists()
+    assert not list(tmp_path.glob(".*.tmp"))

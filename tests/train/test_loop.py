@@ -361,3 +361,56 @@ def test_the_session_gets_the_methods_modules_precision_and_checkpointing(tmp_pa
     train(tmp_path, config, model=model, method=Tuning())
     assert model.sessions == [TrainingSetup(("unet",), "bf16", False)]
     assert not any(p.requires_grad for p in model.conv.parameters())  # given back frozen, as it came
+
+
+def test_only_the_last_copies_are_kept(tmp_path: Path) -> None:
+    from finetune_core.train.loop import prune_copies
+
+    config = dataclasses.replace(BASE, save_every=1, save_keep_last=2)
+    (tmp_path / "run" / "artifacts").mkdir(parents=True)
+    mine = tmp_path / "run" / "artifacts" / "notes.txt"
+    mine.write_text("a user's file")
+    _result, _method, events = train(tmp_path, config)
+    saved = [e for e in events if isinstance(e, ArtifactSaved) and not e.final]
+    assert len(saved) == 6
+    left = sorted(p.name for p in (tmp_path / "run" / "artifacts").iterdir())
+    assert left == ["emb-5.pt", "emb-6.pt", "notes.txt"]
+    assert prune_copies(tmp_path / "run" / "artifacts", "emb", 0) == []  # 0 keeps every copy
+
+
+def test_a_copy_the_disk_has_no_room_for_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    from finetune_core.errors import StorageError
+
+    class FullDisk(FakeMethod):
+        def write_artifact(self, directory: Path, stem: str, meta: Any, overwrite: bool) -> list[Path]:
+            if "-" in stem:
+                raise StorageError(f"the disk of {directory} has 0.00 GiB free")
+            return super().write_artifact(directory, stem, meta, overwrite)
+
+    config = dataclasses.replace(BASE, save_every=2)
+    result, _method, events = train(tmp_path, config, method=FullDisk())
+    warnings = [e.message for e in events if isinstance(e, Warning_)]
+    assert len(warnings) == 3 and "the copy at step 2 was not saved" in warnings[0] and "goes on" in warnings[0]
+    assert result.step == 6 and result.artifacts[0].is_file()
+
+
+def test_the_preparation_phase_samples_without_a_graph(tmp_path: Path) -> None:
+    seen = []
+
+    class Sampling(FakeMethod):
+        def prepare(self, context: Any) -> None:
+            from finetune_core.model.interface import SampleRequest
+
+            context.sample(SampleRequest(("a",), ("",), width=64, height=64))
+            seen.append(torch.is_grad_enabled())
+
+    model = FakeModel()
+    original = model.sample
+
+    def sample(request: Any, *args: Any) -> Any:
+        seen.append(torch.is_grad_enabled())
+        return original(request, *args)
+
+    model.sample = sample  # type: ignore[method-assign]
+    train(tmp_path, method=Sampling(), model=model)
+    assert seen == [False, True]

@@ -60,3 +60,32 @@ def test_clipping_by_value_and_norm() -> None:
     assert gradients_finite([p])
     p.grad[0] = float("inf")
     assert not gradients_finite([p])
+
+
+def test_a_group_with_its_own_schedule_or_stop_step_freezes_when_it_ends() -> None:
+    own = ParamGroup("te", [torch.zeros(2, requires_grad=True)], learning_rate="0.3:2, 0.1:4")
+    stopped = ParamGroup("stop", [torch.zeros(2, requires_grad=True)], lr_scale=2.0, stop_step=3)
+    optimizer = build_optimizer([*groups(), own, stopped], TrainConfig(steps=10), 0.1)
+    rates = []
+    for step in range(6):
+        set_learning_rate(optimizer, 0.01, step, factor=0.5)
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        flags = [g["params"][0].requires_grad for g in optimizer.param_groups]
+        assert flags == [True, True, step < 4, step < 3]
+    # the run's rate for a and b (x lr_scale); te its own schedule x the guard factor; stop x2 until step 3
+    assert rates[0] == pytest.approx([0.01, 0.005, 0.15, 0.02])
+    assert rates[2] == pytest.approx([0.01, 0.005, 0.05, 0.02])
+    assert rates[3] == pytest.approx([0.01, 0.005, 0.05, 0.0])
+    assert rates[4] == pytest.approx([0.01, 0.005, 0.0, 0.0])
+
+
+def test_a_frozen_group_gets_no_gradient_and_is_not_stepped() -> None:
+    keep = torch.ones(2, requires_grad=True)
+    frozen = torch.ones(2, requires_grad=True)
+    optimizer = build_optimizer([ParamGroup("keep", [keep]), ParamGroup("te", [frozen], stop_step=1)],
+                                TrainConfig(steps=5), 0.1)
+    set_learning_rate(optimizer, 0.1, step=1)
+    ((keep + frozen) ** 2).sum().backward()
+    optimizer.step()
+    assert frozen.grad is None and torch.equal(frozen.detach(), torch.ones(2))  # weight decay did not touch it
+    assert not torch.equal(keep.detach(), torch.ones(2))

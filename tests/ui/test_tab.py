@@ -93,3 +93,19 @@ def test_presets_round_trip_through_the_logs_folder(host: Any, fake_methods: dic
     assert (host.folders().logs / "presets").is_dir()
     with pytest.raises(ConfigError, match="does not exist"):
         actions.load_preset("other")
+
+
+def test_the_memory_estimate_says_which_cards_hold_full_size_models(host: Any, tiny_model: Any) -> None:
+    from finetune_core import service
+    from finetune_core.methods import METHODS
+
+    host.model = tiny_model("tiny-sd1")
+    spec = METHODS["dreambooth"]
+    actions = MethodActions(host, JobRunner(host), service, spec.key, spec.output_kind,
+                            method_sections(spec, service))
+    values = {"method": {"prior_preservation": True, "class_prompt": "a dog"},
+              "data": {"data_dir": "d", "width": 512, "height": 512},
+              "train": {"precision": "fp16", "optimizer": "adamw8bit", "gradient_checkpointing": True}}
+    text = actions.estimate(values)
+    assert text.startswith("Estimated peak memory") and "With these settings, the full-size models: SD1.5 ≈" in text
+    assert "SDXL ≈" in text and "fits" in text

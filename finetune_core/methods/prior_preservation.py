@@ -1,0 +1,171 @@
+"""Prior preservation (methods.md §6.1), for any method that trains the model's weights (DreamBooth; LoRA in its
+DreamBooth mode): class images made by the model being trained, paired with the instance images in one UNet pass,
+and the loss `instance MSE + λ · class MSE`.
+
+How a method uses it (DreamBooth does exactly this):
+- its config inherits `PriorPreservationSettings` (the fields, their form metadata, `prior_problems()`), listed
+  first among the bases so the method's own fields come first in forms:
+  `class MyConfig(PriorPreservationSettings, MySettings)`;
+- its registry line sets `resolve=resolve_class_folder` (the default class folder and the class image size filled
+  in, the user's own class images checked, all before any model loads) and a `data` builder that returns
+  `paired_images(config, dataset_config, prompt_lines, placeholder)` (instance images alone when it is off);
+- its `prepare(context)` calls `generate_class_images(context, settings)` (missing images made through the host's
+  sampler, with progress and interrupt; matching ones reused);
+- its `loss` calls `prior_loss(pred, batch, settings.prior_loss_weight)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune_core.data.class_images import ClassFolder, ClassImageRequest, check_own_images, class_records
+from finetune_core.data.config import DatasetConfig
+from finetune_core.data.dataset import ImageDataset
+from finetune_core.data.paired import IS_CLASS, PairedDataset
+from finetune_core.data.scan import ImageRecord
+from finetune_core.errors import DatasetError, StorageError
+from finetune_core.model.interface import DiffusionModel, SampleRequest
+from finetune_core.train.batch import TrainBatch
+from finetune_core.train.method import PrepareContext
+from finetune_core.train.objective import per_sample_mse
+
+CLASS_FOLDERS = "class_images"  # under the method's own log folder, one subfolder per class prompt
+
+
+def _f(default: Any, label: str, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"label": label, "help": help, **extra})
+
+
+@dataclass(frozen=True)
+class PriorPreservationSettings:
+    """The prior-preservation fields a method's config inherits."""
+
+    prior_preservation: bool = _f(False, "Prior preservation", "Also train on class images the model makes from "
+                                  "the class prompt, so the class keeps its look (less overfitting and drift).")
+    class_prompt: str = _f("", "Class prompt", "What the class images show, without the instance token, e.g. "
+                           "'a photo of a dog'; [filewords] becomes a class image's caption.")
+    class_negative_prompt: str = _f("", "Class negative prompt", "Negative prompt for making class images.")
+    class_images: int = _f(100, "Class images", "How many class images to train with (200-300 is common); missing "
+                           "ones are made before step 1 and kept for the next run.")
+    class_data_dir: str = _f("", "Class image folder", "Where class images are kept; your own images there are "
+                             "used too. Empty: a folder per class prompt in the run logs' class_images/.")
+    prior_loss_weight: float = _f(1.0, "Prior loss weight", "λ in instance loss + λ · class loss.")
+    class_steps: int = _f(30, "Class image sampling steps", "", advanced=True)
+    class_cfg_scale: float = _f(7.5, "Class image CFG scale", "", advanced=True)
+    class_sampler: str = _f("DPM++ 2M", "Class image sampler", "A sampler name as in the WebUI's txt2img.",
+                            advanced=True)
+    class_seed: int = _f(0, "Class image seed", "Image i gets a seed from this one.", advanced=True)
+    class_batch_size: int = _f(4, "Class image batch size", "Images made per sampler call.", advanced=True)
+    # Set from the training size when a request is planned (not a form field): class images are made at that size.
+    class_width: int = _f(0, "Class image width", "", hidden=True)
+    class_height: int = _f(0, "Class image height", "", hidden=True)
+
+    def prior_problems(self) -> list[str]:
+        """Every problem of the prior-preservation fields (checked only when it is on)."""
+        if not self.prior_preservation:
+            return []
+        problems = []
+        if not self.class_prompt.strip():
+            problems.append("prior preservation is on but the class prompt is empty; describe the class (e.g. "
+                            "'a photo of a dog') or turn prior preservation off")
+        if self.class_images < 1:
+            problems.append(f"prior preservation needs class images, but the class image count is "
+                            f"{self.class_images}; use 1 or more (200-300 is common) or turn prior preservation off")
+        if "[name]" in self.class_prompt:
+            problems.append("the class prompt contains [name] (the instance token); class images show the class "
+                            "without your subject, so leave it out")
+        for name, low in (("class_steps", 1), ("class_batch_size", 1), ("class_seed", 0)):
+            if getattr(self, name) < low:
+                problems.append(f"{name} must be at least {low}, not {getattr(self, name)}")
+        if self.class_cfg_scale < 0 or self.prior_loss_weight < 0:
+            problems.append("class_cfg_scale and prior_loss_weight must be 0 or more")
+        return problems
+
+
+def class_request(settings: PriorPreservationSettings, model: DiffusionModel) -> ClassImageRequest:
+    """The generation settings of the class images, with the model that makes them."""
+    return ClassImageRequest(prompt=settings.class_prompt.replace("[filewords]", "").strip(),
+                             negative_prompt=settings.class_negative_prompt, steps=settings.class_steps,
+                             cfg_scale=settings.class_cfg_scale, sampler=settings.class_sampler,
+                             seed=settings.class_seed, width=settings.class_width, height=settings.class_height,
+                             model_name=model.identity.name, model_hash=model.identity.shorthash)
+
+
+def resolve_class_folder(settings: Any, data: DatasetConfig, method_folder: Path) -> Any:
+    """`MethodSpec.resolve`: the class folder (default: `<method logs>/class_images/<class prompt>`) and the class
+    image size (the training size) filled in; the user's own class images checked. Changes nothing on disk."""
+    if not settings.prior_preservation:
+        return settings
+    folder = Path(settings.class_data_dir) if settings.class_data_dir.strip() else \
+        Path(method_folder) / CLASS_FOLDERS / _folder_name(settings.class_prompt)
+    if folder.exists() and not folder.is_dir():
+        raise StorageError(f"the class image folder {folder} is a file; choose a folder")
+    check_own_images(folder, data.width, data.height)
+    return dataclasses.replace(settings, class_data_dir=str(folder), class_width=data.width,
+                               class_height=data.height)
+
+
+def _folder_name(prompt: str) -> str:
+    words = re.sub(r"[^A-Za-z0-9]+", "_", prompt.replace("[filewords]", "")).strip("_").lower()
+    return words[:60] or "class"
+
+
+def generate_class_images(context: PrepareContext, settings: PriorPreservationSettings) -> list[Path]:
+    """Make the class images still missing with the host's sampler (batches; progress after each, which raises
+    when the job is interrupted: what was made is kept); returns the new files."""
+    if not settings.prior_preservation:
+        return []
+    folder = ClassFolder(Path(settings.class_data_dir))
+    request = class_request(settings, context.model)
+    have = folder.usable(request, settings.class_images)
+    missing = settings.class_images - len(have)
+    made: list[Path] = []
+    taken = set(folder.generated(request))
+    free = [i for i in range(settings.class_images + len(taken)) if i not in taken][:max(0, missing)]
+    context.progress("class images", 0, max(0, missing))
+    for start in range(0, len(free), settings.class_batch_size):
+        indices = free[start:start + settings.class_batch_size]
+        images = context.sample(SampleRequest(
+            (request.prompt,) * len(indices), (request.negative_prompt,) * len(indices), steps=request.steps,
+            cfg_scale=request.cfg_scale, width=request.width, height=request.height,
+            seed=request.seed + indices[0], sampler=request.sampler))
+        for index, image in zip(indices, images):
+            made += folder.save(request, [image], index)
+        context.progress("class images", len(made), len(free))
+    return made
+
+
+def paired_images(settings: PriorPreservationSettings, data: DatasetConfig, lines: list[str] | None,
+                  placeholder: str) -> ImageDataset | PairedDataset:
+    """The training data: the instance images (prompt `lines`, else the template), paired with the class images
+    when prior preservation is on."""
+    instances = ImageDataset(data, placeholder=placeholder, lines=lines)
+    if not settings.prior_preservation:
+        return instances
+
+    def records(model: DiffusionModel) -> list[ImageRecord]:
+        folder = ClassFolder(Path(settings.class_data_dir))
+        paths = folder.usable(class_request(settings, model), settings.class_images)
+        if not paths:
+            raise DatasetError(f"the class folder {settings.class_data_dir} has no class images for this model "
+                               f"and class prompt; let them be generated (class image count above 0)")
+        return class_records(folder.folder, paths)
+
+    return PairedDataset(instances, records, [settings.class_prompt])
+
+
+def prior_loss(pred: torch.Tensor, batch: TrainBatch, prior_weight: float) -> torch.Tensor:
+    """instance MSE + λ · class MSE, each the mean over its own samples (per-sample alpha and SNR weights kept);
+    a batch without class samples gives the plain loss."""
+    per_sample = per_sample_mse(pred, batch.target, batch.loss_weight, batch.snr_weight)
+    flags = batch.data.extras.get(IS_CLASS)
+    if not flags or not any(flags):
+        return per_sample.mean()
+    is_class = torch.tensor(flags, device=per_sample.device)
+    return per_sample[~is_class].mean() + prior_weight * per_sample[is_class].mean()
