@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_core.methods import hypernetwork, textual_inversion
+from finetune_core.methods import dreamartist, hypernetwork, textual_inversion
 from finetune_core.methods.base import Method
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train.memory import MemoryNeeds
@@ -53,4 +53,12 @@ METHODS: dict[str, MethodSpec] = {
         hypernetwork.build, hypernetwork.create_file, hypernetwork.memory_needs,
         data_defaults={"template": "hypernetwork.txt"},
         train_defaults={"learning_rate": "0.00001"}),
+    "dreamartist": MethodSpec(
+        "dreamartist", "DreamArtist (APT)", dreamartist.DreamArtistConfig, dreamartist.DreamArtistCreate,
+        "embeddings", "dream_artist",
+        "A word NAME and its negative NAME-neg learned together under guidance, often from one image; use NAME in "
+        "the prompt and NAME-neg in the negative prompt.",
+        dreamartist.build, dreamartist.create_file, dreamartist.memory_needs,
+        data_defaults={"template": "subject.txt", "attention_masks": True},
+        train_defaults={"learning_rate": "0.003", "steps": 8000}),
 }

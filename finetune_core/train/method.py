@@ -29,12 +29,21 @@ from finetune_core.train.batch import TrainBatch
 
 @dataclass
 class ParamGroup:
-    """Parameters that share a learning rate: the schedule's rate times `lr_scale`."""
+    """Parameters that share a learning rate: the schedule's rate times `lr_scale` (kept at every schedule change).
+
+    clip_norm: above 0, the group's gradient norm is clipped to it at every step (after the run's own clipping).
+    ema_decay: below 1, the loop keeps an exponential moving average of the group after every step,
+        avg = decay * avg + (1 - decay) * param, saved with the resume state.
+    ema_every: with an average, every N steps it replaces the live parameters (DreamArtist's EMA); 0: never.
+    """
 
     name: str
     params: list[torch.Tensor]
     lr_scale: float = 1.0
     weight_decay: float | None = None  # None: the optimizer's setting
+    clip_norm: float = 0.0
+    ema_decay: float = 1.0
+    ema_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,9 @@ class Method(ABC):
     name: str  # registry key, e.g. "textual-inversion"
     caches_text: bool  # True when prompts can be encoded once without gradients (frozen text encoders)
     trains: tuple[str, ...] = ()  # model modules whose own weights train ("unet", "text_encoder", ...)
+    # True when `loss` decodes latents with gradients (a reconstruction loss): with gradient checkpointing on, the
+    # loop then asks the model's training session to checkpoint the VAE decoder too.
+    decodes_latents: bool = False
     state_policy: StatePolicy = StatePolicy()
 
     @property
