@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[standalone,test]'
-	# The CLIP BPE vocabulary only; its torchvision/timm dependencies would pull a second torch.
+	# The CLIP BPE vocabulary only (its own dependencies are not used).
 	$(PY) -m pip install -q --no-deps "open_clip_torch>=2.20"
 	touch $@
 

@@ -92,12 +92,30 @@ def request_settings(spec_model: str, method: str, settings: dict[str, Any], ste
 
     size = default_size(spec_model)
     # `--set` / `--compare` values are command-line text: typed here, as the CLI types its flags.
-    sections = {name: coerce_settings(config_type, settings.get("sections", {}).get(name, {}), name, from_text=True)
+    sections = {name: coerce_settings(config_type, switches(config_type, settings.get("sections", {}).get(name, {})),
+                                      name, from_text=True)
                 for name, config_type in (("method", METHODS[method].config_type), ("data", DatasetConfig),
                                           ("train", TrainConfig))}
     data = {"data_dir": str(EXAMPLES), "width": size, "height": size, "template": "style.txt", **sections["data"]}
     train = {"preview_every": 0, "save_every": 0, "csv_every": 0, **sections["train"], "steps": steps}
     return {"method": sections["method"], "data": data, "train": train}
+
+
+_SWITCH = {"true": True, "on": True, "false": False, "off": False}
+
+
+def switches(config_type: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`name=true` / `name=false` (or on/off) for a yes/no setting, as the command line's --flag / --no-flag: the
+    coercer never turns text into a truth value, so the bench's own syntax does it here; other text stays text and
+    is refused there."""
+    from finetune_core.settings import field_kinds
+
+    kinds = field_kinds(config_type)
+    out = dict(values)
+    for name, value in values.items():
+        if name in kinds and kinds[name][0] == "bool" and isinstance(value, str):
+            out[name] = _SWITCH.get(value.strip().lower(), value)
+    return out
 
 
 class _Recorder:
