@@ -65,3 +65,26 @@ def test_the_pair_trains_and_generates_in_the_webui(family, webui, dataset, tmp_
     positive_only = _txt2img(sd, "a photo of tinyart", "")
     assert not torch.equal(with_both, plain) and not torch.equal(with_both, positive_only)
     assert same_weights(sd, before)
+
+
+@pytest.mark.parametrize("flag", ["medvram", "lowvram"])
+def test_reconstruction_under_low_vram_fires_no_hook_inside_a_step(flag, extension, webui, dataset, monkeypatch):
+    """The decode with gradients brings the VAE in by the placement, not by a low-VRAM hook inside a step."""
+    from test_webui_training import run, weights_checksum
+    from webui_runs import spy_on_steps
+
+    setattr(webui.cmd_opts, flag, True)
+    import tiny_webui_model
+
+    sd = tiny_webui_model.build_sd1()
+    checksum = weights_checksum(sd)
+    fired_inside, resident = spy_on_steps(monkeypatch)
+    request = service.TrainRequest(
+        "dreamartist", "lowart", {"num_vectors": 1, "neg_num_vectors": 2, "reconstruction": True},
+        {"data_dir": str(dataset), "width": 64, "height": 64},
+        {"steps": 2, "learning_rate": "0.01", "save_every": 0, "preview_every": 0, "csv_every": 0})
+    state, _ = run(extension, request)
+    assert state.status == "finished", (state.error, state.messages)
+    assert len(fired_inside) >= 2 and all(calls == [] for calls in fired_inside), fired_inside
+    assert resident and all(r["unet"] == "device" and r["text"] == "device" for r in resident)
+    assert weights_checksum(sd) == checksum
