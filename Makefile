@@ -1,11 +1,14 @@
 # Set-up and everyday commands. `make demo` trains an embedding on the built-in tiny model; `make test` runs the tests.
-# Both create the virtual environment on first use (torch is the small CPU build where one is on local disk).
+# Both create the virtual environment on first use. torch and torchvision are installed as one pair (timm, which
+# DreamArtist's discriminator uses, needs torchvision, and a torchvision built for another torch does not import).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WEBUI_VENV ?= .venv-webui
 WPY := $(WEBUI_VENV)/bin/python
-TORCH ?= torch==2.13.0
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+# The WebUI-pins venv: the WebUI's environment has no torchvision pair to test here, only torch.
+WEBUI_TORCH ?= torch==2.13.0
 OUT ?= outputs
 
 .PHONY: setup demo ui test test-webui-pins lint bench clean
@@ -15,9 +18,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[standalone,test]'
-	# The CLIP BPE vocabulary only; its torchvision/timm dependencies would pull a second torch.
+	# The CLIP BPE vocabulary only (its own dependencies are not used).
 	$(PY) -m pip install -q --no-deps "open_clip_torch>=2.20"
 	touch $@
 
@@ -40,7 +43,7 @@ test-webui-pins: $(WEBUI_VENV)/.installed
 $(WEBUI_VENV)/.installed: pyproject.toml
 	python3 -m venv $(WEBUI_VENV)
 	$(WPY) -m pip install -q --upgrade pip
-	$(WPY) -m pip install -q "$(TORCH)"
+	$(WPY) -m pip install -q "$(WEBUI_TORCH)"
 	$(WPY) -m pip install -q gradio==3.41.2 transformers==4.30.2 "pydantic<2" fastapi==0.94.0 numpy==1.26.2 \
 		safetensors==0.4.2 Pillow==9.5.0 httpx==0.24.1 pytest ftfy regex
 	$(WPY) -m pip install -q --no-deps open-clip-torch==2.20.0

@@ -19,7 +19,8 @@ from typing import Any
 from finetune_core.errors import FinetuneError
 
 # The flags issue #2 names, kept short; each maps to a settings field.
-ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "learning_rate": ["--lr"]}
+ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vectors": ["--neg-vectors"],
+           "learning_rate": ["--lr"]}
 SECTIONS = ("method", "data", "train")
 
 

@@ -171,6 +171,7 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
     overwrite = request.overwrite or (bool(continue_from) and _same_stem(continue_from, final_dir, name))
     if run_dir is None and not overwrite:
         refuse_same_name(final_dir, name, spec.output_kind)
+    method_checks(configs["method"], name, final_dir, overwrite or run_dir is not None)
     check_writable(final_dir, "output folder")
     check_writable(run_dir or folders.logs, "run folder")
     return Plan(request, spec, name, configs, final_dir, overwrite, run_dir, folders.logs)
@@ -194,14 +195,35 @@ def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: 
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
+    needs = getattr(configs["method"], "dataset_needs", None)
+    if needs is not None:  # settings the method cannot work without (DreamArtist's reconstruction: the pixels)
+        configs["data"] = dataclasses.replace(configs["data"], **needs())
     data = configs["data"] = _with_template_path(configs["data"], template_dirs)
     if getattr(spec.config_type, "needs_name_in_prompt", False):
         _require_name_in_template(data)
     images, _ = image_files(Path(data.data_dir), data.recursive)
+    if data.attention_masks:
+        _check_masks(data)
     if data.batch_size > len(images):
         raise DatasetError(f"the batch size {data.batch_size} is larger than the dataset: {data.data_dir} has "
                            f"{len(images)} image(s); lower the batch size to {len(images)} or add images")
     return configs
+
+
+def method_checks(config: Any, name: str, folder: Path, overwrite: bool) -> None:
+    """A method's own checks that need files but no model (`check_request` on its settings class, when it has one):
+    e.g. DreamArtist's second file and its discriminator file."""
+    check = getattr(config, "check_request", None)
+    if check is not None:
+        check(name, folder, overwrite)
+
+
+def _check_masks(data: Any) -> None:
+    """Every attention mask is a grayscale picture of its image's size (reads the masks)."""
+    from finetune_core.data.masks import check_mask
+    from finetune_core.data.scan import attention_masks
+    for image, mask in sorted(attention_masks(Path(data.data_dir), data.recursive).items()):
+        check_mask(mask, image)
 
 
 def _check_continue_from(reference: str, final_dir: Path, kind: str) -> None:

@@ -21,6 +21,7 @@ from finetune_core.request import (
     TrainRequest,
     build_config,
     form_defaults,
+    method_checks,
     method_spec,
     plan_request,
     request_from_json,
@@ -76,8 +77,10 @@ def validate_create(method: str, name: str, settings: Mapping[str, Any], folders
     clean = sanitize_name(coerce_value(name, "str", False, "name"))
     config = build_config(spec.create_type, form_defaults(method)["method"], settings, spec.label)
     folder = folders.for_kind(spec.output_kind)
-    if not coerce_value(overwrite, "bool", False, "overwrite"):
+    overwrite = coerce_value(overwrite, "bool", False, "overwrite")
+    if not overwrite:
         refuse_same_name(folder, clean, spec.output_kind)
+    method_checks(config, clean, folder, overwrite)
     check_writable(folder, "output folder")
     return spec.create, clean, config, folder
 

@@ -112,6 +112,9 @@ def request_settings(spec_model: str, method: str, settings: dict[str, Any], ste
     return {"method": sections["method"], "data": data, "train": train}
 
 
+_SWITCH = {"true": True, "on": True, "false": False, "off": False}
+
+
 class _Recorder:
     """The loop's event sink: step times, page faults, and the profiler/FLOP counter around chosen steps."""
 

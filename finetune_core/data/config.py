@@ -58,6 +58,9 @@ class DatasetConfig:
     recursive: bool = _setting(False, "Search subfolders", "Also use the images of subfolders.")
     use_alpha_weight: bool = _setting(False, "Use PNG alpha channel as loss weight", "Transparent areas count "
                                       "less in the loss (weight normalised to min 0, mean 1).")
+    attention_masks: bool = _setting(False, "Use attention masks", "A grayscale file <image>_att.<ext> next to an "
+                                     "image weighs its loss by area: black 0, mid-grey 1, white 5 (DreamArtist's "
+                                     "scale). Such files are never trained on as images.")
     keep_pixels: bool = _setting(False, "Keep pixels", "Keep the cropped images next to their latents (needed by "
                                  "DreamArtist's reconstruction loss).")
     filename_word_regex: str = _setting("", "Filename word regex", "When a caption comes from a file name, keep "

@@ -18,6 +18,7 @@ from finetune_core.data.buckets import RESIZE_BUCKETS, Size, make_buckets, targe
 from finetune_core.data.cache import LatentCache, latent_key, vae_identity
 from finetune_core.data.captions import augment_caption
 from finetune_core.data.config import DatasetConfig
+from finetune_core.data.masks import load_mask, mask_weight
 from finetune_core.data.scan import ImageRecord, scan_dataset
 from finetune_core.data.templates import draw_line, load_template, render_prompt
 from finetune_core.data.transforms import (
@@ -138,6 +139,9 @@ class ImageDataset:
         image = None
         if moments is None or cfg.keep_pixels or (cfg.use_alpha_weight and record.has_alpha):
             image = load_image(record.path)
+        mask = None
+        if cfg.attention_masks and record.mask is not None:  # resized, cropped and flipped as its image
+            mask = apply_plan(load_mask(record.mask, (record.width, record.height)), plan, flip)
         pixels = to_model_range(apply_plan(image.rgb, plan, flip)) if image is not None else None
         if moments is None:
             moments = self.cache.put(key, self._encode(model, pixels))
@@ -147,6 +151,9 @@ class ImageDataset:
             alpha = image.alpha if image is not None else None
             alpha = apply_plan(alpha, plan, flip) if alpha is not None else None
             weight = alpha_weight(alpha, mean.shape[-2], mean.shape[-1])
+        if cfg.attention_masks:  # both weights multiply; an image without a mask weighs 1
+            area = mask_weight(mask, *mean.shape[-2:]) if mask is not None else torch.ones(1, *mean.shape[-2:])
+            weight = area if weight is None else weight * area
         return PreparedSample(*self._sampled(mean, std, key), weight, pixels if cfg.keep_pixels else None)
 
     @staticmethod
@@ -205,11 +212,14 @@ class ImageDataset:
             latents=torch.stack([row[0] for row in rows]),
             prompts=[row[1] for row in rows],
             size_cond=torch.tensor([row[2] for row in rows], dtype=torch.float32),
-            loss_weight=torch.stack([row[3] for row in rows]) if self.config.use_alpha_weight else None,
+            loss_weight=torch.stack([row[3] for row in rows]) if self._weighted() else None,
             pixels=torch.stack([row[4] for row in rows]) if self.config.keep_pixels else None,
             image_paths=[str(self.records[record].path) for record in record_indices],
             extras={"flipped": [row[5] for row in rows]},
         )
+
+    def _weighted(self) -> bool:
+        return self.config.use_alpha_weight or self.config.attention_masks
 
     def _row(self, record_index: int, seed: int, index: int, slot: int) -> tuple:
         """One sample's latent, prompt, size conditioning, weight, pixels and flip for this step."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_core.data.captions import CAPTION_FROM_TXT, UTF8, caption_file, read_caption
+from finetune_core.data.masks import split_masks
 from finetune_core.data.transforms import IMAGE_EXTENSIONS, probe_image
 from finetune_core.errors import DatasetError
 
@@ -27,6 +28,7 @@ class ImageRecord:
     caption: str
     caption_source: str  # "txt" or "filename"
     caption_encoding: str = ""  # how the .txt caption was decoded ("utf-8", "utf-16", "cp1252", ...)
+    mask: Path | None = None  # its attention-mask file `<image>_att.<ext>`, when there is one
 
     @property
     def has_caption_file(self) -> bool:
@@ -44,16 +46,24 @@ class ScanResult:
 
 
 def find_files(folder: Path, recursive: bool) -> tuple[list[Path], int, int]:
-    """(image files sorted by path, number of .txt files, number of other files) in `folder`."""
+    """(image files sorted by path, number of .txt files, number of other files) in `folder`; attention-mask files
+    (`<image>_att.<ext>`) are neither images nor other files."""
     if not folder.exists():
         raise DatasetError(f"the dataset folder {folder} does not exist; check the path")
     if not folder.is_dir():
         raise DatasetError(f"the dataset path {folder} is a file, not a folder; give the folder of training images")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     files = sorted(p for p in candidates if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    pictures = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    images, _masks = split_masks(pictures)
     texts = sum(1 for p in files if p.suffix.lower() == ".txt")
-    return images, texts, len(files) - len(images) - texts
+    return images, texts, len(files) - len(pictures) - texts
+
+
+def attention_masks(folder: Path, recursive: bool) -> dict[Path, Path]:
+    """{training image: its attention-mask file} in `folder`."""
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return split_masks(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)[1]
 
 
 def image_files(folder: Path, recursive: bool = False) -> tuple[list[Path], int]:
@@ -72,6 +82,7 @@ def image_files(folder: Path, recursive: bool = False) -> tuple[list[Path], int]
 def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", join_string: str = " ") -> ScanResult:
     """Scan a dataset folder; unreadable images are skipped and named, an unusable folder is a DatasetError."""
     images, texts = image_files(folder, recursive)
+    masks = attention_masks(folder, recursive)
     result = ScanResult(folder, [], [], texts)
     for path in images:
         try:
@@ -84,7 +95,8 @@ def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", jo
             continue
         caption, source, encoding = read_caption(path, word_regex, join_string)
         result.records.append(ImageRecord(path, info.width, info.height, info.mode, info.has_alpha,
-                                          hashlib.sha256(data).hexdigest(), caption, source, encoding))
+                                          hashlib.sha256(data).hexdigest(), caption, source, encoding,
+                                          masks.get(path)))
     if not result.records:
         named = ", ".join(f"{p.name} ({why})" for p, why in result.unreadable)
         raise DatasetError(f"none of the {len(images)} images in the dataset folder {folder} could be read: "

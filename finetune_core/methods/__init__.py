@@ -9,7 +9,7 @@ from typing import Any
 
 from finetune_core.data.batch import TrainingData
 from finetune_core.data.config import DatasetConfig
-from finetune_core.methods import dreambooth, hypernetwork, lora, textual_inversion
+from finetune_core.methods import dreamartist, dreambooth, hypernetwork, lora, textual_inversion
 from finetune_core.methods.base import Method, image_dataset
 from finetune_core.methods.prior_preservation import resolve_class_folder
 from finetune_core.model.interface import DiffusionModel
@@ -71,6 +71,14 @@ METHODS: dict[str, MethodSpec] = {
         train_defaults={"learning_rate": "0.000005", "steps": 800, "save_every": 0, "preview_every": 200,
                         "csv_every": 50},
         data=dreambooth.training_data, resolve=resolve_class_folder, usual_max_lr=1e-3),
+    "dreamartist": MethodSpec(
+        "dreamartist", "DreamArtist (APT)", dreamartist.DreamArtistConfig, dreamartist.DreamArtistCreate,
+        "embeddings", "dream_artist",
+        "A word NAME and its negative NAME-neg learned together under guidance, often from one image; use NAME in "
+        "the prompt and NAME-neg in the negative prompt.",
+        dreamartist.build, dreamartist.create_file, dreamartist.memory_needs,
+        data_defaults={"template": "subject.txt", "attention_masks": True},
+        train_defaults={"learning_rate": "0.003", "steps": 8000}),
     "lora": MethodSpec(
         "lora", "LoRA", lora.LoraConfig, None, "loras", "lora",
         "Low-rank adapters on the UNet (and optionally the text encoders); the file <lora:NAME:1> loads.",

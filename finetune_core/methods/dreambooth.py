@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from finetune_core.methods.prior_preservation import (
 from finetune_core.model.interface import V_PREDICTION, DiffusionModel
 from finetune_core.settings import type_problems
 from finetune_core.train.batch import TrainBatch
-from finetune_core.train.ema import ParameterEMA
+from finetune_core.train.ema import Averaging
 from finetune_core.train.memory import MemoryNeeds, model_parameters
 from finetune_core.train.schedule import parse_schedule
 
@@ -109,8 +108,6 @@ class DreamBooth(Method):
         self.caches_text = not config.train_text_encoder
         # No in-memory copies of every weight for rollback; resume state only when asked (3x the UNet on disk).
         self.state_policy = StatePolicy(rollback_snapshots=False, resume_state=config.keep_resume_state)
-        self.ema: ParameterEMA | None = None
-        self._pending_ema: Mapping[str, torch.Tensor] | None = None
 
     @property
     def placeholder(self) -> str:
@@ -124,17 +121,16 @@ class DreamBooth(Method):
         return list(model.trainable_modules()["unet"].parameters())
 
     def trainable_parameters(self, model: DiffusionModel) -> list[ParamGroup]:
-        groups = [ParamGroup("unet", self._unet_params(model))]
+        # The average of the UNet is what the checkpoint holds (LitEma's warm-up, as LDM's own EMA).
+        ema = Averaging(self.config.ema_decay, warmup=True, on_cpu=self.config.ema_on_cpu, saved=True) \
+            if self.config.ema_decay else None
+        groups = [ParamGroup("unet", self._unet_params(model), ema=ema)]
         if self.config.train_text_encoder:
             modules = model.trainable_modules()
             params: list[torch.Tensor] = [p for name in self.trains if name != "unet"
                                           for p in modules[name].parameters()]
             groups.append(ParamGroup("text_encoder", params, learning_rate=self.config.text_encoder_lr,
                                      stop_step=self.config.text_encoder_steps))
-        if self.config.ema_decay and self.ema is None:
-            self.ema = ParameterEMA(groups[0].params, self.config.ema_decay, "cpu" if self.config.ema_on_cpu else None)
-            if self._pending_ema is not None:
-                self.ema.load_state_dict(self._pending_ema)
         return groups
 
     def prepare(self, context: PrepareContext) -> None:
@@ -145,19 +141,12 @@ class DreamBooth(Method):
         pred = model.predict(batch.noisy_latents, batch.timesteps, cond, batch.size_cond)
         return prior_loss(pred, batch, self.config.prior_loss_weight)
 
-    def after_step(self, model: DiffusionModel) -> None:
-        if self.ema is not None:
-            self.ema.update(self._unet_params(model))
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA (the weights themselves are the loop's parameters)."""
-        return {f"ema.{k}": v for k, v in self.ema.state_dict().items()} if self.ema is not None else {}
+        """Nothing of its own: the weights are the loop's parameters, their average the loop's too."""
+        return {}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        ema = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
-        self._pending_ema = ema or None  # applied once the EMA exists (trainable_parameters)
-        if self.ema is not None and ema:
-            self.ema.load_state_dict(ema)
+        pass
 
     def check(self, model: DiffusionModel) -> list[str]:
         return check_model(self.config, model)
@@ -190,9 +179,7 @@ class DreamBooth(Method):
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The checkpoint: the trained modules (the UNet's EMA when kept) in the save precision, over the source."""
         model = self.model
-        swap = self.ema.swapped_in(self._unet_params(model)) if self.ema is not None else nullcontext()
-        with swap:
-            trained = model.ldm_state_dict(self.trains)
+        trained = model.ldm_state_dict(self.trains)  # the loop has swapped the UNet's average in, when kept
         dtype = torch.float16 if self.config.save_precision == "fp16" else torch.float32
         trained = {k: v.to(dtype) if v.is_floating_point() else v for k, v in trained.items()}
         if _source_file(model) is not None:
@@ -204,7 +191,7 @@ class DreamBooth(Method):
         return {"sd_checkpoint": meta.model.shorthash, "sd_checkpoint_name": meta.model.name,
                 "finetune_method": self.name, "finetune_step": str(meta.step), "finetune_family": meta.family,
                 "finetune_prediction_type": self.model.prediction_type,
-                "finetune_ema": "true" if self.ema is not None else "false",
+                "finetune_ema": "true" if self.config.ema_decay else "false",
                 "finetune_settings": json.dumps(dict(meta.settings), default=str, sort_keys=True)}
 
 

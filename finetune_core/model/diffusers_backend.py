@@ -243,6 +243,8 @@ class DiffusersModel:
             stack.callback(weights.restore)
             if setup.gradient_checkpointing:
                 stack.enter_context(_checkpointing(self.unet, trained))
+            if setup.vae_gradient_checkpointing:
+                stack.enter_context(_switched_on(self.vae))
             yield TrainingSession(trained, compute, factory)
 
     def adapter_targets(self) -> dict[str, AdapterTarget]:
@@ -291,6 +293,18 @@ class DiffusersModel:
         components = {name: {k: v.detach().to("cpu") for k, v in available[name].state_dict().items()}
                       for name in modules}
         return diffusers_to_ldm(components, self.family)
+
+
+@contextmanager
+def _switched_on(model: Any) -> Iterator[None]:
+    """A diffusers model's own gradient checkpointing (the VAE: its decoder's mid and up blocks), then back off."""
+    was_on = bool(getattr(model, "is_gradient_checkpointing", False))
+    model.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if not was_on:
+            model.disable_gradient_checkpointing()
 
 
 @contextmanager

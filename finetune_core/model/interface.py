@@ -90,11 +90,14 @@ class TrainingSetup:
     precision: the autocast the job asks for ("fp32", "fp16", "bf16"); the model decides what the forward really
                computes in (a model stored in fp16 computes in fp16 whatever was asked).
     gradient_checkpointing: recompute the UNet's blocks in backward instead of keeping their activations.
+    vae_gradient_checkpointing: the same for the VAE decoder's blocks, for a loss that decodes latents with
+        gradients (`decode_latents(grad=True)`: a reconstruction loss at 512 px keeps gigabytes otherwise).
     """
 
     train: tuple[str, ...] = ()
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    vae_gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -323,6 +323,9 @@ class WebUIModel:
             stack.callback(weights.restore)
             if setup.gradient_checkpointing:
                 stack.enter_context(ws.checkpointed_blocks(self.sd_model.model.diffusion_model))
+            if setup.vae_gradient_checkpointing:
+                decoder = getattr(self.sd_model.first_stage_model, "decoder", self.sd_model.first_stage_model)
+                stack.enter_context(ws.checkpointed_blocks(decoder, ws.VAE_CHECKPOINTED_BLOCKS))
             stack.enter_context(ws.job_autocast(self._devices, factory))
             yield TrainingSession(trained, compute if supported else self.dtype, factory)
 

@@ -16,6 +16,9 @@ from finetune_core.errors import ModelMismatchError
 
 # The UNet blocks the WebUI's own `sd_hijack_checkpoint` checkpoints (ldm and sgm use the same class names).
 CHECKPOINTED_BLOCKS = ("ResBlock", "BasicTransformerBlock", "AttentionBlock")
+# The VAE decoder's blocks (ldm and sgm `diffusionmodules.model`; the WebUI swaps AttnBlock's forward at class level,
+# which the instance wrapper calls through).
+VAE_CHECKPOINTED_BLOCKS = ("ResnetBlock", "AttnBlock", "MemoryEfficientAttnBlock")
 _FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 
@@ -80,14 +83,15 @@ def unmerge_networks(sd_model: Any, lora: Any) -> int:
 
 
 @contextmanager
-def checkpointed_blocks(unet: torch.nn.Module) -> Iterator[int]:
-    """Gradient checkpointing on the UNet's residual and transformer blocks, by instance, undone on exit.
+def checkpointed_blocks(unet: torch.nn.Module, names: tuple[str, ...] = CHECKPOINTED_BLOCKS) -> Iterator[int]:
+    """Gradient checkpointing on the UNet's residual and transformer blocks (or the classes `names`), by instance,
+    undone on exit.
 
     Why not the WebUI's `sd_hijack_checkpoint`: it patches only ldm's classes (not sgm's, so not SDXL) and uses
     reentrant checkpointing, whose outputs need an input that requires grad; with the UNet frozen a hypernetwork's
     first blocks would then get no gradient. Non-reentrant checkpointing has neither limit.
     """
-    wrapped = [m for m in unet.modules() if type(m).__name__ in CHECKPOINTED_BLOCKS and "forward" not in vars(m)]
+    wrapped = [m for m in unet.modules() if type(m).__name__ in names and "forward" not in vars(m)]
     for module in wrapped:
         module.forward = _checkpointed(module.forward)
     try:

@@ -21,6 +21,7 @@ from finetune_core.model.interface import DiffusionModel, SampleRequest, Trainin
 from finetune_core.train import randomness
 from finetune_core.train.config import TrainConfig, config_from_dict
 from finetune_core.train.control import Control
+from finetune_core.train.ema import ParameterAverages
 from finetune_core.train.events import (
     ArtifactSaved,
     EventSink,
@@ -101,7 +102,8 @@ class Trainer:
         schedule = parse_schedule(config.learning_rate, config.steps)
         total = min(config.steps, end_step(schedule))
         self._check_steps_left(total)
-        setup = TrainingSetup(job.method.trains, config.precision, config.gradient_checkpointing)
+        setup = TrainingSetup(job.method.trains, config.precision, config.gradient_checkpointing,
+                              vae_gradient_checkpointing=config.gradient_checkpointing and job.method.decodes_latents)
         with job.model.training_session(setup) as session:
             try:
                 self._prepare()
@@ -111,7 +113,7 @@ class Trainer:
                 ctx = self._build_context(checkpoint, schedule, session)
                 guard = NanGuard(self.counters.guard, config.nan_guard_bad_steps, config.nan_guard_max_rollbacks,
                                  config.nan_guard_lr_factor, snapshots=job.method.state_policy.rollback_snapshots)
-                guard.take_snapshot(self.counters.step, ctx.params, ctx.optimizer, ctx.scaler)
+                guard.take_snapshot(self.counters.step, _kept(ctx), ctx.optimizer, ctx.scaler)
                 job.run.write_settings(self._settings())
                 self.emit(Started(job.run.path, total, self.counters.step))
                 interrupted = self._loop(ctx, guard, schedule, total)
@@ -190,17 +192,19 @@ class Trainer:
             p.requires_grad_(True)
         optimizer = build_optimizer(groups, config, rate_at(schedule, self.counters.step) or 0.0)
         scaler = make_grad_scaler(device, session.compute_dtype)
+        averages = ParameterAverages(groups)
         if checkpoint is not None:
             _restore_params(params, checkpoint["params"], job.run.path)
             optimizer.load_state_dict(checkpoint["optimizer"])
             if checkpoint.get("scaler"):
                 scaler.load_state_dict(checkpoint["scaler"])
+            averages.load_state_dict(checkpoint.get("averages", []))
         clip = parse_schedule(config.clip_grad_value, config.steps, "clip value") \
             if config.clip_grad_mode != "disabled" else []
         return StepContext(model, method, job.data, optimizer, scaler, params, self.counters.seed,
                            config.gradient_accumulation, session.autocast, config.min_snr_gamma,
                            config.noise_offset, config.clip_grad_mode, clip, model.alphas_cumprod().float(),
-                           TextCache() if method.caches_text else None)
+                           TextCache() if method.caches_text else None, averages)
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def _loop(self, ctx: StepContext, guard: NanGuard, schedule: list[tuple[float, int]], total: int) -> bool:
@@ -233,7 +237,7 @@ class Trainer:
         logger.warning("step %d skipped: %s (loss %s)", c.step + 1, outcome.reason, outcome.loss)
         if outcome.reason == OVERFLOW or not guard.record_bad():
             return
-        c.step = guard.rollback(ctx.params, ctx.optimizer, ctx.scaler)
+        c.step = guard.rollback(_kept(ctx), ctx.optimizer, ctx.scaler)
         c.csv_losses.clear()
         self.job.run.truncate_loss_rows(c.step)
         self.emit(Warning_(f"the loss or the gradients were not finite for {guard.bad_steps} steps in a row; "
@@ -255,9 +259,9 @@ class Trainer:
         if (config.save_every and c.step % config.save_every == 0) or control.save_requested:
             control.save_requested = False
             self._save_intermediate(ctx)
-            guard.take_snapshot(c.step, ctx.params, ctx.optimizer, ctx.scaler)
+            guard.take_snapshot(c.step, _kept(ctx), ctx.optimizer, ctx.scaler)
         elif config.nan_guard_snapshot_every and c.step % config.nan_guard_snapshot_every == 0:
-            guard.take_snapshot(c.step, ctx.params, ctx.optimizer, ctx.scaler)
+            guard.take_snapshot(c.step, _kept(ctx), ctx.optimizer, ctx.scaler)
         if (config.preview_every and c.step % config.preview_every == 0) or control.preview_requested:
             control.preview_requested = False
             self._preview(outcome)
@@ -280,7 +284,8 @@ class Trainer:
         no room for is skipped with a warning: training goes on, and the final file is checked again."""
         run, step, name = self.job.run, self.counters.step, self.job.output.name
         try:
-            paths = self.job.method.write_artifact(run.artifacts_dir, f"{name}-{step}", self._meta(), True)
+            with ctx.averages.swapped_in():
+                paths = self.job.method.write_artifact(run.artifacts_dir, f"{name}-{step}", self._meta(), True)
         except StorageError as exc:
             self.emit(Warning_(f"the copy at step {step} was not saved: {exc}; training goes on"))
             paths = []
@@ -298,7 +303,8 @@ class Trainer:
             "model": {"name": identity.name, "shorthash": identity.shorthash, "family": self.job.model.family}}
         if self.job.method.state_policy.resume_state:
             state.update(method=self.job.method.state_dict(), params=[p.detach().cpu() for p in ctx.params],
-                         optimizer=ctx.optimizer.state_dict(), scaler=ctx.scaler.state_dict())
+                         optimizer=ctx.optimizer.state_dict(), scaler=ctx.scaler.state_dict(),
+                         averages=ctx.averages.state_dict())
         self.job.run.save_state(state, self.job.config.to_dict())
 
     def _finish(self, ctx: StepContext, interrupted: bool) -> tuple[Path, ...]:
@@ -309,7 +315,8 @@ class Trainer:
         # then rewrites the file as its own instead of refusing it as someone else's.
         c.final_written = True
         self._save_state(ctx)
-        paths = method.write_artifact(Path(out.final_dir), out.name, self._meta(), True)
+        with ctx.averages.swapped_in():
+            paths = method.write_artifact(Path(out.final_dir), out.name, self._meta(), True)
         if self.job.config.save_optimizer_state:
             paths = [*paths, *self._sidecars(paths, ctx)]
         self.emit(ArtifactSaved(c.step, tuple(paths), final=True))
@@ -383,6 +390,11 @@ def prune_copies(folder: Path, name: str, keep: int) -> list[Path]:
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
+
+
+def _kept(ctx: StepContext) -> list[torch.Tensor]:
+    """The trainable state a NaN-guard snapshot keeps: the parameters and their moving averages."""
+    return [*ctx.params, *ctx.averages.tensors()]
 
 
 def _restore_params(params: list[torch.Tensor], saved: list[torch.Tensor], where: Path) -> None:

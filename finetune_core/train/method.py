@@ -26,16 +26,19 @@ from finetune_core.model.interface import (
     WeightAdapter,
 )
 from finetune_core.train.batch import TrainBatch
+from finetune_core.train.ema import Averaging
 
 
 @dataclass
 class ParamGroup:
-    """Parameters that share a learning rate: the schedule's rate times `lr_scale`.
+    """Parameters that share a learning rate: the schedule's rate times `lr_scale` (kept at every schedule change).
 
     learning_rate: the group's own rate or schedule, in the run's learning-rate syntax ("2e-6:400, 1e-6"), used
         instead of the run's; when it runs out, the group stops training while the others go on.
     stop_step: the group trains only for steps before this one (0: until the end); from then on it is frozen
         (no gradient is computed for it, the optimizer leaves it alone), e.g. a text encoder for the first N steps.
+    clip_norm: above 0, the group's gradient norm is clipped to it at every step (after the run's own clipping).
+    ema: the loop keeps an exponential moving average of the group (`train.ema.Averaging`; None: no average).
     """
 
     name: str
@@ -44,6 +47,8 @@ class ParamGroup:
     weight_decay: float | None = None  # None: the optimizer's setting
     learning_rate: str = ""
     stop_step: int = 0
+    clip_norm: float = 0.0
+    ema: Averaging | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,9 @@ class Method(ABC):
     name: str  # registry key, e.g. "textual-inversion"
     caches_text: bool  # True when prompts can be encoded once without gradients (frozen text encoders)
     trains: tuple[str, ...] = ()  # model modules whose own weights train ("unet", "text_encoder", ...)
+    # True when `loss` decodes latents with gradients (a reconstruction loss): with gradient checkpointing on, the
+    # loop then asks the model's training session to checkpoint the VAE decoder too.
+    decodes_latents: bool = False
     state_policy: StatePolicy = StatePolicy()
 
     @property

@@ -58,7 +58,8 @@ def build_optimizer(groups: list[ParamGroup], config: TrainConfig, base_lr: floa
             if group.learning_rate else []
         param_groups.append({"params": list(group.params), "lr": base_lr * group.lr_scale,
                              "weight_decay": decay, "lr_scale": group.lr_scale, "name": group.name,
-                             "schedule": own, "stop_step": group.stop_step})
+                             "schedule": own, "stop_step": group.stop_step,
+                             "clip_norm": group.clip_norm})
     if config.optimizer == "sgd":
         return cls(param_groups, lr=base_lr, momentum=config.momentum)
     betas = (config.adam_beta1, config.adam_beta2)
@@ -95,6 +96,14 @@ def clip_gradients(params: list[torch.Tensor], mode: str, value: float) -> None:
         torch.nn.utils.clip_grad_value_(params, value)
     elif mode == "norm":
         torch.nn.utils.clip_grad_norm_(params, value)
+
+
+def clip_group_norms(optimizer: torch.optim.Optimizer) -> None:
+    """Clip each param group's gradient norm to its own `clip_norm` (`ParamGroup.clip_norm`; 0: not clipped)."""
+    for group in optimizer.param_groups:
+        limit = float(group.get("clip_norm") or 0.0)
+        if limit > 0:
+            torch.nn.utils.clip_grad_norm_(group["params"], limit)
 
 
 def gradients_finite(params: list[torch.Tensor]) -> bool:

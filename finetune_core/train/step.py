@@ -18,7 +18,8 @@ from finetune_core.data.cache import TextCache
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train import objective, randomness
 from finetune_core.train.batch import TrainBatch
-from finetune_core.train.optim import clip_gradients, gradients_finite
+from finetune_core.train.ema import ParameterAverages
+from finetune_core.train.optim import clip_gradients, clip_group_norms, gradients_finite
 from finetune_core.train.schedule import value_at
 
 if TYPE_CHECKING:  # train sits below methods: the protocol is for hints only
@@ -46,6 +47,7 @@ class StepContext:
     clip_schedule: list[tuple[float, int]]
     alphas_cumprod: torch.Tensor
     text_cache: TextCache | None
+    averages: ParameterAverages = dataclasses.field(default_factory=lambda: ParameterAverages([]))
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ def apply_update(ctx: StepContext, step: int) -> tuple[bool, str]:
         return False, OVERFLOW if overflow else "non-finite gradients"
     if ctx.clip_mode != "disabled":
         clip_gradients(ctx.params, ctx.clip_mode, value_at(ctx.clip_schedule, step))
+    clip_group_norms(ctx.optimizer)
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
     return True, ""
@@ -155,4 +158,5 @@ def train_step(ctx: StepContext, attempt: int, step: int) -> StepOutcome:
         ctx.optimizer.zero_grad(set_to_none=True)
     if ok:
         ctx.method.after_step(ctx.model)
+        ctx.averages.update(step + 1)
     return StepOutcome(ok, total, prompt, size, reason)

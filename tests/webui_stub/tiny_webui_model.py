@@ -13,6 +13,7 @@ import torch
 from modules import devices, lowvram, sd_hijack, sd_models, shared
 from modules.hypernetworks import hypernetwork
 from torch import nn
+from torch.nn import functional as F
 
 from finetune_core.model.tokenizer import ClipTokenizer
 
@@ -291,13 +292,38 @@ class DiagonalGaussianDistribution:
         return self.mean
 
 
+class ResnetBlock(nn.Module):
+    """ldm `diffusionmodules.model.ResnetBlock`, shrunk: the decoder's block (called with temb=None)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, temb):
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class Decoder(nn.Module):
+    """ldm's VAE decoder, shrunk to one mid block and the upsampling to pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(4)
+        self.conv_out = nn.ConvTranspose2d(4, 3, 8, stride=8)
+
+    def forward(self, z):
+        return self.conv_out(self.mid.block_1(z, None))
+
+
 class AutoencoderKL(nn.Module):
     def __init__(self):
         super().__init__()
         self.encoder = nn.Conv2d(3, 8, 8, stride=8)
         self.quant_conv = nn.Conv2d(8, 8, 1)
         self.post_quant_conv = nn.Conv2d(4, 4, 1)
-        self.decoder = nn.ConvTranspose2d(4, 3, 8, stride=8)
+        self.decoder = Decoder()
 
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
