@@ -264,9 +264,9 @@ def test_previews_put_name_in_the_prompt_and_name_neg_in_the_negative(tiny_model
     seen = []
     original = type(model).sample
 
-    def spy(self, request, embeddings=None, context_transform=None):
+    def spy(self, request, embeddings=None, context_transform=None, adapters=None):
         seen.append((request, sorted(embeddings or {})))
-        return original(self, request, embeddings, context_transform)
+        return original(self, request, embeddings, context_transform, adapters)
     monkeypatch.setattr(type(model), "sample", spy)
     request = _request(one_image_dataset, tmp_path / "name_only.txt", 2)
     request.train_settings.update(preview_every=2, preview_steps=2)
