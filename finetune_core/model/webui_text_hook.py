@@ -22,6 +22,10 @@ def chunk_hooked(model: Any, encoders: list[tuple[TextEncoderSpec, Any]], hook: 
     wrapped = []
     for spec, wrapper in encoders:
         if "process_tokens" in vars(wrapper):
+            if type(vars(wrapper)["process_tokens"]).__name__ == "AestheticCLIP":
+                raise FinetuneError("the original Aesthetic Gradients extension has replaced the text encoder's "
+                                    "process_tokens; disable it in Extensions (the Fine-tune extension replaces "
+                                    "it and reads its embeddings folder) and restart the WebUI")
             raise FinetuneError("another text-encoder hook is active on this model; only one can be")
         original = wrapper.process_tokens
 
