@@ -84,6 +84,7 @@ def _build_vision(files: ClipFiles, sd: dict[str, torch.Tensor], device: str | t
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(**vision_settings(files, sd))
+    model: Any
     with torch.device("meta"):
         model = CLIPVisionModelWithProjection(config)
     model = model.to_empty(device="cpu")
@@ -96,13 +97,13 @@ def _build_vision(files: ClipFiles, sd: dict[str, torch.Tensor], device: str | t
     for name, buffer in model.named_buffers():
         if name.endswith("position_ids"):  # a buffer to_empty left uninitialised
             buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
-    return model.to(device, torch.float32).eval().requires_grad_(False)
+    model = model.to(torch.device(device), torch.float32)
+    return model.eval().requires_grad_(False)
 
 
 def sd_for(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of `sd` that belong to `model` (the text projection is kept aside)."""
-    own = set(model.state_dict())
-    return {k: v for k, v in sd.items() if k in own or k.startswith(("vision_model.", "visual_projection."))}
+    """The image tower's entries of `sd` (the text projection is kept aside)."""
+    return {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
 
 
 def preprocess_image(image: Image.Image, pre: Preprocess) -> torch.Tensor:
@@ -113,9 +114,9 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(pre.resize * long / short)
     size = (pre.resize, new_long) if width <= height else (new_long, pre.resize)
-    resized = rgb.resize(size, Image.BICUBIC)
+    resized = rgb.resize(size, Image.Resampling.BICUBIC)
     top, left = (resized.height - pre.crop) // 2, (resized.width - pre.crop) // 2
     cropped = resized.crop((left, top, left + pre.crop, top + pre.crop))
-    array = np.asarray(cropped, dtype=np.float32) / 255.0
-    array = (array - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    scaled = np.asarray(cropped, dtype=np.float32) / np.float32(255.0)
+    normalised = (scaled - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32))
