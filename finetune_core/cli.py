@@ -1,4 +1,4 @@
-"""`python -m finetune_core`: train / create / lint / inspect / bench / ui.
+"""`python -m finetune_core`: train / create / lint / inspect / bench / aesthetic / ui.
 
 Flags are generated from the settings dataclasses (the same fields the tab shows), so the CLI, the tab and the REST
 API accept the same settings under the same names (`learning_rate` -> `--learning-rate`).
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune_core.bench import add_arguments
     add_arguments(bench)
     _threads_flag(bench)
+    from finetune_core.aesthetic_cli import add_parser as add_aesthetic
+    add_aesthetic(commands)
     ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
     ui.add_argument("rest", nargs=argparse.REMAINDER, help="options of the app (see `ui --help`)")
     return parser
@@ -141,6 +143,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from finetune_core.bench import BenchOptions, run_bench
         run_bench(BenchOptions.from_args(args))
         return 0
+    if args.command == "aesthetic":
+        from finetune_core.aesthetic_cli import run as run_aesthetic
+        return run_aesthetic(args)
     set_threads(getattr(args, "threads", None))
     settings = _settings_from_args(args, _section_types(args))
     if args.command == "lint":

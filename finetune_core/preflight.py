@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 MIN_FREE_BYTES = 32 << 20  # below this a disk is full for any run: state, CSV and previews need room
 # What the WebUI loads from each output folder: a second file of the same stem and one of these is the same artefact.
 ARTIFACT_SUFFIXES = {"embeddings": (".pt", ".bin", ".safetensors", ".png", ".webp"), "hypernetworks": (".pt",),
-                     "checkpoints": (".safetensors", ".ckpt"), "aesthetic_embeddings": (".pt",),
+                     "checkpoints": (".safetensors", ".ckpt"), "aesthetic_embeddings": (".pt", ".safetensors"),
                      "loras": (".safetensors", ".pt", ".ckpt")}
 # `formats.atomic.atomic_write` names its temporary files `.<target name>.<8 random characters>.tmp`.
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")

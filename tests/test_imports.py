@@ -17,6 +17,7 @@ LIGHT_MODULES = ["finetune_core", "finetune_core.service", "finetune_core.cli", 
                  "finetune_core.formats.inspect"]
 # Modules allowed to import the WebUI's `modules` (lazily, inside functions).
 WEBUI_SIDE = {"model/webui_backend.py", "model/webui_session.py", "model/webui_sampler.py", "model/placement.py",
+              "model/webui_text_hook.py", "ui/aesthetic_script.py",
               "ui/webui_host.py"}
 STDLIB = set(sys.stdlib_module_names)
 

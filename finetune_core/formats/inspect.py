@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 # Above this size a zip-format torch file is memory-mapped rather than read into RAM.
 _MMAP_ABOVE_BYTES = 64 << 20
 _WIDTH_FAMILIES = {768: "SD1", 1024: "SD2", 2048: "SDXL", 1280: "SDXL refiner"}
+# CLIP joint-space widths of aesthetic embeddings: ViT-L/14 (SD1, and SDXL's CLIP-L), ViT-H/14 (SD2), bigG (SDXL).
+_AESTHETIC_FAMILIES = {768: "SD1", 1024: "SD2", 1280: "SDXL"}
 _LORA_DOWN_MARKERS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
 Shapes = dict[str, tuple[int, ...]]
 
@@ -58,7 +60,8 @@ class ArtifactInfo:
             text = (f"Hypernetwork '{self.name}': modules for sizes {', '.join(map(str, self.sizes))}{fam}"
                     + (f", {self.details}" if self.details else ""))
         elif self.kind == "aesthetic embedding":
-            text = f"Aesthetic embedding: one CLIP image vector of width {self.width}{fam}"
+            text = f"Aesthetic embedding: one CLIP image vector of width {self.width}{fam}" + (
+                f", {self.details}" if self.details else "")
         elif self.kind == "lora":
             text = f"LoRA{fam}: {self.details}"
         elif self.kind == "checkpoint":
@@ -165,7 +168,7 @@ def _from_object(source: Path, obj: Any) -> ArtifactInfo:
     if aesthetic.sniff(obj):
         width = int(obj.shape[-1])
         return ArtifactInfo(path=source, kind="aesthetic embedding", width=width, vectors=1,
-                            family=family_for_width(width))
+                            family=_AESTHETIC_FAMILIES.get(width))
     if embedding.sniff(obj):
         return _from_embedding(source, embedding.embedding_from_obj(obj, source))
     if hypernetwork.sniff(obj):
@@ -202,6 +205,12 @@ def _from_shapes(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> A
     checkpoint_info = _checkpoint_info(source, shapes, metadata)
     if checkpoint_info is not None:
         return checkpoint_info
+    if aesthetic.VECTOR_KEY in shapes:
+        width = int(shapes[aesthetic.VECTOR_KEY][-1])
+        made = f"made with CLIP {metadata['clip_model']}" if metadata.get("clip_model") else ""
+        count = f"from {metadata['image_count']} images" if metadata.get("image_count") else ""
+        return ArtifactInfo(path=source, kind="aesthetic embedding", width=width, vectors=1,
+                            family=_AESTHETIC_FAMILIES.get(width), details=" ".join(p for p in (made, count) if p))
     if set(shapes) == {"clip_l", "clip_g"} or (len(shapes) == 1 and len(next(iter(shapes.values()))) in (1, 2)):
         width = sum(s[-1] for s in shapes.values())
         first = next(iter(shapes.values()))

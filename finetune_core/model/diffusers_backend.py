@@ -18,6 +18,7 @@ from finetune_core.model.interface import (
     AdapterTarget,
     ChunkHook,
     ContextTransform,
+    EncodedText,
     LatentMoments,
     ModelIdentity,
     SampleRequest,
@@ -30,6 +31,7 @@ from finetune_core.model.interface import (
 )
 from finetune_core.model.schedule import scaled_linear_alphas_cumprod
 from finetune_core.model.session import WeightState, autocast_factory, compute_dtype, select_trained
+from finetune_core.model.text_chunks import ChunkRows, pooled_at_eos, tensor_digest
 from finetune_core.model.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -137,7 +139,17 @@ class DiffusersModel:
 
     def _run_encoder(self, index: int, ids: torch.Tensor, fixes: Fixes,
                      embeddings: Mapping[str, TrainableEmbedding]) -> tuple[torch.Tensor, Any]:
-        """Encode id rows with the embeddings' vectors spliced into the token embeddings (differentiably)."""
+        """Encode id rows with the embeddings' vectors spliced in; the chunk hook, if any, sees the result."""
+        encoded, text_embeds = self._encode_ids(index, ids, fixes, embeddings)
+        hidden = encoded.hidden
+        if self._chunk_hook is not None:
+            hidden = self._chunk_hook(self._chunk_rows(index, ids, hidden, fixes, embeddings))
+        return hidden, text_embeds
+
+    def _encode_ids(self, index: int, ids: torch.Tensor, fixes: Fixes,
+                    embeddings: Mapping[str, TrainableEmbedding]) -> tuple[EncodedText, Any]:
+        """The encoder's conditioning hidden states and pooled output for id rows, embeddings spliced in
+        differentiably; also the projected text embeds of an encoder that has a projection (SDXL's second)."""
         encoder, key = self._encoders[index], self.text_encoders[index].key
 
         def splice(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -157,9 +169,26 @@ class DiffusersModel:
         finally:
             handle.remove()
         hidden = out.hidden_states[-2] if self.family == SDXL else out.last_hidden_state
-        if self._chunk_hook is not None:
-            hidden = self._chunk_hook(ids, hidden, key)
-        return hidden, getattr(out, "text_embeds", None)
+        pooled = pooled_at_eos(out.last_hidden_state, ids, self.tokenizer.eos_id)
+        return EncodedText(hidden, pooled), getattr(out, "text_embeds", None)
+
+    def _chunk_rows(self, index: int, ids: torch.Tensor, hidden: torch.Tensor, fixes: Fixes,
+                    embeddings: Mapping[str, TrainableEmbedding]) -> ChunkRows:
+        """These rows as `TextChunks` for the chunk hook."""
+        key, pad = self.text_encoders[index].key, self._pad_ids()[index]
+
+        def run(rows: torch.Tensor, splice: list[int] | None) -> EncodedText:
+            chosen = [fixes[i] for i in splice] if splice is not None else [[] for _ in rows]
+            return self._encode_ids(index, rows, chosen, embeddings)[0]
+
+        def tokenize(text: str) -> list[int]:
+            chunk = chunking.Chunk(self.tokenizer.encode(text)[:chunking.CHUNK_LENGTH])
+            return chunking.chunk_ids(chunk, self.tokenizer.bos_id, self.tokenizer.eos_id, pad)
+
+        extras = [";".join(f"{offset}:{name}:{tensor_digest(embeddings[name].vectors[key])}"
+                           for offset, name in row) for row in fixes]
+        state = f"{self.family}|{self.identity.name}|{self.identity.shorthash}|{key}|{self._dtype}"
+        return ChunkRows(key, ids, hidden, self._encoders[index], run, tokenize, state, extras)
 
     # --- images -----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -6,7 +6,7 @@ Model-family differences (SD1/SD2/SDXL, eps/v) live behind this interface and no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -159,10 +159,57 @@ class WeightAdapter(Protocol):
 # return the (context for k, context for v). `is_cross` tells text cross-attention from self-attention.
 ContextTransform = Callable[[torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor]"]
 
-# A generation-time hook on the text encoder (Aesthetic Gradients): called with rows of 77-token chunks (N, 77) as
-# each encoder encodes them (one row per prompt and chunk), the hidden states the model would use (N, 77, C_key) and
-# the encoder key ("clip_l", "clip_g"); returns the hidden states to use instead.
-ChunkHook = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+
+@dataclass(frozen=True)
+class EncodedText:
+    """What one text encoder makes of 77-token rows.
+
+    hidden: (N, 77, C) the hidden states the model conditions on (its layer, clip skip applied), without emphasis.
+    pooled: (N, C) the end-of-text token after the encoder's last layer and final layer norm: CLIP's pooled output
+            before any projection (standalone SD2 keeps OpenCLIP's layers only up to the penultimate, so its pooled
+            output is read there).
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+
+
+@runtime_checkable
+class TextChunks(Protocol):
+    """One text encoder's 77-token chunk rows as a generation-time hook (`text_chunk_hook`) sees them."""
+
+    key: str  # "clip_l" or "clip_g"
+    tokens: torch.Tensor  # (N, 77) long, CPU: the ids the encoder reads (one row per prompt and chunk)
+    hidden: torch.Tensor  # (N, 77, C): the hidden states the model will use (emphasis applied)
+    token_table: str  # the name, in `parameters()`, of the vocabulary's token-embedding table
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The encoder's parameters `encode` reads, by name (no text projection); frozen, never to be changed."""
+        ...
+
+    def encode(self, params: Mapping[str, torch.Tensor] | None = None, rows: Sequence[int] | None = None,
+               ids: torch.Tensor | None = None,
+               token_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> EncodedText:
+        """Run rows through the model's own text path (embeddings spliced in, clip skip), the parameters named in
+        `params` replaced by those tensors for this call (differentiable in them). rows: some of these rows (by
+        index; None: all); ids: other rows instead (from `tokenize`; nothing spliced); token_rows: (vocabulary ids
+        (k,), vectors (k, C)) that replace those rows of the token table (differentiable in the vectors), without
+        copying the table."""
+        ...
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """`text` as one (1, 77) row the way this encoder pads it (truncated to 75 tokens)."""
+        ...
+
+    def row_keys(self) -> list[str]:
+        """Per row, a key that changes whenever what `encode` gives for it could: ids, spliced embedding vectors,
+        model identity, the conditioning layer setting."""
+        ...
+
+
+# A generation-time hook on the text encoders (Aesthetic Gradients): called for every batch of 77-token chunk rows
+# each encoder encodes; returns the (N, 77, C) hidden states to use instead of `chunks.hidden`.
+ChunkHook = Callable[[TextChunks], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -261,8 +308,8 @@ class DiffusionModel(Protocol):
         ...
 
     def text_chunk_hook(self, hook: ChunkHook) -> AbstractContextManager[None]:
-        """While active, every encoded prompt chunk's hidden states pass through `hook` (see ChunkHook); always
-        undone on exit, also when the body raises."""
+        """While active, every batch of prompt chunks an encoder encodes passes through `hook` (see ChunkHook,
+        TextChunks); one hook at a time; always undone on exit, also when the body raises."""
         ...
 
     def adapter_targets(self) -> dict[str, AdapterTarget]:

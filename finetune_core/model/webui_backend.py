@@ -296,7 +296,9 @@ class WebUIModel:
         return widths
 
     def text_chunk_hook(self, hook: ChunkHook) -> AbstractContextManager[None]:
-        return _chunk_hooked(list(zip(self.text_encoders, self._wrappers())), hook)
+        from finetune_core.model.webui_text_hook import chunk_hooked
+
+        return chunk_hooked(self, list(zip(self.text_encoders, self._wrappers())), hook)
 
     # --- weights and jobs -------------------------------------------------------------------------------------
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -445,32 +447,6 @@ def _trainable(embedders: list[Any]) -> Iterator[None]:
     finally:
         for embedder, value in zip(embedders, saved):
             embedder.is_trainable = value
-
-
-@contextmanager
-def _chunk_hooked(encoders: list[tuple[TextEncoderSpec, Any]], hook: ChunkHook) -> Iterator[None]:
-    """Wrap each text wrapper's `process_tokens` (one call per 77-token chunk) by instance; always undone."""
-    wrapped = []
-    for spec, wrapper in encoders:
-        if "process_tokens" in vars(wrapper):
-            raise FinetuneError("another text-encoder hook is active on this model; only one can be")
-        original = wrapper.process_tokens
-
-        def process_tokens(tokens: Any, multipliers: Any, _original: Any = original, _key: str = spec.key) -> Any:
-            z = _original(tokens, multipliers)
-            pooled = getattr(z, "pooled", None)
-            out = hook(torch.as_tensor(tokens), z, _key)
-            if pooled is not None:  # SDXL's CLIP-G wrapper hangs the pooled vector on the tensor
-                setattr(out, "pooled", pooled)  # noqa: B010
-            return out
-
-        wrapper.process_tokens = process_tokens
-        wrapped.append(wrapper)
-    try:
-        yield
-    finally:
-        for wrapper in wrapped:
-            del wrapper.process_tokens
 
 
 def _identity(sd_model: Any) -> ModelIdentity:

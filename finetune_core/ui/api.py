@@ -56,6 +56,14 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     post("/inspect", routes.inspect)
     for command in ("interrupt", "pause", "resume"):
         router.add_api_route(f"/{command}", getattr(routes, command), methods=["POST"])
+    from finetune_core.ui.aesthetic_tab import AestheticJobs
+    from finetune_core.ui.aesthetic_tab import routes as aesthetic_routes
+
+    aesthetic = AestheticJobs(host, runner)
+    for path, handler in aesthetic_routes(aesthetic).items():
+        post(path, handler)
+    router.add_api_route("/aesthetic/embeddings", lambda: {"embeddings": aesthetic.library.names()[1:]},
+                         methods=["GET"])
     app.include_router(router)
 
 

@@ -47,6 +47,10 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
                     if getattr(spec, "description", ""):
                         gr.Markdown(spec.description, elem_classes=["finetune-description"])
                     MethodTab(ctx, spec).build()
+            with gr.Tab("Aesthetic Gradients", elem_id="finetune_aesthetic_tab"):
+                from finetune_core.ui.aesthetic_tab import AestheticJobs, AestheticTab
+
+                AestheticTab(gr, AestheticJobs(host, ctx.runner)).build()
             with gr.Tab("Inspect a file", elem_id="finetune_inspect_tab"):
                 _inspector(ctx)
     blocks.finetune_runner = ctx.runner  # the host's REST routes must share it

@@ -32,6 +32,8 @@ SETTINGS = {
     "finetune_log_dir": ("", "Folder for fine-tune run logs (empty: outputs/finetune in the WebUI data folder)"),
     "finetune_refresh_after_training": (True, "Reload embeddings / hypernetworks / checkpoints after training"),
     "finetune_live_preview": (True, "Show fine-tune preview images in the live preview"),
+    "finetune_aesthetic_clip": ("", "CLIP model for aesthetic embeddings: a local transformers CLIP folder or "
+                                    "open_clip file (creating them; applying .pt files made elsewhere)"),
 }
 
 

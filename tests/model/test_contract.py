@@ -19,6 +19,7 @@ from finetune_core.model.interface import (
     AdapterTarget,
     DiffusionModel,
     SampleRequest,
+    TextChunks,
     TrainableEmbedding,
     TrainingSetup,
 )
@@ -202,9 +203,9 @@ def test_text_chunk_hook_sees_every_chunk_and_is_undone(model: DiffusionModel) -
     seen: list[tuple[tuple[int, ...], str]] = []
     first = model.text_encoders[0]
 
-    def shift(tokens: torch.Tensor, hidden: torch.Tensor, key: str) -> torch.Tensor:
-        seen.append((tuple(tokens.shape), key))
-        return hidden + 1.0 if key == first.key else hidden
+    def shift(chunks: TextChunks) -> torch.Tensor:
+        seen.append((tuple(chunks.tokens.shape), chunks.key))
+        return chunks.hidden + 1.0 if chunks.key == first.key else chunks.hidden
 
     with torch.no_grad():
         plain = model.encode_prompts([LONG_PROMPT])
@@ -219,6 +220,94 @@ def test_text_chunk_hook_sees_every_chunk_and_is_undone(model: DiffusionModel) -
     torch.testing.assert_close(hooked.context[..., :first.width], plain.context[..., :first.width] + 1.0)
     torch.testing.assert_close(hooked.context[..., first.width:], plain.context[..., first.width:])
     assert torch.equal(after.context, plain.context)
+
+
+def chunks_of(model: DiffusionModel, prompts: list[str], embeddings: dict | None = None) -> dict[str, TextChunks]:
+    """The TextChunks each encoder hands a hook for `prompts` (the last call per key)."""
+    caught: dict[str, TextChunks] = {}
+
+    def keep(chunks: TextChunks) -> torch.Tensor:
+        caught[chunks.key] = chunks
+        return chunks.hidden
+
+    with torch.no_grad(), model.text_chunk_hook(keep):
+        model.encode_prompts(prompts, embeddings)
+    return caught
+
+
+def test_chunks_encode_again_as_the_model_does(model: DiffusionModel) -> None:
+    for key, chunks in chunks_of(model, ["a photo of a cat", "a red house"]).items():
+        with torch.no_grad():
+            again = chunks.encode()
+            alone = chunks.encode(ids=chunks.tokenize("a red house"))
+        width = next(t.width for t in model.text_encoders if t.key == key)
+        assert chunks.tokens.shape == (2, 77) and chunks.tokens.dtype == torch.long
+        assert again.hidden.shape == (2, 77, width) and again.pooled.shape == (2, width)
+        torch.testing.assert_close(again.hidden, chunks.hidden, rtol=1e-4, atol=1e-5)
+        assert torch.equal(chunks.tokenize("a red house")[0], chunks.tokens[1])  # the encoder's own padding
+        torch.testing.assert_close(alone.hidden[0], again.hidden[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(alone.pooled[0], again.pooled[1], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(again.pooled[0], again.pooled[1])
+
+
+def test_chunks_encode_with_replaced_parameters_leaves_the_model_alone(model: DiffusionModel) -> None:
+    before = model_state(model)
+    for chunks in chunks_of(model, ["a photo of a cat"]).values():
+        frozen = chunks.parameters()
+        assert frozen and not any("text_projection" in name for name in frozen)
+        copies = {name: p.detach().float().clone().requires_grad_() for name, p in frozen.items()}
+        same = chunks.encode({name: c.to(frozen[name].dtype) for name, c in copies.items()})
+        torch.testing.assert_close(same.hidden, chunks.hidden, rtol=1e-4, atol=1e-5)
+        (same.pooled.square().sum() + same.hidden.square().sum()).backward()
+        reached = [name for name, c in copies.items() if c.grad is not None and float(c.grad.abs().sum()) > 0]
+        assert len(reached) > len(copies) // 2  # the pooled output depends on (nearly) every layer
+        with torch.no_grad():
+            moved = {name: (c + 0.05).to(frozen[name].dtype) for name, c in copies.items()}
+            changed = chunks.encode(moved)
+        assert not torch.allclose(changed.hidden, chunks.hidden)
+        assert not torch.allclose(changed.pooled, same.pooled)
+        assert all(p.grad is None for p in frozen.values())
+    assert model_state(model) == before
+
+
+def test_chunks_replace_token_rows_without_touching_the_table(model: DiffusionModel) -> None:
+    before = model_state(model)
+    for chunks in chunks_of(model, ["a photo of a cat"]).values():
+        table = chunks.parameters()[chunks.token_table]
+        assert table.shape[0] == 49408
+        used = torch.unique(chunks.tokens[0])
+        rows = table.detach()[used].float().clone().requires_grad_()
+        same = chunks.encode(token_rows=(used, rows))
+        torch.testing.assert_close(same.hidden, chunks.hidden, rtol=1e-4, atol=1e-5)
+        same.pooled.square().sum().backward()
+        assert rows.grad is not None and float(rows.grad.abs().sum()) > 0
+        cat = chunks.tokenize("cat")[0, 1]
+        with torch.no_grad():
+            moved = chunks.encode(token_rows=(cat.reshape(1), rows[used == cat] + 1.0))
+        position = int((chunks.tokens[0] == cat).nonzero()[0, 0])
+        assert torch.equal(moved.hidden[0, :position], same.hidden[0, :position])  # causal: before "cat" unchanged
+        assert not torch.allclose(moved.hidden[0, position:], same.hidden[0, position:])
+        assert table.grad is None
+    assert model_state(model) == before
+
+
+def test_chunks_splice_embeddings_and_key_rows_by_what_decides_them(model: DiffusionModel) -> None:
+    prompts = [f"a photo of {NAME}", "a red house"]
+    one = chunks_of(model, prompts, {NAME: make_embedding(model)})
+    other = chunks_of(model, prompts, {NAME: make_embedding(model, seed=5)})
+    again = chunks_of(model, prompts, {NAME: make_embedding(model)})
+    for key, chunks in one.items():
+        with torch.no_grad():
+            spliced = chunks.encode()
+            unspliced = chunks.encode(ids=chunks.tokens[:1])
+            first, second = chunks.encode(rows=[0]), chunks.encode(rows=[1])
+        torch.testing.assert_close(spliced.hidden, chunks.hidden, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(first.hidden[0], chunks.hidden[0], rtol=1e-4, atol=1e-5)  # its own vectors
+        torch.testing.assert_close(second.pooled[0], spliced.pooled[1], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(spliced.hidden[0], unspliced.hidden[0])  # the slots hold the vectors
+        keys, other_keys = chunks.row_keys(), other[key].row_keys()
+        assert keys == again[key].row_keys() and len(set(keys)) == 2
+        assert keys[0] != other_keys[0] and keys[1] == other_keys[1]  # only the row naming the embedding differs
 
 
 def test_decode_with_gradients_reaches_the_latents(model: DiffusionModel) -> None:
