@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -292,14 +292,6 @@ class DreamArtist(ArtifactMethod):
         return [*self.positive.write_artifact(directory, stem, meta, overwrite),
                 *self.negative.write_artifact(directory, negative_name(stem), meta, overwrite)]
 
-
-def config_from_settings(settings: Mapping[str, Any]) -> DreamArtistConfig:
-    """Build the config from plain settings, naming unknown keys."""
-    known = {f.name for f in fields(DreamArtistConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ConfigError(f"unknown DreamArtist setting(s): {', '.join(unknown)}")
-    return DreamArtistConfig(**dict(settings))
 
 
 def build(model: DiffusionModel, name: str, config: DreamArtistConfig, directory: Path, seed: int) -> DreamArtist:

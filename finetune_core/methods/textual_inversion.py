@@ -7,7 +7,7 @@ Artefact: the WebUI's embedding formats (.pt dict, .safetensors, SDXL clip_l/cli
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -203,14 +203,6 @@ def resolve_embedding(reference: str, embeddings_dir: Path) -> Path:
     """A path, or a name in the embeddings folder with any of the WebUI's extensions."""
     return find_artifact(reference, embeddings_dir, (".pt", ".safetensors", ".bin", ".png", ".webp"), "embedding")
 
-
-def config_from_settings(settings: Mapping[str, Any]) -> TextualInversionConfig:
-    """Build the config from plain settings, naming unknown keys."""
-    known = {f.name for f in fields(TextualInversionConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ConfigError(f"unknown Textual Inversion setting(s): {', '.join(unknown)}")
-    return TextualInversionConfig(**dict(settings))
 
 
 def create_file(model: DiffusionModel, name: str, config: TextualInversionCreate, directory: Path,
