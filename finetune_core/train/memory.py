@@ -225,7 +225,12 @@ FULL_SIZE = (("sd1", "SD1.5"), ("sdxl", "SDXL"))
 
 def full_size_fits(needs_for: Callable[[DiffusionModel], MemoryNeeds], plan: MemoryPlan) -> dict[str, MemoryEstimate]:
     """The estimate for the full-size SD1.5 and SDXL architectures (built on the meta device: shapes, no memory),
-    with frozen weights stored in the precision the plan computes in, as a GPU user loads them."""
+    with frozen weights stored in the precision the plan computes in, as a GPU user loads them. Empty where
+    diffusers, which builds them, is missing: inside the WebUI, whose loaded model is itself full size."""
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:
+        return {}
     from finetune_core.model.full_size import full_size_meta
     from finetune_core.model.session import PRECISIONS
 

@@ -103,7 +103,8 @@ class MethodActions:
         model = self.host.get_model()
         plan = memory_plan(typed["data"], typed["train"])
         here = estimate_memory(model, spec.memory(model, config), plan).describe()
-        return f"{here} {describe_fits(full_size_fits(lambda m: spec.memory(m, config), plan))}"
+        full_size = full_size_fits(lambda m: spec.memory(m, config), plan)
+        return f"{here} {describe_fits(full_size)}" if full_size else here
 
     def create(self, name: str, settings: dict[str, Any], create_specs: list[FieldSpec], overwrite: bool) -> str:
         """Create an empty artefact; returns a message naming the files."""
