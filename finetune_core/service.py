@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from finetune_core.errors import ConfigError
 from finetune_core.request import (
@@ -197,8 +197,8 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
     run_dir = plan.run_dir
     try:
         if run_dir is None:
-            run_dir = processes.share(_start_run_dir(folders, plan.spec.log_folder, plan.name, plan.request)
-                                      if main else None)
+            made = _start_run_dir(folders, plan.spec.log_folder, plan.name, plan.request) if main else None
+            run_dir = cast(Path, processes.share(made))  # the main process made it
             result = run_training(model, job.method, job.data, job.train_config, RunFolder(run_dir), output,
                                   on_event=emit, control=control, processes=processes)
         else:

@@ -68,6 +68,11 @@ class Processes:
         """Only the main process writes artefacts, previews, the loss CSV and the resume state, and emits events."""
         return self.rank == 0
 
+    @property
+    def device(self) -> torch.device | None:
+        """The device the launcher gave this process; None: the caller chooses."""
+        return None
+
     def shard(self, batch: DataBatch) -> Shard:
         """This process's slice of a global micro-batch."""
         if self.world == 1:
@@ -108,24 +113,24 @@ class AccelerateProcesses(Processes):
         self.world = int(self.state.num_processes)
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> torch.device:  # type: ignore[override]  # always known once launched
         """This process's device (cuda:<local rank> on a multi-GPU machine, the CPU otherwise)."""
         return torch.device(self.state.device)
 
     def sum_gradients(self, params: Sequence[torch.Tensor]) -> None:
         from accelerate.utils import reduce
+        grads = []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
         # flattened into few buckets: one all-reduce per tensor is slow for hundreds of small LoRA tensors
-        for bucket in _buckets(list(params)):
-            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-            flat = reduce(flat, reduction="sum")
+        for bucket in _buckets(grads):
+            flat = reduce(torch.cat([g.reshape(-1) for g in bucket]), reduction="sum")
             offset = 0
-            for p in bucket:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-                offset += n
+            for grad in bucket:
+                grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
 
     def total(self, value: float) -> float:
         from accelerate.utils import reduce
@@ -151,26 +156,20 @@ class AccelerateProcesses(Processes):
         self.state.wait_for_everyone()
 
 
-def _buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive parameters of one dtype and device, up to GRADIENT_BUCKET elements each."""
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive tensors of one dtype and device, up to GRADIENT_BUCKET elements each."""
     buckets: list[list[torch.Tensor]] = []
     size = 0
-    for p in params:
+    for t in tensors:
         last = buckets[-1] if buckets else None
-        fits = last is not None and size + p.numel() <= GRADIENT_BUCKET and \
-            _kind(last[0]) == _kind(p)
-        if fits and last is not None:
-            last.append(p)
-            size += p.numel()
+        if last is not None and size + t.numel() <= GRADIENT_BUCKET and \
+                (last[0].dtype, last[0].device) == (t.dtype, t.device):
+            last.append(t)
+            size += t.numel()
         else:
-            buckets.append([p])
-            size = p.numel()
+            buckets.append([t])
+            size = t.numel()
     return buckets
-
-
-def _kind(param: torch.Tensor) -> tuple[torch.dtype, torch.device]:
-    grad = param.grad
-    return (grad.dtype, grad.device) if grad is not None else (param.dtype, param.device)
 
 
 def launched_world() -> int:
