@@ -43,12 +43,17 @@ def launch_command(argv: Sequence[str], processes: int, cpu: bool) -> list[str]:
     torchrun starts them (accelerate's multi-GPU launcher); on a machine without GPUs they join over gloo, each
     told to use the CPU.
     """
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     args = without_flag(argv)
     if cpu and "--device" not in args:
         args += ["--device", "cpu"]
-    return [*command, "-m", "finetune_core", *args]
+    return accelerate_launch(processes, "finetune_core", args)
+
+
+def accelerate_launch(processes: int, module: str, args: Sequence[str]) -> list[str]:
+    """`accelerate launch` of `python -m <module> <args>` on `processes` processes of this machine, with every
+    choice it would otherwise warn about made (no config file needed)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *args]
 
 
 def launch(argv: Sequence[str], processes: int, device: str | None, runs: Path) -> int:
