@@ -143,3 +143,34 @@ def test_a_slice_cuts_every_per_sample_field():
     assert part.prompts == ["b", "c"] and part.image_paths == ["w", "x"] and part.size_cond.shape == (2, 6)
     assert part.latents.flatten().tolist() == [1.0, 2.0]
     assert part.extras == {"flipped": [1, 0], "scale": 2.0}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_the_slices_of_a_prior_preservation_batch_weighted_by_share_add_up_to_its_loss(world):
+    """DreamBooth's two means (instance, class) split across processes: slices of one kind only included."""
+    from finetune_core.data.batch import DataBatch
+    from finetune_core.data.paired import IS_CLASS
+    from finetune_core.methods.prior_preservation import prior_loss
+    from finetune_core.train.batch import TrainBatch
+    generator = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+
+    def batch_of(rows: slice) -> TrainBatch:
+        data = DataBatch(target[rows], list("iicc")[rows], torch.zeros(4, 6)[rows],
+                         extras={IS_CLASS: [False, False, True, True][rows]})
+        return TrainBatch(data, target[rows], target[rows], torch.zeros(4)[rows], target[rows], target[rows],
+                          torch.ones(10), data.size_cond)
+    whole = prior_loss(pred, batch_of(slice(0, 4)), 0.5)
+    expected = ((pred[:2] - target[:2]) ** 2).mean() + 0.5 * ((pred[2:] - target[2:]) ** 2).mean()
+    torch.testing.assert_close(whole, expected)
+
+    class Rank(Processes):
+        def __init__(self, rank: int) -> None:
+            self.rank, self.world = rank, world
+    parts = []
+    for rank in range(world):
+        shard = Rank(rank).shard(batch_of(slice(0, 4)).data)
+        rows = slice(shard.start, shard.start + len(shard.data))
+        if len(shard.data):
+            parts.append(prior_loss(pred[rows], batch_of(rows), 0.5) * shard.weight)
+    torch.testing.assert_close(sum(parts), whole)
