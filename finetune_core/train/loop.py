@@ -21,8 +21,8 @@ from finetune_core.model.interface import DiffusionModel, SampleRequest, Trainin
 from finetune_core.train import randomness
 from finetune_core.train.config import TrainConfig, config_from_dict
 from finetune_core.train.control import Control
-from finetune_core.train.ema import ParameterAverages
 from finetune_core.train.distributed import Processes
+from finetune_core.train.ema import ParameterAverages
 from finetune_core.train.events import (
     ArtifactSaved,
     EventSink,
