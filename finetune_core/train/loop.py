@@ -144,10 +144,16 @@ class Trainer:
                                  self.counters.seed)
         if not self.writes:  # the main process prepares first: class images and latent caches are written once
             self.processes.barrier()
-        job.method.prepare(context)
-        job.data.prepare(job.model, on_progress=lambda done, total: self._phase_progress("latents", done, total))
+        interrupted = False
+        try:
+            job.method.prepare(context)
+            job.data.prepare(job.model, on_progress=lambda done, total: self._phase_progress("latents", done, total))
+        except _Interrupted:
+            interrupted = True  # still meet the others below, so that every process stops here together
         if self.writes:
             self.processes.barrier()
+        if self.processes.agree([interrupted])[0]:
+            raise _Interrupted
 
     def _phase_progress(self, what: str, done: int, total: int) -> None:
         self.emit(Phase(what, done, total))
