@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
-from finetune_core.errors import FinetuneError
+from finetune_core.errors import ConfigError, FinetuneError
 
 # The flags issue #2 names, kept short; each maps to a settings field.
 ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vectors": ["--neg-vectors"],
@@ -106,6 +106,9 @@ def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     if training:
         parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run exactly")
+        parser.add_argument("--num-processes", type=int, default=None, metavar="N",
+                            help="train data-parallel on N processes (one per GPU; on a CPU, cores are shared) "
+                                 "through accelerate launch; the global batch is --batch-size")
     _threads_flag(parser)
 
 
@@ -124,16 +127,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return _dispatch(args)
+        return _dispatch(args, argv)
     except FinetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from finetune_core.train.distributed import launched_rank
+        if launched_rank() == 0:  # every process of a data-parallel run fails alike; one says so
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nstopped", file=sys.stderr)
         return 130
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from finetune_core import service
     from finetune_core.cpu import set_threads
     if args.command == "inspect":
@@ -146,7 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "aesthetic":
         from finetune_core.aesthetic_cli import run as run_aesthetic
         return run_aesthetic(args)
-    set_threads(getattr(args, "threads", None))
+    if args.command != "train":
+        set_threads(getattr(args, "threads", None))
     settings = _settings_from_args(args, _section_types(args))
     if args.command == "lint":
         model = service.load(args.model) if args.model else None
@@ -162,7 +168,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     request = service.TrainRequest(args.method, args.name, settings["method"], settings["data"], settings["train"],
                                    overwrite=args.overwrite, resume_run=args.resume)
     service.validate_request(request, folders)  # every setting and path before the model loads
-    return _train(request, service.load(args.model, args.device), folders)
+    return _train_processes(args, argv, request, folders)
+
+
+def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any, folders: Any) -> int:
+    """Train in this process, or start N data-parallel ones (`--num-processes`), or be one of them."""
+    from finetune_core import service
+    from finetune_core.cpu import set_threads
+    from finetune_core.train.distributed import join_processes, launched_world
+    if (args.num_processes or 1) < 1:
+        raise ConfigError(f"--num-processes must be at least 1, not {args.num_processes}")
+    if (args.num_processes or 1) > 1 and launched_world() == 1:
+        from finetune_core.launcher import launch
+        return launch(argv, args.num_processes, args.device, folders.logs)
+    processes = join_processes(args.device)  # a launcher started several: join them (one thread share each)
+    set_threads(args.threads)
+    device = args.device or (str(processes.device) if processes.world > 1 else None)
+    return _train(request, service.load(args.model, device), folders, processes)
 
 
 def _section_types(args: argparse.Namespace) -> dict[str, type]:
@@ -174,13 +196,16 @@ def _section_types(args: argparse.Namespace) -> dict[str, type]:
     return types
 
 
-def _train(request: Any, model: Any, folders: Any) -> int:
-    """Run the job with a progress bar; Ctrl-C asks the loop to save and stop (a second one stops at once)."""
+def _train(request: Any, model: Any, folders: Any, processes: Any) -> int:
+    """Run the job with a progress bar; Ctrl-C asks the loop to save and stop (a second one stops at once). In a
+    data-parallel run only the main process shows progress and the result."""
     from finetune_core import service
     from finetune_core.train.control import Control
     control = Control()
-    with Progress() as progress, _interrupt_on_sigint(control):
-        result = service.train(request, model, folders, on_event=progress, control=control)
+    with Progress() as progress, _interrupt_on_sigint(control, processes.world > 1):
+        result = service.train(request, model, folders, on_event=progress, control=control, processes=processes)
+    if not processes.is_main:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"{result.message}\nStopped by Ctrl-C; resume with --resume {result.run_dir}", file=sys.stderr)
         return 130
@@ -189,22 +214,32 @@ def _train(request: Any, model: Any, folders: Any) -> int:
 
 
 @contextlib.contextmanager
-def _interrupt_on_sigint(control: Any) -> Iterator[None]:
-    """SIGINT becomes the Interrupt button: the loop saves the artefact and the resume state, then stops."""
+def _interrupt_on_sigint(control: Any, launched: bool = False) -> Iterator[None]:
+    """SIGINT becomes the Interrupt button: the loop saves the artefact and the resume state, then stops.
+
+    A process of a data-parallel run gets the terminal's Ctrl-C and then the launcher's own signal (SIGINT or
+    SIGTERM, SIGKILL some 30 s later): both only ask it to save and stop, and only the main process says so.
+    """
+    from finetune_core.train.distributed import launched_rank
+
     def handler(signum: int, frame: Any) -> None:
-        if control.interrupted:  # asked twice: the user wants out now
+        if control.interrupted and not launched:  # asked twice: the user wants out now
             raise KeyboardInterrupt
-        print("\nCtrl-C: saving and stopping after this step (press Ctrl-C again to stop at once)", file=sys.stderr)
+        if not control.interrupted and launched_rank() == 0:
+            again = "" if launched else " (press Ctrl-C again to stop at once)"
+            print(f"\nCtrl-C: saving and stopping after this step{again}", file=sys.stderr)
         control.interrupt()
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
-    previous = signal.signal(signal.SIGINT, handler)
+    signals = [signal.SIGINT, signal.SIGTERM] if launched else [signal.SIGINT]
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 class Progress:

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from finetune_core.errors import ConfigError
 from finetune_core.request import (
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from finetune_core.methods import Create
     from finetune_core.model.interface import DiffusionModel
     from finetune_core.train.control import Control
+    from finetune_core.train.distributed import Processes
     from finetune_core.train.events import EventSink
 
 
@@ -112,21 +113,25 @@ def inspect(path: str | Path) -> ArtifactInfo:
 
 
 def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, on_event: EventSink | None = None,
-          control: Control | None = None, template_dirs: Sequence[Path] = ()) -> JobResult:
+          control: Control | None = None, template_dirs: Sequence[Path] = (),
+          processes: Processes | None = None) -> JobResult:
     """Run one training job to the end (or to an interrupt) and say what it wrote.
 
     Settings are validated before any work; an existing artefact is never replaced unless `overwrite` is set
-    (continuing an embedding or hypernetwork in place counts as asked).
+    (continuing an embedding or hypernetwork in place counts as asked). `processes`: the processes of a
+    data-parallel run (the standalone CLI under `accelerate launch`); by default this one process.
     """
+    from finetune_core.train.distributed import Processes
     from finetune_core.train.events import Warning_, ignore_events
-    emit = on_event or ignore_events
+    processes = processes or Processes()
+    emit = on_event if on_event is not None and processes.is_main else ignore_events
     plan = plan_request(request, folders, template_dirs)
     if plan.run_dir is not None:
         _require_same_family(plan.run_dir, model)
-    job = _prepare_job(plan, model)
+    job = _prepare_job(plan, model, processes)
     for message in job.warnings:
         emit(Warning_(message))
-    return _run(plan, job, model, folders, emit, control)
+    return _run(plan, job, model, folders, emit, control, processes)
 
 
 @dataclass
@@ -137,7 +142,7 @@ class _Job:
     warnings: list[str]
 
 
-def _prepare_job(plan: Plan, model: DiffusionModel) -> _Job:
+def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Job:
     """Build the dataset and the method (reading the file to continue from), then check memory and disk space."""
     from finetune_core import preflight
     from finetune_core.cpu import autocast_problem
@@ -145,7 +150,7 @@ def _prepare_job(plan: Plan, model: DiffusionModel) -> _Job:
     from finetune_core.train.randomness import resolve_seed
     configs = plan.configs
     data = plan.spec.data(configs["method"], configs["data"], plan.name)
-    seed = resolve_seed(configs["train"].seed)
+    seed = processes.share(resolve_seed(configs["train"].seed))  # -1 draws once, in the main process
     train_config = configs["train"]
     slow = autocast_problem(model.device, train_config.precision)
     if slow:
@@ -178,25 +183,30 @@ def _unusual_rate(spec: Any, train: Any) -> list[str]:
 
 
 def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, emit: EventSink,
-         control: Control | None) -> JobResult:
+         control: Control | None, processes: Processes) -> JobResult:
     """Start or resume the loop; operating-system errors and running out of memory become one sentence."""
     from finetune_core import preflight
     from finetune_core.train.loop import OutputSpec, resume_training, run_training
     from finetune_core.train.run_folder import RunFolder
     output = OutputSpec(plan.final_dir, plan.name, overwrite=plan.overwrite,
                         settings={"method": plan.request.method, **dataclasses.asdict(plan.configs["method"])})
-    preflight.remove_stale_temporaries(plan.final_dir)
-    preflight.remove_stale_temporaries(plan.logs / plan.spec.log_folder, recursive=True)  # runs killed earlier
+    main = processes.is_main  # the main process alone tidies and creates folders; the others get its run folder
+    if main:
+        preflight.remove_stale_temporaries(plan.final_dir)
+        preflight.remove_stale_temporaries(plan.logs / plan.spec.log_folder, recursive=True)  # runs killed earlier
     run_dir = plan.run_dir
     try:
         if run_dir is None:
-            run_dir = _start_run_dir(folders, plan.spec.log_folder, plan.name, plan.request)
+            made = _start_run_dir(folders, plan.spec.log_folder, plan.name, plan.request) if main else None
+            run_dir = cast(Path, processes.share(made))  # the main process made it
             result = run_training(model, job.method, job.data, job.train_config, RunFolder(run_dir), output,
-                                  on_event=emit, control=control)
+                                  on_event=emit, control=control, processes=processes)
         else:
-            preflight.remove_stale_temporaries(run_dir, recursive=True, older_than=0.0)
+            if main:
+                preflight.remove_stale_temporaries(run_dir, recursive=True, older_than=0.0)
+            processes.barrier()
             result = resume_training(model, job.method, job.data, RunFolder(run_dir), output, on_event=emit,
-                                     control=control)
+                                     control=control, processes=processes)
     except OSError as exc:
         raise preflight.storage_error(exc, run_dir) from exc
     except (RuntimeError, MemoryError) as exc:

@@ -47,12 +47,13 @@ def _options(**kw) -> runner.BenchOptions:
 
 def test_every_problem_is_found_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "run_once", lambda *a: pytest.fail("a run started"))
-    options = _options(models=["tiny-sd1", "no-such-model"], compare=("batch_size=0", "threads=0,device=gpu7"),
-                       repeats=0)
+    options = _options(models=["tiny-sd1", "no-such-model"],
+                       compare=("batch_size=0", "threads=0,device=gpu7,processes=0"), repeats=0)
     with pytest.raises(ConfigError) as caught:
         runner.run_bench(options)
     text = str(caught.value)
     for part in ("--repeats must be at least 1", "no model 'no-such-model'", "threads must be a whole number",
+                 "processes must be a whole number",
                  "batch_size", "device 'gpu7' is not a device name"):
         assert part in text
 
@@ -100,6 +101,27 @@ def test_summary_and_ratio(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "B/A: s/step 2.000x (rounds 1.500-2.500), CPU s/step 2.000x" in out
     assert "run 3 (B) failed: exit 1: boom" in out
+    assert "10.00 steps/s; first step" in out  # side A: 0.1 s/step
+
+
+def test_a_run_of_several_processes_goes_through_accelerate_launch(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+    import sys
+    seen: list[list[str]] = []
+
+    def fake(command, **kwargs):
+        seen.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "boom")
+    monkeypatch.setattr(subprocess, "run", fake)
+    spec = case.RunSpec("tiny-sd1", TI, parse_settings("processes=2", TI).to_dict(), steps=1)
+    assert runner.run_once(spec, {}).error == "exit 1: boom"
+    assert seen[0][:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert seen[0][seen[0].index("--num_processes") + 1] == "2"
+    assert seen[0][-2] == "finetune_core.bench.case"
+    runs = runner.CaseRuns("tiny-sd1", TI, {"": parse_settings("processes=2", TI)}, {"": [_record(0.5)]})
+    report.print_case(runs, _options())
+    assert "2.00 steps/s (per-process figures: the main one of 2)" in capsys.readouterr().out
 
 
 def test_one_real_run_measures_steps_flops_and_faults(monkeypatch: pytest.MonkeyPatch, tiny_model) -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune_core"
-FOREIGN = ("diffusers", "transformers", "modules", "gradio", "fastapi", "open_clip")
+FOREIGN = ("diffusers", "transformers", "modules", "gradio", "fastapi", "open_clip", "accelerate")
 LIGHT_MODULES = ["finetune_core", "finetune_core.service", "finetune_core.cli", "finetune_core.methods",
                  "finetune_core.train", "finetune_core.data", "finetune_core.formats", "finetune_core.model",
-                 "finetune_core.formats.inspect"]
+                 "finetune_core.formats.inspect", "finetune_core.train.distributed", "finetune_core.train.loop",
+                 "finetune_core.launcher"]
 # Modules allowed to import the WebUI's `modules` (lazily, inside functions).
 WEBUI_SIDE = {"model/webui_backend.py", "model/webui_session.py", "model/webui_sampler.py", "model/placement.py",
               "model/webui_text_hook.py", "ui/aesthetic_script.py",

@@ -209,15 +209,17 @@ def _emulate_unet_gradients(model: Any) -> None:
     model.training_session = with_unet_gradients
 
 
-def run(spec: RunSpec, t_start: float) -> RunResult:
+def run(spec: RunSpec, t_start: float) -> RunResult | None:
     """Measure one run in this process; `t_start` is when the process began (before importing torch)."""
     import torch
 
     from finetune_core import service
     from finetune_core.cpu import set_threads
+    from finetune_core.train.distributed import join_processes
     run_keys = spec.settings.get("run", {})
+    processes = join_processes(run_keys.get("device"))  # one, unless accelerate launch started several
     threads = set_threads(int(run_keys["threads"]) if "threads" in run_keys else None)
-    device = run_keys.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_keys.get("device") or str(processes.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_imported = time.perf_counter()
     before = matmul_rate(device)
     probe = time.perf_counter() - t_imported
@@ -231,7 +233,10 @@ def run(spec: RunSpec, t_start: float) -> RunResult:
     recorder = _Recorder(spec)
     request = service.TrainRequest(spec.method, "bench", settings["method"], settings["data"], settings["train"])
     with tempfile.TemporaryDirectory() as out:
-        service.train(request, model, service.OutputFolders.standalone(out), on_event=recorder)
+        out = processes.share(out)  # one output folder for all processes: the main one writes
+        service.train(request, model, service.OutputFolders.standalone(out), on_event=recorder, processes=processes)
+    if not processes.is_main:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     first = recorder.times[0]
     timed = recorder.times[: spec.steps + 1]
@@ -254,5 +259,10 @@ def child_main(spec_json: str, t_start: float) -> None:
     prepare_process()  # what the CLI does at its start, before torch loads
     spec = RunSpec(**json.loads(spec_json))
     result = run(spec, t_start)
-    print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)
+    if result is not None:  # None: a process of a data-parallel run other than the main one
+        print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)
     sys.stdout.flush()
+
+
+if __name__ == "__main__":  # a process of a data-parallel run (`processes=N`), started by accelerate launch
+    child_main(sys.argv[1], time.perf_counter())  # this module imports no torch: the run's imports are still timed

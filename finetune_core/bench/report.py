@@ -91,8 +91,11 @@ def print_case(case: CaseRuns, options: BenchOptions) -> None:
     for label, summary in summaries.items():
         print(_row(case, label, summary))
         if summary is not None:
-            print(f"{'':>12}   first step {summary.first_step:.1f} s = "
-                  + " + ".join(f"{k} {v:.1f}" for k, v in summary.phases.items()))
+            processes = int(case.sides[label].run.get("processes", 1))
+            # with several processes CPU s, faults, memory and GFLOP are the main process's (its share of the batch)
+            whose = f" (per-process figures: the main one of {processes})" if processes > 1 else ""
+            print(f"{'':>12}   {1 / summary.seconds_per_step:.2f} steps/s{whose}; first step {summary.first_step:.1f} "
+                  "s = " + " + ".join(f"{k} {v:.1f}" for k, v in summary.phases.items()))
         for index, record in enumerate(case.runs[label], start=1):
             where = f"run {index}{' (' + label + ')' if label else ''}"
             if record.error:

@@ -154,9 +154,11 @@ def validate(model: str, method: str, settings: RunSettings, steps: int) -> None
             service.build_config(config_type, defaults[section], {**values[section], **extra}, section)
         except ConfigError as exc:
             problems.extend(exc.problems)
-    threads = settings.run.get("threads")
-    if threads is not None and (not threads.isdigit() or int(threads) < 1):
-        problems.append(f"threads must be a whole number of at least 1, not {threads!r}")
+    for key in ("threads", "processes"):
+        value = settings.run.get(key)
+        if value is not None and (not value.isdigit() or int(value) < 1):
+            problems.append(f"{key} must be a whole number of at least 1, not {value!r}")
+    problems += _processes_problems(settings.run.get("processes", "1"))
     for flag in ("channels_last", "unet_grads"):
         if settings.run.get(flag, "false").lower() not in ("1", "0", "true", "false", "yes", "no"):
             problems.append(f"{flag} must be true or false, not {settings.run[flag]!r}")
@@ -164,6 +166,16 @@ def validate(model: str, method: str, settings: RunSettings, steps: int) -> None
         problems += _device_problems(settings.run["device"])
     if problems:
         raise ConfigError(problems)
+
+
+def _processes_problems(processes: str) -> list[str]:
+    """Several processes are started by accelerate launch, which must be installed."""
+    if not processes.isdigit() or int(processes) < 2:
+        return []
+    import importlib.util
+    if importlib.util.find_spec("accelerate") is None:
+        return [f"processes={processes} needs the accelerate package (pip install 'accelerate>=0.21')"]
+    return []
 
 
 def _device_problems(device: str) -> list[str]:
@@ -207,6 +219,10 @@ def run_once(spec: RunSpec, env: dict[str, str]) -> RunRecord:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     busy, own, wall = _busy_seconds(), _own_seconds(), time.perf_counter()
     command = [sys.executable, "-c", _CHILD, json.dumps(spec.__dict__)]
+    processes = int(spec.settings.get("run", {}).get("processes", 1))
+    if processes > 1:  # the same run in N processes; the main one prints the result
+        from finetune_core.launcher import accelerate_launch
+        command = accelerate_launch(processes, "finetune_core.bench.case", [json.dumps(spec.__dict__)])
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env)
     wall = time.perf_counter() - wall
     busy_after = _busy_seconds()

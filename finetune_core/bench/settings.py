@@ -3,7 +3,8 @@
 Written as `name=value` pairs separated by commas (`"batch_size=2,precision=bf16,threads=1,MALLOC_ARENA_MAX=2"`),
 the same text for `--set` (every run) and each side of `--compare A B`. A bare name is looked up among the method's,
 the dataset's and the training settings (prefix `method.`, `data.` or `train.` where a name is in two of them);
-`threads`, `device`, `channels_last` and `unet_grads` (true: emulate the WebUI's loaded model before a job froze
+`threads`, `device`, `processes` (N data-parallel processes through `accelerate launch`, sharing the global batch),
+`channels_last` and `unet_grads` (true: emulate the WebUI's loaded model before a job froze
 its UNet, whose weight gradients were then computed and kept) are the run's own; a name in capitals is an
 environment variable of the run's process (the allocator and OpenMP read theirs only at start, so each run is
 its own process).
@@ -19,7 +20,7 @@ from typing import Any
 from finetune_core.errors import ConfigError
 
 SECTIONS = ("method", "data", "train")
-RUN_KEYS = ("threads", "device", "channels_last", "unet_grads")
+RUN_KEYS = ("threads", "device", "processes", "channels_last", "unet_grads")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 # The bench decides these itself: the images, the number of steps, and no side duties inside the timed steps.
 _RESERVED = {"data_dir": "the bench trains on examples/dataset", "steps": "use --steps",
@@ -32,7 +33,7 @@ class RunSettings:
 
     text: str = ""
     sections: dict[str, dict[str, str]] = field(default_factory=lambda: {s: {} for s in SECTIONS})
-    run: dict[str, str] = field(default_factory=dict)  # threads / device / channels_last / unet_grads
+    run: dict[str, str] = field(default_factory=dict)  # threads / device / processes / channels_last / unet_grads
     env: dict[str, str] = field(default_factory=dict)
 
     def merged(self, other: RunSettings) -> RunSettings:

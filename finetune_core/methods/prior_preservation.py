@@ -162,10 +162,16 @@ def paired_images(settings: PriorPreservationSettings, data: DatasetConfig, line
 
 def prior_loss(pred: torch.Tensor, batch: TrainBatch, prior_weight: float) -> torch.Tensor:
     """instance MSE + λ · class MSE, each the mean over its own samples (per-sample alpha and SNR weights kept);
-    a batch without class samples gives the plain loss."""
+    a batch without class flags gives the plain loss.
+
+    A paired batch holds as many class samples as instance samples (n each of 2n), so the two means are
+    (2 / 2n) · (Σ instance + λ Σ class): written that way the loss needs no count of either kind, and a slice of the
+    batch (one process of a data-parallel run, which the loop weights by its share) gives its exact part of it,
+    also when the slice holds one kind only."""
     per_sample = per_sample_mse(pred, batch.target, batch.loss_weight, batch.snr_weight)
     flags = batch.data.extras.get(IS_CLASS)
-    if not flags or not any(flags):
+    if not flags:
         return per_sample.mean()
     is_class = torch.tensor(flags, device=per_sample.device)
-    return per_sample[~is_class].mean() + prior_weight * per_sample[is_class].mean()
+    weights = torch.where(is_class, prior_weight, 1.0).to(per_sample.dtype)
+    return 2.0 * (per_sample * weights).sum() / len(flags)

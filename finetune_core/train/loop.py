@@ -21,6 +21,7 @@ from finetune_core.model.interface import DiffusionModel, SampleRequest, Trainin
 from finetune_core.train import randomness
 from finetune_core.train.config import TrainConfig, config_from_dict
 from finetune_core.train.control import Control
+from finetune_core.train.distributed import Processes
 from finetune_core.train.ema import ParameterAverages
 from finetune_core.train.events import (
     ArtifactSaved,
@@ -54,17 +55,18 @@ class _Interrupted(Exception):
 
 def run_training(model: DiffusionModel, method: Method, data: TrainingData, config: TrainConfig, run: RunFolder,
                  output: OutputSpec, *, on_event: EventSink = ignore_events,
-                 control: Control | None = None) -> TrainResult:
+                 control: Control | None = None, processes: Processes | None = None) -> TrainResult:
     """Train `method` on `data` from its current state; writes the final artefact into `output.final_dir`."""
-    return Trainer(TrainJob(model, method, data, config, run, output), on_event, control).run()
+    return Trainer(TrainJob(model, method, data, config, run, output), on_event, control,
+                   processes=processes).run()
 
 
 def resume_training(model: DiffusionModel, method: Method, data: TrainingData, run: RunFolder, output: OutputSpec,
                     *, on_event: EventSink = ignore_events, control: Control | None = None,
-                    config: TrainConfig | None = None) -> TrainResult:
+                    config: TrainConfig | None = None, processes: Processes | None = None) -> TrainResult:
     """Continue the run saved in `run` exactly where it stopped (same config unless one is given)."""
     job = TrainJob(model, method, data, config or config_from_dict(run.load_config()), run, output)
-    return Trainer(job, on_event, control, resume=True).run()
+    return Trainer(job, on_event, control, resume=True, processes=processes).run()
 
 
 def existing_artifacts(method: Method, directory: Path, stem: str) -> list[Path]:
@@ -78,13 +80,18 @@ class Trainer:
     Phases: the model's training session is entered once (frozen weights, precision, checkpointing, host state set
     aside); the preparation phase (the method's own, then the latents) runs with the host's usual device handling;
     then all steps run inside one placement (modules resident, no host hook inside a step) and the method's
-    training context.
+    training context. With several processes (`finetune_core.train.distributed`) every process runs the same loop
+    on its share of each batch; only the main one writes files and emits events.
     """
 
     def __init__(self, job: TrainJob, on_event: EventSink = ignore_events, control: Control | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, processes: Processes | None = None) -> None:
         self.job, self.emit, self.resume = job, on_event, resume
         self.control = control or Control()
+        self.processes = processes or Processes()
+        self.writes = self.processes.is_main
+        if not self.writes:
+            self.emit = ignore_events
         self.counters = Counters(step=0, attempt=0, seed=0)
 
     def run(self) -> TrainResult:
@@ -114,7 +121,8 @@ class Trainer:
                 guard = NanGuard(self.counters.guard, config.nan_guard_bad_steps, config.nan_guard_max_rollbacks,
                                  config.nan_guard_lr_factor, snapshots=job.method.state_policy.rollback_snapshots)
                 guard.take_snapshot(self.counters.step, _kept(ctx), ctx.optimizer, ctx.scaler)
-                job.run.write_settings(self._settings())
+                if self.writes:
+                    job.run.write_settings(self._settings())
                 self.emit(Started(job.run.path, total, self.counters.step))
                 interrupted = self._loop(ctx, guard, schedule, total)
                 artifacts = self._finish(ctx, interrupted)
@@ -134,8 +142,18 @@ class Trainer:
         job = self.job
         context = PrepareContext(job.model, job.run.path, _without_grad(job.model.sample), self._phase_progress,
                                  self.counters.seed)
-        job.method.prepare(context)
-        job.data.prepare(job.model, on_progress=lambda done, total: self._phase_progress("latents", done, total))
+        if not self.writes:  # the main process prepares first: class images and latent caches are written once
+            self.processes.barrier()
+        interrupted = False
+        try:
+            job.method.prepare(context)
+            job.data.prepare(job.model, on_progress=lambda done, total: self._phase_progress("latents", done, total))
+        except _Interrupted:
+            interrupted = True  # still meet the others below, so that every process stops here together
+        if self.writes:
+            self.processes.barrier()
+        if self.processes.agree([interrupted])[0]:
+            raise _Interrupted
 
     def _phase_progress(self, what: str, done: int, total: int) -> None:
         self.emit(Phase(what, done, total))
@@ -162,7 +180,8 @@ class Trainer:
             raise ArtifactError(f"the run {self.job.run.path} kept no resume state (this method keeps it only when "
                                 f"asked); start a new run, continuing from its last saved file instead")
         self.counters = Counters.from_dict(checkpoint["counters"])
-        self.job.run.truncate_loss_rows(self.counters.step)
+        if self.writes:
+            self.job.run.truncate_loss_rows(self.counters.step)
         saved_model = checkpoint.get("model", {})
         if saved_model.get("shorthash") != self.job.model.identity.shorthash:
             self.emit(Warning_(f"resuming {self.job.run.path} with model {self.job.model.identity.name}, but the run "
@@ -190,6 +209,7 @@ class Trainer:
             if p.device != device:
                 p.data = p.data.to(device)  # in place: the method keeps referencing the same tensor
             p.requires_grad_(True)
+        self.processes.share_params(params)  # every process starts from the main one's weights, as DDP does
         optimizer = build_optimizer(groups, config, rate_at(schedule, self.counters.step) or 0.0)
         scaler = make_grad_scaler(device, session.compute_dtype)
         averages = ParameterAverages(groups)
@@ -204,7 +224,7 @@ class Trainer:
         return StepContext(model, method, job.data, optimizer, scaler, params, self.counters.seed,
                            config.gradient_accumulation, session.autocast, config.min_snr_gamma,
                            config.noise_offset, config.clip_grad_mode, clip, model.alphas_cumprod().float(),
-                           TextCache() if method.caches_text else None, averages)
+                           TextCache() if method.caches_text else None, averages, self.processes)
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def _loop(self, ctx: StepContext, guard: NanGuard, schedule: list[tuple[float, int]], total: int) -> bool:
@@ -214,6 +234,7 @@ class Trainer:
             before = time.monotonic()
             self.control.wait_while_paused()
             paused += time.monotonic() - before
+            self._agree_on_requests()
             if self.control.interrupted:
                 return True
             rate = rate_at(schedule, c.step)
@@ -232,6 +253,18 @@ class Trainer:
             per_step = (time.monotonic() - started - paused) / session_steps
             self._after_step(ctx, guard, outcome, lr, total, per_step)
 
+    def _agree_on_requests(self) -> None:
+        """An interrupt, save or preview asked of any process holds for all, so they stop and snapshot together."""
+        if self.processes.world == 1:
+            return
+        control = self.control
+        interrupt, save, preview = self.processes.agree(
+            [control.interrupted, control.save_requested, control.preview_requested])
+        if interrupt and not control.interrupted:
+            control.interrupt()
+        control.save_requested = save
+        control.preview_requested = preview
+
     def _on_bad_step(self, ctx: StepContext, guard: NanGuard, outcome: StepOutcome) -> None:
         c = self.counters
         logger.warning("step %d skipped: %s (loss %s)", c.step + 1, outcome.reason, outcome.loss)
@@ -239,7 +272,8 @@ class Trainer:
             return
         c.step = guard.rollback(_kept(ctx), ctx.optimizer, ctx.scaler)
         c.csv_losses.clear()
-        self.job.run.truncate_loss_rows(c.step)
+        if self.writes:
+            self.job.run.truncate_loss_rows(c.step)
         self.emit(Warning_(f"the loss or the gradients were not finite for {guard.bad_steps} steps in a row; "
                            f"rolled back to step {c.step} and lowered the learning rate to "
                            f"x{c.guard.lr_factor:g} of the schedule"))
@@ -254,7 +288,8 @@ class Trainer:
         c.csv_losses.append(outcome.loss)
         if config.csv_every and c.step % config.csv_every == 0:
             mean = sum(c.csv_losses) / len(c.csv_losses)
-            self.job.run.append_loss_row(LossRow(c.step, epoch, epoch_step, mean, lr))
+            if self.writes:
+                self.job.run.append_loss_row(LossRow(c.step, epoch, epoch_step, mean, lr))
             c.csv_losses.clear()
         if (config.save_every and c.step % config.save_every == 0) or control.save_requested:
             control.save_requested = False
@@ -264,7 +299,8 @@ class Trainer:
             guard.take_snapshot(c.step, _kept(ctx), ctx.optimizer, ctx.scaler)
         if (config.preview_every and c.step % config.preview_every == 0) or control.preview_requested:
             control.preview_requested = False
-            self._preview(outcome)
+            if self.writes:
+                self._preview(outcome)
 
     def _epoch(self) -> tuple[int, int]:
         """(epoch, 1-based step within the epoch) of the step just done, from its first micro-batch number."""
@@ -283,6 +319,8 @@ class Trainer:
         """An intermediate copy (the oldest beyond `save_keep_last` deleted) and the resume state. A copy the disk has
         no room for is skipped with a warning: training goes on, and the final file is checked again."""
         run, step, name = self.job.run, self.counters.step, self.job.output.name
+        if not self.writes:
+            return
         try:
             with ctx.averages.swapped_in():
                 paths = self.job.method.write_artifact(run.artifacts_dir, f"{name}-{step}", self._meta(), True)
@@ -310,6 +348,8 @@ class Trainer:
     def _finish(self, ctx: StepContext, interrupted: bool) -> tuple[Path, ...]:
         """Write the final artefact (also on interrupt, as the WebUI does) and the resume state."""
         out, c, method = self.job.output, self.counters, self.job.method
+        if not self.writes:
+            return ()
         self._check_output()  # a file someone made while this run trained is not replaced unasked
         # The run claims its final file in the resume state before writing it: killed between the two, a resume
         # then rewrites the file as its own instead of refusing it as someone else's.

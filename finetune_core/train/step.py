@@ -18,6 +18,7 @@ from finetune_core.data.cache import TextCache
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train import objective, randomness
 from finetune_core.train.batch import TrainBatch
+from finetune_core.train.distributed import Processes
 from finetune_core.train.ema import ParameterAverages
 from finetune_core.train.optim import clip_gradients, clip_group_norms, gradients_finite
 from finetune_core.train.schedule import value_at
@@ -48,6 +49,7 @@ class StepContext:
     alphas_cumprod: torch.Tensor
     text_cache: TextCache | None
     averages: ParameterAverages = dataclasses.field(default_factory=lambda: ParameterAverages([]))
+    processes: Processes = dataclasses.field(default_factory=Processes)  # data-parallel: this process's share
 
 
 @dataclass(frozen=True)
@@ -84,14 +86,14 @@ def to_device(batch: DataBatch, device: torch.device) -> DataBatch:
                                extras={k: move(v) for k, v in batch.extras.items()})
 
 
-def build_train_batch(ctx: StepContext, data: DataBatch, index: int) -> TrainBatch:
-    """Draw noise and timesteps for micro-batch `index` and assemble the noisy latents and the target."""
+def build_train_batch(ctx: StepContext, data: DataBatch, first: int) -> TrainBatch:
+    """Draw noise and timesteps for samples `first`... of the run and assemble the noisy latents and the target."""
     device = ctx.model.device
     data = to_device(data, device)
     latents = data.latents
-    # one generator per sample, keyed by the global sample number: batch 2 x accumulation 1 and batch 1 x
-    # accumulation 2 draw the same noise for the same samples
-    samples = range(index * len(data), (index + 1) * len(data))
+    # one generator per sample, keyed by the global sample number: batch 2 x accumulation 1, batch 1 x
+    # accumulation 2 and two processes of batch 1 each draw the same noise for the same samples
+    samples = range(first, first + len(data))
     noise = objective.sample_noise(tuple(latents.shape), randomness.generators(ctx.seed, randomness.NOISE, samples),
                                    ctx.noise_offset).to(device)
     timesteps = objective.sample_timesteps(randomness.generators(ctx.seed, randomness.TIMESTEPS, samples),
@@ -114,13 +116,28 @@ def build_train_batch(ctx: StepContext, data: DataBatch, index: int) -> TrainBat
 def compute_loss(ctx: StepContext, batch: TrainBatch, index: int) -> torch.Tensor:
     """The method's loss under autocast, with the global RNG (dropout) seeded from the micro-batch number."""
     device = ctx.model.device
-    seed = randomness.stream_seed(ctx.seed, randomness.FORWARD, index)
+    # several processes: each its own dropout draws (one shared seed would repeat the same masks per slice)
+    stream = randomness.FORWARD if ctx.processes.rank == 0 else f"{randomness.FORWARD}:{ctx.processes.rank}"
+    seed = randomness.stream_seed(ctx.seed, stream, index)
     with randomness.seeded_global_rng(seed, device), ctx.autocast():
         return ctx.method.loss(ctx.model, batch)
 
 
+def micro_loss(ctx: StepContext, full: DataBatch, index: int) -> torch.Tensor | None:
+    """This process's part of the loss of micro-batch `index`, weighted by its share of the global batch and
+    divided by the accumulation (WebUI: loss / gradient_step); None when its slice is empty."""
+    shard = ctx.processes.shard(full)
+    if len(shard.data) == 0:
+        return None
+    batch = build_train_batch(ctx, shard.data, index * len(full) + shard.start)
+    loss = compute_loss(ctx, batch, index) / ctx.accumulation
+    return loss if shard.weight == 1.0 else loss * shard.weight
+
+
 def apply_update(ctx: StepContext, step: int) -> tuple[bool, str]:
-    """Unscale, check and clip the gradients, then step the optimizer; (False, why) when the step is skipped."""
+    """Sum the processes' gradients, unscale, check and clip them, then step the optimizer; (False, why) when the
+    step is skipped (every process decides the same, from the same summed gradients)."""
+    ctx.processes.sum_gradients(ctx.params)
     ctx.scaler.unscale_(ctx.optimizer)
     if not gradients_finite(ctx.params):
         if not ctx.scaler.is_enabled():
@@ -143,15 +160,17 @@ def train_step(ctx: StepContext, attempt: int, step: int) -> StepOutcome:
     try:
         for micro in range(ctx.accumulation):
             index = attempt * ctx.accumulation + micro
-            batch = build_train_batch(ctx, ctx.data.get_batch(index, ctx.seed), index)
-            prompt = batch.prompts[0] if batch.prompts else ""
+            full = ctx.data.get_batch(index, ctx.seed)
+            prompt = full.prompts[0] if full.prompts else ""
             scale = ctx.model.vae_scale
-            size = (batch.latents.shape[-2] * scale, batch.latents.shape[-1] * scale)
-            loss = compute_loss(ctx, batch, index) / ctx.accumulation  # WebUI: loss / gradient_step
-            value = float(loss.detach())
+            size = (full.latents.shape[-2] * scale, full.latents.shape[-1] * scale)
+            loss = micro_loss(ctx, full, index)
+            # the global batch's loss: every process sees the same value, so all skip a non-finite step together
+            value = ctx.processes.total(float(loss.detach()) if loss is not None else 0.0)
             if not math.isfinite(value):
                 return StepOutcome(False, value, prompt, size, "non-finite loss")
-            ctx.scaler.scale(loss).backward()
+            if loss is not None:
+                ctx.scaler.scale(loss).backward()
             total += value
         ok, reason = apply_update(ctx, step)
     finally:
