@@ -44,7 +44,7 @@ class MethodSpec:
     memory: Memory
     data_defaults: dict[str, Any] = field(default_factory=dict)  # overrides of DatasetConfig defaults
     train_defaults: dict[str, Any] = field(default_factory=dict)  # overrides of TrainConfig defaults
-    data: Data = image_dataset  # the images of a run (DreamBooth: instance and class images in pairs)
+    data: Data = image_dataset  # the images of a run (DreamBooth, LoRA: instance and class images in pairs)
     resolve: Resolve | None = None
     usual_max_lr: float = 0.0  # a learning rate above this gets a warning (the method's usual rates are far lower)
 
@@ -84,5 +84,6 @@ METHODS: dict[str, MethodSpec] = {
         "Low-rank adapters on the UNet (and optionally the text encoders); the file <lora:NAME:1> loads.",
         lora.build, None, lora.memory_needs,
         data_defaults={"template": "filewords.txt"},
-        train_defaults={"learning_rate": "0.0001"}),
+        train_defaults={"learning_rate": "0.0001"},
+        data=lora.training_data, resolve=resolve_class_folder),
 }

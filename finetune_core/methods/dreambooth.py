@@ -25,7 +25,11 @@ from finetune_core.formats.checkpoint import detect_family, over_source, tensor_
 from finetune_core.methods.base import ArtifactMeta, Method, ParamGroup, PrepareContext, StatePolicy
 from finetune_core.methods.prior_preservation import (
     PriorPreservationSettings,
+    check_class_sampler,
     generate_class_images,
+    instance_lines,
+    instance_prompt_field,
+    instance_token_field,
     paired_images,
     prior_loss,
 )
@@ -48,10 +52,8 @@ def _f(default: Any, label: str, help: str, **extra: Any) -> Any:
 class DreamBoothSettings:
     """DreamBooth's own fields (the config adds prior preservation's after them)."""
 
-    instance_prompt: str = _f("a photo of [name]", "Instance prompt", "The prompt of every instance image: [name] "
-                              "becomes the instance token, [filewords] the image's caption, e.g. 'a photo of [name] "
-                              "dog'. Empty: the dataset's prompt template.")
-    instance_token: str = _f("sks", "Instance token", "A rare word that comes to mean your subject.")
+    instance_prompt: str = instance_prompt_field("a photo of [name]")
+    instance_token: str = instance_token_field("sks")
     train_text_encoder: bool = _f(False, "Train the text encoder(s)", "Also fine-tune the text encoder(s) (both on "
                                   "SDXL): stronger likeness, more memory.")
     text_encoder_lr: str = _f("", "Text encoder learning rate", "A rate or schedule for the text encoder(s); "
@@ -204,9 +206,7 @@ def _source_file(model: DiffusionModel) -> Path | None:
 def check_model(config: DreamBoothConfig, model: DiffusionModel) -> list[str]:
     """Refuse what cannot work with the loaded model; warnings for what works but is probably not meant."""
     warnings = []
-    if config.prior_preservation and config.class_sampler not in model.sampler_names():
-        raise ConfigError(f"the class image sampler {config.class_sampler!r} is not available here; choose one of "
-                          f"{', '.join(model.sampler_names())}")
+    check_class_sampler(config, model)
     source = _source_file(model)
     if source is not None:
         family = detect_family(tensor_shapes(source))
@@ -234,8 +234,7 @@ def build(model: DiffusionModel, name: str, config: DreamBoothConfig, directory:
 
 def training_data(config: DreamBoothConfig, data: DatasetConfig, name: str) -> Any:
     """`MethodSpec.data`: instance images under the instance prompt, paired with class images when asked."""
-    lines = [config.instance_prompt] if config.instance_prompt.strip() else None
-    return paired_images(config, data, lines, config.instance_token)
+    return paired_images(config, data, instance_lines(config), config.instance_token)
 
 
 def memory_needs(model: DiffusionModel, config: DreamBoothConfig) -> MemoryNeeds:

@@ -2,8 +2,10 @@
 and the text encoders); the model's own weights stay frozen. Objective: the LDM loss with the adapters applied.
 Artefact: kohya's LoRA `.safetensors` (lora.md §1) in `models/Lora/`, with a preview PNG next to it.
 
-Where the data and the loss come from is kept outside the adapter core: `objective(pred, batch)` and `prepare`
-are the points a DreamBooth mode (prior preservation, methods.md §6) overrides.
+Two modes: captioned-set mode (the default: the dataset's captions through its template, `[name]` = the LoRA's
+name) and DreamBooth mode (an instance prompt and token, and prior preservation: class images the model makes,
+trained in the same UNet pass with `instance loss + λ · class loss`, methods.md §6), which shares DreamBooth's
+class images and their manifest (`prior_preservation`).
 """
 
 from __future__ import annotations
@@ -18,16 +20,26 @@ from typing import Any
 
 import torch
 
+from finetune_core.data.config import DatasetConfig
 from finetune_core.errors import ConfigError
 from finetune_core.formats.atomic import atomic_write
 from finetune_core.formats.lora import SAVE_DTYPES, LoraFile, base_version, write_lora
-from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, ParamGroup
+from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, ParamGroup, PrepareContext
 from finetune_core.methods.lora_net import LoraAdapter, LoraNetwork
 from finetune_core.methods.lora_setup import build_network, requested_targets
+from finetune_core.methods.prior_preservation import (
+    PriorPreservationSettings,
+    check_class_sampler,
+    generate_class_images,
+    instance_lines,
+    instance_prompt_field,
+    instance_token_field,
+    paired_images,
+    prior_loss,
+)
 from finetune_core.model.interface import V_PREDICTION, DiffusionModel, WeightAdapter
 from finetune_core.train.batch import TrainBatch
 from finetune_core.train.memory import MemoryNeeds
-from finetune_core.train.objective import weighted_mse
 
 
 def _f(default: Any, label: str, help: str, **extra: Any) -> Any:
@@ -35,8 +47,8 @@ def _f(default: Any, label: str, help: str, **extra: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
-    """Settings of a LoRA run (kohya's names in brackets)."""
+class LoraSettings:
+    """LoRA's own fields, kohya's names in brackets (the config adds prior preservation's after them)."""
 
     rank: int = _f(16, "Rank", "Rank of every adapter (network_dim): its size and capacity; 4-32 for a subject or "
                    "style, higher for more detail.")
@@ -58,15 +70,22 @@ class LoraConfig:
                                "(module_dropout).", advanced=True)
     continue_from: str = _f("", "Continue from LoRA", "An existing LoRA file (path, or name in the Lora folder) to "
                             "keep training; its layers, ranks and alphas are kept. Empty starts a new one.")
+    instance_prompt: str = instance_prompt_field("")
+    instance_token: str = instance_token_field("", "the LoRA's name")
     save_precision: str = _f("fp16", "Save precision", "dtype of the tensors in the file (save_precision).",
                              choices=tuple(SAVE_DTYPES), advanced=True)
     preview_multiplier: float = _f(1.0, "Preview strength", "The multiplier previews apply it with, as in "
                                    "<lora:NAME:multiplier>.", advanced=True)
 
+
+@dataclass(frozen=True)
+class LoraConfig(PriorPreservationSettings, LoraSettings):
+    """Settings of a LoRA run: captioned-set mode, or DreamBooth mode with prior preservation on."""
+
     def validate(self) -> None:
         """Raise one ConfigError listing every invalid setting (the widths of the layers are checked with the
         model, when the network is built)."""
-        problems = []
+        problems = self.prior_problems()
         if self.rank < 1:
             problems.append(f"rank is {self.rank}; use 1 or more (4-32 is usual)")
         if self.conv_rank < 0:
@@ -116,14 +135,18 @@ class Lora(Method):
 
     @property
     def placeholder(self) -> str:
-        return self.output_name
+        return self.config.instance_token.strip() or self.output_name
 
     @property
     def start_step(self) -> int:
         return self._start_step
 
     def check(self, model: DiffusionModel) -> list[str]:
+        check_class_sampler(self.config, model)
         return list(self.notes)
+
+    def prepare(self, context: PrepareContext) -> None:
+        generate_class_images(context, self.config)
 
     def trainable_parameters(self, model: DiffusionModel) -> list[ParamGroup]:
         groups: dict[str, list[torch.Tensor]] = {}
@@ -158,8 +181,8 @@ class Lora(Method):
         return model.predict(batch.noisy_latents, batch.timesteps, cond, batch.size_cond)
 
     def objective(self, pred: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
-        """The loss of a prediction; a DreamBooth mode overrides it (instance + weighted class loss)."""
-        return weighted_mse(pred, batch.target, batch.loss_weight, batch.snr_weight)
+        """The loss of a prediction: the plain loss, or instance + λ · class loss when class images are paired."""
+        return prior_loss(pred, batch, self.config.prior_loss_weight)
 
     def inference_extras(self) -> InferenceExtras:
         adapters: dict[str, WeightAdapter] = {name: _Preview(adapter, self.config.preview_multiplier)
@@ -208,6 +231,7 @@ class Lora(Method):
             "ss_learning_rate": train.get("learning_rate"), "ss_unet_lr": train.get("learning_rate"),
             "ss_text_encoder_lr": self._text_encoder_rate(train), "ss_optimizer": train.get("optimizer"),
             "ss_seed": train.get("seed"), "ss_mixed_precision": train.get("precision"),
+            "ss_num_reg_images": self.config.class_images if self.config.prior_preservation else 0,
             "ss_noise_offset": train.get("noise_offset"), "ss_min_snr_gamma": train.get("min_snr_gamma"),
             "ss_training_started_at": self.started_at, "ss_training_finished_at": time.time(),
             "finetune_method": self.name, "finetune_model_hash": meta.model.shorthash,
@@ -261,10 +285,17 @@ def build(model: DiffusionModel, name: str, config: LoraConfig, directory: Path,
     return Lora(name, config, network, version, start_step, notes)
 
 
+def training_data(config: LoraConfig, data: DatasetConfig, name: str) -> Any:
+    """`MethodSpec.data`: the images under the instance prompt or the template, `[name]` the instance token or the
+    LoRA's name; paired with class images in DreamBooth mode."""
+    return paired_images(config, data, instance_lines(config), config.instance_token.strip() or name)
+
+
 def memory_needs(model: DiffusionModel, config: LoraConfig) -> MemoryNeeds:
-    """rank x (in + out) values per adapted layer (a convolution's down matrix is rank x in x kh x kw)."""
+    """rank x (in + out) values per adapted layer (a convolution's down matrix is rank x in x kh x kw); class
+    images double the batch."""
     total = 0
     for target, rank, _ in requested_targets(model.adapter_targets(), config):
         kernel = target.kernel_size[0] * target.kernel_size[1] if target.kernel_size else 1
         total += rank * (target.in_features * kernel + target.out_features)
-    return MemoryNeeds(total)
+    return MemoryNeeds(total, batch_factor=2 if config.prior_preservation else 1)

@@ -2,13 +2,16 @@
 DreamBooth mode): class images made by the model being trained, paired with the instance images in one UNet pass,
 and the loss `instance MSE + λ · class MSE`.
 
-How a method uses it (DreamBooth does exactly this):
+How a method uses it (DreamBooth and LoRA do exactly this):
 - its config inherits `PriorPreservationSettings` (the fields, their form metadata, `prior_problems()`), listed
   first among the bases so the method's own fields come first in forms:
-  `class MyConfig(PriorPreservationSettings, MySettings)`;
+  `class MyConfig(PriorPreservationSettings, MySettings)`; its own settings declare the instance prompt and token
+  with `instance_prompt_field` / `instance_token_field` (one wording everywhere, each method its own default);
 - its registry line sets `resolve=resolve_class_folder` (the default class folder and the class image size filled
   in, the user's own class images checked, all before any model loads) and a `data` builder that returns
-  `paired_images(config, dataset_config, prompt_lines, placeholder)` (instance images alone when it is off);
+  `paired_images(config, dataset_config, instance_lines(config), placeholder)` (instance images alone when it is
+  off);
+- its `check(model)` calls `check_class_sampler(settings, model)` (the sampler exists in this host);
 - its `prepare(context)` calls `generate_class_images(context, settings)` (missing images made through the host's
   sampler, with progress and interrupt; matching ones reused);
 - its `loss` calls `prior_loss(pred, batch, settings.prior_loss_weight)`.
@@ -29,7 +32,7 @@ from finetune_core.data.config import DatasetConfig
 from finetune_core.data.dataset import ImageDataset
 from finetune_core.data.paired import IS_CLASS, PairedDataset
 from finetune_core.data.scan import ImageRecord
-from finetune_core.errors import DatasetError, StorageError
+from finetune_core.errors import ConfigError, DatasetError, StorageError
 from finetune_core.model.interface import DiffusionModel, SampleRequest
 from finetune_core.train.batch import TrainBatch
 from finetune_core.train.method import PrepareContext
@@ -40,6 +43,23 @@ CLASS_FOLDERS = "class_images"  # under the method's own log folder, one subfold
 
 def _f(default: Any, label: str, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"label": label, "help": help, **extra})
+
+
+def instance_prompt_field(default: str) -> Any:
+    """The instance prompt setting of a method with a DreamBooth mode."""
+    return _f(default, "Instance prompt", "The prompt of every instance image: [name] becomes the instance token, "
+              "[filewords] the image's caption, e.g. 'a photo of [name] dog'. Empty: the dataset's prompt template.")
+
+
+def instance_token_field(default: str, when_empty: str = "") -> Any:
+    """The instance token setting (what [name] becomes); `when_empty` says what an empty one means, if anything."""
+    return _f(default, "Instance token", "A rare word that comes to mean your subject." +
+              (f" Empty: {when_empty}." if when_empty else ""))
+
+
+def instance_lines(settings: Any) -> list[str] | None:
+    """The prompt lines of the instance images: the instance prompt, or None for the dataset's template."""
+    return [settings.instance_prompt] if settings.instance_prompt.strip() else None
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,13 @@ class PriorPreservationSettings:
         if self.class_cfg_scale < 0 or self.prior_loss_weight < 0:
             problems.append("class_cfg_scale and prior_loss_weight must be 0 or more")
         return problems
+
+
+def check_class_sampler(settings: PriorPreservationSettings, model: DiffusionModel) -> None:
+    """`Method.check`: refuse a class image sampler this host does not have (checked once the model is loaded)."""
+    if settings.prior_preservation and settings.class_sampler not in model.sampler_names():
+        raise ConfigError(f"the class image sampler {settings.class_sampler!r} is not available here; choose one "
+                          f"of {', '.join(model.sampler_names())}")
 
 
 def class_request(settings: PriorPreservationSettings, model: DiffusionModel) -> ClassImageRequest:

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from finetune_core import service
-from finetune_core.data.batch import DataBatch
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError, StorageError
 from finetune_core.formats.checkpoint import read_safetensors_metadata, read_state_dict, write_checkpoint
 from finetune_core.methods.dreambooth import DreamBooth, DreamBoothConfig, memory_needs
@@ -25,10 +24,10 @@ from finetune_core.model.interface import TrainingSetup
 from finetune_core.model.single_file import load_single_file
 from finetune_core.model.tiny import tiny_configs, tiny_spec
 from finetune_core.train import objective
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent, Warning_
 from tests.conftest import EXAMPLES, weights_checksum
+from tests.methods.prior_fixtures import instance_folder, paired_batch
 
 TINY = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 V_YAML = 'model:\n  params:\n    parameterization: "v"\n'
@@ -57,14 +56,6 @@ def load(path: Path, name: str) -> DiffusersModel:
     c = load_single_file(path, configs=tiny_configs(tiny_spec(name)))
     return DiffusersModel(c.unet, c.vae, c.text_encoder, c.text_encoder_2, family=c.family,
                           prediction_type=c.prediction_type, identity=c.identity)
-
-
-def instance_folder(tmp: Path, names: tuple[str, ...] = ("ball-01", "ball-03")) -> Path:
-    folder = tmp / "instances"
-    folder.mkdir(exist_ok=True)
-    for name in names:
-        shutil.copy(EXAMPLES / f"{name}.png", folder)
-    return folder
 
 
 def request(data: Path, name: str = "mine", steps: int = 6, lr: str = "3e-4", **method: Any) -> service.TrainRequest:
@@ -134,25 +125,12 @@ def test_learns_and_writes_a_checkpoint_over_its_source(name, tiny_model, tmp_pa
     assert drop.mean() > 5 * drop.std() / len(drop) ** 0.5, drop
 
 
-def _batch(model: Any, flags: list[bool]) -> TrainBatch:
-    gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(len(flags), 4, 8, 8, generator=gen)
-    noise = torch.randn(latents.shape, generator=gen)
-    t = torch.tensor([300, 700][:len(flags)])
-    alphas = model.alphas_cumprod()
-    data = DataBatch(latents, ["a photo of sks ball", "a photo of a ball"][:len(flags)], torch.zeros(len(flags), 6),
-                     extras={"is_class": flags})
-    return TrainBatch(data, latents, noise, t, objective.add_noise(latents, noise, t, alphas),
-                      objective.training_target(model.prediction_type, latents, noise, t, alphas), alphas,
-                      data.size_cond)
-
-
 def test_the_class_term_reaches_the_gradient(tiny_model):
     """loss = instance + λ·class: the UNet's gradient moves with λ, linearly, by exactly the class sample's own
     gradient (the most used DreamBooth extension computes the prior loss and never adds it)."""
     model = tiny_model("tiny-sd1")
     config = DreamBoothConfig(prior_preservation=True, class_prompt="a photo of a ball")
-    batch = _batch(model, [False, True])
+    batch = paired_batch(model, [False, True])
     grads = {}
     with model.training_session(TrainingSetup(("unet",))):
         params = list(model.trainable_modules()["unet"].parameters())

@@ -1,13 +1,16 @@
 """LoRA inside the WebUI (on the stand-in): a file we write loads with the built-in Lora extension's v1.10.1 naming
 and scale rules (every key matches a module of the SD1 / SD2 / SDXL model, none is skipped) and its merge equals our
 own application; a trained LoRA is listed after the refresh and `<lora:NAME:1>` changes txt2img's output; the job
-leaves nothing behind on the model."""
+leaves nothing behind on the model; in DreamBooth mode its class images come from the WebUI's txt2img."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_webui_training import run
 from webui_runs import request, same_weights, snapshot
 
 from finetune_core import service
@@ -120,3 +123,31 @@ def test_a_job_over_a_merged_lora_trains_on_the_plain_model_and_leaves_nothing(w
     networks.load_networks([])
     outputs(model)
     assert same_weights(sd1, before)
+
+
+def test_dreambooth_mode_makes_class_images_with_txt2img_and_lists_the_lora(webui, sd1, extension, dataset,
+                                                                            tmp_path, monkeypatch):
+    """LoRA in DreamBooth mode through the extension's job runner: the class images come from the WebUI's own
+    txt2img (its sampler, the class prompt), the LoRA is listed after the job, and the model is as it was."""
+    import networks
+    from modules import processing
+
+    webui.cmd_opts.lora_dir = str(tmp_path / "models" / "Lora")
+    before = snapshot(sd1)
+    made, inner = [], processing.process_images_inner
+    monkeypatch.setattr(processing, "process_images_inner",
+                        lambda p: made.append((list(p.prompt), p.sampler_name)) or inner(p))
+    job = request(dataset, "lora", "mydog", steps=2, method_settings={
+        "rank": 2, "instance_prompt": "a photo of [name] thing", "instance_token": "sks",
+        "prior_preservation": True, "class_prompt": "a photo of a thing", "class_images": 2, "class_steps": 2,
+        "class_sampler": "Euler a", "class_batch_size": 2})
+    state, recorder = run(extension, job)
+    assert state.status == "finished", (state.error, state.messages)
+    assert made == [(["a photo of a thing"] * 2, "Euler a")]  # one txt2img batch, nothing else sampled
+    assert any(r[0] == "Phase" and "class images" in r[3] for r in recorder.rows)  # the WebUI's progress text
+    classes = Path(webui.cmd_opts.data_dir) / "outputs" / "finetune" / "lora" / "class_images" / "a_photo_of_a_thing"
+    assert len(list(classes.glob("*.png"))) == 2 and (classes / "class_images.json").is_file()
+    assert state.artifacts == [tmp_path / "models" / "Lora" / "mydog.safetensors"]
+    assert read_lora(state.artifacts[0]).metadata["ss_num_reg_images"] == "2"
+    assert "mydog" in networks.available_networks  # listed without a restart
+    assert same_weights(sd1, before) and not _leftovers(sd1)
