@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError
+from finetune_core.formats.aesthetic import write_aesthetic_files
 from finetune_core.methods.aesthetic_gradients import (
     AestheticApplyConfig,
     AestheticCreateConfig,
@@ -291,8 +292,6 @@ def test_applying_leaves_the_model_as_it_was(tiny_model):
 # --- the library and the settings --------------------------------------------------------------------------------
 @pytest.fixture
 def library(tmp_path):
-    from finetune_core.formats.aesthetic import write_aesthetic_files
-
     folder = tmp_path / "aesthetic_embeddings"
     target = target_for(768)
     write_aesthetic_files(target.direction * 7, target.projection, {"clip_model": "test"}, folder, "style")
@@ -315,8 +314,6 @@ def test_the_library_lists_new_files_and_reads_what_goes_with_them(tiny_model, l
     assert with_clip is not None and with_clip.target.text_width == 768
     with pytest.raises(ModelMismatchError, match="'added' is 1024 wide but the CLIP text projection is 768 wide"):
         library.hook(model, AestheticApplyConfig(aesthetic_embedding="added", clip_model=str(clip)))
-    from finetune_core.formats.aesthetic import write_aesthetic_files
-
     wide = target_for(1024)
     write_aesthetic_files(wide.direction, wide.projection, {}, tmp_path / "aesthetic_embeddings", "sd2-style")
     with pytest.raises(ModelMismatchError, match="text width is 1024, but this SD1 model's text encoders are 768"):
@@ -325,11 +322,33 @@ def test_the_library_lists_new_files_and_reads_what_goes_with_them(tiny_model, l
         library.hook(model, AestheticApplyConfig(aesthetic_embedding="gone"))
 
 
+class _Touch:
+    """Unpickling it creates a file: proof that the pickle's code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
 def test_a_code_running_pickle_is_refused(tiny_model, library, tmp_path):
-    with open(tmp_path / "aesthetic_embeddings" / "evil.pt", "wb") as handle:
-        pickle.dump(_Boom(), handle)
+    marker = tmp_path / "the-pickle-ran"
+    folder = tmp_path / "aesthetic_embeddings"
+    with open(folder / "evil.pt", "wb") as handle:
+        pickle.dump(_Touch(marker), handle)
+    assert "evil" in library.names()  # listing reads no .pt
+    config = AestheticApplyConfig(aesthetic_embedding="evil", clip_model="x")
+    with pytest.raises(ArtifactError, match="refused") as error:
+        library.hook(tiny_model("tiny-sd1"), config)
+    assert "evil.pt" in str(error.value) and "\n" not in str(error.value)
+    # Beside a readable safetensors copy the .pt is still what is read (the user may have replaced it): refused too.
+    target = target_for(768)
+    write_aesthetic_files(target.direction, target.projection, {}, folder, "evil2")
+    (folder / "evil2.pt").write_bytes((folder / "evil.pt").read_bytes())
     with pytest.raises(ArtifactError, match="refused"):
-        library.hook(tiny_model("tiny-sd1"), AestheticApplyConfig(aesthetic_embedding="evil", clip_model="x"))
+        library.hook(tiny_model("tiny-sd1"), AestheticApplyConfig(aesthetic_embedding="evil2"))
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("settings, message", [
