@@ -193,3 +193,18 @@ def test_the_tab_has_the_section(tmp_path: Path) -> None:
             "finetune_aesthetic_create_clip_model", "finetune_aesthetic_create_data_dir",
             "finetune_aesthetic_apply_aesthetic_embedding", "finetune_aesthetic_apply_aesthetic_weight",
             "finetune_aesthetic_preview_prompt"} <= ids
+
+
+def test_cli_bench_prints_the_overhead_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """`aesthetic bench` runs on a tiny model and prints one row per model with every column filled (no figure is
+    checked: speed is for the bench to report, not for a test)."""
+    assert main(["aesthetic", "bench", "--models", "tiny-sd1", "--rounds", "1", "--first", "1",
+                 "--aesthetic-steps", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header, rows = lines[-3], [line for line in lines if line.startswith("| tiny-sd1 |")]
+    assert header.startswith("| model | plain | first call") and header.endswith("| others |")
+    assert len(rows) == 1
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert len(cells) == header.count("|") - 1 and all(cells)
+    assert cells[-1].endswith("%") or cells[-1] == "-"  # the other processes' share ("-" off Linux)
+    assert lines[0].startswith("tiny-sd1: plain ") and " cached " in lines[0]

@@ -10,6 +10,7 @@ optimisation holds (float32 masters, their gradients and Adam's two moments, for
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -44,16 +45,21 @@ class Row:
     tuned_params: int
     held_mib: float
     peak_mib: float | None
+    others: float | None = None  # share of all CPUs other processes used while this model was measured
 
 
 def run_bench(args: argparse.Namespace) -> list[Row]:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     if args.full and FULL not in names:
         names.append(FULL)
+    from finetune_core.bench.runner import _busy_seconds, _own_seconds  # Linux /proc/stat, resource
+
     rows = []
     for name in names:
         model = build_model(name, args.device)
+        busy, own, wall = _busy_seconds(), _own_seconds(), time.perf_counter()
         rows.append(measure(name, model, args.rounds, args.first, args.aesthetic_steps))
+        rows[-1].others = _others_share(busy, own, time.perf_counter() - wall)
         print(format_row(rows[-1]), flush=True)
     print(format_table(rows))
     return rows
@@ -137,6 +143,18 @@ class _Stopwatch:
         return out
 
 
+def _others_share(busy_before: float | None, own_before: float, wall: float) -> float | None:
+    """The share of all CPUs that other processes used during `wall` seconds (Linux), as the bench runner notes it:
+    on a shared machine it says how far the figures can be trusted."""
+    from finetune_core.bench.runner import _busy_seconds, _own_seconds
+
+    busy = _busy_seconds()
+    if busy is None or busy_before is None or wall <= 0:
+        return None
+    theirs = (busy - busy_before) - (_own_seconds() - own_before)
+    return max(0.0, theirs) / (wall * (os.cpu_count() or 1))
+
+
 def _timed(call: Callable[[], Any]) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     call()
@@ -174,15 +192,20 @@ def format_row(row: Row) -> str:
     return (f"{row.model}: plain {row.plain[0] * 1000:.1f} ms, first {row.first[0]:.2f} s "
             f"({row.first[0] / row.plain[0]:.0f}x), cached {row.cached[0] * 1000:.1f} ms "
             f"({row.cached[0] / row.plain[0]:.3f}x wall, {row.cached[1] / row.plain[1]:.3f}x CPU), "
-            f"in the hook {row.hook_ms:.2f} ms ({row.hook_ms / 10 / row.plain[0]:.2f}% of plain)")
+            f"in the hook {row.hook_ms:.2f} ms ({row.hook_ms / 10 / row.plain[0]:.2f}% of plain), "
+            f"others {_share(row.others)}")
+
+
+def _share(others: float | None) -> str:
+    return "-" if others is None else f"{others:.0%}"
 
 
 def format_table(rows: list[Row]) -> str:
     lines = ["| model | plain | first call | first / plain | cached | cached / plain (wall, CPU) "
-             "| in the hook, cached | tuned weights | masters + Adam |", "|---|---|---|---|---|---|---|---|---|"]
+             "| in the hook, cached | tuned weights | masters + Adam | others |", "|---" * 10 + "|"]
     for r in rows:
         lines.append(f"| {r.model} | {r.plain[0] * 1000:.1f} ms | {r.first[0]:.2f} s | {r.first[0] / r.plain[0]:.0f}x "
                      f"| {r.cached[0] * 1000:.1f} ms | {r.cached[0] / r.plain[0]:.3f}, {r.cached[1] / r.plain[1]:.3f} "
                      f"| {r.hook_ms:.2f} ms ({r.hook_ms / 10 / r.plain[0]:.2f}%) | {r.tuned_params / 1e6:.1f} M "
-                     f"| {r.held_mib:.0f} MiB |")
+                     f"| {r.held_mib:.0f} MiB | {_share(r.others)} |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError
+from finetune_core.formats.aesthetic import write_aesthetic_files
 from finetune_core.methods.aesthetic_gradients import (
     AestheticApplyConfig,
     AestheticCreateConfig,
@@ -224,9 +225,8 @@ def test_an_empty_negative_prompt_is_left_alone_unless_asked(tiny_model):
     assert not torch.allclose(asked[1], plain[1])
 
 
-def original_personalisation(model, prompt: str, target: AestheticTarget, steps: int, lr: float) -> torch.Tensor:
-    """What the original extension does for one chunk, written plainly: a deep copy of the whole text encoder,
-    Adam on all its parameters, then its last hidden state (here with the chunk's ids as the encoder reads them)."""
+def chunk_ids(model, prompt: str) -> torch.Tensor:
+    """(1, 77): the prompt's first chunk as the encoder reads it."""
     captured = {}
 
     def keep(chunks):
@@ -235,17 +235,33 @@ def original_personalisation(model, prompt: str, target: AestheticTarget, steps:
 
     with torch.no_grad(), model.text_chunk_hook(keep):
         model.encode_prompts([prompt])
+    return captured["ids"]
+
+
+def original_personalisation(model, prompt: str, target: AestheticTarget, steps: int, lr: float) -> torch.Tensor:
+    """What the original extension does for one chunk, written plainly: a deep copy of the whole text encoder,
+    Adam on all its parameters, then its last hidden state (here with the chunk's ids as the encoder reads them)."""
+    ids = chunk_ids(model, prompt)
     encoder = copy.deepcopy(model.trainable_modules()["text_encoder"]).requires_grad_(True)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=lr)
     for _ in range(steps):
-        features = encoder(input_ids=captured["ids"]).pooler_output @ target.projection
+        features = encoder(input_ids=ids).pooler_output @ target.projection
         features = features / features.norm(dim=-1, keepdim=True)
         loss = -(features @ target.direction.T).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        return encoder(input_ids=captured["ids"]).last_hidden_state[0]
+        return encoder(input_ids=ids).last_hidden_state[0]
+
+
+def original_slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """The original extension's slerp as it is written there (along dim 1, no guard)."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    omega = torch.acos((low_norm * high_norm).sum(1))
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
 
 
 def test_personalisation_equals_tuning_a_copy_of_the_whole_encoder(tiny_model):
@@ -257,6 +273,31 @@ def test_personalisation_equals_tuning_a_copy_of_the_whole_encoder(tiny_model):
     expected = original_personalisation(model, "a photo of a cat", target, steps=4, lr=1e-3)
     assert not torch.allclose(expected, plain, atol=1e-3)  # the optimisation did move it
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_steering_text_and_slerp_blend_follow_the_original(tiny_model, negative):
+    """The target turned toward the text's feature (negative: toward normalize(e - t)) by the slerp angle, the text
+    feature not normalised, and the slerp blend along the token axis: as the original computes them."""
+    model = tiny_model("tiny-sd1")
+    image = target_for(768, seed=5)
+    with torch.no_grad():
+        encoder = model.trainable_modules()["text_encoder"]
+        text = encoder(input_ids=chunk_ids(model, "a sunny beach")).pooler_output @ image.projection
+    if negative:
+        text = image.direction - text
+        text = text / text.norm(dim=-1, keepdim=True)
+    steered = AestheticTarget("steered", original_slerp(0.3, image.direction, text), image.projection, "")
+    personal = original_personalisation(model, "a photo of a cat", steered, steps=3, lr=1e-3)
+    plain = encode(model, ["a photo of a cat"])
+    expected = original_slerp(0.6, plain, personal.unsqueeze(0))
+    options = Personalization(weight=0.6, steps=3, lr=1e-3, slerp=True, text="a sunny beach", text_negative=negative,
+                              slerp_angle=0.3)
+    ours = encode(model, ["a photo of a cat"], PersonalizedText(image, options, ConditioningCache()))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    unsteered = encode(model, ["a photo of a cat"], PersonalizedText(
+        image, Personalization(weight=0.6, steps=3, lr=1e-3, slerp=True), ConditioningCache()))
+    assert not torch.allclose(ours, unsteered, atol=1e-3)  # the text did turn the target
 
 
 @pytest.mark.parametrize("name, width, changed", [
@@ -291,8 +332,6 @@ def test_applying_leaves_the_model_as_it_was(tiny_model):
 # --- the library and the settings --------------------------------------------------------------------------------
 @pytest.fixture
 def library(tmp_path):
-    from finetune_core.formats.aesthetic import write_aesthetic_files
-
     folder = tmp_path / "aesthetic_embeddings"
     target = target_for(768)
     write_aesthetic_files(target.direction * 7, target.projection, {"clip_model": "test"}, folder, "style")
@@ -315,8 +354,6 @@ def test_the_library_lists_new_files_and_reads_what_goes_with_them(tiny_model, l
     assert with_clip is not None and with_clip.target.text_width == 768
     with pytest.raises(ModelMismatchError, match="'added' is 1024 wide but the CLIP text projection is 768 wide"):
         library.hook(model, AestheticApplyConfig(aesthetic_embedding="added", clip_model=str(clip)))
-    from finetune_core.formats.aesthetic import write_aesthetic_files
-
     wide = target_for(1024)
     write_aesthetic_files(wide.direction, wide.projection, {}, tmp_path / "aesthetic_embeddings", "sd2-style")
     with pytest.raises(ModelMismatchError, match="text width is 1024, but this SD1 model's text encoders are 768"):
@@ -325,11 +362,33 @@ def test_the_library_lists_new_files_and_reads_what_goes_with_them(tiny_model, l
         library.hook(model, AestheticApplyConfig(aesthetic_embedding="gone"))
 
 
+class _Touch:
+    """Unpickling it creates a file: proof that the pickle's code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
 def test_a_code_running_pickle_is_refused(tiny_model, library, tmp_path):
-    with open(tmp_path / "aesthetic_embeddings" / "evil.pt", "wb") as handle:
-        pickle.dump(_Boom(), handle)
+    marker = tmp_path / "the-pickle-ran"
+    folder = tmp_path / "aesthetic_embeddings"
+    with open(folder / "evil.pt", "wb") as handle:
+        pickle.dump(_Touch(marker), handle)
+    assert "evil" in library.names()  # listing reads no .pt
+    config = AestheticApplyConfig(aesthetic_embedding="evil", clip_model="x")
+    with pytest.raises(ArtifactError, match="refused") as error:
+        library.hook(tiny_model("tiny-sd1"), config)
+    assert "evil.pt" in str(error.value) and "\n" not in str(error.value)
+    # Beside a readable safetensors copy the .pt is still what is read (the user may have replaced it): refused too.
+    target = target_for(768)
+    write_aesthetic_files(target.direction, target.projection, {}, folder, "evil2")
+    (folder / "evil2.pt").write_bytes((folder / "evil.pt").read_bytes())
     with pytest.raises(ArtifactError, match="refused"):
-        library.hook(tiny_model("tiny-sd1"), AestheticApplyConfig(aesthetic_embedding="evil", clip_model="x"))
+        library.hook(tiny_model("tiny-sd1"), AestheticApplyConfig(aesthetic_embedding="evil2"))
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("settings, message", [
