@@ -45,6 +45,13 @@ def _options(**kw) -> runner.BenchOptions:
     return runner.BenchOptions(**values)
 
 
+def test_full_and_models_name_the_full_size_model_once() -> None:
+    from types import SimpleNamespace
+    args = SimpleNamespace(models="tiny-sd1,sd15-full", full=True, methods=TI, steps=2, repeats=1, set="",
+                           compare=None, margin=0.1, threads=None, profile=None)
+    assert runner.BenchOptions.from_args(args).models == ["tiny-sd1", runner.FULL_SD15]
+
+
 def test_every_problem_is_found_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "run_once", lambda *a: pytest.fail("a run started"))
     options = _options(models=["tiny-sd1", "no-such-model"],

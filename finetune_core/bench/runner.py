@@ -63,7 +63,8 @@ class BenchOptions:
 
     @classmethod
     def from_args(cls, args: Any) -> BenchOptions:
-        models = [m for m in args.models.split(",") if m] + ([FULL_SD15] if args.full else [])
+        # dict.fromkeys: `--full --models sd15-full` names the full-size model twice; it runs once.
+        models = list(dict.fromkeys([m for m in args.models.split(",") if m] + ([FULL_SD15] if args.full else [])))
         base = ",".join(p for p in (f"threads={args.threads}" if args.threads is not None else "", args.set) if p)
         return cls(models, [m for m in args.methods.split(",") if m], args.steps, args.repeats, base,
                    tuple(args.compare) if args.compare else None, args.margin, args.threads, args.profile)
