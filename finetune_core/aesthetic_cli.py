@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.aesthetic_service import AestheticPreviewConfig
-from finetune_core.cli import _add_settings, _threads_flag
+from finetune_core.cli import add_settings_flags, add_threads_flag
 from finetune_core.methods.aesthetic_gradients import AestheticApplyConfig, AestheticCreateConfig
 
 SECTIONS: dict[str, dict[str, type]] = {
@@ -37,17 +37,17 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--output-dir", default="outputs",
                          help="laid out like the WebUI (models/aesthetic_embeddings)")
         sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-        _threads_flag(sub)
+        add_threads_flag(sub)
         taken: set[str] = set()
         for section, config_type in SECTIONS[verb].items():
-            _add_settings(sub, section, config_type, taken)
+            add_settings_flags(sub, section, config_type, taken)
     create.add_argument("--overwrite", action="store_true", help="replace an embedding of the same name")
     bench = verbs.add_parser("bench", help="the generation overhead: first and repeated prompt against plain "
                                            "conditioning")
     from finetune_core.bench.aesthetic import add_arguments
 
     add_arguments(bench)
-    _threads_flag(bench)
+    add_threads_flag(bench)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ def _setting_types() -> dict[str, type]:
     return {"data": DatasetConfig, "train": TrainConfig}
 
 
-def _add_settings(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
     group = parser.add_argument_group(f"{section} settings")
     for f in fields(config_type):
         meta: Mapping[str, Any] = f.metadata or {}
@@ -75,21 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
             sub = methods.add_parser(spec.key, help=spec.description, description=spec.description)
             _common_flags(sub, training=verb == "train")
             taken: set[str] = set()
-            _add_settings(sub, "method", spec.config_type if verb == "train" else (spec.create_type or
+            add_settings_flags(sub, "method", spec.config_type if verb == "train" else (spec.create_type or
                                                                                    spec.config_type), taken)
             if verb == "train":
                 for section, config_type in _setting_types().items():
-                    _add_settings(sub, section, config_type, taken)
+                    add_settings_flags(sub, section, config_type, taken)
     lint = commands.add_parser("lint", help="check a dataset folder before training")
     lint.add_argument("--model", default=None, help="count tokens with this model's tokenizer (optional)")
     lint.add_argument("--method", default="textual-inversion", choices=list(METHODS))
-    _add_settings(lint, "data", _setting_types()["data"], set())
+    add_settings_flags(lint, "data", _setting_types()["data"], set())
     inspect = commands.add_parser("inspect", help="say what an artefact file is and which model it fits")
     inspect.add_argument("file")
     bench = commands.add_parser("bench", help="print speed, memory and compute-floor figures")
     from finetune_core.bench import add_arguments
     add_arguments(bench)
-    _threads_flag(bench)
+    add_threads_flag(bench)
     from finetune_core.aesthetic_cli import add_parser as add_aesthetic
     add_aesthetic(commands)
     ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
@@ -109,10 +109,10 @@ def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
         parser.add_argument("--num-processes", type=int, default=None, metavar="N",
                             help="train data-parallel on N processes (one per GPU; on a CPU, cores are shared) "
                                  "through accelerate launch; the global batch is --batch-size")
-    _threads_flag(parser)
+    add_threads_flag(parser)
 
 
-def _threads_flag(parser: argparse.ArgumentParser) -> None:
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: one per physical core; fewer on a busy shared machine)")
 

@@ -52,12 +52,12 @@ def run_bench(args: argparse.Namespace) -> list[Row]:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     if args.full and FULL not in names:
         names.append(FULL)
-    from finetune_core.bench.runner import _busy_seconds, _own_seconds  # Linux /proc/stat, resource
+    from finetune_core.bench.runner import busy_seconds, own_seconds  # Linux /proc/stat, resource
 
     rows = []
     for name in names:
         model = build_model(name, args.device)
-        busy, own, wall = _busy_seconds(), _own_seconds(), time.perf_counter()
+        busy, own, wall = busy_seconds(), own_seconds(), time.perf_counter()
         rows.append(measure(name, model, args.rounds, args.first, args.aesthetic_steps))
         rows[-1].others = _others_share(busy, own, time.perf_counter() - wall)
         print(format_row(rows[-1]), flush=True)
@@ -146,12 +146,12 @@ class _Stopwatch:
 def _others_share(busy_before: float | None, own_before: float, wall: float) -> float | None:
     """The share of all CPUs that other processes used during `wall` seconds (Linux), as the bench runner notes it:
     on a shared machine it says how far the figures can be trusted."""
-    from finetune_core.bench.runner import _busy_seconds, _own_seconds
+    from finetune_core.bench.runner import busy_seconds, own_seconds
 
-    busy = _busy_seconds()
+    busy = busy_seconds()
     if busy is None or busy_before is None or wall <= 0:
         return None
-    theirs = (busy - busy_before) - (_own_seconds() - own_before)
+    theirs = (busy - busy_before) - (own_seconds() - own_before)
     return max(0.0, theirs) / (wall * (os.cpu_count() or 1))
 
 

@@ -218,7 +218,7 @@ def run_once(spec: RunSpec, env: dict[str, str]) -> RunRecord:
     root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    busy, own, wall = _busy_seconds(), _own_seconds(), time.perf_counter()
+    busy, own, wall = busy_seconds(), own_seconds(), time.perf_counter()
     command = [sys.executable, "-c", _CHILD, json.dumps(spec.__dict__)]
     processes = int(spec.settings.get("run", {}).get("processes", 1))
     if processes > 1:  # the same run in N processes; the main one prints the result
@@ -226,9 +226,9 @@ def run_once(spec: RunSpec, env: dict[str, str]) -> RunRecord:
         command = accelerate_launch(processes, "finetune_core.bench.case", [json.dumps(spec.__dict__)])
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env)
     wall = time.perf_counter() - wall
-    busy_after = _busy_seconds()
+    busy_after = busy_seconds()
     others = None if busy is None or busy_after is None else \
-        max(0.0, (busy_after - busy) - (_own_seconds() - own)) / (wall * (os.cpu_count() or 1))
+        max(0.0, (busy_after - busy) - (own_seconds() - own)) / (wall * (os.cpu_count() or 1))
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -236,7 +236,7 @@ def run_once(spec: RunSpec, env: dict[str, str]) -> RunRecord:
     return RunRecord(RunResult(**json.loads(lines[-1][len(RESULT_MARKER):])), load, others)
 
 
-def _busy_seconds() -> float | None:
+def busy_seconds() -> float | None:
     """CPU seconds all processes have spent (Linux /proc/stat: user, nice, system, irq, softirq)."""
     try:
         with open("/proc/stat", encoding="ascii") as handle:
@@ -247,7 +247,7 @@ def _busy_seconds() -> float | None:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_seconds() -> float:
+def own_seconds() -> float:
     """CPU seconds of this process and its finished children (the runs)."""
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return sum(u.ru_utime + u.ru_stime for u in usage)

@@ -141,16 +141,16 @@ class AestheticTab:
 def routes(jobs: AestheticJobs) -> dict[str, Callable[[dict], Any]]:
     """POST bodies -> answers, under /finetune/v1/aesthetic/ (the error contract of `ui.api`); `apply` answers
     two base64 PNGs, the same seed without and with the embedding, and their infotexts."""
-    from finetune_core.ui.api import _known, _object, _required
+    from finetune_core.ui.api import object_field, refuse_unknown_fields, required_text
 
     def create(body: dict) -> dict[str, Any]:
-        _known(body, {"name", "settings", "overwrite"}, "aesthetic create")
-        paths = jobs.create(_required(body, "name"), _object(body, "settings"), body.get("overwrite", False))
+        refuse_unknown_fields(body, {"name", "settings", "overwrite"}, "aesthetic create")
+        paths = jobs.create(required_text(body, "name"), object_field(body, "settings"), body.get("overwrite", False))
         return {"paths": [str(p) for p in paths]}
 
     def apply(body: dict) -> dict[str, Any]:
-        _known(body, {"settings", "preview"}, "aesthetic apply")
-        settings, preview = _object(body, "settings"), _object(body, "preview")
+        refuse_unknown_fields(body, {"settings", "preview"}, "aesthetic apply")
+        settings, preview = object_field(body, "settings"), object_field(body, "preview")
         config = aesthetic_service.apply_config(settings)
         sample = aesthetic_service.preview_config(preview)
         images = jobs.preview(settings, preview)

@@ -146,24 +146,24 @@ class _Routes:
         return {"job_id": job_id, "status": self.runner.state().as_dict()}
 
     def create(self, body: dict) -> dict[str, Any]:
-        _known(body, _CREATE_KEYS, "create")
+        refuse_unknown_fields(body, _CREATE_KEYS, "create")
         # `method_settings` is the name train uses (and the README shows); `settings` is kept for old callers.
-        settings = _object(body, "method_settings") if "method_settings" in body else _object(body, "settings")
-        paths = self.runner.create(self.service, _required(body, "method"), _required(body, "name"), settings,
+        settings = object_field(body, "method_settings" if "method_settings" in body else "settings")
+        paths = self.runner.create(self.service, required_text(body, "method"), required_text(body, "name"), settings,
                                    body.get("overwrite", False))
         return {"paths": [str(p) for p in paths]}
 
     def lint(self, body: dict) -> dict[str, Any]:
-        _known(body, _LINT_KEYS, "lint")
-        settings = _object(body, "data_settings") if "data_settings" in body else _object(body, "settings")
-        method = _required(body, "method") if "method" in body else "textual-inversion"
+        refuse_unknown_fields(body, _LINT_KEYS, "lint")
+        settings = object_field(body, "data_settings") if "data_settings" in body else object_field(body, "settings")
+        method = required_text(body, "method") if "method" in body else "textual-inversion"
         report = self.service.lint(settings, method, None)
         return {"summary": report.format(), "n_images": len(report.rows),
                 "rows": [_row(r) for r in report.rows]}
 
     def inspect(self, body: dict) -> dict[str, Any]:
-        _known(body, {"path"}, "inspect")
-        info = self.service.inspect(_required(body, "path"))
+        refuse_unknown_fields(body, {"path"}, "inspect")
+        info = self.service.inspect(required_text(body, "path"))
         fields: dict[str, Any] = {}
         if dataclasses.is_dataclass(info) and not isinstance(info, type):
             fields = dataclasses.asdict(info)
@@ -180,14 +180,14 @@ class _Routes:
         return {"resumed": self.runner.resume()}
 
 
-def _known(body: dict, allowed: set[str], route: str) -> None:
+def refuse_unknown_fields(body: dict, allowed: set[str], route: str) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ConfigError(f"unknown field(s) in the {route} request: {', '.join(unknown)}; "
                           f"known: {', '.join(sorted(allowed))}")
 
 
-def _object(body: dict, key: str) -> dict[str, Any]:
+def object_field(body: dict, key: str) -> dict[str, Any]:
     value = body.get(key)
     if value is None:
         return {}
@@ -196,7 +196,7 @@ def _object(body: dict, key: str) -> dict[str, Any]:
     return value
 
 
-def _required(body: dict, key: str) -> str:
+def required_text(body: dict, key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"the request needs '{key}' as a non-empty string")
