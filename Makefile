@@ -33,19 +33,21 @@ ui: setup
 	$(PY) -m finetune_core ui --model tiny-sd1 --output-dir $(OUT)
 
 # Passive OpenMP waiting: with other work on the machine, spinning threads make each step 10-50x slower.
+# One pytest-xdist worker per core; work stealing evens out the few long training tests.
+XDIST ?= -n auto --dist worksteal
 test: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q $(XDIST)
 
 # Host-facing tests again with the WebUI's pinned packages (gradio 3.41.2, transformers 4.30.2, pydantic 1, ...).
 test-webui-pins: $(WEBUI_VENV)/.installed
-	OMP_WAIT_POLICY=PASSIVE $(WPY) -m pytest -q tests/webui tests/test_imports.py
+	OMP_WAIT_POLICY=PASSIVE $(WPY) -m pytest -q $(XDIST) tests/webui tests/test_imports.py
 
 $(WEBUI_VENV)/.installed: pyproject.toml
 	python3 -m venv $(WEBUI_VENV)
 	$(WPY) -m pip install -q --upgrade pip
 	$(WPY) -m pip install -q "$(WEBUI_TORCH)"
 	$(WPY) -m pip install -q gradio==3.41.2 transformers==4.30.2 "pydantic<2" fastapi==0.94.0 numpy==1.26.2 \
-		safetensors==0.4.2 Pillow==9.5.0 httpx==0.24.1 pytest ftfy regex
+		safetensors==0.4.2 Pillow==9.5.0 httpx==0.24.1 pytest pytest-xdist ftfy regex
 	$(WPY) -m pip install -q --no-deps open-clip-torch==2.20.0
 	$(WPY) -m pip install -q --no-deps -e .
 	touch $@
