@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from finetune_core.data.summary import DatasetSummary
     from finetune_core.model.interface import DiffusionModel
 
 
@@ -49,6 +50,10 @@ class TrainingData(Protocol):
     def prepare(self, model: DiffusionModel, on_progress: Callable[[int, int], None] | None = None) -> None: ...
 
     def batches_per_epoch(self) -> int: ...
+
+    def summary(self) -> DatasetSummary:
+        """What the artefact records about the training set (images per folder, caption tags, sizes)."""
+        ...
 
     def get_batch(self, index: int, seed: int) -> DataBatch:
         """Micro-batch number `index` of the run (0-based); epoch = index // batches_per_epoch()."""

@@ -20,6 +20,7 @@ from finetune_core.data.captions import augment_caption
 from finetune_core.data.config import DatasetConfig
 from finetune_core.data.masks import load_mask, mask_weight
 from finetune_core.data.scan import ImageRecord, scan_dataset
+from finetune_core.data.summary import DatasetSummary, summarize
 from finetune_core.data.templates import draw_line, load_template, render_prompt
 from finetune_core.data.transforms import (
     CropPlan,
@@ -109,6 +110,11 @@ class ImageDataset:
         for index, plan in enumerate(self.plans):
             groups.setdefault((plan.width, plan.height), []).append(index)
         return groups
+
+    def summary(self) -> DatasetSummary:
+        cfg = self.config
+        return summarize(self.records, [(plan.width, plan.height) for plan in self.plans], (cfg.width, cfg.height),
+                         cfg.repeats, self._buckets is not None)
 
     def flips(self) -> tuple[bool, ...]:
         """The orientations `prepare` encodes: both when flipping is on."""

@@ -20,6 +20,7 @@ from finetune_core.data.batch import DataBatch
 from finetune_core.data.buckets import Size
 from finetune_core.data.dataset import ImageDataset, derived_seed
 from finetune_core.data.scan import ImageRecord
+from finetune_core.data.summary import DatasetSummary
 from finetune_core.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -76,6 +77,9 @@ class PairedDataset:
 
     def batches_per_epoch(self) -> int:
         return self.instances.batches_per_epoch()
+
+    def summary(self) -> DatasetSummary:
+        return dataclasses.replace(self.instances.summary(), class_images=self._count)
 
     def class_indices(self, seed: int, first: int, count: int) -> list[int]:
         """The class images of samples first..first+count-1: each image once per round, rounds shuffled."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from finetune_core.data.config import DatasetConfig
+from finetune_core.data.summary import DatasetSummary
 from finetune_core.errors import ConfigError
 from finetune_core.formats.atomic import atomic_write
 from finetune_core.formats.lora import SAVE_DTYPES, LoraFile, base_version, write_lora
@@ -236,6 +237,8 @@ class Lora(Method):
             "ss_training_started_at": self.started_at, "ss_training_finished_at": time.time(),
             "finetune_method": self.name, "finetune_model_hash": meta.model.shorthash,
         }
+        if meta.dataset is not None:
+            values.update(dataset_metadata(meta.dataset))
         return {key: str(value) for key, value in values.items()}
 
     def _network_args(self) -> dict[str, str]:
@@ -252,6 +255,18 @@ class Lora(Method):
             return f"{float(rate) * self.config.text_encoder_lr_scale:g}"
         except ValueError:
             return f"{self.config.text_encoder_lr_scale:g} x ({rate})"
+
+
+def dataset_metadata(data: DatasetSummary) -> dict[str, Any]:
+    """kohya's dataset keys, which the WebUI's Lora card shows: the tag list and its random prompt (tag frequency),
+    "Dataset size" (folders), "Resolution(s)" (buckets, `[width, height]` each)."""
+    sizes = sorted(data.sizes.items())
+    buckets = {str(i): {"resolution": list(size), "count": count} for i, (size, count) in enumerate(sizes)}
+    return {"ss_num_train_images": data.total_images * data.repeats, "ss_resolution": str(data.resolution),
+            "ss_enable_bucket": data.buckets, "ss_tag_frequency": json.dumps(data.tags),
+            "ss_dataset_dirs": json.dumps({name: {"n_repeats": data.repeats, "img_count": count}
+                                           for name, count in data.images.items()}),
+            "ss_bucket_info": json.dumps({"buckets": buckets})}
 
 
 class _Preview:

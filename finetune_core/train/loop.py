@@ -313,7 +313,8 @@ class Trainer:
     def _meta(self) -> ArtifactMeta:
         settings = {**self.job.output.settings, "train": {**self.job.config.to_dict(), "seed": self.counters.seed}}
         model = self.job.model
-        return ArtifactMeta(self.job.output.name, self.counters.step, model.identity, model.family, settings)
+        return ArtifactMeta(self.job.output.name, self.counters.step, model.identity, model.family, settings,
+                            self.job.data.summary())
 
     def _save_intermediate(self, ctx: StepContext) -> None:
         """An intermediate copy (the oldest beyond `save_keep_last` deleted) and the resume state. A copy the disk has

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from finetune_core.data.summary import DatasetSummary
 from finetune_core.model.interface import (
     ContextTransform,
     DiffusionModel,
@@ -60,6 +61,7 @@ class ArtifactMeta:
     model: ModelIdentity
     family: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+    dataset: DatasetSummary | None = None  # the training set (None when an artefact is written without one)
 
 
 @dataclass

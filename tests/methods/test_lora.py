@@ -3,6 +3,7 @@ multiplier 0, continuing a file, and bad input."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,24 @@ def test_the_file_is_kohyas_form_with_the_metadata_the_webui_reads(name, version
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "4"
     assert metadata["ss_network_alpha"] == "2.0" and metadata["ss_output_name"] == "style"
     assert metadata["sshs_model_hash"] == data_section_hash(path) and metadata["ss_steps"] == "2"
+    _assert_dataset_metadata(metadata)
     # intermediate saves: a file name and an ss_output_name of their own (the WebUI's alias must not collide)
     first = result.run_dir / "artifacts" / "style-1.safetensors"
     assert read_lora(first).metadata["ss_output_name"] == "style-1"
+
+
+def _assert_dataset_metadata(metadata: dict[str, str]) -> None:
+    """The dataset keys the WebUI's Lora card reads (it JSON-decodes values that start with "{"): the tag list from
+    the caption files, the dataset size, the one resolution trained."""
+    captions = [p.read_text() for p in sorted(DATA.glob("*.txt"))]
+    tags: dict[str, int] = {}
+    for tag in (t.strip().lower() for caption in captions for t in caption.split(",")):
+        tags[tag] = tags.get(tag, 0) + 1
+    assert json.loads(metadata["ss_tag_frequency"]) == {DATA.name: tags}
+    assert tags["spotted orange ball"] == len(captions) == 7
+    assert json.loads(metadata["ss_dataset_dirs"]) == {DATA.name: {"n_repeats": 1, "img_count": 7}}
+    assert metadata["ss_num_train_images"] == "7" and metadata["ss_resolution"] == "(64, 64)"
+    assert json.loads(metadata["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [64, 64], "count": 7}}}
 
 
 def _eval_loss(model, latents, adapters=None) -> float:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from finetune_core.data.batch import DataBatch
+from finetune_core.data.summary import DatasetSummary
 from finetune_core.formats.atomic import load_pt, save_pt
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, ParamGroup
 from finetune_core.model.interface import (
@@ -209,6 +210,11 @@ class FakeData:
 
     def batches_per_epoch(self) -> int:
         return len(self.prompts) // self.batch_size
+
+    def summary(self) -> DatasetSummary:
+        size = self.latents.shape[-1] * 8
+        return DatasetSummary({"fake": len(self.prompts)}, {"fake": {p: 1 for p in self.prompts}},
+                              {(size, size): len(self.prompts)}, (size, size))
 
     def get_batch(self, index: int, seed: int) -> DataBatch:
         per_epoch = self.batches_per_epoch()
