@@ -162,7 +162,9 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
     warnings = list(method.check(model)) + _unusual_rate(plan.spec, train_config)
     warnings += encoding_warnings(getattr(data, "records", []))
     needs = plan.spec.memory(model, configs["method"])
-    memory_plan = preflight.memory_plan(dataclasses.asdict(configs["data"]), dataclasses.asdict(train_config))
+    per_process = processes.largest_share(configs["data"].batch_size)  # each process holds its slice of a batch
+    memory_plan = preflight.memory_plan({**dataclasses.asdict(configs["data"]), "batch_size": per_process},
+                                        dataclasses.asdict(train_config))
     final_bytes, run_bytes = preflight.disk_needs(needs, train_config.save_every > 0,
                                                   method.state_policy.resume_state)
     folders = [(plan.final_dir, "output folder", final_bytes), (plan.run_dir or plan.logs, "run folder", run_bytes)]

@@ -73,6 +73,11 @@ class Processes:
         """The device the launcher gave this process; None: the caller chooses."""
         return None
 
+    def largest_share(self, size: int) -> int:
+        """The most samples of a `size`-sample micro-batch any process trains on (what its memory must hold)."""
+        start, end = shard_bounds(size, 0, self.world)
+        return end - start
+
     def shard(self, batch: DataBatch) -> Shard:
         """This process's slice of a global micro-batch."""
         if self.world == 1:

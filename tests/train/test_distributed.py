@@ -174,3 +174,30 @@ def test_the_slices_of_a_prior_preservation_batch_weighted_by_share_add_up_to_it
         if len(shard.data):
             parts.append(prior_loss(pred[rows], batch_of(rows), 0.5) * shard.weight)
     torch.testing.assert_close(sum(parts), whole)
+
+
+def test_the_memory_estimate_counts_the_largest_slice_each_process_holds(tmp_path, monkeypatch):
+    """Batch 3 over 2 processes: each holds at most 2 samples, so the estimate is for 2; one process holds 3."""
+    from finetune_core import preflight
+
+    class Checked(Exception):
+        pass
+
+    class SecondOfTwo(Processes):
+        rank, world = 1, 2
+
+    seen: list[int] = []
+
+    def capture(model: Any, needs: Any, plan: Any, folders: Any) -> list[str]:
+        seen.append(plan.batch_size)
+        raise Checked
+
+    monkeypatch.setattr(preflight, "check_resources", capture)
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLES, data)
+    job = {**_jobs(data)[0], "train": {**TRAIN, "save_every": 0}}
+    for processes in (Processes(), SecondOfTwo()):
+        with pytest.raises(Checked):
+            service.train(request_of(job), build_tiny("tiny-sd1"), service.OutputFolders.standalone(tmp_path),
+                          processes=processes)
+    assert seen == [3, 2]
