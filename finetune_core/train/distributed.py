@@ -85,6 +85,11 @@ class Processes:
         start, end = shard_bounds(len(batch), self.rank, self.world)
         return Shard(slice_batch(batch, start, end), start, (end - start) / max(1, len(batch)))
 
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor], ends_step: bool) -> None:
+        """Backpropagate `loss` into `params`' gradients; `ends_step`: the last backward before `sum_gradients`
+        (several processes start summing gradients while it runs)."""
+        loss.backward()
+
     def sum_gradients(self, params: Sequence[torch.Tensor]) -> None:
         """Sum every parameter's gradient over the processes (a process without samples adds zeros)."""
 
@@ -116,26 +121,40 @@ class AccelerateProcesses(Processes):
         self.state = PartialState(cpu=cpu)
         self.rank = int(self.state.process_index)
         self.world = int(self.state.num_processes)
+        self._reduce: OverlappedReduce | None = None
+        self._overlapped_before = 0
 
     @property
     def device(self) -> torch.device:  # type: ignore[override]  # always known once launched
         """This process's device (cuda:<local rank> on a multi-GPU machine, the CPU otherwise)."""
         return torch.device(self.state.device)
 
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor], ends_step: bool) -> None:
+        if not ends_step:
+            loss.backward()
+            return
+        reduce = self._overlapped(params)
+        reduce.active = True
+        try:
+            loss.backward()
+        finally:
+            reduce.active = False
+
     def sum_gradients(self, params: Sequence[torch.Tensor]) -> None:
-        from accelerate.utils import reduce
-        grads = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        # flattened into few buckets: one all-reduce per tensor is slow for hundreds of small LoRA tensors
-        for bucket in _buckets(grads):
-            flat = reduce(torch.cat([g.reshape(-1) for g in bucket]), reduction="sum")
-            offset = 0
-            for grad in bucket:
-                grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
+        self._overlapped(params).finish()
+
+    def _overlapped(self, params: Sequence[torch.Tensor]) -> OverlappedReduce:
+        if self._reduce is None or not self._reduce.covers(params):
+            if self._reduce is not None:  # another job's parameters: its hooks go
+                self._overlapped_before += self._reduce.overlapped
+                self._reduce.close()
+            self._reduce = OverlappedReduce(params)
+        return self._reduce
+
+    @property
+    def overlapped_buckets(self) -> int:
+        """Gradient buckets summed while a backward still ran, over this process's jobs."""
+        return self._overlapped_before + (self._reduce.overlapped if self._reduce is not None else 0)
 
     def total(self, value: float) -> float:
         from accelerate.utils import reduce
@@ -159,6 +178,70 @@ class AccelerateProcesses(Processes):
 
     def barrier(self) -> None:
         self.state.wait_for_everyone()
+
+
+class OverlappedReduce:
+    """The gradient all-reduce of one set of parameters, overlapped with the backward as DDP does it.
+
+    The parameters are split into buckets in reverse order (the backward reaches the last layers first). During the
+    backward that ends a step (`active`), a hook on each parameter notes its gradient is final; a bucket whose
+    gradients are all final is summed across processes asynchronously while the backward goes on. Buckets are
+    started strictly in order, so every process issues the same collectives in the same order even when one has no
+    samples this step (it starts them all in `finish`) or a parameter got no gradient (its bucket and those after it
+    wait for `finish`). Flattened buckets, because one all-reduce per tensor is slow for hundreds of LoRA tensors.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
+        self.active = False
+        self.overlapped = 0  # buckets started while a backward still ran (what the overlap gains)
+        self.buckets = _buckets(list(reversed(self.params)))
+        self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params if p.requires_grad]
+        self._reset()
+
+    def covers(self, params: Sequence[torch.Tensor]) -> bool:
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _reset(self) -> None:
+        self._waiting = [len(bucket) for bucket in self.buckets]
+        self._started: list[tuple[torch.Tensor, Any]] = []
+
+    def _ready(self, param: torch.Tensor) -> None:
+        if not self.active:
+            return
+        self._waiting[self._bucket_of[id(param)]] -= 1
+        while len(self._started) < len(self.buckets) and self._waiting[len(self._started)] == 0:
+            self._start(len(self._started))
+            self.overlapped += 1
+
+    def _start(self, index: int) -> None:
+        import torch.distributed as dist
+        grads = []
+        for p in self.buckets[index]:
+            if p.grad is None:  # no samples here, or the parameter took no part: it adds zeros
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._started.append((flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+
+    def finish(self) -> None:
+        """Start the buckets the backward did not, wait for all, and write the sums into the gradients."""
+        try:
+            for index in range(len(self._started), len(self.buckets)):
+                self._start(index)
+            for bucket, (flat, work) in zip(self.buckets, self._started):
+                work.wait()
+                offset = 0
+                for p in bucket:
+                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))  # type: ignore[union-attr]
+                    offset += p.numel()
+        finally:
+            self._reset()
 
 
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -170,7 +170,7 @@ def train_step(ctx: StepContext, attempt: int, step: int) -> StepOutcome:
             if not math.isfinite(value):
                 return StepOutcome(False, value, prompt, size, "non-finite loss")
             if loss is not None:
-                ctx.scaler.scale(loss).backward()
+                ctx.processes.backward(ctx.scaler.scale(loss), ctx.params, ends_step=micro == ctx.accumulation - 1)
             total += value
         ok, reason = apply_update(ctx, step)
     finally:

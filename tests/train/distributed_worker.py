@@ -12,6 +12,7 @@ import torch
 
 from finetune_core import service
 from finetune_core.model.tiny import build_tiny
+from finetune_core.train import distributed
 from finetune_core.train.control import Control
 from finetune_core.train.distributed import Processes, join_processes
 from finetune_core.train.events import StepEvent
@@ -44,12 +45,16 @@ def worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]], out: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    # small gradient buckets, so LoRA's gradients span many and the in-order overlapped starts are exercised
+    distributed.GRADIENT_BUCKET = int(os.environ.get("FINETUNE_TEST_BUCKET", "2048"))
     processes = join_processes("cpu")
     folders = service.OutputFolders.standalone(Path(out))
     results: dict[str, Any] = {}
     runs: dict[str, str] = {}
     for job in jobs:
+        before = getattr(processes, "overlapped_buckets", 0)
         results[job["key"]] = run_job(job, folders, processes, runs)
+        results[job["key"]]["overlapped"] = getattr(processes, "overlapped_buckets", 0) - before
         runs[job["key"]] = results[job["key"]]["run_dir"]
     if processes.is_main:
         (Path(out) / "results.json").write_text(json.dumps(results), encoding="utf-8")
