@@ -46,7 +46,7 @@ def worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]], out: st
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     # small gradient buckets, so LoRA's gradients span many and the in-order overlapped starts are exercised
-    distributed.GRADIENT_BUCKET = int(os.environ.get("FINETUNE_TEST_BUCKET", "2048"))
+    distributed.GRADIENT_BUCKET = 2048
     processes = join_processes("cpu")
     folders = service.OutputFolders.standalone(Path(out))
     results: dict[str, Any] = {}
