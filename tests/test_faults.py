@@ -341,6 +341,7 @@ def test_ctrl_c_in_the_cli_saves_and_names_the_run_folder(tiny_model, one_image_
         _wait_for(lambda: bool(_runs(folders)) and (_runs(folders)[0].parent / "loss.csv").exists())
         os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends; the handler runs in the main thread
 
+    handler = signal.getsignal(signal.SIGINT)  # the default one, or SIG_IGN in a pytest-xdist worker
     presser = threading.Thread(target=press_ctrl_c, daemon=True)
     presser.start()
     code = main(["train", "textual-inversion", "--name", "ctrlc", "--data", str(one_image_dataset), "--template",
@@ -352,7 +353,7 @@ def test_ctrl_c_in_the_cli_saves_and_names_the_run_folder(tiny_model, one_image_
     run = _runs(folders)[0].parent
     assert code == 130 and f"resume with --resume {run}" in err and "Traceback" not in err
     assert read_embedding(folders.embeddings / "ctrlc.pt").step > 0 and (run / "state" / "checkpoint.pt").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI's handler is gone again
+    assert signal.getsignal(signal.SIGINT) is handler  # the CLI's handler is gone again
 
 
 def test_the_app_on_a_port_in_use_says_so_before_printing_a_url(capsys):
