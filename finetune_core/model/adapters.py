@@ -118,9 +118,13 @@ class AdapterStack:
 
     def __init__(self) -> None:
         self._sets: list[Mapping[str, WeightAdapter]] = []
+        self._fused: dict[tuple[int, str], _FusedDelta] = {}  # one parametrization per fused weight, for all sets
 
     def is_current(self, adapters: Mapping[str, WeightAdapter]) -> bool:
         return bool(self._sets) and self._sets[-1] is adapters
+
+    def innermost(self) -> Mapping[str, WeightAdapter] | None:
+        return self._sets[-1] if self._sets else None
 
     @contextmanager
     def applied(self, layers: Layers, adapters: Mapping[str, WeightAdapter]) -> Iterator[None]:
@@ -154,33 +158,56 @@ class AdapterStack:
 
     @contextmanager
     def _parametrized(self, current: Mapping[str, WeightAdapter], entries: list[tuple[str, Layer]]) -> Iterator[None]:
+        """The set's rows of a fused weight. Every set shares one parametrization of the weight: torch removes a
+        weight's parametrizations all at once, so a nested set (a preview's, during training) of its own would
+        take the outer set's away when it ends."""
         module, weight = entries[0][1].module, entries[0][1].weight
-        parametrize.register_parametrization(module, weight, _FusedDelta(self, current, entries), unsafe=True)
+        key = (id(module), weight)
+        delta = self._fused.get(key)
+        if delta is None:
+            delta = self._fused[key] = _FusedDelta(self)
+            parametrize.register_parametrization(module, weight, delta, unsafe=True)
+        delta.add(current, entries)
         try:
             yield
         finally:
-            parametrize.remove_parametrizations(module, weight, leave_parametrized=False)
+            delta.discard(current)
+            if delta.empty:
+                del self._fused[key]
+                parametrize.remove_parametrizations(module, weight, leave_parametrized=False)
 
 
 class _FusedDelta(nn.Module):
-    """Adds the adapters' weight deltas to their rows of a fused weight (a torch parametrization)."""
+    """Adds the innermost set's weight deltas to its rows of a fused weight (a torch parametrization)."""
 
-    def __init__(self, stack: AdapterStack, current: Mapping[str, WeightAdapter],
-                 entries: list[tuple[str, Layer]]) -> None:
+    def __init__(self, stack: AdapterStack) -> None:
         super().__init__()
         self._stack = stack
-        self._current_set = current
-        self._rows = sorted(((layer.rows or slice(0, 0), name) for name, layer in entries), key=lambda e: e[0].start)
+        self._rows: dict[int, tuple[Mapping[str, WeightAdapter], list[tuple[slice, str]]]] = {}  # by id of the set
+
+    def add(self, current: Mapping[str, WeightAdapter], entries: list[tuple[str, Layer]]) -> None:
+        rows = sorted(((layer.rows or slice(0, 0), name) for name, layer in entries), key=lambda e: e[0].start)
+        self._rows[id(current)] = (current, rows)
+
+    def discard(self, current: Mapping[str, WeightAdapter]) -> None:
+        self._rows.pop(id(current), None)
+
+    @property
+    def empty(self) -> bool:
+        return not self._rows
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self._stack.is_current(self._current_set):
+        innermost = self._stack.innermost()
+        found = self._rows.get(id(innermost)) if innermost is not None else None
+        if found is None:  # the acting set has no adapter on this weight
             return weight
+        current, rows = found
         pieces, start = [], 0
-        for rows, name in self._rows:
-            if rows.start > start:
-                pieces.append(weight.new_zeros(rows.start - start, *weight.shape[1:]))
-            pieces.append(self._current_set[name].weight_delta().reshape(-1, *weight.shape[1:]).to(weight.dtype))
-            start = rows.stop
+        for row_slice, name in rows:
+            if row_slice.start > start:
+                pieces.append(weight.new_zeros(row_slice.start - start, *weight.shape[1:]))
+            pieces.append(current[name].weight_delta().reshape(-1, *weight.shape[1:]).to(weight.dtype))
+            start = row_slice.stop
         if start < weight.shape[0]:
             pieces.append(weight.new_zeros(weight.shape[0] - start, *weight.shape[1:]))
         return weight + torch.cat(pieces)

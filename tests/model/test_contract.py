@@ -513,6 +513,11 @@ def test_adapters_change_the_output_and_are_always_undone(model: DiffusionModel)
         with model.weight_adapters({}):  # a nested set replaces the outer one while it is active
             assert torch.equal(_outputs(model)[1], plain[1])
         assert torch.equal(_outputs(model)[1], changed[1])
+        # also one on the same layers (a preview's set while training), fused q/k/v weights included
+        zero = adapters_for(model, scale=0.0, blocks=("transformer", "resnet", "sampler", "text"))
+        with model.weight_adapters(zero):
+            assert torch.equal(_outputs(model)[1], plain[1])
+        assert torch.equal(_outputs(model)[1], changed[1])
     assert not torch.allclose(changed[0], plain[0]) and not torch.allclose(changed[1], plain[1])
     assert not _hooks_left(model) and torch.equal(_outputs(model)[1], plain[1])
     with pytest.raises(RuntimeError, match="a failing job"), model.weight_adapters(adapters):
