@@ -17,7 +17,13 @@ if EXT_DIR not in sys.path:  # imported some other way than by the WebUI's loade
     sys.path.insert(0, EXT_DIR)
 
 from finetune_core.ui.job_runner import JobRunner
-from finetune_core.ui.webui_host import WebUIHost, api_auth_dependency, bound_reload_wait, settings_options
+from finetune_core.ui.webui_host import (
+    WebUIHost,
+    api_auth_dependency,
+    bound_reload_wait,
+    keep_out_of_ui_config,
+    settings_options,
+)
 
 log = logging.getLogger("finetune")
 TAB_TITLE, TAB_ID = "Fine-tune", "finetune"
@@ -42,6 +48,7 @@ def on_ui_tabs():
     from finetune_core.ui.tab import build_tab
 
     blocks = build_tab(EXTENSION.host, gr, train_js="finetune_start_training", runner=EXTENSION.runner)
+    keep_out_of_ui_config(blocks)
     return [(blocks, TAB_TITLE, TAB_ID)]
 
 

@@ -92,6 +92,18 @@ def bound_reload_wait(demo: Any, seconds: float = RELOAD_GRACE_SECONDS) -> bool:
     return True
 
 
+def keep_out_of_ui_config(blocks: Any) -> None:
+    """Mark every control of the tab `do_not_save_to_config`. The WebUI's ui-config.json keys a control by tab and
+    label only ("finetune/Learning rate/value"), so the same label in several method forms would share one saved
+    value and the first form's default (Textual Inversion's) would be forced on the others at every start; the tab
+    keeps settings in its own presets instead."""
+    pending = [blocks]
+    while pending:
+        block = pending.pop()
+        block.do_not_save_to_config = True
+        pending.extend(getattr(block, "children", None) or [])
+
+
 class WebUIHost:
     """The Host protocol over the running WebUI (see finetune_core.ui.host.Host)."""
 

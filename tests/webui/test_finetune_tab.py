@@ -42,6 +42,31 @@ def test_tab_builds_with_the_installed_gradio(extension, sd1):
     assert blocks.finetune_runner is extension.EXTENSION.runner  # the tab and the REST routes share one runner
 
 
+def _leaves(block):
+    children = getattr(block, "children", None)
+    if children is None:
+        return [block]
+    return [leaf for child in children for leaf in _leaves(child)]
+
+
+def test_the_webuis_ui_config_forces_no_methods_values_on_another(extension, sd1, tmp_path):
+    """The WebUI keys ui-config.json by tab and label ("finetune/Learning rate/value"): the first start saves every
+    control's value, the next applies the saved value to every control of that key. Each method's form must keep
+    its own defaults (LoRA's learning rate is not Textual Inversion's)."""
+    from modules import script_callbacks, ui_loadsave
+
+    config = tmp_path / "ui-config.json"
+    first = ui_loadsave.UiLoadsave(str(config))
+    first.add_block(script_callbacks.ui_tabs_callback()[0][0], "finetune")
+    first.dump_defaults()
+    blocks = script_callbacks.ui_tabs_callback()[0][0]  # the next start
+    defaults = [(leaf, getattr(leaf, "value", None)) for leaf in _leaves(blocks)]
+    assert sum(1 for leaf, _ in defaults if getattr(leaf, "label", None) == "Learning rate") >= 5  # one per method
+    ui_loadsave.UiLoadsave(str(config)).add_block(blocks, "finetune")
+    changed = [(leaf.label, value, leaf.value) for leaf, value in defaults if getattr(leaf, "value", None) != value]
+    assert changed == []
+
+
 def _client(extension, api_auth=None):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
