@@ -43,5 +43,9 @@ class StorageError(FinetuneError):
     """A folder or file cannot be written: full disk, read-only folder, a file where a folder should be, bad name."""
 
 
+class NetworkError(FinetuneError):
+    """Something the job called (the host's sampler, a model loader) tried to download and the network failed."""
+
+
 class OutOfMemory(FinetuneError):
     """The run needs more memory than the device has (estimated before step 1, or met while training)."""

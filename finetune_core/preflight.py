@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from finetune_core.errors import ArtifactError, OutOfMemory, StorageError
+from finetune_core.errors import ArtifactError, NetworkError, OutOfMemory, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +65,29 @@ def storage_error(exc: OSError, run_dir: Path | None) -> StorageError:
               errno.EROFS: "choose an output folder you can write to",
               errno.EACCES: "choose an output folder you can write to or fix its permissions",
               errno.ENAMETOOLONG: "choose a shorter name or output folder"}.get(exc.errno or 0, "check that folder")
-    resume = ""
+    return StorageError(f"could not {verb}{where} ({_reason(exc)}); {advice}{_saved_state(run_dir)}")
+
+
+def network_error(exc: OSError, run_dir: Path | None) -> NetworkError:
+    """One sentence for a download that failed inside the job (urllib's URLError and connection errors are
+    OSErrors too, but no file of the user's is at fault)."""
+    reason = getattr(exc, "reason", None) or _reason(exc)
+    return NetworkError(f"something the training called tried to download a file and could not ({reason}); "
+                        f"the WebUI fetches some files on first use (SDXL's VAE approximation for previews, for "
+                        f"one): run it once with a network, or put the file in place{_saved_state(run_dir)}")
+
+
+def is_network_error(exc: OSError) -> bool:
+    from urllib.error import URLError
+    return isinstance(exc, (URLError, ConnectionError, TimeoutError))
+
+
+def _saved_state(run_dir: Path | None) -> str:
     if run_dir is not None and (Path(run_dir) / "state" / "checkpoint.pt").is_file():
-        resume = f"; the run folder {run_dir} keeps the last saved state: resume it with --resume {run_dir}"
-    elif run_dir is not None:
-        resume = f"; nothing was saved in the run folder {run_dir} yet"
-    return StorageError(f"could not {verb}{where} ({_reason(exc)}); {advice}{resume}")
+        return f"; the run folder {run_dir} keeps the last saved state: resume it with --resume {run_dir}"
+    if run_dir is not None:
+        return f"; nothing was saved in the run folder {run_dir} yet"
+    return ""
 
 
 def _reason(exc: OSError) -> str:

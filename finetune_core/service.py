@@ -210,6 +210,8 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
             result = resume_training(model, job.method, job.data, RunFolder(run_dir), output, on_event=emit,
                                      control=control, processes=processes)
     except OSError as exc:
+        if preflight.is_network_error(exc):
+            raise preflight.network_error(exc, run_dir) from exc
         raise preflight.storage_error(exc, run_dir) from exc
     except (RuntimeError, MemoryError) as exc:
         if not _out_of_memory(exc):

@@ -16,7 +16,14 @@ import torch
 from fastapi.testclient import TestClient
 
 from finetune_core import service
-from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError, OutOfMemory, StorageError
+from finetune_core.errors import (
+    ArtifactError,
+    ConfigError,
+    ModelMismatchError,
+    NetworkError,
+    OutOfMemory,
+    StorageError,
+)
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
 from finetune_core.formats.hypernetwork import write_hypernetwork
 from finetune_core.methods.hypernetwork import HypernetworkCreate, create_hypernetwork
@@ -257,6 +264,24 @@ def test_a_full_disk_mid_run_is_one_sentence_naming_the_run_folder(tiny_model, o
         service.train(_request(one_image_dataset, steps=4, save_every=1), tiny_model("tiny-sd1"), folders)
     run = _runs(folders)[0].parent
     assert (run / "request.json").stat().st_size > 0 and not list(run.rglob(".*.tmp"))
+
+
+def test_a_failed_download_inside_the_job_is_a_network_sentence_not_a_file_one(tiny_model, one_image_dataset, tmp_path,
+                                                                                monkeypatch):
+    """urllib's URLError is an OSError: a host that downloads on first use (the WebUI's txt2img for SDXL class
+    images) must not be told its output folder is at fault."""
+    from urllib.error import URLError
+
+    from finetune_core.data.dataset import ImageDataset
+
+    def offline(self, model, on_progress=None):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(ImageDataset, "prepare", offline)
+    with pytest.raises(NetworkError, match="tried to download a file and could not .*name resolution.*nothing "
+                                           "was saved in the run folder"):
+        service.train(_request(one_image_dataset, steps=2), tiny_model("tiny-sd1"),
+                      service.OutputFolders.standalone(tmp_path / "out"))
 
 
 def test_a_full_disk_when_the_run_starts_leaves_no_run_folder(tiny_model, one_image_dataset, tmp_path, monkeypatch):

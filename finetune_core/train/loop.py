@@ -93,6 +93,7 @@ class Trainer:
         if not self.writes:
             self.emit = ignore_events
         self.counters = Counters(step=0, attempt=0, seed=0)
+        self.previews_failed = False
 
     def run(self) -> TrainResult:
         try:
@@ -299,7 +300,7 @@ class Trainer:
             guard.take_snapshot(c.step, _kept(ctx), ctx.optimizer, ctx.scaler)
         if (config.preview_every and c.step % config.preview_every == 0) or control.preview_requested:
             control.preview_requested = False
-            if self.writes:
+            if self.writes and not self.previews_failed:
                 self._preview(outcome)
 
     def _epoch(self) -> tuple[int, int]:
@@ -375,6 +376,17 @@ class Trainer:
         return written
 
     def _preview(self, outcome: StepOutcome) -> None:
+        """A preview that fails (the host's sampler, a file it wants to download, memory) costs no training: a
+        warning, and no more previews in this run."""
+        try:
+            self._sample_preview(outcome)
+        except Exception as exc:  # noqa: BLE001  (whatever the host's sampler raises)
+            self.previews_failed = True
+            logger.exception("the preview at step %d failed", self.counters.step)
+            self.emit(Warning_(f"the preview at step {self.counters.step} failed ({type(exc).__name__}: {exc}); "
+                               f"training goes on without previews for the rest of this run"))
+
+    def _sample_preview(self, outcome: StepOutcome) -> None:
         """Sample a preview image with the method's extras through the host's sampler; one seed per run."""
         config, model, c = self.job.config, self.job.model, self.counters
         extras = self.job.method.inference_extras()

@@ -275,6 +275,27 @@ def test_previews_use_training_prompt_and_do_not_change_training(tmp_path: Path)
     assert len({r.seed for r in model.samples}) == 1  # one seed per run: previews compare side by side
 
 
+def test_a_failing_preview_is_a_warning_and_costs_no_training(tmp_path: Path) -> None:
+    """The host's sampler raising (the WebUI's txt2img tried to download a file, as SDXL's VAE approximation does)
+    at the first preview: one warning, no more previews, and the run trains exactly as without previews."""
+    from urllib.error import URLError
+
+    class Offline(FakeModel):
+        def sample(self, request: Any, *args: Any, **kwargs: Any) -> list[Any]:
+            self.samples.append(request)
+            raise URLError("no network")
+
+    model = Offline()
+    result, with_failure, events = train(tmp_path, dataclasses.replace(BASE, preview_every=2), model=model,
+                                         run="a", out="a")
+    _r, without, _ = train(tmp_path, run="b", out="b")
+    assert result.step == 6 and not any(isinstance(e, Failed) for e in events)
+    assert torch.equal(with_failure.vector, without.vector)
+    warnings = [e.message for e in events if isinstance(e, Warning_)]
+    assert len(warnings) == 1 and "preview at step 2 failed (URLError" in warnings[0] and "goes on" in warnings[0]
+    assert len(model.samples) == 1 and not any(isinstance(e, PreviewEvent) for e in events)
+
+
 def test_previews_get_the_methods_extras_and_no_adapters_unless_it_has_some(tmp_path: Path) -> None:
     class WithAdapters(FakeMethod):
         def inference_extras(self) -> InferenceExtras:
