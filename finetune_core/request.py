@@ -167,7 +167,7 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
     final_dir = folders.for_kind(spec.output_kind)
     continue_from = getattr(configs["method"], "continue_from", "")
     if continue_from:
-        _check_continue_from(continue_from, final_dir, spec.output_kind)
+        _check_continue_from(continue_from, final_dir, spec.output_kind, configs["train"])
     overwrite = request.overwrite or (bool(continue_from) and _same_stem(continue_from, final_dir, name))
     if run_dir is None and not overwrite:
         refuse_same_name(final_dir, name, spec.output_kind)
@@ -226,12 +226,14 @@ def _check_masks(data: Any) -> None:
         check_mask(mask, image)
 
 
-def _check_continue_from(reference: str, final_dir: Path, kind: str) -> None:
-    """The file to continue from exists, is of the right kind and holds only finite numbers."""
+def _check_continue_from(reference: str, final_dir: Path, kind: str, train: Any) -> None:
+    """The file to continue from exists, is of the right kind, holds only finite numbers and is not already at or
+    past the step this run stops at."""
     from finetune_core.formats.atomic import require_finite
     from finetune_core.formats.inspect import inspect_file, tensors_of
     from finetune_core.formats.names import find_artifact
     from finetune_core.preflight import ARTIFACT_SUFFIXES
+    from finetune_core.train.schedule import nothing_to_train, run_length
     expected = {"embeddings": "embedding", "hypernetworks": "hypernetwork", "checkpoints": "checkpoint",
                 "aesthetic_embeddings": "aesthetic embedding", "loras": "lora"}.get(kind, kind)
     path = find_artifact(reference, final_dir, ARTIFACT_SUFFIXES.get(kind, ()), expected)
@@ -240,6 +242,9 @@ def _check_continue_from(reference: str, final_dir: Path, kind: str) -> None:
         raise ArtifactError(f"{path} cannot be continued from: it is not a{'n' if expected[0] in 'ae' else ''} "
                             f"{expected} ({info.describe()})")
     require_finite(tensors_of(path), path)
+    problem = nothing_to_train(info.step or 0, run_length(train.learning_rate, train.steps))
+    if problem:
+        raise ConfigError(problem)
 
 
 def _with_template_path(config: Any, template_dirs: Sequence[Path]) -> Any:

@@ -64,6 +64,8 @@ TRAIN_CASES = [
     ("missing file to continue", ("method", "continue_from", "gone"), ["--continue-from", "gone"],
      "no embedding 'gone' found"),
     ("NaN file to continue", ("method", "continue_from", "nan"), ["--continue-from", "nan"], "not numbers"),
+    ("file already past max steps", ("method", "continue_from", "keep"), ["--continue-from", "keep"],
+     "already at step 5.*raise max steps above 5"),
     ("damaged request.json", (None, "resume_run", "{broken}"), ["--resume", "{broken}"], "request.json is damaged"),
     ("not a run folder", (None, "resume_run", "{root}/not-a-run"), ["--resume", "{root}/not-a-run"],
      "no request.json"),

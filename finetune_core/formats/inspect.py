@@ -249,7 +249,9 @@ def _lora_info(source: Path, shapes: Shapes, downs: Shapes, metadata: Mapping[st
     version = metadata.get("ss_base_model_version")
     details += f", base {version}" if version else ""
     details += f", step {metadata['ss_steps']}" if metadata.get("ss_steps") else ""
+    steps = metadata.get("ss_steps", "")
     return ArtifactInfo(path=source, kind="lora", family=family, tensor_count=len(shapes),
+                        step=int(steps) if steps.isdigit() else None,
                         sd_checkpoint_name=metadata.get("ss_sd_model_name"),
                         sd_checkpoint=metadata.get("finetune_model_hash"), details=f"{details} ({naming})")
 

@@ -40,7 +40,7 @@ from finetune_core.train.job import Counters, OutputSpec, TrainJob, TrainResult
 from finetune_core.train.method import ArtifactMeta, PrepareContext
 from finetune_core.train.optim import build_optimizer, set_learning_rate
 from finetune_core.train.run_folder import LossRow, RunFolder
-from finetune_core.train.schedule import end_step, parse_schedule, rate_at
+from finetune_core.train.schedule import nothing_to_train, parse_schedule, rate_at, run_length
 from finetune_core.train.step import OVERFLOW, StepContext, StepOutcome, make_grad_scaler, train_step
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class Trainer:
         checkpoint = self._start_counters()
         self._check_output()
         schedule = parse_schedule(config.learning_rate, config.steps)
-        total = min(config.steps, end_step(schedule))
+        total = run_length(config.learning_rate, config.steps)
         self._check_steps_left(total)
         setup = TrainingSetup(job.method.trains, config.precision, config.gradient_checkpointing,
                               vae_gradient_checkpointing=config.gradient_checkpointing and job.method.decodes_latents)
@@ -132,11 +132,9 @@ class Trainer:
 
     def _check_steps_left(self, total: int) -> None:
         """A file continued from at or past the run's last step would be written back unchanged: say so instead."""
-        step = self.counters.step
-        if not self.resume and step > 0 and step >= total:
-            raise ConfigError(f"the file continued from is already at step {step}, and this run stops at step "
-                              f"{total} (max steps or the end of the learning-rate schedule), so there is nothing "
-                              f"to train; raise max steps above {step}, or start a new file")
+        problem = None if self.resume else nothing_to_train(self.counters.step, total)
+        if problem:
+            raise ConfigError(problem)
 
     def _prepare(self) -> None:
         """The preparation phase: the method's own (class images), then the latents, with progress and interrupt."""

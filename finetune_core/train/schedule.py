@@ -80,6 +80,20 @@ def end_step(schedule: list[tuple[float, int]]) -> int:
     return max(end for _rate, end in schedule)
 
 
+def run_length(learning_rate: str, steps: int) -> int:
+    """The step a run stops at: max steps, or the end of the learning-rate schedule when that comes first."""
+    return min(steps, end_step(parse_schedule(learning_rate, steps)))
+
+
+def nothing_to_train(step: int, total: int) -> str | None:
+    """Why a file continued from at `step` has nothing left to train in a run that stops at `total`, or None."""
+    if step <= 0 or step < total:
+        return None
+    return (f"the file continued from is already at step {step}, and this run stops at step {total} (max steps or "
+            f"the end of the learning-rate schedule), so there is nothing to train; raise max steps above {step}, "
+            f"or start a new file")
+
+
 def value_at(schedule: list[tuple[float, int]], step: int) -> float:
     """A schedule value that holds its last rate once it runs out (the WebUI's clip-value schedule)."""
     rate = rate_at(schedule, step)
