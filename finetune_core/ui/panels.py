@@ -8,8 +8,9 @@ from pathlib import Path
 
 from finetune_core.ui.job_runner import JobState, thin
 
-_STATUS_WORDS = {"idle": "Idle", "waiting": "Waiting for the GPU (another task holds it)", "running": "Training",
-                 "paused": "Paused", "finished": "Finished", "interrupted": "Interrupted (saved)", "failed": "Failed"}
+_STATUS_WORDS = {"idle": "Idle", "waiting": "Starting (waits while another task uses the model)",
+                 "running": "Training", "paused": "Paused", "finished": "Finished",
+                 "interrupted": "Interrupted (saved)", "failed": "Failed"}
 
 
 def format_seconds(seconds: float | None) -> str:
