@@ -16,29 +16,19 @@ EXT_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 if EXT_DIR not in sys.path:  # imported some other way than by the WebUI's loader (tests, tools)
     sys.path.insert(0, EXT_DIR)
 
-from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.webui_host import (
-    WebUIHost,
     api_auth_dependency,
     bound_reload_wait,
     keep_out_of_ui_config,
     settings_options,
+    webui_extension,
 )
 
 log = logging.getLogger("finetune")
 TAB_TITLE, TAB_ID = "Fine-tune", "finetune"
 
 
-class _Extension:
-    """The one host and job runner the tab and the REST routes share (the only state this entry keeps)."""
-
-    def __init__(self) -> None:
-        self.host = WebUIHost()
-        self.runner = JobRunner(self.host)
-        self.host.interrupt_handler = self.runner.interrupt
-
-
-EXTENSION = _Extension()
+EXTENSION = webui_extension()  # the tab's and the REST routes' host and runner; the same after Reload UI
 
 
 def on_ui_tabs():

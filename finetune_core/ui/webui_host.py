@@ -92,6 +92,30 @@ def bound_reload_wait(demo: Any, seconds: float = RELOAD_GRACE_SECONDS) -> bool:
     return True
 
 
+class WebUIExtension:
+    """The one host and job runner the tab and the REST routes share."""
+
+    def __init__(self) -> None:
+        from finetune_core.ui.job_runner import JobRunner
+
+        self.host = WebUIHost()
+        self.runner = JobRunner(self.host)
+
+
+_EXTENSION: WebUIExtension | None = None
+
+
+def webui_extension() -> WebUIExtension:
+    """The extension's host and job runner, one per WebUI process. Reload UI runs the extension's script again but
+    leaves this package imported, so the runner survives it: the new tab shows how the job the reload interrupted
+    ended and which run folder resumes it."""
+    global _EXTENSION
+    if _EXTENSION is None:
+        _EXTENSION = WebUIExtension()
+    _EXTENSION.host.interrupt_handler = _EXTENSION.runner.interrupt  # the unload callback cleared it
+    return _EXTENSION
+
+
 def keep_out_of_ui_config(blocks: Any) -> None:
     """Mark every control of the tab `do_not_save_to_config`. The WebUI's ui-config.json keys a control by tab and
     label only ("finetune/Learning rate/value"), so the same label in several method forms would share one saved

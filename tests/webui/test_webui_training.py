@@ -99,6 +99,29 @@ def test_second_train_is_refused_while_one_runs(extension, sd1, dataset):
     assert runner.wait(60)
 
 
+def test_reload_ui_interrupts_the_job_and_the_new_tab_shows_how_it_ended(extension, sd1, dataset):
+    """Reload UI runs the extension's script again: the job is told to save and stop, and the reloaded tab's runner
+    is the same one, so its status shows the interrupted run and where to resume it (not a blank "idle")."""
+    from modules import script_callbacks, scripts
+
+    from tests.webui.conftest import REPO
+
+    runner = extension.EXTENSION.runner
+    stepped, gate = threading.Event(), threading.Event()
+    Recorder(extension.EXTENSION.host, on_step=lambda e: (stepped.set(), gate.wait(10)))
+    runner.start(ti_request(dataset, steps=20, name="reloaded"))
+    assert stepped.wait(60)
+    script_callbacks.script_unloaded_callback()  # Reload UI, while step 1 is being reported
+    script_callbacks.clear_callbacks()
+    reloaded = scripts.load_script(str(REPO / "scripts" / "finetune_tab.py"))
+    gate.set()
+    assert reloaded.EXTENSION.runner is runner and runner.wait(60)
+    state = runner.state()
+    assert state.status == "interrupted" and state.name == "reloaded" and state.artifacts
+    assert any(f"interrupted at step {state.step}" in m and str(state.run_dir) in m for m in state.messages)
+    assert reloaded.EXTENSION.host.interrupt_handler is not None  # WebUI Interrupt reaches the runner again
+
+
 def test_hypernetwork_run_uses_loaded_hypernetworks_and_reloads(extension, sd1, dataset, webui):
     from modules import shared
 
