@@ -24,7 +24,7 @@ def txt2img(sd_model: Any, request: SampleRequest) -> list[Any]:
     `process_images_inner` rather than `process_images`: the latter first calls `reload_model_weights()`, which would
     swap the model under a running job when the checkpoint dropdown changed meanwhile.
     """
-    from modules import processing, sd_samplers
+    from modules import processing, sd_samplers, shared
 
     names = sampler_names()
     if request.sampler not in names:
@@ -38,11 +38,19 @@ def txt2img(sd_model: Any, request: SampleRequest) -> list[Any]:
     fix = getattr(sd_samplers, "fix_p_invalid_sampler_and_scheduler", None)
     if fix is not None:
         fix(p)
+    state = shared.state
+    job = state.job_count, state.job_no
+    # counted as a generation of its own (a training job's step counts would inflate the console's "Total
+    # progress"), and that bar closed afterwards, as the WebUI's own txt2img does
+    state.job_count, state.job_no = -1, 0
     with fresh_conditioning(processing):
         try:
             processed = processing.process_images_inner(p)
         finally:
             p.close()
+            if getattr(shared, "total_tqdm", None) is not None:
+                shared.total_tqdm.clear()
+            state.job_count, state.job_no = job
     return list(processed.images[:len(request.prompts)])
 
 

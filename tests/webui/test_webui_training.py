@@ -99,6 +99,20 @@ def test_second_train_is_refused_while_one_runs(extension, sd1, dataset):
     assert runner.wait(60)
 
 
+def test_previews_count_as_their_own_generation_in_the_consoles_total_progress(extension, sd1, dataset):
+    """The console's "Total progress" bar totals job_count x sampling steps: a preview during training counts its
+    own steps, the bar is closed after it as after any txt2img, and the step counts come back for the progress bar."""
+    from modules import shared
+
+    request = ti_request(dataset, steps=3, name="counted")
+    request.train_settings.update(preview_every=1, preview_steps=4)
+    counts = []
+    state, _ = run(extension, request, on_step=lambda e: counts.append((shared.state.job_no, shared.state.job_count)))
+    assert state.status == "finished", state.error
+    assert shared.total_tqdm.totals_seen == [4, 4, 4] and shared.total_tqdm.total is None
+    assert counts == [(1, 3), (2, 3), (3, 3)]
+
+
 def test_reload_ui_interrupts_the_job_and_the_new_tab_shows_how_it_ended(extension, sd1, dataset):
     """Reload UI runs the extension's script again: the job is told to save and stop, and the reloaded tab's runner
     is the same one, so its status shows the interrupted run and where to resume it (not a blank "idle")."""

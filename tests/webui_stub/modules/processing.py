@@ -159,9 +159,11 @@ def _sample(p, model, c, uc):
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(devices.device)
     ac = model.alphas_cumprod.to(devices.device, torch.float32)
     timesteps = list(range(999, -1, -max(1, 1000 // p.steps)))[:p.steps]
+    shared.state.sampling_steps = len(timesteps)
     with devices.autocast():
         for i, t in enumerate(timesteps):
             shared.state.sampling_step = i
+            shared.total_tqdm.update()  # the sampler's per-step callback (sd_samplers_common.callback_state)
             tt = torch.full((len(p.prompts),), t, device=x.device)
             if _width(uc) == _width(c):
                 out = model.apply_model(torch.cat([x, x]), torch.cat([tt, tt]), _cat([uc, c])).float()

@@ -15,6 +15,7 @@ from modules.shared_state import State
 cmd_opts = SimpleNamespace()
 opts = Options()
 state = State()
+total_tqdm = None  # shared_total_tqdm.TotalTQDM, made by reset() (as shared_init.initialize makes it)
 sd_model = None
 demo = None
 parallel_processing_allowed = True
@@ -36,7 +37,8 @@ def _training_options():
 
 def reset(root):
     """Fresh options, state and folders under `root` (test aid)."""
-    global opts, state, sd_model, hypernetworks, loaded_hypernetworks, parallel_processing_allowed
+    global opts, state, sd_model, hypernetworks, loaded_hypernetworks, parallel_processing_allowed, total_tqdm
+    from modules import shared_total_tqdm  # it imports this module
     paths_internal.configure(root)
     models = paths_internal.models_path
     cmd_opts.__dict__.clear()
@@ -51,6 +53,7 @@ def reset(root):
         os.makedirs(folder, exist_ok=True)
     opts = Options(_training_options())
     state = State()
+    total_tqdm = shared_total_tqdm.TotalTQDM()
     sd_model = None
     hypernetworks = {}
     loaded_hypernetworks = []
