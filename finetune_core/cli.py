@@ -201,8 +201,9 @@ def _train(request: Any, model: Any, folders: Any, processes: Any) -> int:
     data-parallel run only the main process shows progress and the result."""
     from finetune_core import service
     from finetune_core.train.control import Control
+    from finetune_core.ui.console import ConsoleProgress
     control = Control()
-    with Progress() as progress, _interrupt_on_sigint(control, processes.world > 1):
+    with ConsoleProgress() as progress, _interrupt_on_sigint(control, processes.world > 1):
         result = service.train(request, model, folders, on_event=progress, control=control, processes=processes)
     if not processes.is_main:
         return 130 if result.interrupted else 0
@@ -240,37 +241,6 @@ def _interrupt_on_sigint(control: Any, launched: bool = False) -> Iterator[None]
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
-
-
-class Progress:
-    """Loop events as a tqdm bar (step, loss, learning rate, speed, ETA); warnings and previews print above it."""
-
-    def __init__(self, stream: Any = None) -> None:
-        from tqdm import tqdm
-
-        self.tqdm = tqdm
-        self.stream = stream or sys.stderr
-        self.bar: Any = None
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def __call__(self, event: Any) -> None:
-        from finetune_core.train import events
-        if isinstance(event, events.Started):
-            self.bar = self.tqdm(total=event.total_steps, initial=event.start_step, file=self.stream, unit="step",
-                                 dynamic_ncols=True, mininterval=0.2)
-        elif isinstance(event, events.StepEvent) and self.bar is not None:
-            self.bar.set_postfix_str(f"loss {event.loss:.4f} lr {event.learning_rate:.2g}", refresh=False)
-            self.bar.update(event.step - self.bar.n)
-        elif isinstance(event, events.Warning_):
-            self.tqdm.write(f"warning: {event.message}", file=self.stream)
-        elif isinstance(event, events.PreviewEvent):
-            self.tqdm.write(f"preview at step {event.step}: {event.path}", file=self.stream)
 
 
 if __name__ == "__main__":

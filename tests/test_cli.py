@@ -51,11 +51,11 @@ def test_progress_bar_keeps_warnings_and_previews_readable():
     import io
     from pathlib import Path
 
-    from finetune_core.cli import Progress
     from finetune_core.train.events import PreviewEvent, Started, StepEvent, Warning_
+    from finetune_core.ui.console import ConsoleProgress
 
     stream = io.StringIO()
-    with Progress(stream) as progress:
+    with ConsoleProgress(stream) as progress:
         progress(Started(Path("run"), 10, 2))
         progress(StepEvent(3, 10, 0.25, 0.005, 0, 0.1, 0.7))
         progress(Warning_("rolled back to step 2"))

@@ -22,6 +22,7 @@ from finetune_core.train.events import (
     StepEvent,
     Warning_,
 )
+from finetune_core.ui.console import ConsoleProgress
 from finetune_core.ui.panels import format_seconds
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class WebUIHost:
         # job runner's interrupt, so the loop saves and stops after the current step.
         self.interrupt_handler: Callable[[], Any] | None = None
         self._interrupt_forwarded = False
+        self._console: ConsoleProgress | None = None
 
     # --- model and folders ------------------------------------------------------------------------------------
     def get_model(self) -> Any:
@@ -192,6 +194,7 @@ class WebUIHost:
         """Mirror loop events into `shared.state` (the WebUI's progress bar and live preview)."""
         from modules import shared
 
+        self._to_console(event)
         state = shared.state
         if isinstance(event, Started):
             state.job_count, state.job_no = event.total_steps, event.start_step
@@ -215,6 +218,24 @@ class WebUIHost:
         elif isinstance(event, Warning_):
             logger.warning("%s", event.message)
         self._forward_interrupt(state)
+
+    def _to_console(self, event: Event) -> None:
+        """A progress bar in the WebUI's console, as its own training shows (unless --disable-console-progressbars),
+        and the outcome in one line."""
+        from modules import shared
+
+        if isinstance(event, Started) and not getattr(shared.cmd_opts, "disable_console_progressbars", False):
+            self._console = ConsoleProgress(shared.progress_print_out, desc="Fine-tune", echo=False)
+        if self._console is not None:
+            self._console(event)
+        if isinstance(event, Failed):
+            print(f"Fine-tune: failed at step {event.step}: {event.message}", file=shared.progress_print_out)
+        elif isinstance(event, Finished):
+            verb = "interrupted" if event.interrupted else "finished"
+            files = ", ".join(str(p) for p in event.artifacts)
+            print(f"Fine-tune: {verb} at step {event.step}; wrote {files}", file=shared.progress_print_out)
+        if isinstance(event, (Finished, Failed)):
+            self._console = None
 
     def _forward_interrupt(self, state: Any) -> None:
         if state.interrupted and not self._interrupt_forwarded and self.interrupt_handler is not None:

@@ -113,6 +113,22 @@ def test_previews_count_as_their_own_generation_in_the_consoles_total_progress(e
     assert counts == [(1, 3), (2, 3), (3, 3)]
 
 
+@pytest.mark.parametrize("bars", [True, False])
+def test_the_webuis_console_shows_a_progress_bar_and_the_outcome(extension, sd1, dataset, monkeypatch, bars):
+    import io
+
+    from modules import shared
+
+    console = io.StringIO()
+    monkeypatch.setattr(shared, "progress_print_out", console)
+    monkeypatch.setattr(shared.cmd_opts, "disable_console_progressbars", not bars, raising=False)
+    state, _ = run(extension, ti_request(dataset, steps=3, name="shown"))
+    assert state.status == "finished", state.error
+    text = console.getvalue()
+    assert ("Fine-tune: 100%" in text and "3/3" in text and "loss " in text) == bars
+    assert f"Fine-tune: finished at step 3; wrote {state.artifacts[0]}" in text
+
+
 def test_reload_ui_interrupts_the_job_and_the_new_tab_shows_how_it_ended(extension, sd1, dataset):
     """Reload UI runs the extension's script again: the job is told to save and stop, and the reloaded tab's runner
     is the same one, so its status shows the interrupted run and where to resume it (not a blank "idle")."""

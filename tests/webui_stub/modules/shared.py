@@ -6,6 +6,7 @@ Test aids: `calls` records refresh calls; `reset(root)` re-roots every folder un
 from __future__ import annotations
 
 import os
+import sys
 from types import SimpleNamespace
 
 from modules import paths_internal
@@ -15,6 +16,7 @@ from modules.shared_state import State
 cmd_opts = SimpleNamespace()
 opts = Options()
 state = State()
+progress_print_out = sys.stdout  # where the WebUI's console progress bars go
 total_tqdm = None  # shared_total_tqdm.TotalTQDM, made by reset() (as shared_init.initialize makes it)
 sd_model = None
 demo = None
