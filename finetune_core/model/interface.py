@@ -126,6 +126,17 @@ class SampleRequest:
     seed: int = 0
     sampler: str = "DPM++ 2M"
 
+    def infotext(self, model: ModelIdentity, extra: str = "") -> str:
+        """The generation parameters of its first image as the WebUI writes them into a PNG (its PNG Info tab and
+        "Send to txt2img" read them back)."""
+        lines = [self.prompts[0]]
+        if self.negative_prompts and self.negative_prompts[0]:
+            lines.append(f"Negative prompt: {self.negative_prompts[0]}")
+        lines.append(f"Steps: {self.steps}, Sampler: {self.sampler}, CFG scale: {self.cfg_scale:g}, Seed: {self.seed}, "
+                     f"Size: {self.width}x{self.height}, Model hash: {model.shorthash[:10]}, Model: {model.name}"
+                     + (f", {extra}" if extra else ""))
+        return "\n".join(lines)
+
 
 @dataclass(frozen=True)
 class AdapterTarget:

@@ -400,7 +400,9 @@ class Trainer:
                                 sampler=config.preview_sampler)
         with torch.no_grad(), randomness.seeded_global_rng(seed, model.device):
             images = model.sample(request, extras.embeddings or None, extras.context_transform, extras.adapters or None)
-        path = self.job.run.save_image(images[0], f"{self.job.output.name}-{c.step}")
+        parameters = request.infotext(model.identity, f"Fine-tune: {self.job.method.name} {self.job.output.name} "
+                                                      f"step {c.step}")
+        path = self.job.run.save_image(images[0], f"{self.job.output.name}-{c.step}", parameters)
         self.emit(PreviewEvent(c.step, path, images[0], prompt))
         stem = f"{self.job.output.name}-{c.step}"
         paths = self.job.method.preview_artifact(images[0], self.job.run.path / "image_embeddings", stem,

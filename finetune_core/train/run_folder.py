@@ -106,9 +106,15 @@ class RunFolder:
         if len(kept) != len(rows):
             self._write_rows(kept)
 
-    def save_image(self, image: Any, stem: str) -> Path:
-        """Save a PIL preview image as `images/<stem>.png`."""
-        return atomic_write(self.images_dir / f"{stem}.png", lambda tmp: image.save(tmp, format="PNG"),
+    def save_image(self, image: Any, stem: str, parameters: str = "") -> Path:
+        """Save a PIL preview image as `images/<stem>.png`, with its generation `parameters` as the WebUI's PNGs
+        carry them."""
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        if parameters:
+            info.add_text("parameters", parameters)
+        return atomic_write(self.images_dir / f"{stem}.png", lambda tmp: image.save(tmp, format="PNG", pnginfo=info),
                             overwrite=True)
 
     def _write_rows(self, rows: list[LossRow]) -> None:

@@ -273,6 +273,11 @@ def test_previews_use_training_prompt_and_do_not_change_training(tmp_path: Path)
     assert request.prompts[0].startswith("item ") and request.negative_prompts == ("fake-neg",)
     assert (request.width, request.height, request.steps, request.sampler) == (32, 32, 20, "DPM++ 2M")
     assert len({r.seed for r in model.samples}) == 1  # one seed per run: previews compare side by side
+    from PIL import Image  # each carries its parameters as the WebUI's PNGs do (PNG Info, Send to txt2img)
+    with Image.open(previews[0].path) as image:
+        info = image.info["parameters"]
+    assert info.startswith(f"{request.prompts[0]}\nNegative prompt: fake-neg\nSteps: 20, Sampler: DPM++ 2M, ")
+    assert f"Seed: {request.seed}, Size: 32x32, Model hash: " in info and info.endswith(" step 2")
 
 
 def test_a_failing_preview_is_a_warning_and_costs_no_training(tmp_path: Path) -> None:
