@@ -166,12 +166,13 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
         configs["method"] = spec.resolve(configs["method"], configs["data"], folders.logs / spec.log_folder)
     final_dir = folders.for_kind(spec.output_kind)
     continue_from = getattr(configs["method"], "continue_from", "")
-    if continue_from:
-        _check_continue_from(continue_from, final_dir, spec.output_kind, configs["train"])
+    continued_step = _check_continue_from(continue_from, final_dir, spec.output_kind) if continue_from else 0
     overwrite = request.overwrite or (bool(continue_from) and _same_stem(continue_from, final_dir, name))
     if run_dir is None and not overwrite:
         refuse_same_name(final_dir, name, spec.output_kind)
     method_checks(configs["method"], name, final_dir, overwrite or run_dir is not None)
+    if run_dir is None:
+        _check_steps_left(continued_step, configs["train"])
     check_writable(final_dir, "output folder")
     check_writable(run_dir or folders.logs, "run folder")
     return Plan(request, spec, name, configs, final_dir, overwrite, run_dir, folders.logs)
@@ -226,14 +227,12 @@ def _check_masks(data: Any) -> None:
         check_mask(mask, image)
 
 
-def _check_continue_from(reference: str, final_dir: Path, kind: str, train: Any) -> None:
-    """The file to continue from exists, is of the right kind, holds only finite numbers and is not already at or
-    past the step this run stops at."""
+def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
+    """The file to continue from exists, is of the right kind and holds only finite numbers; returns its step."""
     from finetune_core.formats.atomic import require_finite
     from finetune_core.formats.inspect import inspect_file, tensors_of
     from finetune_core.formats.names import find_artifact
     from finetune_core.preflight import ARTIFACT_SUFFIXES
-    from finetune_core.train.schedule import nothing_to_train, run_length
     expected = {"embeddings": "embedding", "hypernetworks": "hypernetwork", "checkpoints": "checkpoint",
                 "aesthetic_embeddings": "aesthetic embedding", "loras": "lora"}.get(kind, kind)
     path = find_artifact(reference, final_dir, ARTIFACT_SUFFIXES.get(kind, ()), expected)
@@ -242,7 +241,13 @@ def _check_continue_from(reference: str, final_dir: Path, kind: str, train: Any)
         raise ArtifactError(f"{path} cannot be continued from: it is not a{'n' if expected[0] in 'ae' else ''} "
                             f"{expected} ({info.describe()})")
     require_finite(tensors_of(path), path)
-    problem = nothing_to_train(info.step or 0, run_length(train.learning_rate, train.steps))
+    return info.step or 0
+
+
+def _check_steps_left(step: int, train: Any) -> None:
+    """A file continued from at or past the step this run stops at would be written back unchanged."""
+    from finetune_core.train.schedule import nothing_to_train, run_length
+    problem = nothing_to_train(step, run_length(train.learning_rate, train.steps))
     if problem:
         raise ConfigError(problem)
 
