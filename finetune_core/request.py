@@ -246,8 +246,8 @@ def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
 
 def _check_steps_left(step: int, train: Any) -> None:
     """A file continued from at or past the step this run stops at would be written back unchanged."""
-    from finetune_core.train.schedule import nothing_to_train, run_length
-    problem = nothing_to_train(step, run_length(train.learning_rate, train.steps))
+    from finetune_core.train.schedule import nothing_to_train, parse_schedule, run_length
+    problem = nothing_to_train(step, run_length(parse_schedule(train.learning_rate, train.steps), train.steps))
     if problem:
         raise ConfigError(problem)
 

@@ -122,7 +122,7 @@ class AccelerateProcesses(Processes):
         self.rank = int(self.state.process_index)
         self.world = int(self.state.num_processes)
         self._reduce: OverlappedReduce | None = None
-        self._overlapped_before = 0
+        self.overlapped_buckets = 0  # gradient buckets summed while a backward still ran, over this process's jobs
 
     @property
     def device(self) -> torch.device:  # type: ignore[override]  # always known once launched
@@ -139,6 +139,7 @@ class AccelerateProcesses(Processes):
             loss.backward()
         finally:
             reduce.active = False
+        self.overlapped_buckets += reduce.started
 
     def sum_gradients(self, params: Sequence[torch.Tensor]) -> None:
         self._overlapped(params).finish()
@@ -146,15 +147,9 @@ class AccelerateProcesses(Processes):
     def _overlapped(self, params: Sequence[torch.Tensor]) -> OverlappedReduce:
         if self._reduce is None or not self._reduce.covers(params):
             if self._reduce is not None:  # another job's parameters: its hooks go
-                self._overlapped_before += self._reduce.overlapped
                 self._reduce.close()
             self._reduce = OverlappedReduce(params)
         return self._reduce
-
-    @property
-    def overlapped_buckets(self) -> int:
-        """Gradient buckets summed while a backward still ran, over this process's jobs."""
-        return self._overlapped_before + (self._reduce.overlapped if self._reduce is not None else 0)
 
     def total(self, value: float) -> float:
         from accelerate.utils import reduce
@@ -194,7 +189,6 @@ class OverlappedReduce:
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self.params = list(params)
         self.active = False
-        self.overlapped = 0  # buckets started while a backward still ran (what the overlap gains)
         self.buckets = _buckets(list(reversed(self.params)))
         self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
         self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params if p.requires_grad]
@@ -207,6 +201,11 @@ class OverlappedReduce:
         for hook in self._hooks:
             hook.remove()
 
+    @property
+    def started(self) -> int:
+        """Buckets started so far in this step (after the backward: those it overlapped)."""
+        return len(self._started)
+
     def _reset(self) -> None:
         self._waiting = [len(bucket) for bucket in self.buckets]
         self._started: list[tuple[torch.Tensor, Any]] = []
@@ -217,7 +216,6 @@ class OverlappedReduce:
         self._waiting[self._bucket_of[id(param)]] -= 1
         while len(self._started) < len(self.buckets) and self._waiting[len(self._started)] == 0:
             self._start(len(self._started))
-            self.overlapped += 1
 
     def _start(self, index: int) -> None:
         import torch.distributed as dist

@@ -44,6 +44,7 @@ from finetune_core.train.schedule import nothing_to_train, parse_schedule, rate_
 from finetune_core.train.step import OVERFLOW, StepContext, StepOutcome, make_grad_scaler, train_step
 
 if TYPE_CHECKING:
+    from finetune_core.data.summary import DatasetSummary
     from finetune_core.train.method import Method
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Trainer:
             self.emit = ignore_events
         self.counters = Counters(step=0, attempt=0, seed=0)
         self.previews_failed = False
+        self._dataset: DatasetSummary | None = None  # the same for the whole run once the data is prepared
 
     def run(self) -> TrainResult:
         try:
@@ -108,7 +110,7 @@ class Trainer:
         checkpoint = self._start_counters()
         self._check_output()
         schedule = parse_schedule(config.learning_rate, config.steps)
-        total = run_length(config.learning_rate, config.steps)
+        total = run_length(schedule, config.steps)
         self._check_steps_left(total)
         setup = TrainingSetup(job.method.trains, config.precision, config.gradient_checkpointing,
                               vae_gradient_checkpointing=config.gradient_checkpointing and job.method.decodes_latents)
@@ -312,8 +314,10 @@ class Trainer:
     def _meta(self) -> ArtifactMeta:
         settings = {**self.job.output.settings, "train": {**self.job.config.to_dict(), "seed": self.counters.seed}}
         model = self.job.model
+        if self._dataset is None:
+            self._dataset = self.job.data.summary()
         return ArtifactMeta(self.job.output.name, self.counters.step, model.identity, model.family, settings,
-                            self.job.data.summary())
+                            self._dataset)
 
     def _save_intermediate(self, ctx: StepContext) -> None:
         """An intermediate copy (the oldest beyond `save_keep_last` deleted) and the resume state. A copy the disk has
@@ -400,11 +404,11 @@ class Trainer:
                                 sampler=config.preview_sampler)
         with torch.no_grad(), randomness.seeded_global_rng(seed, model.device):
             images = model.sample(request, extras.embeddings or None, extras.context_transform, extras.adapters or None)
+        stem = f"{self.job.output.name}-{c.step}"
         parameters = request.infotext(model.identity, f"Fine-tune: {self.job.method.name} {self.job.output.name} "
                                                       f"step {c.step}")
-        path = self.job.run.save_image(images[0], f"{self.job.output.name}-{c.step}", parameters)
+        path = self.job.run.save_image(images[0], stem, parameters)
         self.emit(PreviewEvent(c.step, path, images[0], prompt))
-        stem = f"{self.job.output.name}-{c.step}"
         paths = self.job.method.preview_artifact(images[0], self.job.run.path / "image_embeddings", stem,
                                                  self._meta())
         if paths:

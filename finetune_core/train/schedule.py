@@ -80,9 +80,9 @@ def end_step(schedule: list[tuple[float, int]]) -> int:
     return max(end for _rate, end in schedule)
 
 
-def run_length(learning_rate: str, steps: int) -> int:
+def run_length(schedule: list[tuple[float, int]], steps: int) -> int:
     """The step a run stops at: max steps, or the end of the learning-rate schedule when that comes first."""
-    return min(steps, end_step(parse_schedule(learning_rate, steps)))
+    return min(steps, end_step(schedule))
 
 
 def nothing_to_train(step: int, total: int) -> str | None:
