@@ -87,10 +87,11 @@ def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype
 
 
 def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:
-    """Load a diffusers pipeline folder offline; the tokenizers are always our own CLIP tokenizer."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    """Load a diffusers pipeline folder offline; the tokenizers are always our own CLIP tokenizer.
 
+    The components are built from their config.json and their weights read as a single file's are (each tensor
+    into its own memory, the file once), so both ways of giving a model load alike.
+    """
     from finetune_core.model.diffusers_backend import DiffusersModel
 
     index = _read_json(folder / "model_index.json", folder, "model_index.json")
@@ -98,29 +99,75 @@ def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch
         if part not in index or not (folder / part).is_dir():
             raise FinetuneError(f"The diffusers folder {folder} has no {part}/ component; this trainer needs a full "
                                 "Stable Diffusion pipeline (unet, vae, text_encoder).")
-    kwargs: dict = {"local_files_only": True, "torch_dtype": dtype}
-    unet = _component(UNet2DConditionModel, folder, "unet", kwargs)
-    vae = _component(AutoencoderKL, folder, "vae", kwargs)
-    text_encoder = _component(CLIPTextModel, folder, "text_encoder", kwargs)
-    text_encoder_2 = None
-    if (folder / "text_encoder_2").is_dir():
-        text_encoder_2 = _component(CLIPTextModelWithProjection, folder, "text_encoder_2", kwargs)
-    family = _folder_family(folder, text_encoder.config.hidden_size, text_encoder_2 is not None)
+    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if (folder / "text_encoder_2").is_dir() else [])
+    modules: dict[str, Any] = {part: _component(folder, part).to(device="cpu", dtype=dtype).eval() for part in parts}
+    text_encoder_2 = modules.get("text_encoder_2")
+    family = _folder_family(folder, int(modules["text_encoder"].config.hidden_size), text_encoder_2 is not None)
     identity = ModelIdentity(folder.name, _folder_shorthash(folder), str(folder))
     logger.info("loaded diffusers folder %s as %s (%s)", folder, family, identity.shorthash)
-    return DiffusersModel(unet, vae, text_encoder, text_encoder_2, family=family,
+    return DiffusersModel(modules["unet"], modules["vae"], modules["text_encoder"], text_encoder_2, family=family,
                           prediction_type=_folder_prediction_type(folder), identity=identity,
                           device=device, dtype=dtype)
 
 
-def _component(kind: Any, folder: Path, part: str, kwargs: dict[str, Any]) -> Any:
+# diffusers names its weights diffusion_pytorch_model.*, transformers model.* / pytorch_model.*; a variant infix
+# ("model.fp16.safetensors") is another copy, which from_pretrained also skips unless asked.
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def _component(folder: Path, part: str) -> torch.nn.Module:
     """One pipeline component; any failure (empty folder, bad JSON, truncated weights) names the component."""
+    from finetune_core.formats.checkpoint import read_state_dict
+    from finetune_core.model.single_file import build_with_weights
+
+    where = folder / part
+    config = _read_json(where / "config.json", folder, f"{part}/config.json")
+    files = _weight_files(where)
+    if not files:
+        raise FinetuneError(f"The {part} component of the diffusers folder {folder} has no weights file "
+                            f"({', '.join(s + '.safetensors' for s in _WEIGHT_STEMS[:2])}); it is incomplete: "
+                            f"copy or download it again")
     try:
-        return kind.from_pretrained(folder, subfolder=part, **kwargs)
-    except Exception as exc:  # diffusers/transformers raise OSError, ValueError, JSON and safetensors errors alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FinetuneError(f"The {part} component of the diffusers folder {folder} cannot be loaded ({first[:300]}); "
-                            f"{folder / part} is incomplete or damaged: copy or download it again") from exc
+        weights: dict[str, torch.Tensor] = {}
+        for file in files:
+            weights.update(read_state_dict(file))
+        _fix_legacy_keys(part, config, weights)
+        return build_with_weights(_component_kind(part), config, weights, f"{where}: the {part}")
+    except FinetuneError as exc:
+        raise FinetuneError(f"The {part} component of the diffusers folder {folder} cannot be loaded ({exc}); "
+                            f"{where} is incomplete or damaged: copy or download it again") from exc
+
+
+def _component_kind(part: str) -> str:
+    """`build_component`'s name for a pipeline part (SDXL's second encoder carries its projection in config)."""
+    return "text_encoder" if part.startswith("text_encoder") else part
+
+
+def _weight_files(where: Path) -> list[Path]:
+    """The component's weight file, or its shards in the order of their index (safetensors before .bin)."""
+    for suffix in (".safetensors", ".bin"):
+        for stem in _WEIGHT_STEMS:
+            single = where / f"{stem}{suffix}"
+            if single.is_file():
+                return [single]
+            index = where / f"{stem}{suffix}.index.json"
+            if index.is_file():
+                shards = _read_json(index, where, index.name).get("weight_map", {})
+                return [where / name for name in dict.fromkeys(shards.values())]
+    return []
+
+
+def _fix_legacy_keys(part: str, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """Keys older savers wrote: CLIP's persistent position_ids, and diffusers' pre-0.14 VAE attention names."""
+    weights.pop("text_model.embeddings.position_ids", None)
+    if part != "vae":
+        return
+    renames = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+    for key in [k for k in weights if ".attentions." in k]:
+        head, _, leaf = key.rpartition(".")
+        owner, _, layer = head.rpartition(".")
+        if layer in renames:
+            weights[f"{owner}.{renames[layer]}.{leaf}"] = weights.pop(key)
 
 
 def _read_json(path: Path, folder: Path, what: str) -> dict[str, Any]:

@@ -74,9 +74,8 @@ def load_single_file(
         config = dict(configs[name]) if configs and name in configs else load_config(family, name)
         if name == "unet":
             _fit_in_channels(config, weights["unet"], source)
-        modules[name] = _build(name, config, weights.pop(name), source)
+        modules[name] = build_with_weights(name, config, weights.pop(name), f"{source}: the {_LDM_NAMES[name]}")
         modules[name].to(device=device, dtype=dtype).eval()
-        _realign(modules[name])
     prediction = _prediction_type(source, family, modules["unet"], v_marker)
     yaml_path = source.with_suffix(".yaml")
     identity = ModelIdentity(name=source.stem, shorthash=cached_sha256(source)[:10], source=str(source),
@@ -118,48 +117,40 @@ def build_component(name: str, config: dict) -> torch.nn.Module:
     return model_class(CLIPTextConfig.from_dict(config))
 
 
-def _build(name: str, config: dict, weights: dict[str, torch.Tensor], source: Path) -> torch.nn.Module:
-    """The module with the converted weights loaded strictly, built on the meta device so nothing is initialised."""
+def build_with_weights(name: str, config: dict, weights: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """The module with `weights` assigned strictly (no copy), built on the meta device so nothing is initialised.
+
+    `what` names the weights in errors ("FILE: the UNet (model.diffusion_model.*)").
+    """
     with torch.device("meta"):
         module = build_component(name, config)
     try:
         result = module.load_state_dict(weights, strict=False, assign=True)
     except RuntimeError as exc:
         raise ArtifactError(
-            f"{source}: the {_LDM_NAMES[name]} weights do not fit the expected architecture "
+            f"{what} weights do not fit the expected architecture "
             f"({str(exc).strip().splitlines()[-1].strip()})"
         ) from exc
     if result.missing_keys or result.unexpected_keys:
         raise ArtifactError(
-            f"{source}: the {_LDM_NAMES[name]} does not match the expected architecture: "
+            f"{what} does not match the expected architecture: "
             f"{len(result.missing_keys)} weights missing (e.g. {', '.join(result.missing_keys[:3]) or '-'}), "
             f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3]) or '-'})"
         )
-    _materialise_buffers(module, name, source)
+    _materialise_buffers(module, what)
     return module
 
 
-def _materialise_buffers(module: torch.nn.Module, name: str, source: Path) -> None:
+def _materialise_buffers(module: torch.nn.Module, what: str) -> None:
     """Rebuild non-persistent buffers left on the meta device (CLIP's position_ids is the only expected one)."""
     for full_name, buffer in list(module.named_buffers()):
         if not buffer.is_meta:
             continue
         owner_name, _, attr = full_name.rpartition(".")
         if attr != "position_ids":
-            raise ArtifactError(f"{source}: the {_LDM_NAMES[name]} has an unexpected buffer {full_name}")
+            raise ArtifactError(f"{what} has an unexpected buffer {full_name}")
         owner = module.get_submodule(owner_name) if owner_name else module
         owner.register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
-
-
-@torch.no_grad()
-def _realign(module: torch.nn.Module) -> None:
-    """Copy tensors the safetensors reader left at unaligned CPU addresses.
-
-    CPU kernels take other code paths for them: slower, and outputs differ in the last bit from an in-memory model.
-    """
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
-            tensor.data = tensor.data.clone()
 
 
 def _prediction_type(source: Path, family: str, unet: torch.nn.Module, v_marker: bool) -> str:

@@ -249,6 +249,24 @@ def test_write_then_read(tmp_path, suffix):
     assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_safetensors_tensors_are_read_into_memory_of_their_own(tmp_path):
+    """Each tensor its own aligned buffer, never a view of a memory map of the file (which would keep the whole
+    file resident beside any copy, and at unaligned addresses send CPU kernels down other paths)."""
+    import safetensors.torch
+
+    tensors = {f"t{i}": torch.randn(3 + i, 5) for i in range(6)}  # odd sizes: every offset after the first unaligned
+    tensors |= {"half": torch.randn(7).half(), "bf": torch.randn(3).bfloat16(), "flag": torch.tensor([True, False]),
+                "ids": torch.arange(5), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    path = tmp_path / "t.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    loaded = read_state_dict(path)
+    assert set(loaded) == set(tensors)
+    for key, value in loaded.items():
+        assert value.dtype == tensors[key].dtype and torch.equal(value, tensors[key]), key
+        assert value.untyped_storage().nbytes() == value.nbytes, f"{key} shares a storage"
+        assert value.data_ptr() % 64 == 0 or value.numel() == 0, f"{key} is at an unaligned address"
+
+
 def test_write_refuses_bad_names_and_metadata(tmp_path):
     with pytest.raises(ArtifactError, match=r"\.safetensors or \.ckpt"):
         write_checkpoint({"a": torch.zeros(1)}, tmp_path / "model.bin")

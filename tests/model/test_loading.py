@@ -53,6 +53,43 @@ def test_diffusers_folder_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         same = [m.predict(x, t, m.encode_prompts(["a cat"])) for m in (model, built)]
     torch.testing.assert_close(same[0], same[1])
+    for name, param in _named_weights(model):
+        assert param.data_ptr() % 64 == 0 or param.numel() == 0, f"{name} is at an unaligned address"
+
+
+def _parts(model) -> dict[str, torch.nn.Module]:
+    return {"unet": model.unet, "vae": model.vae, "text_encoder": model._encoders[0]}
+
+
+def _named_weights(model):
+    for part, module in _parts(model).items():
+        yield from ((f"{part}.{n}", p) for n, p in module.named_parameters())
+
+
+def test_diffusers_folder_shards_and_legacy_names(tmp_path: Path) -> None:
+    """Sharded weights (an index.json) and the pre-0.14 VAE attention names load as from_pretrained loads them."""
+    from safetensors.torch import load_file, save_file
+
+    c = tiny_components("tiny-sd1")
+    folder = tmp_path / "old-sd1"
+    c.unet.save_pretrained(folder / "unet", max_shard_size="200KB")
+    c.vae.save_pretrained(folder / "vae")
+    c.text_encoder.save_pretrained(folder / "text_encoder")
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for key, value in load_file(vae_file).items():
+        for new, old in old_names.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        renamed[key] = value
+    assert any(".query." in k for k in renamed)
+    save_file(renamed, vae_file)
+    (folder / "model_index.json").write_text(json.dumps({"unet": [], "vae": [], "text_encoder": []}))
+    model = load_model(str(folder))
+    for part, module in _parts(model).items():
+        ours, theirs = module.state_dict(), getattr(c, part).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), part
 
 
 def test_single_file_goes_through_load_single_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
