@@ -11,7 +11,7 @@ import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
 from finetune_core.model import chunks as chunking
-from finetune_core.model.adapters import AdapterStack, Layers, hf_text_layers, unet_layers
+from finetune_core.model.adapters import AdapterStack, Layers, hf_text_layers, layer_weight, unet_layers
 from finetune_core.model.interface import (
     SD1,
     SDXL,
@@ -278,6 +278,9 @@ class DiffusersModel:
 
     def adapter_targets(self) -> dict[str, AdapterTarget]:
         return {name: target for name, (target, _) in self._adapter_layers().items()}
+
+    def adapter_weight(self, name: str) -> torch.Tensor:
+        return layer_weight(self._adapter_layers(), name)
 
     def weight_adapters(self, adapters: Mapping[str, WeightAdapter]) -> AbstractContextManager[None]:
         return self._adapters.applied(self._adapter_layers(), adapters)
