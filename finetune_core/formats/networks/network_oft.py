@@ -44,7 +44,9 @@ class Oft(NetworkType):
             norm = torch.linalg.vector_norm(q.flatten())
             q = q * ((torch.clamp(norm, max=constraint) + 1e-8) / (norm + 1e-8))
         eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
-        return (eye + q) @ torch.linalg.inv(eye - q)
+        # one block at a time: torch's batched CPU inverse fails with more than one thread on some builds
+        inverse = torch.stack([torch.linalg.inv(block) for block in eye - q])
+        return (eye + q) @ inverse
 
     def alpha(self, shape: Shape, alpha: float) -> float | None:
         return shape.constraint
