@@ -170,7 +170,8 @@ class AdapterStack:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             if not self.is_current(current):
                 return None
-            return output + current[name](inputs[0], module.weight).to(output.dtype)
+            weight: Any = module.weight
+            return output + current[name](inputs[0], weight).to(output.dtype)
         return hook
 
     @contextmanager

@@ -1,7 +1,8 @@
 """LoRA inside the WebUI (on the stand-in): a file we write, of every network type (with and without DoRA where it has
 one), loads with the built-in Lora extension's v1.10.1 naming, module-type and maths rules (every key matches a module
-of the SD1 / SD2 / SDXL model, none is skipped) and its merge equals our own application; a trained LoRA is listed after the refresh and `<lora:NAME:1>` changes txt2img's output; the job
-leaves nothing behind on the model; in DreamBooth mode its class images come from the WebUI's txt2img."""
+of the SD1 / SD2 / SDXL model, none is skipped) and its merge equals our own application; a trained LoRA is listed
+after the refresh and `<lora:NAME:1>` changes txt2img's output; the job leaves nothing behind on the model; in
+DreamBooth mode its class images come from the WebUI's txt2img."""
 
 from __future__ import annotations
 
@@ -63,9 +64,10 @@ def test_the_webui_loads_every_key_and_merges_what_we_apply(webui, family, netwo
     assert kinds == {_WEBUI_TYPES[network]}  # the WebUI takes every module as the type we wrote
     networks.load_networks(["style"], [0.7], [0.7], [None])
     merged = outputs(model)  # the patched forwards merge the LoRA into the weights on first use
-    # float32 merged (W + d) x against W x + d x: rounding only (large random changes through 12 layers)
-    torch.testing.assert_close(merged[0], ours[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(merged[1], ours[1], rtol=1e-4, atol=1e-5)
+    # float32 merged (W + d) x against W x + d x: rounding only, relative to the outputs' size (the random changes
+    # are large: LoHa's and full's replace much of a layer)
+    for a, b in zip(merged, ours):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * max(1.0, float(b.abs().max())))
     assert not torch.allclose(merged[1], base[1])
     assert network == "norm" or not torch.allclose(merged[0], base[0])  # the text encoders changed too
     networks.load_networks([])
