@@ -25,6 +25,8 @@ TYPE_SETTINGS = {
     "glora": {"rank": 2, "alpha": 3.0},
 }
 DORA_TYPES = ("lora", "loha", "lokr")
+# random changes of a similar size per type (LoHa multiplies two products, full replaces whole weights)
+NOISE = {"loha": 0.05, "full": 0.01}
 CASES = [(name, False) for name in TYPE_SETTINGS] + [(name, True) for name in DORA_TYPES]
 
 
@@ -48,7 +50,7 @@ def random_lora_file(model, path: Path, conv: bool = True, seed: int = 5, networ
                 if name == "dora_scale":
                     param.mul_(1 + 0.1 * noise)
                 else:
-                    param.add_(0.2 * noise)
+                    param.add_(NOISE.get(network, 0.2) * noise)
     version = base_version(model.family, model.prediction_type == V_PREDICTION)
     metadata = {"ss_base_model_version": version, "ss_v2": str(model.family == "sd2"), "ss_output_name": path.stem}
     file = NetworkFile(net.modules_for_file(), metadata)

@@ -64,10 +64,9 @@ def test_the_webui_loads_every_key_and_merges_what_we_apply(webui, family, netwo
     assert kinds == {_WEBUI_TYPES[network]}  # the WebUI takes every module as the type we wrote
     networks.load_networks(["style"], [0.7], [0.7], [None])
     merged = outputs(model)  # the patched forwards merge the LoRA into the weights on first use
-    # float32 merged (W + d) x against W x + d x: rounding only, relative to the outputs' size (the random changes
-    # are large: LoHa's and full's replace much of a layer)
+    # float32 merged (W + d) x against W x + d x: rounding only, relative to the outputs' size
     for a, b in zip(merged, ours):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * max(1.0, float(b.abs().max())))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
     assert not torch.allclose(merged[1], base[1])
     assert network == "norm" or not torch.allclose(merged[0], base[0])  # the text encoders changed too
     networks.load_networks([])
