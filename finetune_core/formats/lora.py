@@ -105,6 +105,19 @@ def modules_from_state(state: Mapping[str, torch.Tensor], source: str | os.PathL
     return modules
 
 
+def fits(module: NetworkModule, weight_shape: tuple[int, ...]) -> bool:
+    """Whether the module's type computes a change of exactly this layer weight shape (DoRA: one magnitude per
+    input column) from its tensors, as loading it onto that layer needs."""
+    weight = torch.zeros(weight_shape)
+    try:
+        updown, _ = module.type.updown({p: t.float() for p, t in module.tensors.items()}, weight)
+    except RuntimeError:
+        return False
+    dora = module.tensors.get(DORA)
+    columns = (1, *weight_shape[1:2], *[1] * (len(weight_shape) - 2))
+    return updown.shape == weight.shape and (dora is None or tuple(dora.shape) == columns)
+
+
 def read_lora(path: str | os.PathLike[str]) -> NetworkFile:
     """Read a `.safetensors` (with its metadata) or a `.pt`/`.ckpt` LoRA (without)."""
     source = Path(path)

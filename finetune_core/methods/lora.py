@@ -42,7 +42,7 @@ from finetune_core.methods.prior_preservation import (
     paired_images,
     prior_loss,
 )
-from finetune_core.model.interface import V_PREDICTION, DiffusionModel, WeightAdapter
+from finetune_core.model.interface import V_PREDICTION, DiffusionModel, NetworkCheck, WeightAdapter
 from finetune_core.train.batch import TrainBatch
 from finetune_core.train.memory import MemoryNeeds
 
@@ -267,6 +267,10 @@ class Lora(Method):
             card = Path(directory) / f"{stem}.preview.png"
             written.append(atomic_write(card, lambda tmp: image.save(tmp, format="PNG"), overwrite=True))
         return written
+
+    def check_artifacts(self, model: DiffusionModel, paths: list[Path]) -> list[tuple[Path, NetworkCheck]]:
+        """Each network file just written, loaded by the host's own loader on the model being trained."""
+        return [(path, model.check_network_file(path)) for path in paths if path.suffix == ".safetensors"]
 
     def metadata(self, meta: ArtifactMeta, stem: str) -> dict[str, str]:
         """The `ss_*` keys kohya writes that the WebUI and other tools read (lora.md §4.7, §5.2), as strings."""

@@ -12,7 +12,7 @@ import torch
 
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.atomic import require_finite
-from finetune_core.formats.lora import ALPHA, SUFFIXES, NetworkFile, family_of, read_lora
+from finetune_core.formats.lora import ALPHA, SUFFIXES, NetworkFile, NetworkModule, family_of, fits, read_lora
 from finetune_core.formats.lora_keys import RESNET, SAMPLER, TRANSFORMER
 from finetune_core.formats.names import find_artifact
 from finetune_core.formats.networks import DORA, NETWORK_TYPES, NORM, Dropouts, NetworkType, Shape, column_norm
@@ -108,7 +108,7 @@ def network_from_file(file: NetworkFile, source: Path, model: DiffusionModel, co
     adapters = {}
     for name, module in sorted(file.modules.items()):
         target = targets[name]
-        _check_shapes(module.type, module.tensors, target, source)
+        _check_shapes(module, target, source)
         adapters[name] = NetworkAdapter(target, module.type, module.tensors, _dropouts(config), config.module_dropout)
     return LoraNetwork(adapters)
 
@@ -126,20 +126,13 @@ def _check_kind(file: NetworkFile, source: Path, config: Any) -> None:
                           f"to {True in dora} to continue it")
 
 
-def _check_shapes(kind: NetworkType, tensors: Mapping[str, torch.Tensor], target: AdapterTarget, source: Path) -> None:
-    """The type's change for a zero weight of the layer's shape must compute and come out in that shape."""
-    layer = layer_of(target)
-    weight = torch.zeros(layer.weight_shape)
-    try:
-        updown, _ = kind.updown({p: t.float() for p, t in tensors.items()}, weight)
-        fits = updown.shape == weight.shape
-    except RuntimeError:
-        fits = False
-    dora = tensors.get(DORA)
-    if not fits or (dora is not None and tuple(dora.shape) != (1, *weight.shape[1:2], *[1] * (weight.dim() - 2))):
-        shapes = ", ".join(f"{p} {tuple(t.shape)}" for p, t in tensors.items() if p != ALPHA)
+def _check_shapes(module: NetworkModule, target: AdapterTarget, source: Path) -> None:
+    """The type's change must compute for the layer's weight shape (and DoRA's magnitudes fit its columns)."""
+    shape = layer_of(target).weight_shape
+    if not fits(module, shape):
+        shapes = ", ".join(f"{p} {tuple(t.shape)}" for p, t in module.tensors.items() if p != ALPHA)
         raise ModelMismatchError(f"{source}: the layer {target.name} has {shapes}, which do not fit this model's "
-                                 f"layer of shape {tuple(weight.shape)}")
+                                 f"layer of shape {tuple(shape)}")
 
 
 def build_network(model: DiffusionModel, config: Any, directory: Path, seed: int) -> tuple[LoraNetwork, int, list[str]]:

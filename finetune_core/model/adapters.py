@@ -12,16 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from finetune_core.errors import ModelMismatchError
+from finetune_core.errors import ArtifactError, ModelMismatchError
 from finetune_core.formats.checkpoint_keys import hf_layer_weights
 from finetune_core.formats.lora_keys import TEXT, text_layer, unet_layer
-from finetune_core.model.interface import AdapterTarget, WeightAdapter
+from finetune_core.model.interface import AdapterTarget, NetworkCheck, WeightAdapter
 
 _PLAIN = (nn.Linear, nn.Conv2d)
 _NORMS = (nn.GroupNorm, nn.LayerNorm)  # subclasses too (LDM's GroupNorm32)
@@ -127,6 +128,20 @@ def layer_weight(layers: Layers, name: str) -> torch.Tensor:
     layer = layers[name][1]
     weight: torch.Tensor = getattr(layer.module, layer.weight or "weight")
     return (weight[layer.rows] if layer.rows is not None else weight).detach()
+
+
+def check_with_reader(layers: Layers, path: Path, loader: str = "our reader") -> NetworkCheck:
+    """A network file checked with our reader: a module applies when its name is a layer of the model and its type's
+    change fits that layer's weight."""
+    from finetune_core.formats.lora import fits, read_lora
+
+    try:
+        file = read_lora(path)
+    except ArtifactError as exc:
+        return NetworkCheck(loader, 0, 0, (), str(exc))
+    unmatched = [name for name, module in sorted(file.modules.items())
+                 if name not in layers or not fits(module, tuple(layer_weight(layers, name).shape))]
+    return NetworkCheck(loader, len(file.modules), len(file.modules) - len(unmatched), tuple(unmatched))
 
 
 class AdapterStack:

@@ -5,13 +5,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
 from finetune_core.model import chunks as chunking
-from finetune_core.model.adapters import AdapterStack, Layers, hf_text_layers, layer_weight, unet_layers
+from finetune_core.model.adapters import (
+    AdapterStack,
+    Layers,
+    check_with_reader,
+    hf_text_layers,
+    layer_weight,
+    unet_layers,
+)
 from finetune_core.model.interface import (
     SD1,
     SDXL,
@@ -21,6 +29,7 @@ from finetune_core.model.interface import (
     EncodedText,
     LatentMoments,
     ModelIdentity,
+    NetworkCheck,
     SampleRequest,
     TextConditioning,
     TextEncoderSpec,
@@ -281,6 +290,9 @@ class DiffusersModel:
 
     def adapter_weight(self, name: str) -> torch.Tensor:
         return layer_weight(self._adapter_layers(), name)
+
+    def check_network_file(self, path: Path) -> NetworkCheck:
+        return check_with_reader(self._adapter_layers(), path)
 
     def weight_adapters(self, adapters: Mapping[str, WeightAdapter]) -> AbstractContextManager[None]:
         return self._adapters.applied(self._adapter_layers(), adapters)

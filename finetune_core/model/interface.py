@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -162,6 +163,21 @@ class AdapterTarget:
     def kind(self) -> str:
         """"norm", "conv" or "linear": which network types can adapt it."""
         return "norm" if self.norm_groups else "conv" if self.kernel_size else "linear"
+
+
+@dataclass(frozen=True)
+class NetworkCheck:
+    """How the host's own loader took a network file on the loaded model: its modules, those applied, the keys of
+    those it could not apply (by module name), and which loader it was."""
+
+    loader: str
+    total: int
+    applied: int
+    unmatched: tuple[str, ...] = ()
+    error: str = ""  # the loader refused the whole file
+
+    def line(self, name: str) -> str:
+        return f"{name}: {self.applied} of {self.total} modules applied by {self.loader}"
 
 
 class WeightAdapter(Protocol):
@@ -339,6 +355,12 @@ class DiffusionModel(Protocol):
     def adapter_weight(self, name: str) -> torch.Tensor:
         """The current weight of the layer `name` of `adapter_targets` (a fused weight's rows for OpenCLIP's q/k/v),
         for changes that depend on it (DoRA's magnitudes); a query that changes nothing."""
+        ...
+
+    def check_network_file(self, path: Path) -> NetworkCheck:
+        """Load a network (LoRA) file with the host's own loader onto this model, as a user's `<lora:NAME:1>`
+        would (inside the WebUI: the built-in Lora extension's loading and matching; standalone: our reader), and
+        say how much of it applies; changes nothing."""
         ...
 
     def weight_adapters(self, adapters: Mapping[str, WeightAdapter]) -> AbstractContextManager[None]:

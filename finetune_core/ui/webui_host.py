@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from finetune_core.service import OutputFolders
 from finetune_core.train.events import (
+    ArtifactChecked,
     ArtifactSaved,
     Event,
     Failed,
@@ -215,6 +216,9 @@ class WebUIHost:
             state.textinfo = f"{verb} at step {event.step}: {', '.join(p.name for p in event.artifacts)}"
         elif isinstance(event, Failed):
             state.textinfo = f"Failed at step {event.step}: {event.message}"
+        elif isinstance(event, ArtifactChecked):
+            state.textinfo = f"Step {event.step}: {event.line}"
+            logger.info("%s", event.line)
         elif isinstance(event, Warning_):
             logger.warning("%s", event.message)
         self._forward_interrupt(state)

@@ -170,3 +170,35 @@ def test_a_file_of_another_type_or_that_names_no_layer_is_refused(sd1, tmp_path)
                "lora_unet_nowhere.lora_up.weight": torch.zeros(4, 2)}, str(loras / "stray.safetensors"))
     with pytest.raises(ModelMismatchError, match="none of its 1 modules names a layer of this SD1 model"):
         service.train(_request("x", "lora", method={"continue_from": "stray"}), sd1, folders)
+
+
+def test_every_save_is_checked_by_the_reader_and_an_unmatched_key_is_a_warning(sd1, monkeypatch, tmp_path):
+    from finetune_core.model.interface import NetworkCheck
+    from finetune_core.train.events import ArtifactChecked, Warning_
+
+    events = []
+    result = service.train(_request("chk", "loha", train={"save_every": 2}), sd1,
+                           service.OutputFolders.standalone(tmp_path / "a"), on_event=events.append)
+    checks = [e for e in events if isinstance(e, ArtifactChecked)]
+    assert [c.step for c in checks] == [2, 4, 4] and all(c.applied == c.total > 0 for c in checks)
+    total = checks[-1].total
+    assert checks[-1].line == f"chk.safetensors: {total} of {total} modules applied by our reader"
+    assert len((result.run_dir / "checks.txt").read_text().splitlines()) == 3
+    monkeypatch.setattr(type(sd1), "check_network_file",
+                        lambda self, path: NetworkCheck("a loader", 3, 2, ("lora_unet_gone",)), raising=False)
+    events.clear()
+    service.train(_request("chk", "loha"), sd1, service.OutputFolders.standalone(tmp_path / "b"),
+                  on_event=events.append)
+    warnings = [e.message for e in events if isinstance(e, Warning_)]
+    assert any("chk.safetensors: 1 of 3 modules not applied by a loader (keys lora_unet_gone)" in w for w in warnings)
+
+
+def test_a_stray_key_is_named_by_the_standalone_check(sd1, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = random_lora_file(sd1, tmp_path / "stray.safetensors", network="ia3")
+    tensors = load_file(str(path))
+    tensors.update({"lora_unet_nowhere.weight": torch.zeros(4), "lora_unet_nowhere.on_input": torch.tensor(0)})
+    save_file(tensors, str(path))
+    check = sd1.check_network_file(path)
+    assert check.unmatched == ("lora_unet_nowhere",) and check.applied == check.total - 1

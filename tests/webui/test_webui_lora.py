@@ -162,3 +162,40 @@ def test_dreambooth_mode_makes_class_images_with_txt2img_and_lists_the_lora(webu
     assert read_lora(state.artifacts[0]).metadata["ss_num_reg_images"] == "2"
     assert "mydog" in networks.available_networks  # listed without a restart
     assert same_weights(sd1, before) and not _leftovers(sd1)
+
+
+@pytest.mark.parametrize("network,settings", [("lokr", {"factor": 4, "dora": True}), ("oft", {"blocks": 4}),
+                                              ("norm", {})])
+def test_every_save_is_loaded_by_the_extension_and_every_module_applies(webui, sd1, extension, dataset, network,
+                                                                        settings, tmp_path):
+    from finetune_core.train.events import ArtifactChecked, Warning_
+
+    model = extension.EXTENSION.host.get_model()
+    job = request(dataset, "lora", f"typed-{network}", steps=2, method_settings={"network": network, **settings})
+    job.train_settings.update(save_every=1, learning_rate="0.01")
+    events = []
+    result = service.train(job, model, extension.EXTENSION.host.folders(), on_event=events.append)
+    checks = [e for e in events if isinstance(e, ArtifactChecked)]
+    assert [c.step for c in checks] == [1, 2, 2]  # two intermediate copies and the final file
+    assert all(c.loader == "the WebUI's Lora extension" and c.applied == c.total > 0 and not c.unmatched
+               for c in checks)
+    assert not [e for e in events if isinstance(e, Warning_) and "not applied" in e.message]
+    recorded = (result.run_dir / "checks.txt").read_text().splitlines()
+    assert recorded[-1] == f"step 2: typed-{network}.safetensors: {checks[-1].total} of {checks[-1].total} modules " \
+                           f"applied by the WebUI's Lora extension"
+    plain = _generate(sd1, "a red thing")
+    assert np.abs(_generate(sd1, f"a red thing <lora:typed-{network}:1>") - plain).sum() > 0
+
+
+def test_a_key_the_extension_cannot_match_is_named(webui, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _build("sd1")
+    webui.cmd_opts.lora_dir = str(tmp_path)
+    path = random_lora_file(model, tmp_path / "stray.safetensors", network="loha")
+    tensors = load_file(str(path))
+    tensors.update({f"lora_unet_nowhere.{k.partition('.')[2]}": v for k, v in tensors.items()
+                    if k.startswith("lora_unet_down_blocks_0_attentions_0_proj_in.")})
+    save_file(tensors, str(path))
+    check = model.check_network_file(path)
+    assert check.unmatched == ("lora_unet_nowhere",) and check.applied == check.total - 1

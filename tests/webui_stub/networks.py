@@ -471,12 +471,13 @@ def load_network(name, network_on_disk):
         if sd_module is None:
             failed[key_network] = key
             continue
-        matched.setdefault(key, (sd_module, {}))[1][part] = weight
-    for key, (sd_module, weights) in matched.items():
+        matched.setdefault(key, (sd_module, {}, key_network))[1][part] = weight
+    for key, (sd_module, weights, network_key) in matched.items():
         kind = next((kind for accepts, kind in module_types if accepts(weights)), None)
         if kind is None:
             raise AssertionError(f"Could not find a module type that would accept those keys: {', '.join(weights)}")
         net.modules[key] = kind(net, key, weights, sd_module)
+        net.modules[key].network_key = network_key  # NetworkWeights.network_key: the first file key of the module
     net.keys_failed_to_match = failed
     return net
 
