@@ -75,7 +75,7 @@ class LoraSettings:
                      "layer's widths); -1 picks the most balanced split per layer.", types=("lokr",))
     full_matrix: bool = _f(False, "LoKr full matrix", "LoKr: train the larger factor whole instead of as a "
                            "low-rank pair (bigger file, no rank).", types=("lokr",))
-    blocks: int = _f(4, "OFT blocks", "OFT: rotation blocks per layer; each adapted layer's width must divide by "
+    blocks: int = _f(64, "OFT blocks", "OFT: rotation blocks per layer; each adapted layer's width must divide by "
                      "it (more blocks = smaller, cheaper rotations).", types=("oft",))
     constraint: float = _f(0.0, "OFT constraint", "OFT: bound on how far each rotation may turn (COFT), times the "
                            "layer width; 0 = none.", types=("oft",))
@@ -153,7 +153,7 @@ class LoraConfig(PriorPreservationSettings, LoraSettings):
         if self.factor == 0 or self.factor < -1:
             problems.append(f"factor is {self.factor}; use -1 (automatic) or a positive factor such as 4 or 8")
         if self.blocks < 1:
-            problems.append(f"blocks is {self.blocks}; use 1 or more (4 or 8 is usual)")
+            problems.append(f"blocks is {self.blocks}; use 1 or more (8 to 64 fit SD1, SD2 and SDXL)")
         if self.constraint < 0:
             problems.append(f"constraint is {self.constraint}; use 0 (none) or a positive bound")
         if self.train_text_encoder and "linear" not in kind.kinds:

@@ -55,7 +55,7 @@ class Shape:
     rank: int = 16
     factor: int = -1  # LoKr: the Kronecker factor; -1 = the most balanced split (LyCORIS's default)
     full_matrix: bool = False  # LoKr: the larger factor as a full matrix, no low-rank pair
-    blocks: int = 4  # OFT: blocks per layer (each output width must divide by it)
+    blocks: int = 64  # OFT: blocks per layer (each output width must divide by it)
     constraint: float = 0.0  # OFT: the rotation's norm bound (times the width); 0 = none
 
 

@@ -24,7 +24,8 @@ class Oft(NetworkType):
     def problem(self, layer: Layer, shape: Shape) -> str | None:
         if layer.out_features % shape.blocks:
             return (f"the OFT block count {shape.blocks} does not divide the width {layer.out_features} of the layer "
-                    f"{layer.name}; use a block count that divides every adapted layer's width (e.g. 4 or 8)")
+                    f"{layer.name}; use a block count that divides every adapted layer's width (powers of two from 8 "
+                    f"to 64 fit SD1, SD2 and SDXL)")
         return None
 
     def shapes(self, layer: Layer, shape: Shape) -> dict[str, tuple[int, ...]]:
