@@ -202,3 +202,21 @@ def test_a_stray_key_is_named_by_the_standalone_check(sd1, tmp_path):
     save_file(tensors, str(path))
     check = sd1.check_network_file(path)
     assert check.unmatched == ("lora_unet_nowhere",) and check.applied == check.total - 1
+
+
+def test_the_command_line_takes_the_type_flags_and_refuses_a_setting_of_another_type(tmp_path, capsys):
+    from finetune_core.cli import main
+
+    code = main(["train", "lora", "--model", "tiny-sd1", "--name", "x", "--data", str(DATA), "--output-dir",
+                 str(tmp_path), "--network", "lora", "--factor", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "factor is 4, but the LoRA / LoCon network" in err
+    assert not (tmp_path / "models").exists()
+    code = main(["train", "lora", "--model", "tiny-sd1", "--name", "kr", "--data", str(DATA), "--output-dir",
+                 str(tmp_path), "--network", "lokr", "--factor", "4", "--dora", "--steps", "1", "--width", "64",
+                 "--height", "64", "--preview-every", "0", "--save-every", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "checked kr.safetensors: " in captured.err + captured.out and "modules applied by our reader" in \
+        captured.err + captured.out
+    assert read_lora(tmp_path / "models" / "Lora" / "kr.safetensors").metadata["ss_network_args"].count('"algo"')

@@ -194,7 +194,7 @@ def test_a_key_the_extension_cannot_match_is_named(webui, tmp_path):
     webui.cmd_opts.lora_dir = str(tmp_path)
     path = random_lora_file(model, tmp_path / "stray.safetensors", network="loha")
     tensors = load_file(str(path))
-    tensors.update({f"lora_unet_nowhere.{k.partition('.')[2]}": v for k, v in tensors.items()
+    tensors.update({f"lora_unet_nowhere.{k.partition('.')[2]}": v.clone() for k, v in tensors.items()
                     if k.startswith("lora_unet_down_blocks_0_attentions_0_proj_in.")})
     save_file(tensors, str(path))
     check = model.check_network_file(path)
