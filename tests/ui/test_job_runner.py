@@ -119,3 +119,18 @@ def test_thin_keeps_the_last_point() -> None:
     kept = thin(points, 100)
     assert len(kept) <= 101 and kept[-1] == (1000, 1000.0) and kept[0] == (1, 1.0)
     assert thin(points[:5], 100) == points[:5]
+
+
+def test_the_host_loaders_check_lines_and_warnings_reach_the_rest_status():
+    from pathlib import Path
+
+    from finetune_core.train.events import ArtifactChecked
+    from finetune_core.ui.job_runner import JobState, record_event
+
+    state = JobState()
+    record_event(state, ArtifactChecked(4, Path("style.safetensors"), "the WebUI's Lora extension", 288, 289,
+                                        ("lora_unet_gone",)))
+    record_event(state, Warning_("style.safetensors: 1 of 289 modules not applied (keys lora_unet_gone)"))
+    status = state.as_dict()
+    assert status["checks"] == ["style.safetensors: 288 of 289 modules applied by the WebUI's Lora extension"]
+    assert "lora_unet_gone" in status["messages"][0]
