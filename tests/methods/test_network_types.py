@@ -67,30 +67,37 @@ def test_a_new_network_is_the_base_model_exactly(family, network, dora, tmp_path
     assert torch.equal(start[0], base[0]) and torch.equal(start[1], base[1])
 
 
-@pytest.mark.parametrize("network,dora", CASES, ids=IDS)
-def test_a_few_steps_overfit_one_image_and_the_base_stays_bit_identical(sd1, one_image_dataset, network, dora,
-                                                                          tmp_path):
+# every type on SD1; on SD2 (v-prediction, OpenCLIP's fused attention) and SDXL (two text encoders) a few
+OVERFIT = [("tiny-sd1", n, d) for n, d in CASES] + [(f, n, d) for f in ("tiny-sd2", "tiny-sdxl")
+                                                   for n, d in (("loha", True), ("oft", False), ("ia3", False))]
+
+
+@pytest.mark.parametrize("family,network,dora", OVERFIT,
+                         ids=[f"{f}-{n}{'-dora' if d else ''}" for f, n, d in OVERFIT])
+def test_a_few_steps_overfit_one_image_and_the_base_stays_bit_identical(sd1, one_image_dataset, family, network,
+                                                                          dora, tmp_path):
     from finetune_core.data.config import DatasetConfig
     from finetune_core.data.dataset import ImageDataset
 
-    before = weights_checksum(sd1)
+    model = sd1 if family == "tiny-sd1" else build_tiny(family)
+    before = weights_checksum(model)
     data = ImageDataset(DatasetConfig(data_dir=str(one_image_dataset), width=64, height=64,
                                       latent_sampling="deterministic"), placeholder="fit")
-    data.prepare(sd1)
+    data.prepare(model)
     latents = data.get_batch(0, 0).latents
     request = _request("fit", network, dora, steps=20, train={"seed": 1},
                        data={"data_dir": str(one_image_dataset), "latent_sampling": "deterministic"})
-    result = service.train(request, sd1, service.OutputFolders.standalone(tmp_path))
+    result = service.train(request, model, service.OutputFolders.standalone(tmp_path))
     file = read_lora(result.artifacts[0])
     assert {m.kind for m in file.modules.values()} == {network} and {m.dora for m in file.modules.values()} == {dora}
     assert file.metadata["ss_network_module"] == ("networks.lora" if (network, dora) == ("lora", False)
                                                   else "lycoris.kohya")
     config = LoraConfig(continue_from=str(result.artifacts[0]), network=network, dora=dora,
                         train_text_encoder=network != "norm")
-    trained = build(sd1, "fit", config, tmp_path, 0).network.eval()
-    loss_before, loss_after = _eval_loss(sd1, latents), _eval_loss(sd1, latents, trained.by_name())
+    trained = build(model, "fit", config, tmp_path, 0).network.eval()
+    loss_before, loss_after = _eval_loss(model, latents), _eval_loss(model, latents, trained.by_name())
     assert loss_after < 0.95 * loss_before, (loss_before, loss_after)
-    assert weights_checksum(sd1) == before  # the base, bit for bit (values and dtypes)
+    assert weights_checksum(model) == before  # the base, bit for bit (values and dtypes)
 
 
 @pytest.mark.parametrize("network,dora", CASES, ids=IDS)
