@@ -25,8 +25,8 @@ SECTIONS = ("method", "data", "train")
 
 
 def _setting_types() -> dict[str, type]:
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.train.train_config import TrainConfig
     return {"data": DatasetConfig, "train": TrainConfig}
 
 
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune_core.bench import add_arguments
     add_arguments(bench)
     add_threads_flag(bench)
-    from finetune_core.aesthetic_cli import add_parser as add_aesthetic
+    from finetune_core.aesthetic.aesthetic_cli import add_parser as add_aesthetic
     add_aesthetic(commands)
     ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
     ui.add_argument("rest", nargs=argparse.REMAINDER, help="options of the app (see `ui --help`)")
@@ -118,7 +118,7 @@ def add_threads_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from finetune_core.cpu import prepare_process
+    from finetune_core.train.cpu import prepare_process
     prepare_process()  # before anything imports torch: OpenMP reads its wait policy once, at load
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ui"]:
@@ -139,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from finetune_core import service
-    from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
+    from finetune_core.train.cpu import set_threads
     if args.command == "inspect":
         print(service.inspect(args.file).describe())
         return 0
@@ -149,7 +149,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         run_bench(BenchOptions.from_args(args))
         return 0
     if args.command == "aesthetic":
-        from finetune_core.aesthetic_cli import run as run_aesthetic
+        from finetune_core.aesthetic.aesthetic_cli import run as run_aesthetic
         return run_aesthetic(args)
     if args.command != "train":
         set_threads(getattr(args, "threads", None))
@@ -173,13 +173,13 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any, folders: Any) -> int:
     """Train in this process, or start N data-parallel ones (`--num-processes`), or be one of them."""
-    from finetune_core import service
-    from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
+    from finetune_core.train.cpu import set_threads
     from finetune_core.train.distributed import join_processes, launched_world
     if (args.num_processes or 1) < 1:
         raise ConfigError(f"--num-processes must be at least 1, not {args.num_processes}")
     if (args.num_processes or 1) > 1 and launched_world() == 1:
-        from finetune_core.launcher import launch
+        from finetune_core.jobs.launcher import launch
         return launch(argv, args.num_processes, args.device, folders.logs)
     processes = join_processes(args.device)  # a launcher started several: join them (one thread share each)
     set_threads(args.threads)
@@ -199,9 +199,9 @@ def _section_types(args: argparse.Namespace) -> dict[str, type]:
 def _train(request: Any, model: Any, folders: Any, processes: Any) -> int:
     """Run the job with a progress bar; Ctrl-C asks the loop to save and stop (a second one stops at once). In a
     data-parallel run only the main process shows progress and the result."""
-    from finetune_core import service
+    from finetune_core.hosts.console import ConsoleProgress
+    from finetune_core.jobs import service
     from finetune_core.train.control import Control
-    from finetune_core.ui.console import ConsoleProgress
     control = Control()
     with ConsoleProgress() as progress, _interrupt_on_sigint(control, processes.world > 1):
         result = service.train(request, model, folders, on_event=progress, control=control, processes=processes)

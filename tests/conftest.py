@@ -90,9 +90,9 @@ def rest_client(out: Path) -> tuple[Any, Any, Any]:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from finetune_core.hosts.job_runner import JobRunner
+    from finetune_core.hosts.standalone import StandaloneHost
     from finetune_core.ui.api import mount_api
-    from finetune_core.ui.job_runner import JobRunner
-    from finetune_core.ui.standalone_host import StandaloneHost
 
     def never(spec: str) -> Any:
         raise AssertionError("a refused request loaded the model")

@@ -12,14 +12,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune_core"
 FOREIGN = ("diffusers", "transformers", "modules", "gradio", "fastapi", "open_clip", "accelerate")
-LIGHT_MODULES = ["finetune_core", "finetune_core.service", "finetune_core.cli", "finetune_core.methods",
+LIGHT_MODULES = ["finetune_core", "finetune_core.jobs.service", "finetune_core.cli", "finetune_core.methods",
                  "finetune_core.train", "finetune_core.data", "finetune_core.formats", "finetune_core.model",
                  "finetune_core.formats.inspect", "finetune_core.train.distributed", "finetune_core.train.loop",
-                 "finetune_core.launcher"]
+                 "finetune_core.jobs.launcher"]
 # Modules allowed to import the WebUI's `modules` (lazily, inside functions).
 WEBUI_SIDE = {"model/webui_backend.py", "model/webui_session.py", "model/webui_sampler.py", "model/placement.py",
-              "model/webui_text_hook.py", "ui/aesthetic_script.py",
-              "ui/webui_host.py"}
+              "model/webui_text_hook.py", "aesthetic/webui_script.py",
+              "hosts/webui.py"}
 STDLIB = set(sys.stdlib_module_names)
 
 
@@ -49,11 +49,11 @@ def test_importing_the_core_pulls_in_no_foreign_framework():
 
 @pytest.mark.parametrize("sub,forbidden", [
     ("formats", ("finetune_core.model", "finetune_core.data", "finetune_core.train", "finetune_core.methods",
-                 "finetune_core.ui", "finetune_core.service")),
-    ("data", ("finetune_core.train", "finetune_core.methods", "finetune_core.ui", "finetune_core.service")),
-    ("train", ("finetune_core.methods", "finetune_core.ui", "finetune_core.service", "finetune_core.cli")),
-    ("model", ("finetune_core.methods", "finetune_core.train", "finetune_core.ui", "finetune_core.service")),
-    ("methods", ("finetune_core.ui", "finetune_core.service", "finetune_core.cli")),
+                 "finetune_core.ui", "finetune_core.jobs.service")),
+    ("data", ("finetune_core.train", "finetune_core.methods", "finetune_core.ui", "finetune_core.jobs.service")),
+    ("train", ("finetune_core.methods", "finetune_core.ui", "finetune_core.jobs.service", "finetune_core.cli")),
+    ("model", ("finetune_core.methods", "finetune_core.train", "finetune_core.ui", "finetune_core.jobs.service")),
+    ("methods", ("finetune_core.ui", "finetune_core.jobs.service", "finetune_core.cli")),
 ])
 def test_dependencies_point_one_way(sub, forbidden):
     bad = [f"{path.relative_to(PACKAGE)} imports {name}" for path in _files(sub) for name, _ in _imports(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.bench.case import FULL_SD15, RESULT_MARKER, TINY, RunResult, RunSpec, request_settings
-from finetune_core.bench.settings import RunSettings, parse_settings
+from finetune_core.bench.run_settings import RunSettings, parse_settings
 from finetune_core.errors import ConfigError
 
 _CHILD = ("import sys, time; t = time.perf_counter(); from finetune_core.bench.case import child_main; "
@@ -143,9 +143,9 @@ def _case(model: str, method: str, options: BenchOptions) -> CaseRuns:
 
 def validate(model: str, method: str, settings: RunSettings, steps: int) -> None:
     """Build the configs a run would build, so a bad value fails here and not in the middle of the bench."""
-    from finetune_core import service
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.jobs import service
+    from finetune_core.train.train_config import TrainConfig
     spec, defaults = service.method_spec(method), service.form_defaults(method)
     values = request_settings(model, method, settings.to_dict(), steps)
     problems: list[str] = []
@@ -213,7 +213,7 @@ def _profile_path(options: BenchOptions, case: CaseRuns, label: str, round_index
 
 def run_once(spec: RunSpec, env: dict[str, str]) -> RunRecord:
     """Run one measurement in a fresh process and note the load before it and the other processes' CPU during it."""
-    from finetune_core.cpu import PROCESS_ENV_DEFAULTS
+    from finetune_core.train.cpu import PROCESS_ENV_DEFAULTS
     child_env = {**PROCESS_ENV_DEFAULTS, **os.environ, **env}
     root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
@@ -222,7 +222,7 @@ def run_once(spec: RunSpec, env: dict[str, str]) -> RunRecord:
     command = [sys.executable, "-c", _CHILD, json.dumps(spec.__dict__)]
     processes = int(spec.settings.get("run", {}).get("processes", 1))
     if processes > 1:  # the same run in N processes; the main one prints the result
-        from finetune_core.launcher import accelerate_launch
+        from finetune_core.jobs.launcher import accelerate_launch
         command = accelerate_launch(processes, "finetune_core.bench.case", [json.dumps(spec.__dict__)])
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env)
     wall = time.perf_counter() - wall

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from finetune_core.data.batch import DataBatch
 from finetune_core.data.buckets import RESIZE_BUCKETS, Size, make_buckets, target_size
 from finetune_core.data.cache import LatentCache, latent_key, vae_identity
 from finetune_core.data.captions import augment_caption
-from finetune_core.data.config import DatasetConfig
+from finetune_core.data.data_batch import DataBatch
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.masks import load_mask, mask_weight
 from finetune_core.data.scan import ImageRecord, scan_dataset
 from finetune_core.data.summary import DatasetSummary, summarize

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finetune_core.errors import ArtifactError
-from finetune_core.formats import hypernetwork
+from finetune_core.formats import hypernetwork_file as hypernetwork
 from finetune_core.formats.atomic import atomic_write, load_pt, save_pt
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from finetune_core.errors import ArtifactError
-from finetune_core.formats import aesthetic, embedding, hypernetwork
+from finetune_core.formats import aesthetic, embedding
+from finetune_core.formats import hypernetwork_file as hypernetwork
 from finetune_core.formats.atomic import load_pt
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
 

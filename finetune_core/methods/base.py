@@ -2,8 +2,8 @@
 
 from typing import Any
 
-from finetune_core.data.config import DatasetConfig
 from finetune_core.data.dataset import ImageDataset
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.train.method import (
     ArtifactMeta,
     InferenceExtras,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from finetune_core.formats.lora import LoraModule
+from finetune_core.formats.lora_file import LoraModule
 from finetune_core.model.interface import AdapterTarget
 
 

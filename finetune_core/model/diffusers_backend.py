@@ -29,7 +29,7 @@ from finetune_core.model.interface import (
     TrainingSetup,
     WeightAdapter,
 )
-from finetune_core.model.schedule import scaled_linear_alphas_cumprod
+from finetune_core.model.noise_schedule import scaled_linear_alphas_cumprod
 from finetune_core.model.session import WeightState, autocast_factory, compute_dtype, select_trained
 from finetune_core.model.text_chunks import ChunkRows, pooled_at_eos, tensor_digest
 from finetune_core.model.tokenizer import ClipTokenizer

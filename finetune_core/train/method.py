@@ -26,8 +26,8 @@ from finetune_core.model.interface import (
     TrainableEmbedding,
     WeightAdapter,
 )
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.ema import Averaging
+from finetune_core.train.train_batch import TrainBatch
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune_core.errors import ConfigError
-from finetune_core.train.config import TrainConfig
-from finetune_core.train.schedule import parse_schedule, rate_at
+from finetune_core.train.lr_schedule import parse_schedule, rate_at
+from finetune_core.train.train_config import TrainConfig
 
 if TYPE_CHECKING:  # train sits below methods: the protocol types are for hints only
     from finetune_core.train.method import ParamGroup

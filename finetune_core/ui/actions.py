@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
-from finetune_core.preflight import memory_plan
-from finetune_core.service import TrainRequest
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobRunner, JobState
+from finetune_core.jobs.preflight import memory_plan
+from finetune_core.jobs.service import TrainRequest
 from finetune_core.train.memory import describe_fits, estimate_memory, full_size_fits
 from finetune_core.ui import presets
 from finetune_core.ui.dataset_view import lint_html, steps_arithmetic
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobRunner, JobState
 from finetune_core.ui.panels import gallery_items, loss_svg, progress_html, result_html
 from finetune_core.ui.schema import FieldSpec, coerce_all
 
@@ -45,7 +45,7 @@ class MethodActions:
 
     host: Host
     runner: JobRunner
-    service: Any  # finetune_core.service, or a stand-in with the same functions
+    service: Any  # finetune_core.jobs.service, or a stand-in with the same functions
     method: str
     output_kind: str
     sections: dict[str, list[FieldSpec]]  # "method" / "data" / "train" -> fields
@@ -95,7 +95,7 @@ class MethodActions:
 
     def estimate(self, values: Values) -> str:
         """The memory estimate for the form's settings, as a sentence; the method counts what it adds."""
-        from finetune_core.request import build_config, form_defaults, method_spec
+        from finetune_core.jobs.request import build_config, form_defaults, method_spec
 
         typed = self.typed(values)
         spec = method_spec(self.method)

@@ -10,18 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune_core import aesthetic_service
-from finetune_core.errors import ConfigError
-from finetune_core.methods.aesthetic_gradients import (
+from finetune_core.aesthetic import aesthetic_service
+from finetune_core.aesthetic.gradients import (
     AestheticApplyConfig,
     AestheticCreateConfig,
     AestheticLibrary,
 )
+from finetune_core.errors import ConfigError
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.ui.actions import message_html
 from finetune_core.ui.compat import NO_API
 from finetune_core.ui.forms import build_section
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.method_tab import guarded
 from finetune_core.ui.schema import coerce_all, field_specs
 
@@ -33,7 +33,7 @@ INTRO = ("Create an aesthetic embedding: the mean CLIP image feature of a folder
 def aesthetic_folders(host: Host) -> list[Path]:
     """Where the host's embeddings are: its aesthetic embeddings folder (the WebUI: also the original extension's)."""
     if host.name == "webui":
-        from finetune_core.ui.aesthetic_script import webui_folders
+        from finetune_core.aesthetic.webui_script import webui_folders
 
         return webui_folders()
     return [host.folders().aesthetic_embeddings]
@@ -43,7 +43,7 @@ def default_clip(host: Host) -> str:
     """The CLIP model the WebUI's Settings name (Settings -> Fine-tune), used when the form leaves it empty."""
     if host.name != "webui":
         return ""
-    from finetune_core.ui.webui_host import setting
+    from finetune_core.hosts.webui import setting
 
     return str(setting("finetune_aesthetic_clip") or "")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobBusy, JobRunner
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobBusy, JobRunner
 from finetune_core.ui.schema import field_specs
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     from starlette.concurrency import run_in_threadpool
 
     if service is None:
-        from finetune_core import service
+        from finetune_core.jobs import service
     routes = _Routes(host, runner, service, methods)
     router = APIRouter(prefix=PREFIX, dependencies=list(dependencies or []), tags=["finetune"])
     router.add_api_route("/methods", routes.methods, methods=["GET"])

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError
+from finetune_core.hosts.job_runner import JobRunner
+from finetune_core.hosts.standalone import StandaloneHost
 from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs
-from finetune_core.ui.job_runner import JobRunner
-from finetune_core.ui.standalone_host import StandaloneHost
 
 log = logging.getLogger(__name__)
 # The WebUI loads these from the extension root; the standalone app injects the same files.

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_core.errors import FinetuneError
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.ui.actions import SECTIONS, MethodActions, Values, message_html
 from finetune_core.ui.compat import gallery_value
 from finetune_core.ui.forms import build_section, refresh_button
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.schema import FieldSpec, field_specs, with_advanced, with_defaults
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def method_slug(key: str) -> str:
 
 def method_sections(spec: Any, service: Any) -> dict[str, list[FieldSpec]]:
     """The FieldSpecs of a method's three settings dataclasses, with the method's default overrides applied."""
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.train.train_config import TrainConfig
 
     defaults = service.form_defaults(spec.key) if hasattr(service, "form_defaults") else {}
     return {"method": with_defaults(field_specs(spec.config_type), defaults.get("method")),

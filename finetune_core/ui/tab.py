@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_core.errors import ConfigError
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.ui.actions import message_html
 from finetune_core.ui.compat import NO_API, file_path
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.method_tab import MethodTab, TabContext, guarded
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
     gr: the gradio module (imported when None). train_js: name of a JS function called on Train as
     `fn(method_slug, ...inputs)` that must return the inputs with the first replaced by a WebUI task id
     ("task(...)"); the WebUI passes "finetune_start_training". runner: share one JobRunner with the REST routes.
-    service / methods: stand-ins for tests (default: finetune_core.service and finetune_core.methods.METHODS).
+    service / methods: stand-ins for tests (default: finetune_core.jobs.service and finetune_core.methods.METHODS).
     blocks_kwargs: extra gr.Blocks arguments (the standalone app passes title, css and head).
     """
     if gr is None:
@@ -32,7 +32,7 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
 
         gr = gradio
     if service is None:
-        from finetune_core import service
+        from finetune_core.jobs import service
     if methods is None:
         from finetune_core.methods import METHODS
 

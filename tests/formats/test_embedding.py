@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import save_pt
 from finetune_core.formats.embedding import EmbeddingFile, embedding_from_obj, read_embedding, sniff, write_embedding
-from finetune_core.formats.hypernetwork import HypernetworkFile, write_hypernetwork
+from finetune_core.formats.hypernetwork_file import HypernetworkFile, write_hypernetwork
 
 
 def _sd1(width: int = 768, n: int = 3) -> EmbeddingFile:

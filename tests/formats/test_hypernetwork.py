@@ -10,7 +10,7 @@ import torch
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import save_pt
 from finetune_core.formats.embedding import EmbeddingFile, write_embedding
-from finetune_core.formats.hypernetwork import (
+from finetune_core.formats.hypernetwork_file import (
     METADATA_KEYS,
     HypernetworkFile,
     dropout_structure_for,

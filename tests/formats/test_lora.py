@@ -7,7 +7,7 @@ import torch
 
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.inspect import inspect_file
-from finetune_core.formats.lora import (
+from finetune_core.formats.lora_file import (
     LoraFile,
     LoraModule,
     data_section_hash,

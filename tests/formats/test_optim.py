@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune_core.formats.optim import (
+from finetune_core.formats.optim_sidecar import (
     OptimizerSidecar,
     file_shorthash,
     read_optimizer_sidecar,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from finetune_core.formats.lora import LoraFile, base_version, read_lora, write_lora
+from finetune_core.formats.lora_file import LoraFile, base_version, read_lora, write_lora
 from finetune_core.methods.lora import LoraConfig
 from finetune_core.methods.lora_net import LoraNetwork
 from finetune_core.methods.lora_setup import network_from_file, new_network

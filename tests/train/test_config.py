@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from finetune_core.errors import ConfigError
-from finetune_core.train.config import CONFIG_VERSION, TrainConfig, config_fields, config_from_dict
+from finetune_core.train.train_config import CONFIG_VERSION, TrainConfig, config_fields, config_from_dict
 
 
 def test_defaults_are_valid_and_match_the_webui() -> None:

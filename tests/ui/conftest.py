@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from finetune_core.service import JobResult, OutputFolders
+from finetune_core.jobs.service import JobResult, OutputFolders
 
 
 class FakeHost:

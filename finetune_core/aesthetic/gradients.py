@@ -17,6 +17,12 @@ from typing import Any
 
 import torch
 
+from finetune_core.aesthetic.personalized_text import (
+    AestheticTarget,
+    ConditioningCache,
+    Personalization,
+    PersonalizedText,
+)
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError
 from finetune_core.formats.aesthetic import (
     AestheticFiles,
@@ -24,12 +30,6 @@ from finetune_core.formats.aesthetic import (
     read_aesthetic_embedding,
     read_aesthetic_sidecar,
     write_aesthetic_files,
-)
-from finetune_core.methods.personalized_text import (
-    AestheticTarget,
-    ConditioningCache,
-    Personalization,
-    PersonalizedText,
 )
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.settings import type_problems
@@ -182,7 +182,7 @@ def mean_image_features(clip: Any, files: Sequence[Path], batch_size: int,
 def create_embedding(name: str, config: AestheticCreateConfig, folder: Path, overwrite: bool = False,
                      device: str | torch.device = "cpu", progress: Progress | None = None) -> list[Path]:
     """Make `<name>.pt` and its safetensors copy in `folder` from the images in `config.data_dir`."""
-    from finetune_core.model.clip_vision import load_clip
+    from finetune_core.aesthetic.clip_vision import load_clip
 
     files = image_files(config.data_dir)
     clip = load_clip(config.clip_model, device)
@@ -253,7 +253,7 @@ def _read_target(files: AestheticFiles, clip_model: str) -> AestheticTarget:
             raise ArtifactError(f"the aesthetic embedding {files.name!r} ({files.pt}) has no .safetensors copy "
                                 f"with its CLIP's text projection: set the CLIP model it was made with (a local "
                                 f"transformers folder such as openai/clip-vit-large-patch14, or an open_clip file)")
-        from finetune_core.model.clip_vision import load_text_projection
+        from finetune_core.aesthetic.clip_vision import load_text_projection
 
         projection = load_text_projection(clip_model)
     if projection.shape[1] != vector.shape[1]:

@@ -1,7 +1,7 @@
 """Aesthetic Gradients as the standalone hosts call it (CLI, the tab, REST): create an embedding from a folder of
 images, generate with one applied (`aesthetic apply` and the tab's preview), list the embeddings. Requests are
 checked before the CLIP or the diffusion model loads; every setting has the same name in every host. Inside the
-WebUI generation itself goes through the txt2img/img2img section (`ui/aesthetic_script.py`)."""
+WebUI generation itself goes through the txt2img/img2img section (`aesthetic/webui_script.py`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_core.errors import ConfigError
-from finetune_core.formats.clip_weights import find_clip_files
-from finetune_core.methods.aesthetic_gradients import (
+from finetune_core.aesthetic.gradients import (
     AestheticApplyConfig,
     AestheticCreateConfig,
     AestheticLibrary,
@@ -21,8 +19,10 @@ from finetune_core.methods.aesthetic_gradients import (
     create_embedding,
     image_files,
 )
+from finetune_core.errors import ConfigError
+from finetune_core.formats.clip_weights import find_clip_files
+from finetune_core.jobs.request import OutputFolders, build_config
 from finetune_core.model.interface import DiffusionModel, SampleRequest
-from finetune_core.request import OutputFolders, build_config
 from finetune_core.settings import coerce_value
 
 KIND = "aesthetic_embeddings"
@@ -62,7 +62,7 @@ def validate_create(name: str, settings: Mapping[str, Any], folders: OutputFolde
     """(clean name, settings, output folder) of a create request, or the sentence saying what is wrong; reads
     no model. `default_clip` fills an empty CLIP model setting (the WebUI's Settings entry)."""
     from finetune_core.formats.names import sanitize_name
-    from finetune_core.preflight import check_writable, refuse_same_name
+    from finetune_core.jobs.preflight import check_writable, refuse_same_name
 
     clean = sanitize_name(coerce_value(name, "str", False, "name"))
     values = dict(settings)
@@ -81,7 +81,7 @@ def validate_create(name: str, settings: Mapping[str, Any], folders: OutputFolde
 def create(name: str, settings: Mapping[str, Any], folders: OutputFolders, overwrite: Any = False,
            device: str | None = None, progress: Progress | None = None, default_clip: str = "") -> list[Path]:
     """Create `<name>.pt` and its safetensors copy in the aesthetic embeddings folder."""
-    from finetune_core.preflight import storage_error
+    from finetune_core.jobs.preflight import storage_error
 
     clean, config, folder = validate_create(name, settings, folders, overwrite, default_clip)
     try:

@@ -87,7 +87,7 @@ def build_model(name: str, device: str) -> Any:
 
 
 def measure(name: str, model: Any, rounds: int, firsts: int, steps: int) -> Row:
-    from finetune_core.methods.personalized_text import (
+    from finetune_core.aesthetic.personalized_text import (
         AestheticTarget,
         ConditioningCache,
         Personalization,

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finetune_core.errors import FinetuneError, JobBusy
-from finetune_core.service import JobResult, TrainRequest
+from finetune_core.hosts.host import Host
+from finetune_core.jobs.service import JobResult, TrainRequest
 from finetune_core.train.control import Control
 from finetune_core.train.events import (
     ArtifactSaved,
@@ -27,7 +28,6 @@ from finetune_core.train.events import (
     StepEvent,
     Warning_,
 )
-from finetune_core.ui.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,14 @@ def thin(points: list[tuple[int, float]], limit: int) -> list[tuple[int, float]]
 
 
 def _default_train(*args: Any, **kwargs: Any) -> JobResult:
-    from finetune_core import service  # looked up at call time so the lead's service can land later
+    from finetune_core.jobs import service  # looked up at call time so the lead's service can land later
 
     return service.train(*args, **kwargs)
 
 
 def _default_check(host: Host) -> Callable[[TrainRequest], TrainRequest]:
     def check(request: TrainRequest) -> TrainRequest:
-        from finetune_core import service
+        from finetune_core.jobs import service
 
         return service.validate_request(request, host.folders(), host.template_dirs())
 

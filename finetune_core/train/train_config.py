@@ -13,7 +13,7 @@ from typing import Any, TypeGuard
 
 from finetune_core.errors import ConfigError
 from finetune_core.settings import type_problems
-from finetune_core.train.schedule import parse_schedule
+from finetune_core.train.lr_schedule import parse_schedule
 
 CONFIG_VERSION = 1
 OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit", "prodigy", "lion")

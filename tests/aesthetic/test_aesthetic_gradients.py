@@ -11,22 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError
-from finetune_core.formats.aesthetic import write_aesthetic_files
-from finetune_core.methods.aesthetic_gradients import (
+from finetune_core.aesthetic.gradients import (
     AestheticApplyConfig,
     AestheticCreateConfig,
     AestheticLibrary,
     create_embedding,
 )
-from finetune_core.methods.personalized_text import (
+from finetune_core.aesthetic.personalized_text import (
     AestheticTarget,
     ConditioningCache,
     Personalization,
     PersonalizedText,
 )
+from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError
+from finetune_core.formats.aesthetic import write_aesthetic_files
 from tests.formats.conftest import webui_gate
-from tests.methods.clip_fixtures import open_clip_file, transformers_clip
+from tests.aesthetic.clip_fixtures import open_clip_file, transformers_clip
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "dataset"
 PROMPTS = ["a photo of a cat, detailed", ""]
@@ -90,7 +90,7 @@ def test_created_embedding_is_the_mean_of_the_clip_image_features(tmp_path, imag
 
 
 def test_open_clip_weights_give_the_features_open_clip_computes(tmp_path):
-    from finetune_core.model.clip_vision import load_clip
+    from finetune_core.aesthetic.clip_vision import load_clip
 
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for name in ("ViT-x.safetensors", "open_clip_pytorch_model.bin"):

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune_core.aesthetic.gradients import INFOTEXT, NONE, AestheticApplyConfig, AestheticLibrary
 from finetune_core.errors import FinetuneError
-from finetune_core.methods.aesthetic_gradients import INFOTEXT, NONE, AestheticApplyConfig, AestheticLibrary
 from finetune_core.settings import coerce_settings
 
 logger = logging.getLogger(__name__)

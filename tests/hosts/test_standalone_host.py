@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from finetune_core.errors import ConfigError
-from finetune_core.ui.standalone_host import StandaloneHost
+from finetune_core.hosts.standalone import StandaloneHost
 
 
 def _fake_model(spec: str) -> SimpleNamespace:

@@ -76,8 +76,8 @@ def method_spec(method: str) -> MethodSpec:
 
 def form_defaults(method: str) -> dict[str, dict[str, Any]]:
     """Default values of every setting a method's forms show, with the method's overrides applied."""
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.train.train_config import TrainConfig
     spec = method_spec(method)
     return {"method": _defaults(spec.config_type), "data": {**_defaults(DatasetConfig), **spec.data_defaults},
             "train": {**_defaults(TrainConfig), **spec.train_defaults}}
@@ -154,7 +154,7 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
     A resume plans the run's saved request (this request's `overwrite` counts too). Creates nothing.
     """
     from finetune_core.formats.names import sanitize_name
-    from finetune_core.preflight import check_writable, refuse_same_name
+    from finetune_core.jobs.preflight import check_writable, refuse_same_name
     request = _typed_request(request)
     run_dir = Path(request.resume_run) if request.resume_run else None
     if run_dir is not None:
@@ -180,9 +180,9 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
 
 def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: Sequence[Path]) -> dict[str, Any]:
     """The three settings dataclasses, every problem at once; then the template and the dataset folder."""
-    from finetune_core.data.config import DatasetConfig
+    from finetune_core.data.dataset_config import DatasetConfig
     from finetune_core.data.scan import image_files
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.train.train_config import TrainConfig
     defaults = form_defaults(request.method)
     problems: list[str] = []
     configs = {}
@@ -232,7 +232,7 @@ def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
     from finetune_core.formats.atomic import require_finite
     from finetune_core.formats.inspect import inspect_file, tensors_of
     from finetune_core.formats.names import find_artifact
-    from finetune_core.preflight import ARTIFACT_SUFFIXES
+    from finetune_core.jobs.preflight import ARTIFACT_SUFFIXES
     expected = {"embeddings": "embedding", "hypernetworks": "hypernetwork", "checkpoints": "checkpoint",
                 "aesthetic_embeddings": "aesthetic embedding", "loras": "lora"}.get(kind, kind)
     path = find_artifact(reference, final_dir, ARTIFACT_SUFFIXES.get(kind, ()), expected)
@@ -246,7 +246,7 @@ def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
 
 def _check_steps_left(step: int, train: Any) -> None:
     """A file continued from at or past the step this run stops at would be written back unchanged."""
-    from finetune_core.train.schedule import nothing_to_train, parse_schedule, run_length
+    from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, run_length
     problem = nothing_to_train(step, run_length(parse_schedule(train.learning_rate, train.steps), train.steps))
     if problem:
         raise ConfigError(problem)

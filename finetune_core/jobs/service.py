@@ -2,8 +2,8 @@
 
 A host supplies the loaded model and the folders; this module builds the dataset, the method and the loop from plain
 settings dicts (what a form, a JSON body or argparse produces), so every host validates and fails the same way.
-Requests are checked without a model first (`validate_request`, `validate_create`; see `finetune_core.request`), so a
-host can refuse a bad one before it loads anything or accepts a job.
+Requests are checked without a model first (`validate_request`, `validate_create`; see `finetune_core.jobs.request`),
+so a host can refuse a bad one before it loads anything or accepts a job.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from finetune_core.errors import ConfigError
-from finetune_core.request import (
+from finetune_core.jobs.request import (
     OutputFolders,
     Plan,
     TrainRequest,
@@ -71,7 +71,7 @@ def validate_create(method: str, name: str, settings: Mapping[str, Any], folders
     """Check a create request without a model: (create function, clean name, config, folder), or the sentence
     saying what is wrong."""
     from finetune_core.formats.names import sanitize_name
-    from finetune_core.preflight import check_writable, refuse_same_name
+    from finetune_core.jobs.preflight import check_writable, refuse_same_name
     spec = method_spec(coerce_value(method, "str", False, "method"))
     if spec.create_type is None or spec.create is None:
         raise ConfigError(f"{spec.label} has no separate create step; train it directly")
@@ -89,7 +89,7 @@ def validate_create(method: str, name: str, settings: Mapping[str, Any], folders
 def create(method: str, name: str, settings: Mapping[str, Any], model: DiffusionModel, folders: OutputFolders,
            overwrite: bool = False) -> list[Path]:
     """Create a new, untrained artefact file (the WebUI's Create embedding / Create hypernetwork)."""
-    from finetune_core.preflight import storage_error
+    from finetune_core.jobs.preflight import storage_error
     make, clean, config, folder = validate_create(method, name, settings, folders, overwrite)
     try:
         return make(model, clean, config, folder, overwrite)
@@ -100,7 +100,7 @@ def create(method: str, name: str, settings: Mapping[str, Any], model: Diffusion
 def lint(data_settings: Mapping[str, Any], method: str = "textual-inversion",
          model: DiffusionModel | None = None) -> LintReport:
     """Check a dataset before training: images, unreadable files, captions, sizes, token lengths, buckets."""
-    from finetune_core.data.config import DatasetConfig
+    from finetune_core.data.dataset_config import DatasetConfig
     from finetune_core.data.lint import lint_dataset
     config = build_config(DatasetConfig, form_defaults(method)["data"], data_settings, "dataset")
     return lint_dataset(config, token_counter=model.count_tokens if model is not None else None)
@@ -144,9 +144,9 @@ class _Job:
 
 def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Job:
     """Build the dataset and the method (reading the file to continue from), then check memory and disk space."""
-    from finetune_core import preflight
-    from finetune_core.cpu import autocast_problem
     from finetune_core.data.scan import encoding_warnings
+    from finetune_core.jobs import preflight
+    from finetune_core.train.cpu import autocast_problem
     from finetune_core.train.randomness import resolve_seed
     configs = plan.configs
     data = plan.spec.data(configs["method"], configs["data"], plan.name)
@@ -174,7 +174,7 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
 
 def _unusual_rate(spec: Any, train: Any) -> list[str]:
     """A warning when the schedule's highest rate is far above what the method is usually trained with."""
-    from finetune_core.train.schedule import parse_schedule
+    from finetune_core.train.lr_schedule import parse_schedule
     if not spec.usual_max_lr:
         return []
     highest = max(rate for rate, _ in parse_schedule(train.learning_rate, train.steps))
@@ -187,7 +187,7 @@ def _unusual_rate(spec: Any, train: Any) -> list[str]:
 def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, emit: EventSink,
          control: Control | None, processes: Processes) -> JobResult:
     """Start or resume the loop; operating-system errors and running out of memory become one sentence."""
-    from finetune_core import preflight
+    from finetune_core.jobs import preflight
     from finetune_core.train.loop import OutputSpec, resume_training, run_training
     from finetune_core.train.run_folder import RunFolder
     output = OutputSpec(plan.final_dir, plan.name, overwrite=plan.overwrite,

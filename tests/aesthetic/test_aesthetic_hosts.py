@@ -19,7 +19,7 @@ from PIL import Image
 from finetune_core.cli import main
 from finetune_core.formats.aesthetic import write_aesthetic_files
 from tests.conftest import EXAMPLES, rest_client
-from tests.methods.clip_fixtures import transformers_clip
+from tests.aesthetic.clip_fixtures import transformers_clip
 
 
 class _Boom:
@@ -101,7 +101,7 @@ CLI_CASES = [
 def test_cli_bad_input_gets_one_sentence_and_loads_nothing(world: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str], case: str,
                                                            args: list[str], message: str) -> None:
-    from finetune_core import service
+    from finetune_core.jobs import service
 
     monkeypatch.setattr(service, "load", lambda *a, **k: pytest.fail("a refused request loaded the model"))
     before = _snapshot(world)
@@ -184,7 +184,7 @@ def test_rest_bad_input_is_a_400_sentence(world: Path, case: str, route: str, bo
 def test_the_tab_has_the_section(tmp_path: Path) -> None:
     import gradio as gr
 
-    from finetune_core.ui.standalone_host import StandaloneHost
+    from finetune_core.hosts.standalone import StandaloneHost
     from finetune_core.ui.tab import build_tab
 
     blocks = build_tab(StandaloneHost(tmp_path, "tiny-sd1", loader=lambda spec: pytest.fail("no model load")), gr)

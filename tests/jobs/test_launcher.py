@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_core import cli, launcher
+from finetune_core import cli
+from finetune_core.jobs import launcher
 from finetune_core.train.distributed import launched_rank, launched_world
 
 
@@ -70,7 +71,7 @@ def test_num_processes_2_trains_through_accelerate_launch(tmp_path, one_image_da
                                                                                  "name_only.txt"),
                            "--width", "64", "--height", "64", "--steps", "3", "--batch-size", "1", "--preview-every",
                            "0", "--output-dir", str(out), "--num-processes", "2"],
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("Training finished at step 3") == 1
     assert (out / "embeddings" / "w.pt").is_file()

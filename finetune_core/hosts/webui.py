@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from finetune_core.service import OutputFolders
+from finetune_core.hosts.console import ConsoleProgress
+from finetune_core.jobs.service import OutputFolders
 from finetune_core.train.events import (
     ArtifactSaved,
     Event,
@@ -22,7 +23,6 @@ from finetune_core.train.events import (
     StepEvent,
     Warning_,
 )
-from finetune_core.ui.console import ConsoleProgress
 from finetune_core.ui.panels import format_seconds
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class WebUIExtension:
     """The one host and job runner the tab and the REST routes share."""
 
     def __init__(self) -> None:
-        from finetune_core.ui.job_runner import JobRunner
+        from finetune_core.hosts.job_runner import JobRunner
 
         self.host = WebUIHost()
         self.runner = JobRunner(self.host)
@@ -130,7 +130,7 @@ def keep_out_of_ui_config(blocks: Any) -> None:
 
 
 class WebUIHost:
-    """The Host protocol over the running WebUI (see finetune_core.ui.host.Host)."""
+    """The Host protocol over the running WebUI (see finetune_core.hosts.host.Host)."""
 
     name = "webui"
 

@@ -71,9 +71,9 @@ def parse_settings(text: str, method_key: str) -> RunSettings:
 
 def _owners(method_key: str) -> dict[str, list[str]]:
     """Setting name -> the sections that have it, for the method `method_key`."""
-    from finetune_core import service
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.jobs import service
+    from finetune_core.train.train_config import TrainConfig
     types = {"method": service.method_spec(method_key).config_type, "data": DatasetConfig, "train": TrainConfig}
     owners: dict[str, list[str]] = {}
     for section, config_type in types.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finetune_core.errors import ConfigError
-from finetune_core.train.schedule import end_step, parse_schedule, rate_at, value_at
+from finetune_core.train.lr_schedule import end_step, parse_schedule, rate_at, value_at
 
 
 def test_pairs_and_a_bare_final_rate() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune_core.model.schedule import (
+from finetune_core.model.noise_schedule import (
     add_noise,
     predicted_noise,
     predicted_x0,

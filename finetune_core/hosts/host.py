@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from finetune_core.jobs.service import OutputFolders
 from finetune_core.model.interface import DiffusionModel
-from finetune_core.service import OutputFolders
 from finetune_core.train.events import Event
 
 T = TypeVar("T")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune_core.data.batch import DataBatch
+from finetune_core.data.data_batch import DataBatch
 from finetune_core.model.interface import TextConditioning
 
 

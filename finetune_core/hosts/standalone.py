@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from finetune_core.errors import ConfigError
+from finetune_core.jobs.service import OutputFolders
 from finetune_core.model.interface import DiffusionModel
-from finetune_core.service import OutputFolders
 from finetune_core.train.events import Event
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ ARTIFACT_SUFFIXES = (".pt", ".safetensors", ".bin", ".ckpt", ".png", ".webp")
 
 
 def _default_loader(spec: str) -> DiffusionModel:
-    from finetune_core import service
+    from finetune_core.jobs import service
 
     return service.load(spec)
 
@@ -91,7 +91,7 @@ class StandaloneHost:
             from finetune_core.data.templates import available_templates
 
             return sorted(available_templates(tuple(self._template_dirs)))
-        from finetune_core.preflight import ARTIFACT_SUFFIXES as KIND_SUFFIXES
+        from finetune_core.jobs.preflight import ARTIFACT_SUFFIXES as KIND_SUFFIXES
 
         folder = self._folders.for_kind(kind)
         if not folder.is_dir():

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from finetune_core.bench import case, report, runner
-from finetune_core.bench.settings import parse_settings
+from finetune_core.bench.run_settings import parse_settings
 from finetune_core.cli import main
 from finetune_core.errors import ConfigError
 

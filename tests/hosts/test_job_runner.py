@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from finetune_core.errors import ConfigError
-from finetune_core.service import JobResult, TrainRequest
+from finetune_core.hosts.job_runner import JobBusy, JobRunner, thin
+from finetune_core.jobs.service import JobResult, TrainRequest
 from finetune_core.train.events import ArtifactSaved, PreviewEvent, Started, StepEvent, Warning_
-from finetune_core.ui.job_runner import JobBusy, JobRunner, thin
 
 
 class ScriptedTrain:
