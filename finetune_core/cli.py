@@ -12,15 +12,12 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import MISSING, fields
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
+from finetune_core.settings import add_settings_flags, add_threads_flag
 
-# The flags issue #2 names, kept short; each maps to a settings field.
-ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vectors": ["--neg-vectors"],
-           "learning_rate": ["--lr"]}
 SECTIONS = ("method", "data", "train")
 
 
@@ -28,26 +25,6 @@ def _setting_types() -> dict[str, type]:
     from finetune_core.data.dataset_config import DatasetConfig
     from finetune_core.train.train_config import TrainConfig
     return {"data": DatasetConfig, "train": TrainConfig}
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
-    group = parser.add_argument_group(f"{section} settings")
-    for f in fields(config_type):
-        meta: Mapping[str, Any] = f.metadata or {}
-        if f.name in taken or f.name == "version" or meta.get("hidden"):
-            continue
-        taken.add(f.name)
-        flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
-        default = f.default if f.default is not MISSING else None
-        help_text = f"{meta.get('help', '')} (default: {default!r})"
-        dest = f"{section}:{f.name}"
-        if f.type in (bool, "bool"):
-            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        # Values stay text here: the settings coercer parses them (one sentence per bad value, not argparse's usage).
-        choices = meta.get("choices")
-        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
-        group.add_argument(*flags, dest=dest, default=None, help=help_text, metavar=metavar)
 
 
 def _settings_from_args(args: argparse.Namespace, types: dict[str, type]) -> dict[str, dict[str, Any]]:
@@ -110,11 +87,6 @@ def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
                             help="train data-parallel on N processes (one per GPU; on a CPU, cores are shared) "
                                  "through accelerate launch; the global batch is --batch-size")
     add_threads_flag(parser)
-
-
-def add_threads_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: one per physical core; fewer on a busy shared machine)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 from finetune_core.aesthetic.aesthetic_service import AestheticPreviewConfig
 from finetune_core.aesthetic.gradients import AestheticApplyConfig, AestheticCreateConfig
-from finetune_core.cli import add_settings_flags, add_threads_flag
+from finetune_core.settings import add_settings_flags, add_threads_flag
 
 SECTIONS: dict[str, dict[str, type]] = {
     "create": {"aesthetic": AestheticCreateConfig},

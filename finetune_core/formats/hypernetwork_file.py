@@ -16,6 +16,7 @@ import torch
 
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import load_pt, save_pt
+from finetune_core.formats.describe import describe_object, is_embedding, is_hypernetwork
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def read_hypernetwork(path: str | os.PathLike[str]) -> HypernetworkFile:
 
 def hypernetwork_from_obj(obj: Any, source: Path) -> HypernetworkFile:
     """Turn a loaded object into a HypernetworkFile with the WebUI's defaults for options it lacks."""
-    if not sniff(obj):
+    if not is_hypernetwork(obj):
         raise ArtifactError(f"{source} is not a hypernetwork: {_describe_other(obj)}")
     layers = {size: (fix_legacy_keys(pair[0]), fix_legacy_keys(pair[1]))
               for size, pair in obj.items() if isinstance(size, int)}
@@ -127,15 +128,6 @@ def hypernetwork_from_obj(obj: Any, source: Path) -> HypernetworkFile:
     if unknown:
         logger.debug("%s: ignoring keys the WebUI does not read: %s", source, unknown)
     return file
-
-
-def sniff(obj: Any) -> bool:
-    """Whether a loaded object is a hypernetwork dict: int size keys mapping to (k, v) pairs of state dicts."""
-    if not isinstance(obj, Mapping):
-        return False
-    sizes = [k for k in obj if isinstance(k, int) and not isinstance(k, bool)]
-    return bool(sizes) and all(isinstance(obj[k], (tuple, list)) and len(obj[k]) == 2
-                               and all(isinstance(sd, Mapping) for sd in obj[k]) for k in sizes)
 
 
 def dropout_structure_for(layer_structure: list[float], use_dropout: bool, last_layer_dropout: bool) -> list[float]:
@@ -182,10 +174,6 @@ def _plain_state(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Te
 
 
 def _describe_other(obj: Any) -> str:
-    # Imported here because embedding.py imports this module for its own messages.
-    from finetune_core.formats.embedding import describe_object
-    from finetune_core.formats.embedding import sniff as is_embedding
-
     if is_embedding(obj):
         return "this file is an embedding, not a hypernetwork"
     if isinstance(obj, Mapping) and any(isinstance(k, int) for k in obj):

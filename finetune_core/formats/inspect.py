@@ -18,6 +18,7 @@ from finetune_core.errors import ArtifactError
 from finetune_core.formats import aesthetic, embedding
 from finetune_core.formats import hypernetwork_file as hypernetwork
 from finetune_core.formats.atomic import load_pt
+from finetune_core.formats.describe import describe_object, is_embedding, is_hypernetwork
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
 
 logger = logging.getLogger(__name__)
@@ -170,15 +171,15 @@ def _from_object(source: Path, obj: Any) -> ArtifactInfo:
         width = int(obj.shape[-1])
         return ArtifactInfo(path=source, kind="aesthetic embedding", width=width, vectors=1,
                             family=_AESTHETIC_FAMILIES.get(width))
-    if embedding.sniff(obj):
+    if is_embedding(obj):
         return _from_embedding(source, embedding.embedding_from_obj(obj, source))
-    if hypernetwork.sniff(obj):
+    if is_hypernetwork(obj):
         return _from_hypernetwork(source, hypernetwork.hypernetwork_from_obj(obj, source))
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _from_shapes(source, {str(k): tuple(v.shape) for k, v in obj.items()}, {})
-    return ArtifactInfo(path=source, kind="unknown", details=embedding.describe_object(obj))
+    return ArtifactInfo(path=source, kind="unknown", details=describe_object(obj))
 
 
 def _from_embedding(source: Path, emb: embedding.EmbeddingFile) -> ArtifactInfo:

@@ -8,10 +8,10 @@ from finetune_core.train.method import (
     ArtifactMeta,
     InferenceExtras,
     Method,
-    ParamGroup,
     PrepareContext,
     StatePolicy,
 )
+from finetune_core.train.param_group import ParamGroup
 
 __all__ = ["ArtifactMeta", "ArtifactMethod", "InferenceExtras", "Method", "ParamGroup", "PrepareContext",
            "StatePolicy", "image_dataset"]

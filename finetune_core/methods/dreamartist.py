@@ -38,9 +38,9 @@ from finetune_core.methods.textual_inversion import (
 )
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.model.noise_schedule import predicted_x0
-from finetune_core.train.ema import Averaging
 from finetune_core.train.memory import MemoryNeeds
 from finetune_core.train.objective import weighted_mse
+from finetune_core.train.param_group import Averaging
 from finetune_core.train.train_batch import TrainBatch
 
 NEGATIVE_SUFFIX = "-neg"

@@ -35,9 +35,9 @@ from finetune_core.methods.prior_preservation import (
 )
 from finetune_core.model.interface import V_PREDICTION, DiffusionModel
 from finetune_core.settings import type_problems
-from finetune_core.train.ema import Averaging
 from finetune_core.train.lr_schedule import parse_schedule
 from finetune_core.train.memory import MemoryNeeds, model_parameters
+from finetune_core.train.param_group import Averaging
 from finetune_core.train.train_batch import TrainBatch
 
 SAVE_FORMATS = ("safetensors", "ckpt")

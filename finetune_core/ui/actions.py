@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,22 @@ class MethodActions:
     def load_preset(self, preset: str) -> tuple[str, Values]:
         settings = presets.load_preset(self._presets_dir(), self.method, preset)
         return str(settings.get("name", "")), {s: dict(settings.get(s, {})) for s in SECTIONS}
+
+
+def guarded(gr: Any, fn: Callable[..., tuple], n_outputs: int, message_at: int) -> Callable[..., tuple]:
+    """Wrap a handler: a FinetuneError becomes its message in output `message_at`; a bug is logged and shown."""
+
+    def handler(*args: Any) -> tuple:
+        try:
+            return fn(*args)
+        except FinetuneError as exc:
+            text = message_html(str(exc), "error")
+        except Exception as exc:  # a bug: keep the UI alive, say so, keep the traceback in the log
+            log.exception("finetune tab handler %s failed", getattr(fn, "__name__", fn))
+            text = message_html(f"Internal error ({type(exc).__name__}: {exc}); the console log has the details.",
+                                "error")
+        out = [gr.update() for _ in range(n_outputs)]
+        out[message_at] = text
+        return tuple(out)
+
+    return handler

@@ -19,10 +19,10 @@ from finetune_core.aesthetic.gradients import (
 from finetune_core.errors import ConfigError
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobRunner
-from finetune_core.ui.actions import message_html
+from finetune_core.ui.actions import guarded, message_html
 from finetune_core.ui.compat import NO_API
 from finetune_core.ui.forms import build_section
-from finetune_core.ui.method_tab import guarded
+from finetune_core.ui.rest_body import object_field, refuse_unknown_fields, required_text
 from finetune_core.ui.schema import coerce_all, field_specs
 
 INTRO = ("Create an aesthetic embedding: the mean CLIP image feature of a folder of images in the style you want. "
@@ -141,8 +141,6 @@ class AestheticTab:
 def routes(jobs: AestheticJobs) -> dict[str, Callable[[dict], Any]]:
     """POST bodies -> answers, under /finetune/v1/aesthetic/ (the error contract of `ui.api`); `apply` answers
     two base64 PNGs, the same seed without and with the embedding, and their infotexts."""
-    from finetune_core.ui.api import object_field, refuse_unknown_fields, required_text
-
     def create(body: dict) -> dict[str, Any]:
         refuse_unknown_fields(body, {"name", "settings", "overwrite"}, "aesthetic create")
         paths = jobs.create(required_text(body, "name"), object_field(body, "settings"), body.get("overwrite", False))

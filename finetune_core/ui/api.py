@@ -12,6 +12,7 @@ from typing import Any
 from finetune_core.errors import ConfigError, FinetuneError
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobBusy, JobRunner
+from finetune_core.ui.rest_body import object_field, refuse_unknown_fields, required_text
 from finetune_core.ui.schema import field_specs
 
 log = logging.getLogger(__name__)
@@ -178,29 +179,6 @@ class _Routes:
 
     def resume(self) -> dict[str, bool]:
         return {"resumed": self.runner.resume()}
-
-
-def refuse_unknown_fields(body: dict, allowed: set[str], route: str) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown field(s) in the {route} request: {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(allowed))}")
-
-
-def object_field(body: dict, key: str) -> dict[str, Any]:
-    value = body.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"'{key}' must be an object of setting names and values, not {value!r}")
-    return value
-
-
-def required_text(body: dict, key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"the request needs '{key}' as a non-empty string")
-    return value.strip()
 
 
 def _row(row: Any) -> dict[str, Any]:

@@ -9,9 +9,9 @@ from typing import Any
 from finetune_core.errors import ConfigError
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobRunner
-from finetune_core.ui.actions import message_html
+from finetune_core.ui.actions import guarded, message_html
 from finetune_core.ui.compat import NO_API, file_path
-from finetune_core.ui.method_tab import MethodTab, TabContext, guarded
+from finetune_core.ui.method_tab import MethodTab, TabContext
 
 log = logging.getLogger(__name__)
 
