@@ -3,6 +3,7 @@ and the WebUI's console while a job of the tab runs, as the WebUI's own training
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -47,3 +48,15 @@ class ConsoleProgress:
             self.tqdm.write(f"warning: {event.message}", file=self.stream)
         elif isinstance(event, events.PreviewEvent) and self.echo:
             self.tqdm.write(f"preview at step {event.step}: {event.path}", file=self.stream)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """'1h 02m', '3m 05s', '12s' or '-'."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"

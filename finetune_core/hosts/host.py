@@ -13,6 +13,20 @@ from finetune_core.train.events import Event
 T = TypeVar("T")
 
 
+class ModelPicker(Protocol):
+    """A host whose tab picks the base model itself (the standalone app's Base model row)."""
+
+    model_spec: str  # what is picked: tiny-sd1, a checkpoint file or a diffusers folder
+
+    def load_model(self, spec: str) -> str:
+        """Switch to model `spec` now (the Load button); the line to show."""
+        ...
+
+    def model_status(self) -> str:
+        """A line saying which model is picked and whether it is loaded."""
+        ...
+
+
 class Host(Protocol):
     """The environment a job runs in. The tab, the REST routes and the job runner only talk to this."""
 
@@ -22,7 +36,22 @@ class Host(Protocol):
         """The loaded model (WebUI: `shared.sd_model` wrapped; standalone: the model picked in the app)."""
         ...
 
+    def model_picker(self) -> ModelPicker | None:
+        """What the tab's Base model row drives (standalone: the host itself); None where the host picks the model
+        (the WebUI's own checkpoint dropdown)."""
+        ...
+
     def folders(self) -> OutputFolders: ...
+
+    def aesthetic_folders(self) -> list[Path]:
+        """Where aesthetic embeddings are listed (WebUI: models/aesthetic_embeddings and every extension's, the
+        original extension's included; standalone: its own output folder's)."""
+        ...
+
+    def default_aesthetic_clip(self) -> str:
+        """The CLIP model an Aesthetic Gradients create request uses when it names none (WebUI: Settings ->
+        Fine-tune), or "" (the request must name one)."""
+        ...
 
     def template_dirs(self) -> list[Path]:
         """Extra folders searched for prompt templates (WebUI: `textual_inversion_templates/`)."""

@@ -69,6 +69,15 @@ class StandaloneHost:
                 f"hash {model.identity.shorthash}, on {model.device}.")
 
     # --- Host protocol ------------------------------------------------------------------------------------
+    def model_picker(self) -> StandaloneHost:
+        return self
+
+    def aesthetic_folders(self) -> list[Path]:
+        return [self.folders().aesthetic_embeddings]
+
+    def default_aesthetic_clip(self) -> str:
+        return ""
+
     def folders(self) -> OutputFolders:
         return self._folders
 

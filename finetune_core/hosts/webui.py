@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from finetune_core.hosts.console import ConsoleProgress
+from finetune_core.aesthetic.webui_script import CLIP_SETTING, webui_folders
+from finetune_core.hosts.console import ConsoleProgress, format_seconds
 from finetune_core.jobs.service import OutputFolders
 from finetune_core.train.events import (
     ArtifactSaved,
@@ -23,7 +24,6 @@ from finetune_core.train.events import (
     StepEvent,
     Warning_,
 )
-from finetune_core.ui.panels import format_seconds
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -163,6 +163,15 @@ class WebUIHost:
                              checkpoints=Path(getattr(opts, "ckpt_dir", None) or models / "Stable-diffusion"),
                              aesthetic_embeddings=models / "aesthetic_embeddings", logs=Path(logs),
                              loras=Path(getattr(opts, "lora_dir", None) or models / "Lora"))  # Lora's preload.py
+
+    def model_picker(self) -> None:
+        return None  # the WebUI's own checkpoint dropdown picks the model
+
+    def aesthetic_folders(self) -> list[Path]:
+        return webui_folders()
+
+    def default_aesthetic_clip(self) -> str:
+        return str(setting(CLIP_SETTING) or "")
 
     def template_dirs(self) -> list[Path]:
         from modules import shared

@@ -30,34 +30,16 @@ INTRO = ("Create an aesthetic embedding: the mean CLIP image feature of a folder
          "**Aesthetic Gradients** section of txt2img and img2img; here you can preview it on the loaded model.")
 
 
-def aesthetic_folders(host: Host) -> list[Path]:
-    """Where the host's embeddings are: its aesthetic embeddings folder (the WebUI: also the original extension's)."""
-    if host.name == "webui":
-        from finetune_core.aesthetic.webui_script import webui_folders
-
-        return webui_folders()
-    return [host.folders().aesthetic_embeddings]
-
-
-def default_clip(host: Host) -> str:
-    """The CLIP model the WebUI's Settings name (Settings -> Fine-tune), used when the form leaves it empty."""
-    if host.name != "webui":
-        return ""
-    from finetune_core.hosts.webui import setting
-
-    return str(setting("finetune_aesthetic_clip") or "")
-
-
 class AestheticJobs:
     """What the tab and the REST routes do, on one library (and conditioning cache) per host."""
 
     def __init__(self, host: Host, runner: JobRunner) -> None:
         self.host, self.runner = host, runner
-        self.library: AestheticLibrary = aesthetic_service.library(lambda: aesthetic_folders(host))
+        self.library: AestheticLibrary = aesthetic_service.library(host.aesthetic_folders)
 
     def create(self, name: str, settings: dict[str, Any], overwrite: Any = False) -> list[Path]:
         folders = self.host.folders()
-        clip = default_clip(self.host)
+        clip = self.host.default_aesthetic_clip()
         aesthetic_service.validate_create(name, settings, folders, overwrite, clip)  # before waiting for the lock
         paths = self.runner.run_with_model(
             lambda: aesthetic_service.create(name, settings, folders, overwrite, None, None, clip))

@@ -25,8 +25,8 @@ from finetune_core.aesthetic.personalized_text import (
 )
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError
 from finetune_core.formats.aesthetic import write_aesthetic_files
-from tests.formats.conftest import webui_gate
 from tests.aesthetic.clip_fixtures import open_clip_file, transformers_clip
+from tests.formats.conftest import webui_gate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "dataset"
 PROMPTS = ["a photo of a cat, detailed", ""]

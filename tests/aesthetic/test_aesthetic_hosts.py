@@ -18,8 +18,8 @@ from PIL import Image
 
 from finetune_core.cli import main
 from finetune_core.formats.aesthetic import write_aesthetic_files
-from tests.conftest import EXAMPLES, rest_client
 from tests.aesthetic.clip_fixtures import transformers_clip
+from tests.conftest import EXAMPLES, rest_client
 
 
 class _Boom:
