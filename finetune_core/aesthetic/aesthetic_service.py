@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +159,6 @@ def write_image(image: Any, folder: Path, stem: str, text: str) -> Path:
     info = PngInfo()
     info.add_text("parameters", text)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-
-
-def settings_of(config: Any) -> dict[str, Any]:
-    """A settings dataclass as a plain dict (for JSON answers)."""
-    return asdict(config)
 
 
 def _device() -> str:

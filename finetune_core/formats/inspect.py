@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import struct
 import zipfile
@@ -15,13 +14,11 @@ from typing import Any
 import torch
 
 from finetune_core.errors import ArtifactError
-from finetune_core.formats import aesthetic, embedding
+from finetune_core.formats import aesthetic, checkpoint, embedding
 from finetune_core.formats import hypernetwork_file as hypernetwork
 from finetune_core.formats.atomic import load_pt
 from finetune_core.formats.describe import describe_object, is_embedding, is_hypernetwork
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
-
-logger = logging.getLogger(__name__)
 
 # Above this size a zip-format torch file is memory-mapped rather than read into RAM.
 _MMAP_ABOVE_BYTES = 64 << 20
@@ -259,11 +256,6 @@ def _lora_info(source: Path, shapes: Shapes, downs: Shapes, metadata: Mapping[st
 
 
 def _checkpoint_info(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> ArtifactInfo | None:
-    try:
-        from finetune_core.formats import checkpoint  # written separately; optional for inspection
-    except ImportError:
-        logger.debug("formats.checkpoint is not available; checkpoints are reported as unknown")
-        return None
     if not checkpoint.sniff(shapes):
         return None
     try:

@@ -130,16 +130,6 @@ def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     return hashlib.sha256(data[8 + header:]).hexdigest(), legacy
 
 
-def data_section_hash(path: str | os.PathLike[str]) -> str:
-    """The WebUI's hash of a `.safetensors` LoRA without `sshs_model_hash`: sha256 of the bytes after the header."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        header = int.from_bytes(handle.read(8), "little")
-        handle.seek(8 + header)
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def write_lora(file: LoraFile, path: str | os.PathLike[str], overwrite: bool = False,
                dtype: torch.dtype = torch.float16) -> Path:

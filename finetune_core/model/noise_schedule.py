@@ -41,14 +41,6 @@ def predicted_x0(noisy: torch.Tensor, output: torch.Tensor, t: torch.Tensor, alp
     return (x - (1 - a).sqrt() * out) / a.sqrt()
 
 
-def predicted_noise(noisy: torch.Tensor, output: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
-                    prediction_type: str) -> torch.Tensor:
-    """The noise estimate from a model output; for v: eps = sqrt(1−a)·x_t + sqrt(a)·v (Salimans & Ho 2022)."""
-    if prediction_type != "v_prediction":
-        return output.float()
-    a = _gather(alphas_cumprod, t, noisy)
-    return (1 - a).sqrt() * noisy.float() + a.sqrt() * output.float()
-
 
 def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio a / (1 − a) per timestep, as used by min-SNR weighting (Hang et al., 2023)."""

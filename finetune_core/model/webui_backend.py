@@ -456,13 +456,3 @@ def _identity(sd_model: Any) -> ModelIdentity:
     source = getattr(info, "filename", None) or ""
     config = getattr(sd_model, "used_config", None) or ""  # the yaml `sd_models.load_model` built it from
     return ModelIdentity(str(name), str(shorthash), str(Path(source)) if source else "", str(config))
-
-
-def wrap_loaded_model(sd_model: Any = None) -> WebUIModel:
-    """The WebUI's current model as a `DiffusionModel` (reading `shared.sd_model` loads it if it never was)."""
-    if sd_model is None:
-        from modules import shared
-
-        sd_model = shared.sd_model
-    return WebUIModel(sd_model)
-

@@ -10,7 +10,6 @@ from finetune_core.formats.inspect import inspect_file
 from finetune_core.formats.lora_file import (
     LoraFile,
     LoraModule,
-    data_section_hash,
     family_of,
     model_hashes,
     read_lora,
@@ -18,6 +17,7 @@ from finetune_core.formats.lora_file import (
     state_dict,
     write_lora,
 )
+from tests.conftest import data_section_hash
 
 
 def _file(metadata=None):

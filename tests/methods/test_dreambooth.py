@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError, StorageError
-from finetune_core.formats.checkpoint import read_safetensors_metadata, read_state_dict, write_checkpoint
+from finetune_core.formats.checkpoint import read_state_dict, write_checkpoint
 from finetune_core.jobs import service
 from finetune_core.methods.dreambooth import DreamBooth, DreamBoothConfig, memory_needs
 from finetune_core.model.diffusers_backend import DiffusersModel
@@ -26,7 +26,7 @@ from finetune_core.model.tiny import tiny_configs, tiny_spec
 from finetune_core.train import objective
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent, Warning_
-from tests.conftest import EXAMPLES, weights_checksum
+from tests.conftest import EXAMPLES, read_safetensors_metadata, weights_checksum
 from tests.methods.prior_fixtures import instance_folder, paired_batch
 
 TINY = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")

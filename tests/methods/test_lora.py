@@ -11,12 +11,13 @@ import torch
 from safetensors import safe_open
 
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
-from finetune_core.formats.lora_file import data_section_hash, read_lora
+from finetune_core.formats.lora_file import read_lora
 from finetune_core.jobs import service
 from finetune_core.methods.lora import LoraConfig, build
 from finetune_core.model.tiny import build_tiny
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent
+from tests.conftest import data_section_hash
 from tests.methods.lora_files import outputs, random_lora_file
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "dataset"
