@@ -8,9 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune_core.aesthetic import aesthetic_service
 from finetune_core.aesthetic.aesthetic_service import AestheticPreviewConfig
+from finetune_core.aesthetic.bench import add_arguments, run_bench
 from finetune_core.aesthetic.gradients import AestheticApplyConfig, AestheticCreateConfig
-from finetune_core.settings import add_settings_flags, add_threads_flag
+from finetune_core.jobs import service
+from finetune_core.jobs.service import OutputFolders
+from finetune_core.settings import add_settings_flags, add_threads_flag, coerce_settings
+from finetune_core.train.cpu import set_threads
 
 SECTIONS: dict[str, dict[str, type]] = {
     "create": {"aesthetic": AestheticCreateConfig},
@@ -44,7 +49,6 @@ def add_parser(commands: Any) -> None:
     create.add_argument("--overwrite", action="store_true", help="replace an embedding of the same name")
     bench = verbs.add_parser("bench", help="the generation overhead: first and repeated prompt against plain "
                                            "conditioning")
-    from finetune_core.aesthetic.bench import add_arguments
 
     add_arguments(bench)
     add_threads_flag(bench)
@@ -52,12 +56,8 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one `aesthetic` verb; FinetuneError is left to the caller (one sentence after `error:`)."""
-    from finetune_core.train.cpu import set_threads
-
     set_threads(getattr(args, "threads", None))
     if args.verb == "bench":
-        from finetune_core.aesthetic.bench import run_bench
-
         run_bench(args)
         return 0
     settings = _settings(args)
@@ -67,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    from finetune_core.settings import coerce_settings
-
     out: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS[args.verb]}
     for dest, value in vars(args).items():
         if ":" in dest and value is not None:
@@ -81,8 +79,6 @@ def _settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def _create(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     from tqdm import tqdm
 
-    from finetune_core.aesthetic import aesthetic_service
-    from finetune_core.jobs.service import OutputFolders
 
     folders = OutputFolders.standalone(args.output_dir)
     aesthetic_service.validate_create(args.name, settings, folders, args.overwrite)  # before the CLIP loads
@@ -104,10 +100,6 @@ def _create(args: argparse.Namespace, settings: dict[str, Any]) -> int:
 
 
 def _apply(args: argparse.Namespace, settings: dict[str, dict[str, Any]]) -> int:
-    from finetune_core.aesthetic import aesthetic_service
-    from finetune_core.jobs import service
-    from finetune_core.jobs.service import OutputFolders
-
     folders = OutputFolders.standalone(args.output_dir)
     config = aesthetic_service.apply_config(settings["aesthetic"])
     preview = aesthetic_service.preview_config(settings["preview"])

@@ -21,9 +21,11 @@ from finetune_core.aesthetic.gradients import (
 )
 from finetune_core.errors import ConfigError
 from finetune_core.formats.clip_weights import find_clip_files
+from finetune_core.formats.names import sanitize_name
+from finetune_core.jobs.preflight import check_writable, refuse_same_name, storage_error
 from finetune_core.jobs.request import OutputFolders, build_config
 from finetune_core.model.interface import DiffusionModel, SampleRequest
-from finetune_core.settings import coerce_value
+from finetune_core.settings import coerce_settings, coerce_value
 
 KIND = "aesthetic_embeddings"
 
@@ -61,9 +63,6 @@ def validate_create(name: str, settings: Mapping[str, Any], folders: OutputFolde
                     default_clip: str = "") -> tuple[str, AestheticCreateConfig, Path]:
     """(clean name, settings, output folder) of a create request, or the sentence saying what is wrong; reads
     no model. `default_clip` fills an empty CLIP model setting (the WebUI's Settings entry)."""
-    from finetune_core.formats.names import sanitize_name
-    from finetune_core.jobs.preflight import check_writable, refuse_same_name
-
     clean = sanitize_name(coerce_value(name, "str", False, "name"))
     values = dict(settings)
     if default_clip and not str(values.get("clip_model", "") or "").strip():
@@ -81,8 +80,6 @@ def validate_create(name: str, settings: Mapping[str, Any], folders: OutputFolde
 def create(name: str, settings: Mapping[str, Any], folders: OutputFolders, overwrite: Any = False,
            device: str | None = None, progress: Progress | None = None, default_clip: str = "") -> list[Path]:
     """Create `<name>.pt` and its safetensors copy in the aesthetic embeddings folder."""
-    from finetune_core.jobs.preflight import storage_error
-
     clean, config, folder = validate_create(name, settings, folders, overwrite, default_clip)
     try:
         return create_embedding(clean, config, folder, bool(overwrite), device or _device(), progress)
@@ -92,8 +89,6 @@ def create(name: str, settings: Mapping[str, Any], folders: OutputFolders, overw
 
 def apply_config(settings: Mapping[str, Any], from_text: bool = False) -> AestheticApplyConfig:
     """Typed, checked apply settings (defaults: the original's)."""
-    from finetune_core.settings import coerce_settings
-
     typed = coerce_settings(AestheticApplyConfig, settings, "aesthetic", from_text=from_text)
     config = AestheticApplyConfig(**typed)
     config.validate()
@@ -102,8 +97,6 @@ def apply_config(settings: Mapping[str, Any], from_text: bool = False) -> Aesthe
 
 def preview_config(settings: Mapping[str, Any], from_text: bool = False) -> AestheticPreviewConfig:
     """Typed, checked txt2img settings of a preview."""
-    from finetune_core.settings import coerce_settings
-
     config = AestheticPreviewConfig(**coerce_settings(AestheticPreviewConfig, settings, "preview",
                                                       from_text=from_text))
     config.validate()

@@ -19,6 +19,19 @@ from typing import Any
 
 import torch
 
+from finetune_core.aesthetic.personalized_text import (
+    AestheticTarget,
+    ConditioningCache,
+    Personalization,
+    PersonalizedText,
+)
+from finetune_core.bench.runner import busy_seconds, own_seconds
+from finetune_core.model.configs import load_config
+from finetune_core.model.diffusers_backend import DiffusersModel
+from finetune_core.model.interface import ModelIdentity
+from finetune_core.model.single_file import build_component
+from finetune_core.model.tiny import randomize_weights
+
 PROMPT = "a photo of a lighthouse on a cliff at dusk, dramatic sky, highly detailed, oil painting"
 TINY = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 FULL = "sd15-text-full"
@@ -52,7 +65,6 @@ def run_bench(args: argparse.Namespace) -> list[Row]:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     if args.full and FULL not in names:
         names.append(FULL)
-    from finetune_core.bench.runner import busy_seconds, own_seconds  # Linux /proc/stat, resource
 
     rows = []
     for name in names:
@@ -71,11 +83,6 @@ def build_model(name: str, device: str) -> Any:
 
     if name != FULL:
         return build_tiny(name, device=device)
-    from finetune_core.model.configs import load_config
-    from finetune_core.model.diffusers_backend import DiffusersModel
-    from finetune_core.model.interface import ModelIdentity
-    from finetune_core.model.single_file import build_component
-    from finetune_core.model.tiny import randomize_weights
 
     parts = tiny_components("tiny-sd1")
     with torch.device("meta"):
@@ -87,13 +94,6 @@ def build_model(name: str, device: str) -> Any:
 
 
 def measure(name: str, model: Any, rounds: int, firsts: int, steps: int) -> Row:
-    from finetune_core.aesthetic.personalized_text import (
-        AestheticTarget,
-        ConditioningCache,
-        Personalization,
-        PersonalizedText,
-    )
-
     width = model.text_encoders[-1].width
     generator = torch.Generator().manual_seed(0)
     target = AestheticTarget.of("bench", torch.randn(1, width, generator=generator),
@@ -146,8 +146,6 @@ class _Stopwatch:
 def _others_share(busy_before: float | None, own_before: float, wall: float) -> float | None:
     """The share of all CPUs that other processes used during `wall` seconds (Linux), as the bench runner notes it:
     on a shared machine it says how far the figures can be trusted."""
-    from finetune_core.bench.runner import busy_seconds, own_seconds
-
     busy = busy_seconds()
     if busy is None or busy_before is None or wall <= 0:
         return None

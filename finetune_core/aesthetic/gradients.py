@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from finetune_core.aesthetic.clip_vision import load_clip, load_text_projection
 from finetune_core.aesthetic.personalized_text import (
     AestheticTarget,
     ConditioningCache,
@@ -182,8 +183,6 @@ def mean_image_features(clip: Any, files: Sequence[Path], batch_size: int,
 def create_embedding(name: str, config: AestheticCreateConfig, folder: Path, overwrite: bool = False,
                      device: str | torch.device = "cpu", progress: Progress | None = None) -> list[Path]:
     """Make `<name>.pt` and its safetensors copy in `folder` from the images in `config.data_dir`."""
-    from finetune_core.aesthetic.clip_vision import load_clip
-
     files = image_files(config.data_dir)
     clip = load_clip(config.clip_model, device)
     vector = mean_image_features(clip, files, config.batch_size, progress)
@@ -253,7 +252,6 @@ def _read_target(files: AestheticFiles, clip_model: str) -> AestheticTarget:
             raise ArtifactError(f"the aesthetic embedding {files.name!r} ({files.pt}) has no .safetensors copy "
                                 f"with its CLIP's text projection: set the CLIP model it was made with (a local "
                                 f"transformers folder such as openai/clip-vit-large-patch14, or an open_clip file)")
-        from finetune_core.aesthetic.clip_vision import load_text_projection
 
         projection = load_text_projection(clip_model)
     if projection.shape[1] != vector.shape[1]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from finetune_core.aesthetic.gradients import INFOTEXT, NONE, AestheticApplyConfig, AestheticLibrary
 from finetune_core.errors import FinetuneError
+from finetune_core.model.webui_backend import WebUIModel
 from finetune_core.settings import coerce_settings
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,6 @@ class AestheticSection:
         return config
 
     def model_for(self, sd_model: Any) -> Any:
-        from finetune_core.model.webui_backend import WebUIModel
-
         if self._model is None or self._model.sd_model is not sd_model:
             self._model = WebUIModel(sd_model)
         return self._model

@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 
 from finetune_core.errors import FinetuneError, JobBusy
 from finetune_core.hosts.host import Host
+from finetune_core.jobs import service
 from finetune_core.jobs.service import JobResult, TrainRequest
+from finetune_core.methods import METHODS
 from finetune_core.train.control import Control
 from finetune_core.train.events import (
     ArtifactSaved,
@@ -91,23 +93,17 @@ def thin(points: list[tuple[int, float]], limit: int) -> list[tuple[int, float]]
 
 
 def _default_train(*args: Any, **kwargs: Any) -> JobResult:
-    from finetune_core.jobs import service  # looked up at call time so the lead's service can land later
-
     return service.train(*args, **kwargs)
 
 
 def _default_check(host: Host) -> Callable[[TrainRequest], TrainRequest]:
     def check(request: TrainRequest) -> TrainRequest:
-        from finetune_core.jobs import service
-
         return service.validate_request(request, host.folders(), host.template_dirs())
 
     return check
 
 
 def _default_output_kind(method: str) -> str:
-    from finetune_core.methods import METHODS
-
     return METHODS[method].output_kind
 
 

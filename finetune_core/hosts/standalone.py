@@ -8,7 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from finetune_core.data.templates import available_templates
 from finetune_core.errors import ConfigError
+from finetune_core.jobs import service
+from finetune_core.jobs.preflight import ARTIFACT_SUFFIXES as KIND_SUFFIXES
 from finetune_core.jobs.service import OutputFolders
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train.events import Event
@@ -19,8 +22,6 @@ ARTIFACT_SUFFIXES = (".pt", ".safetensors", ".bin", ".ckpt", ".png", ".webp")
 
 
 def _default_loader(spec: str) -> DiffusionModel:
-    from finetune_core.jobs import service
-
     return service.load(spec)
 
 
@@ -97,10 +98,7 @@ class StandaloneHost:
     def list_existing(self, kind: str) -> list[str]:
         """Template file names, or the artefact names in the output folder of `kind`."""
         if kind == "templates":
-            from finetune_core.data.templates import available_templates
-
             return sorted(available_templates(tuple(self._template_dirs)))
-        from finetune_core.jobs.preflight import ARTIFACT_SUFFIXES as KIND_SUFFIXES
 
         folder = self._folders.for_kind(kind)
         if not folder.is_dir():

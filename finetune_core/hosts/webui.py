@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 
 from finetune_core.aesthetic.webui_script import CLIP_SETTING, webui_folders
 from finetune_core.hosts.console import ConsoleProgress, format_seconds
+from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.jobs.service import OutputFolders
+from finetune_core.model.webui_backend import WebUIModel
 from finetune_core.train.events import (
     ArtifactSaved,
     Event,
@@ -97,8 +99,6 @@ class WebUIExtension:
     """The one host and job runner the tab and the REST routes share."""
 
     def __init__(self) -> None:
-        from finetune_core.hosts.job_runner import JobRunner
-
         self.host = WebUIHost()
         self.runner = JobRunner(self.host)
 
@@ -146,7 +146,6 @@ class WebUIHost:
     def get_model(self) -> Any:
         from modules import shared
 
-        from finetune_core.model.webui_backend import WebUIModel
 
         sd_model = shared.sd_model
         if self._model is None or self._model.sd_model is not sd_model:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ArtifactError, NetworkError, OutOfMemory, StorageError
+from finetune_core.train.memory import MemoryPlan, estimate_memory
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,6 @@ def remove_stale_temporaries(folder: Path, recursive: bool = False, older_than: 
 
 def memory_plan(data: Mapping[str, Any], train: Mapping[str, Any]) -> Any:
     """The MemoryPlan for typed dataset and training settings (as forms and requests hold them)."""
-    from finetune_core.train.memory import MemoryPlan
-
     return MemoryPlan(batch_size=int(data.get("batch_size", 1)), width=int(data.get("width", 512)),
                       height=int(data.get("height", 512)), precision=str(train.get("precision", "fp32")),
                       gradient_checkpointing=bool(train.get("gradient_checkpointing", True)),
@@ -156,8 +155,6 @@ def check_resources(model: Any, needs: Any, plan: Any, folders: Sequence[tuple[P
     """Memory and disk before step 1: refuse a run whose memory estimate is far beyond the device's and folders
     without room for what they will get (`(folder, what, bytes)`, see `disk_needs`; folders on one disk need the
     sum); a warning when memory is close. Returns the warnings."""
-    from finetune_core.train.memory import estimate_memory
-
     estimate = estimate_memory(model, needs, plan)
     for folder, what, needed in folders:
         shared = sum(n for f, _, n in folders if _same_disk(f, folder))

@@ -13,8 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune_core.data.dataset_config import DatasetConfig
+from finetune_core.data.masks import check_mask
+from finetune_core.data.scan import attention_masks, image_files
+from finetune_core.data.templates import load_template
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError
+from finetune_core.formats.atomic import require_finite
+from finetune_core.formats.inspect import inspect_file, tensors_of
+from finetune_core.formats.names import find_artifact, sanitize_name
+from finetune_core.jobs.preflight import ARTIFACT_SUFFIXES, check_writable, refuse_same_name
+from finetune_core.methods import METHODS
 from finetune_core.settings import Kind, coerce_settings, coerce_value
+from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, run_length
+from finetune_core.train.run_folder import RunFolder
+from finetune_core.train.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from finetune_core.methods import MethodSpec
@@ -68,7 +80,6 @@ class TrainRequest:
 
 def method_spec(method: str) -> MethodSpec:
     """The registry entry for `method`, or a ConfigError listing the known methods."""
-    from finetune_core.methods import METHODS
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[method]
@@ -76,8 +87,6 @@ def method_spec(method: str) -> MethodSpec:
 
 def form_defaults(method: str) -> dict[str, dict[str, Any]]:
     """Default values of every setting a method's forms show, with the method's overrides applied."""
-    from finetune_core.data.dataset_config import DatasetConfig
-    from finetune_core.train.train_config import TrainConfig
     spec = method_spec(method)
     return {"method": _defaults(spec.config_type), "data": {**_defaults(DatasetConfig), **spec.data_defaults},
             "train": {**_defaults(TrainConfig), **spec.train_defaults}}
@@ -153,8 +162,6 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
 
     A resume plans the run's saved request (this request's `overwrite` counts too). Creates nothing.
     """
-    from finetune_core.formats.names import sanitize_name
-    from finetune_core.jobs.preflight import check_writable, refuse_same_name
     request = _typed_request(request)
     run_dir = Path(request.resume_run) if request.resume_run else None
     if run_dir is not None:
@@ -180,9 +187,6 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
 
 def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: Sequence[Path]) -> dict[str, Any]:
     """The three settings dataclasses, every problem at once; then the template and the dataset folder."""
-    from finetune_core.data.dataset_config import DatasetConfig
-    from finetune_core.data.scan import image_files
-    from finetune_core.train.train_config import TrainConfig
     defaults = form_defaults(request.method)
     problems: list[str] = []
     configs = {}
@@ -221,18 +225,12 @@ def method_checks(config: Any, name: str, folder: Path, overwrite: bool) -> None
 
 def _check_masks(data: Any) -> None:
     """Every attention mask is a grayscale picture of its image's size (reads the masks)."""
-    from finetune_core.data.masks import check_mask
-    from finetune_core.data.scan import attention_masks
     for image, mask in sorted(attention_masks(Path(data.data_dir), data.recursive).items()):
         check_mask(mask, image)
 
 
 def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
     """The file to continue from exists, is of the right kind and holds only finite numbers; returns its step."""
-    from finetune_core.formats.atomic import require_finite
-    from finetune_core.formats.inspect import inspect_file, tensors_of
-    from finetune_core.formats.names import find_artifact
-    from finetune_core.jobs.preflight import ARTIFACT_SUFFIXES
     expected = {"embeddings": "embedding", "hypernetworks": "hypernetwork", "checkpoints": "checkpoint",
                 "aesthetic_embeddings": "aesthetic embedding", "loras": "lora"}.get(kind, kind)
     path = find_artifact(reference, final_dir, ARTIFACT_SUFFIXES.get(kind, ()), expected)
@@ -246,7 +244,6 @@ def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
 
 def _check_steps_left(step: int, train: Any) -> None:
     """A file continued from at or past the step this run stops at would be written back unchanged."""
-    from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, run_length
     problem = nothing_to_train(step, run_length(parse_schedule(train.learning_rate, train.steps), train.steps))
     if problem:
         raise ConfigError(problem)
@@ -263,7 +260,6 @@ def _with_template_path(config: Any, template_dirs: Sequence[Path]) -> Any:
 
 def _require_name_in_template(config: Any) -> None:
     """A method that trains the word `[name]` learns nothing from a template that never says it."""
-    from finetune_core.data.templates import load_template
     lines = load_template(config.template)
     if not any("[name]" in line for line in lines):
         raise ConfigError(f"the prompt template {config.template!r} never uses [name], so the embedding would never "
@@ -281,7 +277,6 @@ def _saved_request(run_dir: Path, request: TrainRequest) -> TrainRequest:
     counts too."""
     import json
 
-    from finetune_core.train.run_folder import RunFolder
     saved = run_dir / "request.json"
     if not saved.is_file():
         raise ConfigError(f"{run_dir} is not a run folder of this tool (no request.json); pass the folder that "

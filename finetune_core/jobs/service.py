@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from finetune_core.errors import ConfigError
+from finetune_core.data.dataset_config import DatasetConfig
+from finetune_core.data.lint import lint_dataset
+from finetune_core.data.scan import encoding_warnings
+from finetune_core.errors import ConfigError, ModelMismatchError
+from finetune_core.formats.inspect import inspect_file
+from finetune_core.formats.names import sanitize_name
+from finetune_core.jobs import preflight
+from finetune_core.jobs.preflight import check_writable, refuse_same_name, storage_error
 from finetune_core.jobs.request import (
     OutputFolders,
     Plan,
@@ -26,7 +33,15 @@ from finetune_core.jobs.request import (
     plan_request,
     request_from_json,
 )
+from finetune_core.model.loading import load_model
 from finetune_core.settings import coerce_value
+from finetune_core.train.cpu import autocast_problem
+from finetune_core.train.distributed import Processes
+from finetune_core.train.events import Warning_, ignore_events
+from finetune_core.train.loop import OutputSpec, resume_training, run_training
+from finetune_core.train.lr_schedule import parse_schedule
+from finetune_core.train.randomness import resolve_seed
+from finetune_core.train.run_folder import RunFolder
 
 __all__ = ["JobResult", "OutputFolders", "TrainRequest", "build_config", "create", "form_defaults", "inspect", "lint",
            "load", "method_spec", "request_from_json", "train", "validate_create", "validate_request"]
@@ -37,7 +52,6 @@ if TYPE_CHECKING:
     from finetune_core.methods import Create
     from finetune_core.model.interface import DiffusionModel
     from finetune_core.train.control import Control
-    from finetune_core.train.distributed import Processes
     from finetune_core.train.events import EventSink
 
 
@@ -56,7 +70,6 @@ def load(spec: str, device: str | None = None) -> DiffusionModel:
     """Load a model for standalone use: a built-in tiny name, a single-file checkpoint or a diffusers folder."""
     import torch
 
-    from finetune_core.model.loading import load_model
     chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_model(spec, device=chosen)
 
@@ -70,8 +83,6 @@ def validate_create(method: str, name: str, settings: Mapping[str, Any], folders
                     overwrite: bool = False) -> tuple[Create, str, Any, Path]:
     """Check a create request without a model: (create function, clean name, config, folder), or the sentence
     saying what is wrong."""
-    from finetune_core.formats.names import sanitize_name
-    from finetune_core.jobs.preflight import check_writable, refuse_same_name
     spec = method_spec(coerce_value(method, "str", False, "method"))
     if spec.create_type is None or spec.create is None:
         raise ConfigError(f"{spec.label} has no separate create step; train it directly")
@@ -89,7 +100,6 @@ def validate_create(method: str, name: str, settings: Mapping[str, Any], folders
 def create(method: str, name: str, settings: Mapping[str, Any], model: DiffusionModel, folders: OutputFolders,
            overwrite: bool = False) -> list[Path]:
     """Create a new, untrained artefact file (the WebUI's Create embedding / Create hypernetwork)."""
-    from finetune_core.jobs.preflight import storage_error
     make, clean, config, folder = validate_create(method, name, settings, folders, overwrite)
     try:
         return make(model, clean, config, folder, overwrite)
@@ -100,15 +110,12 @@ def create(method: str, name: str, settings: Mapping[str, Any], model: Diffusion
 def lint(data_settings: Mapping[str, Any], method: str = "textual-inversion",
          model: DiffusionModel | None = None) -> LintReport:
     """Check a dataset before training: images, unreadable files, captions, sizes, token lengths, buckets."""
-    from finetune_core.data.dataset_config import DatasetConfig
-    from finetune_core.data.lint import lint_dataset
     config = build_config(DatasetConfig, form_defaults(method)["data"], data_settings, "dataset")
     return lint_dataset(config, token_counter=model.count_tokens if model is not None else None)
 
 
 def inspect(path: str | Path) -> ArtifactInfo:
     """Say what an artefact file is (embedding, hypernetwork, checkpoint, aesthetic embedding, LoRA)."""
-    from finetune_core.formats.inspect import inspect_file
     return inspect_file(path)
 
 
@@ -121,8 +128,6 @@ def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, 
     (continuing an embedding or hypernetwork in place counts as asked). `processes`: the processes of a
     data-parallel run (the standalone CLI under `accelerate launch`); by default this one process.
     """
-    from finetune_core.train.distributed import Processes
-    from finetune_core.train.events import Warning_, ignore_events
     processes = processes or Processes()
     emit = on_event if on_event is not None and processes.is_main else ignore_events
     plan = plan_request(request, folders, template_dirs)
@@ -144,10 +149,6 @@ class _Job:
 
 def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Job:
     """Build the dataset and the method (reading the file to continue from), then check memory and disk space."""
-    from finetune_core.data.scan import encoding_warnings
-    from finetune_core.jobs import preflight
-    from finetune_core.train.cpu import autocast_problem
-    from finetune_core.train.randomness import resolve_seed
     configs = plan.configs
     data = plan.spec.data(configs["method"], configs["data"], plan.name)
     seed = processes.share(resolve_seed(configs["train"].seed))  # -1 draws once, in the main process
@@ -174,7 +175,6 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
 
 def _unusual_rate(spec: Any, train: Any) -> list[str]:
     """A warning when the schedule's highest rate is far above what the method is usually trained with."""
-    from finetune_core.train.lr_schedule import parse_schedule
     if not spec.usual_max_lr:
         return []
     highest = max(rate for rate, _ in parse_schedule(train.learning_rate, train.steps))
@@ -187,9 +187,6 @@ def _unusual_rate(spec: Any, train: Any) -> list[str]:
 def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, emit: EventSink,
          control: Control | None, processes: Processes) -> JobResult:
     """Start or resume the loop; operating-system errors and running out of memory become one sentence."""
-    from finetune_core.jobs import preflight
-    from finetune_core.train.loop import OutputSpec, resume_training, run_training
-    from finetune_core.train.run_folder import RunFolder
     output = OutputSpec(plan.final_dir, plan.name, overwrite=plan.overwrite,
                         settings={"method": plan.request.method, **dataclasses.asdict(plan.configs["method"])})
     main = processes.is_main  # the main process alone tidies and creates folders; the others get its run folder
@@ -257,7 +254,6 @@ def _require_same_family(run_dir: Path, model: DiffusionModel) -> None:
     """A run resumes only on a model of the family it started with (its settings.json says which)."""
     import json
 
-    from finetune_core.errors import ModelMismatchError
     try:
         started = json.loads((run_dir / "settings.json").read_text(encoding="utf-8"))["model"]
         family, name = str(started["family"]), started.get("name")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from finetune_core.errors import ArtifactError, ConfigError
 from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
+from finetune_core.jobs.preflight import refuse_same_name
 from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
 from finetune_core.methods.discriminator import Discriminator, check_discriminator_file, load_discriminator
 from finetune_core.methods.guidance import GuidanceScale, guide, parse_guidance
@@ -72,8 +73,6 @@ class DreamArtistCreate:
 
     def check_request(self, name: str, folder: Path, overwrite: bool) -> None:
         """The name leaves room for `NAME-neg`, which must not exist unless overwriting (needs no model)."""
-        from finetune_core.jobs.preflight import refuse_same_name
-
         if name.endswith(NEGATIVE_SUFFIX):
             raise ConfigError(f"the name {name!r} ends in '{NEGATIVE_SUFFIX}', which DreamArtist keeps for the "
                               f"negative embedding (NAME{NEGATIVE_SUFFIX}); choose a name without it")

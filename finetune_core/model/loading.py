@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
+from finetune_core.formats.hash_cache import cached_sha256
+from finetune_core.model.diffusers_backend import DiffusersModel
 from finetune_core.model.interface import EPSILON, SD1, SD2, SDXL, V_PREDICTION, DiffusionModel, ModelIdentity
 from finetune_core.model.tiny import TINY_MODELS
 
@@ -78,7 +80,6 @@ def _require_standalone_packages() -> None:
 
 
 def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:
-    from finetune_core.model.diffusers_backend import DiffusersModel
     from finetune_core.model.single_file import load_single_file
 
     c = load_single_file(path)
@@ -91,7 +92,6 @@ def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from finetune_core.model.diffusers_backend import DiffusersModel
 
     index = _read_json(folder / "model_index.json", folder, "model_index.json")
     for part in ("unet", "vae", "text_encoder"):
@@ -154,8 +154,6 @@ def _folder_prediction_type(folder: Path) -> str:
 
 def _folder_shorthash(folder: Path) -> str:
     """sha256[:10] of the UNet weight file(s): the part that makes one model of a family differ from another."""
-    from finetune_core.formats.hash_cache import cached_sha256
-
     # from_pretrained loads the files without a variant infix ("model.fp16.safetensors" is another copy).
     found = [f for ext in ("*.safetensors", "*.bin") for f in sorted((folder / "unet").glob(ext))]
     files = [f for f in found if f.name.count(".") == 1]

@@ -13,6 +13,7 @@ from finetune_core.errors import ConfigError, FinetuneError
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobRunner, JobState
 from finetune_core.jobs.preflight import memory_plan
+from finetune_core.jobs.request import build_config, form_defaults, method_spec
 from finetune_core.jobs.service import TrainRequest
 from finetune_core.train.memory import describe_fits, estimate_memory, full_size_fits
 from finetune_core.ui import presets
@@ -96,8 +97,6 @@ class MethodActions:
 
     def estimate(self, values: Values) -> str:
         """The memory estimate for the form's settings, as a sentence; the method counts what it adds."""
-        from finetune_core.jobs.request import build_config, form_defaults, method_spec
-
         typed = self.typed(values)
         spec = method_spec(self.method)
         config = build_config(spec.config_type, form_defaults(self.method)["method"], typed["method"], spec.label)

@@ -12,6 +12,10 @@ from typing import Any
 from finetune_core.errors import ConfigError, FinetuneError
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobBusy, JobRunner
+from finetune_core.methods import METHODS
+from finetune_core.ui.aesthetic_tab import AestheticJobs
+from finetune_core.ui.aesthetic_tab import routes as aesthetic_routes
+from finetune_core.ui.method_tab import method_sections
 from finetune_core.ui.rest_body import object_field, refuse_unknown_fields, required_text
 from finetune_core.ui.schema import field_specs
 
@@ -57,8 +61,6 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     post("/inspect", routes.inspect)
     for command in ("interrupt", "pause", "resume"):
         router.add_api_route(f"/{command}", getattr(routes, command), methods=["POST"])
-    from finetune_core.ui.aesthetic_tab import AestheticJobs
-    from finetune_core.ui.aesthetic_tab import routes as aesthetic_routes
 
     aesthetic = AestheticJobs(host, runner)
     for path, handler in aesthetic_routes(aesthetic).items():
@@ -121,14 +123,11 @@ class _Routes:
     def _registry(self) -> Mapping[str, Any]:
         if self._methods is not None:
             return self._methods
-        from finetune_core.methods import METHODS
 
         return METHODS
 
     def methods(self) -> dict[str, Any]:
         """Every method's form schema: fields with kind, default, label, help, choices and `advanced`."""
-        from finetune_core.ui.method_tab import method_sections
-
         out = {}
         for key, spec in self._registry().items():
             sections = method_sections(spec, self.service)

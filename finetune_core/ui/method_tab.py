@@ -7,8 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobRunner
+from finetune_core.train.train_config import TrainConfig
 from finetune_core.ui.actions import SECTIONS, MethodActions, Values
 from finetune_core.ui.compat import gallery_value
 from finetune_core.ui.forms import build_section, refresh_button
@@ -45,9 +47,6 @@ def method_slug(key: str) -> str:
 
 def method_sections(spec: Any, service: Any) -> dict[str, list[FieldSpec]]:
     """The FieldSpecs of a method's three settings dataclasses, with the method's default overrides applied."""
-    from finetune_core.data.dataset_config import DatasetConfig
-    from finetune_core.train.train_config import TrainConfig
-
     defaults = service.form_defaults(spec.key) if hasattr(service, "form_defaults") else {}
     return {"method": with_defaults(field_specs(spec.config_type), defaults.get("method")),
             "data": with_advanced(with_defaults(field_specs(DatasetConfig), defaults.get("data")), DATA_ADVANCED),

@@ -9,7 +9,9 @@ from typing import Any
 from finetune_core.errors import ConfigError
 from finetune_core.hosts.host import Host, ModelPicker
 from finetune_core.hosts.job_runner import JobRunner
+from finetune_core.methods import METHODS
 from finetune_core.ui.actions import guarded, message_html
+from finetune_core.ui.aesthetic_tab import AestheticJobs, AestheticTab
 from finetune_core.ui.compat import NO_API, file_path
 from finetune_core.ui.method_tab import MethodTab, TabContext
 
@@ -34,8 +36,6 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
     if service is None:
         from finetune_core.jobs import service
     if methods is None:
-        from finetune_core.methods import METHODS
-
         methods = METHODS
     ctx = TabContext(gr, host, runner or JobRunner(host), service, train_js)
     with gr.Blocks(analytics_enabled=False, elem_id="finetune_tab", **(blocks_kwargs or {})) as blocks:
@@ -49,8 +49,6 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
                         gr.Markdown(spec.description, elem_classes=["finetune-description"])
                     MethodTab(ctx, spec).build()
             with gr.Tab("Aesthetic Gradients", elem_id="finetune_aesthetic_tab"):
-                from finetune_core.ui.aesthetic_tab import AestheticJobs, AestheticTab
-
                 AestheticTab(gr, AestheticJobs(host, ctx.runner)).build()
             with gr.Tab("Inspect a file", elem_id="finetune_inspect_tab"):
                 _inspector(ctx)
