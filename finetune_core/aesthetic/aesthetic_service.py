@@ -21,8 +21,8 @@ from finetune_core.aesthetic.gradients import (
 )
 from finetune_core.errors import ConfigError
 from finetune_core.formats.clip_weights import find_clip_files
-from finetune_core.formats.names import sanitize_name
-from finetune_core.jobs.preflight import check_writable, refuse_same_name, storage_error
+from finetune_core.formats.names import refuse_same_name, sanitize_name
+from finetune_core.jobs.preflight import check_writable, storage_error
 from finetune_core.jobs.request import OutputFolders, build_config
 from finetune_core.model.interface import DiffusionModel, SampleRequest
 from finetune_core.settings import coerce_settings, coerce_value

@@ -10,8 +10,8 @@ from typing import TypeVar
 
 from finetune_core.data.templates import available_templates
 from finetune_core.errors import ConfigError
+from finetune_core.formats.names import ARTIFACT_SUFFIXES as KIND_SUFFIXES
 from finetune_core.jobs import service
-from finetune_core.jobs.preflight import ARTIFACT_SUFFIXES as KIND_SUFFIXES
 from finetune_core.jobs.service import OutputFolders
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train.events import Event

@@ -17,16 +17,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from finetune_core.errors import ArtifactError, NetworkError, OutOfMemory, StorageError
+from finetune_core.errors import NetworkError, OutOfMemory, StorageError
 from finetune_core.train.memory import MemoryPlan, estimate_memory
 
 logger = logging.getLogger(__name__)
 
 MIN_FREE_BYTES = 32 << 20  # below this a disk is full for any run: state, CSV and previews need room
-# What the WebUI loads from each output folder: a second file of the same stem and one of these is the same artefact.
-ARTIFACT_SUFFIXES = {"embeddings": (".pt", ".bin", ".safetensors", ".png", ".webp"), "hypernetworks": (".pt",),
-                     "checkpoints": (".safetensors", ".ckpt"), "aesthetic_embeddings": (".pt", ".safetensors"),
-                     "loras": (".safetensors", ".pt", ".ckpt")}
 # `formats.atomic.atomic_write` names its temporary files `.<target name>.<8 random characters>.tmp`.
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 STALE_AFTER_SECONDS = 60.0  # an atomic write takes seconds; an older temporary file belongs to no live write
@@ -97,23 +93,6 @@ def _reason(exc: OSError) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
-
-
-def same_name_files(folder: Path, name: str, kind: str) -> list[Path]:
-    """Files in `folder` the WebUI would load under `name` (any of its formats for that kind of artefact)."""
-    suffixes = ARTIFACT_SUFFIXES.get(kind, ())
-    if not Path(folder).is_dir():
-        return []
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.stem == name
-                  and p.suffix.lower() in suffixes)
-
-
-def refuse_same_name(folder: Path, name: str, kind: str) -> None:
-    """Refuse to write an artefact `name` where one of that name exists in any format (the WebUI would see two)."""
-    found = same_name_files(folder, name, kind)
-    if found:
-        others = " and ".join(str(p) for p in found)
-        raise ArtifactError(f"{others} already exists; choose another name, or ask to overwrite it")
 
 
 def remove_stale_temporaries(folder: Path, recursive: bool = False, older_than: float = STALE_AFTER_SECONDS) -> int:

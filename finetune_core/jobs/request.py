@@ -20,8 +20,8 @@ from finetune_core.data.templates import load_template
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError
 from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.inspect import inspect_file, tensors_of
-from finetune_core.formats.names import find_artifact, sanitize_name
-from finetune_core.jobs.preflight import ARTIFACT_SUFFIXES, check_writable, refuse_same_name
+from finetune_core.formats.names import ARTIFACT_SUFFIXES, find_artifact, refuse_same_name, sanitize_name
+from finetune_core.jobs.preflight import check_writable
 from finetune_core.methods import METHODS
 from finetune_core.settings import Kind, coerce_settings, coerce_value
 from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, run_length

@@ -19,9 +19,9 @@ from finetune_core.data.lint import lint_dataset
 from finetune_core.data.scan import encoding_warnings
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.inspect import inspect_file
-from finetune_core.formats.names import sanitize_name
+from finetune_core.formats.names import refuse_same_name, sanitize_name
 from finetune_core.jobs import preflight
-from finetune_core.jobs.preflight import check_writable, refuse_same_name, storage_error
+from finetune_core.jobs.preflight import check_writable, storage_error
 from finetune_core.jobs.request import (
     OutputFolders,
     Plan,

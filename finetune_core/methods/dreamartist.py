@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from finetune_core.errors import ArtifactError, ConfigError
 from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
-from finetune_core.jobs.preflight import refuse_same_name
+from finetune_core.formats.names import refuse_same_name
 from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
 from finetune_core.methods.discriminator import Discriminator, check_discriminator_file, load_discriminator
 from finetune_core.methods.guidance import GuidanceScale, guide, parse_guidance
