@@ -15,31 +15,22 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from finetune_core.aesthetic.aesthetic_cli import add_parser as add_aesthetic
-from finetune_core.aesthetic.aesthetic_cli import run as run_aesthetic
-from finetune_core.bench import BenchOptions, add_arguments, run_bench
-from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.errors import ConfigError, FinetuneError
-from finetune_core.hosts.console import ConsoleProgress
-from finetune_core.jobs import service
-from finetune_core.jobs.launcher import launch
-from finetune_core.methods import METHODS
-from finetune_core.settings import add_settings_flags, add_threads_flag, coerce_settings
-from finetune_core.train.control import Control
-from finetune_core.train.cpu import prepare_process, set_threads
-from finetune_core.train.distributed import join_processes, launched_rank, launched_world
-from finetune_core.train.train_config import TrainConfig
-from finetune_core.ui.app import main as ui_main
+from finetune_core.settings import add_settings_flags, add_threads_flag
 
 SECTIONS = ("method", "data", "train")
 
 
 def _setting_types() -> dict[str, type]:
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.train.train_config import TrainConfig
     return {"data": DatasetConfig, "train": TrainConfig}
 
 
 def _settings_from_args(args: argparse.Namespace, types: dict[str, type]) -> dict[str, dict[str, Any]]:
     """Flag values per section, typed by the one coercer in its text mode (the command line is typed text)."""
+    from finetune_core.settings import coerce_settings
+
     out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for dest, value in vars(args).items():
         if ":" in dest and value is not None:
@@ -50,6 +41,7 @@ def _settings_from_args(args: argparse.Namespace, types: dict[str, type]) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from finetune_core.methods import METHODS
     parser = argparse.ArgumentParser(prog="python -m finetune_core", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics (paths, cache hits, devices)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="say what an artefact file is and which model it fits")
     inspect.add_argument("file")
     bench = commands.add_parser("bench", help="print speed, memory and compute-floor figures")
+    from finetune_core.bench import add_arguments
     add_arguments(bench)
     add_threads_flag(bench)
+    from finetune_core.aesthetic.aesthetic_cli import add_parser as add_aesthetic
     add_aesthetic(commands)
     ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
     ui.add_argument("rest", nargs=argparse.REMAINDER, help="options of the app (see `ui --help`)")
@@ -96,9 +90,11 @@ def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from finetune_core.cpu import prepare_process
     prepare_process()  # before anything imports torch: OpenMP reads its wait policy once, at load
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ui"]:
+        from finetune_core.ui.app import main as ui_main
         return int(ui_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
@@ -115,13 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
     if args.command == "inspect":
         print(service.inspect(args.file).describe())
         return 0
     if args.command == "bench":
+        from finetune_core.bench import BenchOptions, run_bench
         run_bench(BenchOptions.from_args(args))
         return 0
     if args.command == "aesthetic":
+        from finetune_core.aesthetic.aesthetic_cli import run as run_aesthetic
         return run_aesthetic(args)
     if args.command != "train":
         set_threads(getattr(args, "threads", None))
@@ -145,9 +145,13 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any, folders: Any) -> int:
     """Train in this process, or start N data-parallel ones (`--num-processes`), or be one of them."""
+    from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
+    from finetune_core.train.distributed import join_processes, launched_world
     if (args.num_processes or 1) < 1:
         raise ConfigError(f"--num-processes must be at least 1, not {args.num_processes}")
     if (args.num_processes or 1) > 1 and launched_world() == 1:
+        from finetune_core.jobs.launcher import launch
         return launch(argv, args.num_processes, args.device, folders.logs)
     processes = join_processes(args.device)  # a launcher started several: join them (one thread share each)
     set_threads(args.threads)
@@ -156,6 +160,7 @@ def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any
 
 
 def _section_types(args: argparse.Namespace) -> dict[str, type]:
+    from finetune_core.methods import METHODS
     types = dict(_setting_types())
     if getattr(args, "method", None) in METHODS and args.command in ("train", "create"):
         spec = METHODS[args.method]
@@ -166,6 +171,9 @@ def _section_types(args: argparse.Namespace) -> dict[str, type]:
 def _train(request: Any, model: Any, folders: Any, processes: Any) -> int:
     """Run the job with a progress bar; Ctrl-C asks the loop to save and stop (a second one stops at once). In a
     data-parallel run only the main process shows progress and the result."""
+    from finetune_core.hosts.console import ConsoleProgress
+    from finetune_core.jobs import service
+    from finetune_core.train.control import Control
     control = Control()
     with ConsoleProgress() as progress, _interrupt_on_sigint(control, processes.world > 1):
         result = service.train(request, model, folders, on_event=progress, control=control, processes=processes)
@@ -185,6 +193,8 @@ def _interrupt_on_sigint(control: Any, launched: bool = False) -> Iterator[None]
     A process of a data-parallel run gets the terminal's Ctrl-C and then the launcher's own signal (SIGINT or
     SIGTERM, SIGKILL some 30 s later): both only ask it to save and stop, and only the main process says so.
     """
+    from finetune_core.train.distributed import launched_rank
+
     def handler(signum: int, frame: Any) -> None:
         if control.interrupted and not launched:  # asked twice: the user wants out now
             raise KeyboardInterrupt

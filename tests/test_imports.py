@@ -3,7 +3,7 @@ that says its role, the rooms form one stack (a room imports only rooms below it
 
 The stack, bottom to top (`LAYERS`):
 
-    base       errors.py, settings.py: exceptions and setting values, used by every room
+    base       errors.py, settings.py, cpu.py: exceptions, setting values and process settings, used by every room
     formats    artefact files the WebUI loads (stdlib, torch, safetensors only)
     model      the DiffusionModel interface and its backends (diffusers, the WebUI)
     data       datasets, captions, buckets, caches
@@ -37,8 +37,13 @@ LIGHT_MODULES = ["finetune_core", "finetune_core.jobs.service", "finetune_core.j
                  "finetune_core.aesthetic.aesthetic_service", "finetune_core.ui.api", "finetune_core.ui.tab"]
 LAYERS = ["base", "formats", "model", "data", "train", "methods", "jobs", "bench", "aesthetic", "hosts", "ui", "cli"]
 # The only modules at the package root: the command line, and what every room uses.
-ROOT_MODULES = {"__init__.py": "base", "__main__.py": "cli", "cli.py": "cli", "errors.py": "base",
+ROOT_MODULES = {"__init__.py": "base", "__main__.py": "cli", "cli.py": "cli", "cpu.py": "base", "errors.py": "base",
                 "settings.py": "base"}
+# The entries of our own processes (the command line, a bench run's child) import torch only after
+# `cpu.prepare_process` has set OpenMP's wait policy and the allocator (torch reads them once, when it loads): they
+# and what they import at module level stay free of torch, and their own imports may wait inside functions.
+TORCH_FREE = ["finetune_core.cli", "finetune_core.cpu", "finetune_core.bench", "finetune_core.bench.case",
+              "finetune_core.jobs.launcher"]
 # Modules allowed to import the WebUI's `modules` (lazily, inside functions).
 WEBUI_SIDE = {"model/webui_backend.py", "model/webui_session.py", "model/webui_sampler.py", "model/placement.py",
               "model/webui_text_hook.py", "aesthetic/webui_script.py", "hosts/webui.py"}
@@ -50,14 +55,11 @@ LATE_IMPORTS = {
     ("aesthetic/bench.py", "finetune_core.model.tiny"),
     ("model/loading.py", "finetune_core.model.tiny"),
     ("model/loading.py", "finetune_core.model.single_file"),
-    # a circle: transforms imports masks; loading imports the model package
-    ("data/masks.py", "finetune_core.data.transforms"),
+    # `import finetune_core.model` stays the interface only: loading brings every backend and the tiny models
     ("model/__init__.py", "finetune_core.model.loading"),
     # the default of a parameter of the same name
     ("ui/tab.py", "finetune_core.jobs.service"),
     ("ui/api.py", "finetune_core.jobs.service"),
-    # only in a launched worker process, and only when `accelerate` is there
-    ("cli.py", "finetune_core.train.distributed"),
 }
 STDLIB = set(sys.stdlib_module_names)
 
@@ -182,9 +184,17 @@ def test_no_import_circle_among_the_modules():
     assert not circles, "\n".join(" -> ".join(c) for c in circles)
 
 
+def test_process_entries_load_no_torch_before_they_set_the_process_up():
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in TORCH_FREE) + "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, check=True)
+    assert out.stdout.strip() == "False", "an entry module imports torch at module level"
+
+
 def test_own_imports_are_at_the_top_unless_listed():
+    entries = {str(_module_file(m).relative_to(PACKAGE)) for m in TORCH_FREE if _module_file(m)}
+    entries |= {str(p.relative_to(PACKAGE)) for p in _files("bench")}  # a bench child imports the whole bench room
     late = {(str(path.relative_to(PACKAGE)), name) for path in _files() for name, where in _imports(path)
-            if where == "late" and name.startswith("finetune_core")}
+            if where == "late" and name.startswith("finetune_core") and str(path.relative_to(PACKAGE)) not in entries}
     unlisted = sorted(f"{file}: {name}" for file, name in late - LATE_IMPORTS)
     assert not unlisted, "move these imports to the top of the file (or list them with the reason): " + \
         "; ".join(unlisted)

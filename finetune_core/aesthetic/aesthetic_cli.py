@@ -12,10 +12,10 @@ from finetune_core.aesthetic import aesthetic_service
 from finetune_core.aesthetic.aesthetic_service import AestheticPreviewConfig
 from finetune_core.aesthetic.bench import add_arguments, run_bench
 from finetune_core.aesthetic.gradients import AestheticApplyConfig, AestheticCreateConfig
+from finetune_core.cpu import set_threads
 from finetune_core.jobs import service
 from finetune_core.jobs.service import OutputFolders
 from finetune_core.settings import add_settings_flags, add_threads_flag, coerce_settings
-from finetune_core.train.cpu import set_threads
 
 SECTIONS: dict[str, dict[str, type]] = {
     "create": {"aesthetic": AestheticCreateConfig},

@@ -19,17 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_core.data.dataset_config import DatasetConfig
-from finetune_core.jobs import service
-from finetune_core.methods import METHODS
-from finetune_core.model.full_size import full_size_random
-from finetune_core.model.loading import load_model
-from finetune_core.settings import coerce_settings, field_kinds
-from finetune_core.train.cpu import prepare_process, set_threads
-from finetune_core.train.distributed import join_processes
-from finetune_core.train.events import Started, StepEvent
-from finetune_core.train.train_config import TrainConfig
-
 RESULT_MARKER = "BENCH-RESULT "
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "dataset"
 FULL_SD15 = "sd15-full"
@@ -96,6 +85,8 @@ def default_size(model: str) -> int:
 
 def _bool_words(config_type: type, values: dict[str, Any]) -> dict[str, Any]:
     """`true` / `false` (any case) as bools for the bool fields of `config_type`; anything else is left as it is."""
+    from finetune_core.settings import field_kinds
+
     words = {"true": True, "false": False}
     kinds = field_kinds(config_type)
     return {name: words.get(value.strip().lower(), value) if isinstance(value, str) and name in kinds
@@ -104,6 +95,11 @@ def _bool_words(config_type: type, values: dict[str, Any]) -> dict[str, Any]:
 
 def request_settings(spec_model: str, method: str, settings: dict[str, Any], steps: int) -> dict[str, dict]:
     """The method/data/train settings of a run: the bench's defaults under the run's overrides."""
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.methods import METHODS
+    from finetune_core.settings import coerce_settings
+    from finetune_core.train.train_config import TrainConfig
+
     size = default_size(spec_model)
     # `--set` / `--compare` values are command-line text: numbers are typed as the CLI types its flags, and a bool
     # field takes the words true / false (the bench's own `name=value` text; there is no --flag form here).
@@ -134,6 +130,7 @@ class _Recorder:
         self._counter: Any = None
 
     def __call__(self, event: Any) -> None:
+        from finetune_core.train.events import Started, StepEvent
         if isinstance(event, Started):
             self.started = time.perf_counter()
         if not isinstance(event, StepEvent):
@@ -188,7 +185,9 @@ def _profiler() -> Any:
 
 def _load(model_name: str, device: str) -> Any:
     if model_name == FULL_SD15:
+        from finetune_core.model.full_size import full_size_random
         return full_size_random("sd1", device=device)
+    from finetune_core.model.loading import load_model
     return load_model(model_name, device=device)
 
 
@@ -214,6 +213,9 @@ def run(spec: RunSpec, t_start: float) -> RunResult | None:
     """Measure one run in this process; `t_start` is when the process began (before importing torch)."""
     import torch
 
+    from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
+    from finetune_core.train.distributed import join_processes
     run_keys = spec.settings.get("run", {})
     processes = join_processes(run_keys.get("device"))  # one, unless accelerate launch started several
     threads = set_threads(int(run_keys["threads"]) if "threads" in run_keys else None)
@@ -253,6 +255,7 @@ def run(spec: RunSpec, t_start: float) -> RunResult | None:
 
 def child_main(spec_json: str, t_start: float) -> None:
     """Entry of the run's process: print the result as one marked JSON line."""
+    from finetune_core.cpu import prepare_process
     prepare_process()  # what the CLI does at its start, before torch loads
     spec = RunSpec(**json.loads(spec_json))
     result = run(spec, t_start)

@@ -17,10 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.errors import ConfigError
-from finetune_core.jobs import service
-from finetune_core.train.train_config import TrainConfig
 
 SECTIONS = ("method", "data", "train")
 RUN_KEYS = ("threads", "device", "processes", "channels_last", "unet_grads")
@@ -74,6 +71,9 @@ def parse_settings(text: str, method_key: str) -> RunSettings:
 
 def _owners(method_key: str) -> dict[str, list[str]]:
     """Setting name -> the sections that have it, for the method `method_key`."""
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.jobs import service
+    from finetune_core.train.train_config import TrainConfig
     types = {"method": service.method_spec(method_key).config_type, "data": DatasetConfig, "train": TrainConfig}
     owners: dict[str, list[str]] = {}
     for section, config_type in types.items():

@@ -20,13 +20,7 @@ from finetune_core.bench import report
 from finetune_core.bench.case import FULL_SD15, RESULT_MARKER, TINY, RunResult, RunSpec, request_settings
 from finetune_core.bench.records import BenchOptions, CaseRuns, RunRecord
 from finetune_core.bench.run_settings import RunSettings, parse_settings
-from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.errors import ConfigError
-from finetune_core.jobs import service
-from finetune_core.jobs.launcher import accelerate_launch
-from finetune_core.methods import METHODS
-from finetune_core.train.cpu import PROCESS_ENV_DEFAULTS
-from finetune_core.train.train_config import TrainConfig
 
 _CHILD = ("import sys, time; t = time.perf_counter(); from finetune_core.bench.case import child_main; "
           "child_main(sys.argv[1], t)")
@@ -35,6 +29,7 @@ BUSY_SHARE = 0.10  # flag a run during which other processes used more than this
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `bench` command's flags."""
+    from finetune_core.methods import METHODS
     parser.add_argument("--full", action="store_true", help=f"also the full-size SD1.5 architecture ({FULL_SD15}, "
                         "random weights) at 256x256")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (after one untimed first step)")
@@ -107,6 +102,9 @@ def _case(model: str, method: str, options: BenchOptions) -> CaseRuns:
 
 def validate(model: str, method: str, settings: RunSettings, steps: int) -> None:
     """Build the configs a run would build, so a bad value fails here and not in the middle of the bench."""
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.jobs import service
+    from finetune_core.train.train_config import TrainConfig
     spec, defaults = service.method_spec(method), service.form_defaults(method)
     values = request_settings(model, method, settings.to_dict(), steps)
     problems: list[str] = []
@@ -174,6 +172,7 @@ def _profile_path(options: BenchOptions, case: CaseRuns, label: str, round_index
 
 def run_once(spec: RunSpec, env: dict[str, str]) -> RunRecord:
     """Run one measurement in a fresh process and note the load before it and the other processes' CPU during it."""
+    from finetune_core.cpu import PROCESS_ENV_DEFAULTS
     child_env = {**PROCESS_ENV_DEFAULTS, **os.environ, **env}
     root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
@@ -182,6 +181,7 @@ def run_once(spec: RunSpec, env: dict[str, str]) -> RunRecord:
     command = [sys.executable, "-c", _CHILD, json.dumps(spec.__dict__)]
     processes = int(spec.settings.get("run", {}).get("processes", 1))
     if processes > 1:  # the same run in N processes; the main one prints the result
+        from finetune_core.jobs.launcher import accelerate_launch
         command = accelerate_launch(processes, "finetune_core.bench.case", [json.dumps(spec.__dict__)])
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env)
     wall = time.perf_counter() - wall

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from finetune_core.cpu import autocast_problem
 from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.lint import lint_dataset
 from finetune_core.data.scan import encoding_warnings
@@ -35,7 +36,6 @@ from finetune_core.jobs.request import (
 )
 from finetune_core.model.loading import load_model
 from finetune_core.settings import coerce_value
-from finetune_core.train.cpu import autocast_problem
 from finetune_core.train.distributed import Processes
 from finetune_core.train.events import Warning_, ignore_events
 from finetune_core.train.loop import OutputSpec, resume_training, run_training
