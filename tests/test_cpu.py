@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune_core import cpu
 from finetune_core.errors import ConfigError
 from finetune_core.jobs import service
-from finetune_core.train import cpu
 from tests.conftest import REPO
 
 
