@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from finetune_core.formats.lora import ALPHA, NetworkModule
+from finetune_core.formats.lora_file import ALPHA, NetworkModule
 from finetune_core.formats.networks import (
     CONV,
     DORA,
@@ -136,10 +136,6 @@ class LoraNetwork(nn.Module):
 
     def by_name(self) -> dict[str, NetworkAdapter]:
         return {name: adapter for name, adapter in self.adapters.items()}  # type: ignore[misc]
-
-    def set_multiplier(self, multiplier: float) -> None:
-        for adapter in self.by_name().values():
-            adapter.multiplier = multiplier
 
     def modules_for_file(self) -> dict[str, NetworkModule]:
         return {name: adapter.as_module() for name, adapter in self.by_name().items()}

@@ -12,7 +12,7 @@ import torch
 
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.atomic import require_finite
-from finetune_core.formats.lora import ALPHA, SUFFIXES, NetworkFile, NetworkModule, family_of, fits, read_lora
+from finetune_core.formats.lora_file import ALPHA, SUFFIXES, NetworkFile, NetworkModule, family_of, fits, read_lora
 from finetune_core.formats.lora_keys import RESNET, SAMPLER, TRANSFORMER
 from finetune_core.formats.names import find_artifact
 from finetune_core.formats.networks import DORA, NETWORK_TYPES, NORM, Dropouts, NetworkType, Shape, column_norm

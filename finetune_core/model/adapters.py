@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from finetune_core.errors import ArtifactError, ModelMismatchError
 from finetune_core.formats.checkpoint_keys import hf_layer_weights
+from finetune_core.formats.lora_file import fits, read_lora
 from finetune_core.formats.lora_keys import TEXT, text_layer, unet_layer
 from finetune_core.model.interface import AdapterTarget, NetworkCheck, WeightAdapter
 
@@ -133,8 +134,6 @@ def layer_weight(layers: Layers, name: str) -> torch.Tensor:
 def check_with_reader(layers: Layers, path: Path, loader: str = "our reader") -> NetworkCheck:
     """A network file checked with our reader: a module applies when its name is a layer of the model and its type's
     change fits that layer's weight."""
-    from finetune_core.formats.lora import fits, read_lora
-
     try:
         file = read_lora(path)
     except ArtifactError as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from finetune_core.formats.lora import NetworkFile, base_version, read_lora, write_lora
+from finetune_core.formats.lora_file import NetworkFile, base_version, read_lora, write_lora
 from finetune_core.methods.lora import LoraConfig
 from finetune_core.methods.lora_net import LoraNetwork
 from finetune_core.methods.lora_setup import network_from_file, new_network
@@ -62,7 +62,8 @@ def our_network(model, path: Path, multiplier: float = 1.0) -> LoraNetwork:
     file = read_lora(path)
     first = next(iter(file.modules.values()))
     network = network_from_file(file, path, model, config_for(first.kind, first.dora))
-    network.set_multiplier(multiplier)
+    for adapter in network.by_name().values():
+        adapter.multiplier = multiplier
     return network.eval().to(model.device)
 
 

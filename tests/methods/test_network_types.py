@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_core import service
 from finetune_core.errors import ConfigError, ModelMismatchError
-from finetune_core.formats.lora import read_lora
+from finetune_core.formats.lora_file import read_lora
+from finetune_core.jobs import service
 from finetune_core.methods.lora import LoraConfig, build
 from finetune_core.model.tiny import build_tiny
 from finetune_core.train.control import Control
@@ -76,8 +76,8 @@ OVERFIT = [("tiny-sd1", n, d) for n, d in CASES] + [(f, n, d) for f in ("tiny-sd
                          ids=[f"{f}-{n}{'-dora' if d else ''}" for f, n, d in OVERFIT])
 def test_a_few_steps_overfit_one_image_and_the_base_stays_bit_identical(sd1, one_image_dataset, family, network,
                                                                           dora, tmp_path):
-    from finetune_core.data.config import DatasetConfig
     from finetune_core.data.dataset import ImageDataset
+    from finetune_core.data.dataset_config import DatasetConfig
 
     model = sd1 if family == "tiny-sd1" else build_tiny(family)
     before = weights_checksum(model)
