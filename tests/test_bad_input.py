@@ -74,6 +74,9 @@ TRAIN_CASES = [
     ("number for a bool", (None, "overwrite", 0), None, "overwrite must be true or false"),
     ("unknown setting", ("train", "colour", 1), None, "unknown training setting"),
     ("settings not an object", (None, "method_settings", [1]), None, "must be an object"),
+    # issue 25
+    ("nested-quantifier regex", ("data", "filename_word_regex", "(a+)+$"), ["--filename-word-regex", "(a+)+$"],
+     "repeats a group that itself repeats"),
 ]
 
 
@@ -186,4 +189,34 @@ def test_rest_bad_bodies(path, raw, status, message, world, api):
     answer = client.post(f"/finetune/v1/{path}", content=raw, headers={"content-type": "application/json"})
     detail = answer.json()["detail"]
     assert answer.status_code == status and message in detail and "Traceback" not in detail
+    assert runner.state().status == "idle" and _snapshot(world) == before
+
+
+@pytest.fixture(scope="module")
+def tab(world: Path) -> Any:
+    """The textual-inversion sub-tab's actions on the standalone host (the same JobRunner and checks as the tab)."""
+    from finetune_core import service
+    from finetune_core.methods import METHODS
+    from finetune_core.ui.actions import MethodActions
+    from finetune_core.ui.method_tab import method_sections
+
+    _, runner, host = rest_client(world / "out")
+    spec = METHODS["textual-inversion"]
+    return MethodActions(host, runner, service, spec.key, spec.output_kind, method_sections(spec, service)), runner
+
+
+@pytest.mark.parametrize("case", [c for c in TRAIN_CASES if c[2] is not None], ids=lambda c: c[0])
+def test_tab_bad_input_is_one_sentence_before_a_job(case, world, tab):
+    """What the form sends: text for numbers and text fields (the tab's own coercer), then the runner's checks."""
+    from finetune_core.errors import FinetuneError
+
+    _, (section, key, value), _, message = case
+    actions, runner = tab
+    body = _body(world, section, key, value)
+    values = {part: {k: v if isinstance(v, bool) else str(v) for k, v in body[f"{part}_settings"].items()}
+              for part in ("method", "data", "train")}
+    before = _snapshot(world)
+    with pytest.raises(FinetuneError) as refused:
+        actions.train(body["name"], values, False, body.get("resume_run") or "", None)
+    assert re.search(message, str(refused.value)) and "\n" not in str(refused.value), refused.value
     assert runner.state().status == "idle" and _snapshot(world) == before

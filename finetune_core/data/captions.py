@@ -6,6 +6,14 @@ import codecs
 import random
 import re
 from pathlib import Path
+from typing import Any
+
+from finetune_core.errors import DatasetError
+
+try:  # the stdlib's own parser of regular expressions (renamed in Python 3.11)
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10
+    import sre_parse as _sre_parse
 
 # The WebUI strips a leading run of digits and dashes (e.g. "00012-" from preprocessed files) from file names.
 _LEADING_NUMBERS = re.compile(r"^[-\d]+\s*")
@@ -18,8 +26,73 @@ def caption_from_filename(stem: str, word_regex: str = "", join_string: str = " 
     """Caption from a file stem as the WebUI does: drop leading digits/dashes, optionally keep only regex words."""
     text = _LEADING_NUMBERS.sub("", stem)
     if word_regex:
-        text = join_string.join(re.findall(word_regex, text))
+        text = join_string.join(find_words(word_regex, text, stem))
     return text
+
+
+WORD_REGEX_SECONDS = 0.5  # what one file name may cost the filename word regex; a sane one takes microseconds
+
+
+def word_regex_problems(pattern: str) -> list[str]:
+    """Why a filename word regex from a request cannot run bounded: not valid, or a quantifier over a quantifier
+    (`(a+)+`, `(\\w*)*`), whose backtracking grows exponentially with the name's length."""
+    try:
+        parsed = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        return [f"filename_word_regex '{pattern}' is not a valid regular expression ({exc})"]
+    if _nested_repeat(parsed, inside_repeat=False):
+        return [f"filename_word_regex '{pattern}' repeats a group that itself repeats (such as (a+)+ or (\\w*)*); "
+                f"on an unlucky file name it backtracks for hours. Write it without the outer repeat, e.g. "
+                f"\\w+ instead of (\\w+)+"]
+    return []
+
+
+def _nested_repeat(items: Any, inside_repeat: bool) -> bool:
+    """True when a repeat that can match more than once holds a repeat of variable length."""
+    for op, value in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, sub = value
+            if inside_repeat and low != high:
+                return True
+            if _nested_repeat(sub, inside_repeat or high is _sre_parse.MAXREPEAT or high > 1):
+                return True
+        elif any(_nested_repeat(sub, inside_repeat) for sub in _subpatterns(name, value)):
+            return True
+    return False
+
+
+def _subpatterns(name: str, value: Any) -> list[Any]:
+    """The nested patterns of one parsed node (groups, alternatives, look-arounds, conditionals, atomic groups)."""
+    if name == "SUBPATTERN":
+        return [value[-1]]
+    if name == "BRANCH":
+        return list(value[1])
+    if name in ("ASSERT", "ASSERT_NOT"):
+        return [value[1]]
+    if name == "GROUPREF_EXISTS":
+        return [sub for sub in value[1:] if sub is not None]
+    if name == "ATOMIC_GROUP":
+        return [value]
+    return []
+
+
+def find_words(pattern: str, text: str, where: str) -> list[str]:
+    """`re.findall(pattern, text)`, bounded to WORD_REGEX_SECONDS where the `regex` package is there (the WebUI and
+    the standalone install have it; it also lets other threads run meanwhile); past it, a DatasetError naming the
+    file. Without it `word_regex_problems` is the only guard."""
+    try:
+        import regex
+    except ImportError:
+        regex = None
+    try:
+        found = regex.findall(pattern, text, timeout=WORD_REGEX_SECONDS) if regex else re.findall(pattern, text)
+    except TimeoutError:
+        raise DatasetError(f"the filename word regex '{pattern}' took longer than {WORD_REGEX_SECONDS} s on the "
+                           f"file name '{where}' (it backtracks); simplify it, e.g. without alternatives that can "
+                           f"match the same letters inside a repeat") from None
+    # Several groups make findall return tuples (the WebUI's join would fail on them): their parts joined.
+    return [item if isinstance(item, str) else "".join(item) for item in found]
 
 
 def caption_file(image_path: Path) -> Path:

@@ -74,3 +74,32 @@ def test_augment_is_identity_when_off_and_uses_comma_tags_when_on():
     assert sorted(split_tags(out)) == ["a", "b", "c"]
     first = augment_caption(caption, random.Random(3), True, 0.0)
     assert first == augment_caption(caption, random.Random(3), True, 0.0)
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(\w*)*", r"((ab)+c)*", r"(?:\w+\s?)+", r"(a?)+"])
+def test_nested_quantifiers_are_refused_with_the_request(pattern):
+    from finetune_core.data.config import DatasetConfig
+    from finetune_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="repeats a group that itself repeats"):
+        DatasetConfig(data_dir="x", filename_word_regex=pattern).validate()
+
+
+@pytest.mark.parametrize("pattern", [r"\w+", r"[a-z]+", r"(?:cat|dog)+", r"(\d{4}-)+", r"(a)\1*"])
+def test_ordinary_word_regexes_pass(pattern):
+    from finetune_core.data.config import DatasetConfig
+
+    DatasetConfig(data_dir="x", filename_word_regex=pattern).validate()
+
+
+def test_a_backtracking_regex_that_passes_the_check_is_stopped_naming_the_file():
+    """(a|aa)+$ has no nested quantifier but backtracks exponentially; its run is bounded, not endless."""
+    import time
+
+    from finetune_core.data.captions import WORD_REGEX_SECONDS
+    from finetune_core.errors import DatasetError
+
+    started = time.monotonic()
+    with pytest.raises(DatasetError, match="took longer than .* on the file name 'a{44}!'"):
+        caption_from_filename("a" * 44 + "!", r"(a|aa)+$")
+    assert time.monotonic() - started < WORD_REGEX_SECONDS + 2.0
