@@ -146,7 +146,7 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
     """Build the dataset and the method (reading the file to continue from), then check memory and disk space."""
     from finetune_core import preflight
     from finetune_core.cpu import autocast_problem
-    from finetune_core.data.scan import encoding_warnings
+    from finetune_core.data.scan import caption_warnings
     from finetune_core.train.randomness import resolve_seed
     configs = plan.configs
     data = plan.spec.data(configs["method"], configs["data"], plan.name)
@@ -160,7 +160,7 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
                           f"of {', '.join(model.sampler_names())}")
     method = plan.spec.build(model, plan.name, configs["method"], plan.final_dir, seed)
     warnings = list(method.check(model)) + _unusual_rate(plan.spec, train_config)
-    warnings += encoding_warnings(getattr(data, "records", []))
+    warnings += caption_warnings(getattr(data, "records", []))
     needs = plan.spec.memory(model, configs["method"])
     per_process = processes.largest_share(configs["data"].batch_size)  # each process holds its slice of a batch
     memory_plan = preflight.memory_plan({**dataclasses.asdict(configs["data"]), "batch_size": per_process},

@@ -100,14 +100,45 @@ def caption_file(image_path: Path) -> Path:
     return image_path.with_suffix(".txt")
 
 
-def read_caption(image_path: Path, word_regex: str = "", join_string: str = " ") -> tuple[str, str, str]:
-    """(caption, source, encoding) for an image: the `.txt` next to it, else its file name (encoding "")."""
+def read_caption(image_path: Path, word_regex: str = "",
+                 join_string: str = " ") -> tuple[str, str, str, tuple[str, ...]]:
+    """(caption, source, encoding, notes) for an image: the `.txt` next to it, else its file name (encoding "").
+
+    `notes` say what was changed in a caption file's text so the run and lint can name the file (see `clean_caption`).
+    """
     text_path = caption_file(image_path)
     if text_path.is_file():
-        text, encoding = read_text(text_path)
-        # Caption files often end with a newline or hold one tag list per line; a prompt is one line.
-        return " ".join(text.split()), CAPTION_FROM_TXT, encoding
-    return caption_from_filename(image_path.stem, word_regex, join_string), CAPTION_FROM_FILENAME, ""
+        text, encoding = read_text(text_path, CAPTION_READ_BYTES)
+        caption, notes = clean_caption(text)
+        return caption, CAPTION_FROM_TXT, encoding, notes
+    return caption_from_filename(image_path.stem, word_regex, join_string), CAPTION_FROM_FILENAME, "", ()
+
+
+# What a text encoder sees of a prompt: 75-token chunks, and no trainer uses more than 3 of them for a caption
+# (sd-scripts' longest `max_token_length` is 225). A caption is cut before anything is built from it.
+CAPTION_CHUNKS = 3
+CAPTION_TOKENS = 75 * CAPTION_CHUNKS
+# The CLIP tokenizer makes one token or more of every word, and its longest token is 32 bytes: the first
+# CAPTION_TOKENS words, and at most CAPTION_TOKENS * 33 characters of them, hold every token the encoder sees.
+_TOKEN_CHARS = 33
+CAPTION_CHARS = CAPTION_TOKENS * _TOKEN_CHARS
+CAPTION_READ_BYTES = 4 * CAPTION_CHARS + 4096  # UTF-32 takes 4 bytes a character; room for runs of blanks
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_caption(text: str) -> tuple[str, tuple[str, ...]]:
+    """(one-line caption, notes): blanks and line breaks made single spaces; control characters (a NUL, an escape)
+    removed, and the text cut at what the text encoder can see; each change is noted."""
+    notes = []
+    if _CONTROL.search(text):
+        notes.append("control characters (such as NUL) were removed")
+        text = _CONTROL.sub(" ", text)
+    words = text.split()
+    caption = " ".join(words[:CAPTION_TOKENS])[:CAPTION_CHARS]
+    if len(words) > CAPTION_TOKENS or len(caption) < len(" ".join(words)):
+        notes.append(f"it is longer than the {CAPTION_TOKENS} tokens ({CAPTION_CHUNKS} chunks of 75) a text encoder "
+                     f"is given, so only its start is used")
+    return caption, tuple(notes)
 
 
 # Byte-order marks, longest first (a UTF-32 LE mark starts like the UTF-16 LE one).
@@ -116,14 +147,16 @@ _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codec
 UTF8 = ("utf-8", "utf-8-sig")
 
 
-def read_text(path: Path) -> tuple[str, str]:
-    """(text, encoding) of a user's text file, decoded as editors write them.
+def read_text(path: Path, limit: int | None = None) -> tuple[str, str]:
+    """(text, encoding) of a user's text file, decoded as editors write them; only its first `limit` bytes when given.
 
     UTF-8 with or without a byte-order mark, UTF-16/32 with one (Windows Notepad's "Unicode"), UTF-16 without one
     when every other byte is zero; anything else is read as Windows-1252 (the usual non-UTF-8 Latin text) rather
     than turned into replacement characters. Callers say so when the encoding is not UTF-8.
     """
-    data = path.read_bytes()
+    with open(path, "rb") as handle:
+        data = handle.read(limit if limit is not None else -1)
+        cut = limit is not None and bool(handle.read(1))
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             return data.decode(encoding, errors="replace"), encoding
@@ -131,10 +164,12 @@ def read_text(path: Path) -> tuple[str, str]:
         encoding = "utf-16-le" if data[1::2].count(0) >= data[0::2].count(0) else "utf-16-be"
         return data.decode(encoding, errors="replace"), encoding
     for encoding in ("utf-8", "cp1252"):
-        try:
-            return data.decode(encoding), encoding
-        except UnicodeDecodeError:
-            pass
+        # A cut may split the last UTF-8 character: up to 3 bytes of it are dropped.
+        for end in ((len(data), len(data) - 1, len(data) - 2, len(data) - 3) if cut else (len(data),)):
+            try:
+                return data[:end].decode(encoding), encoding
+            except UnicodeDecodeError:
+                pass
     return data.decode("latin-1"), "latin-1"
 
 

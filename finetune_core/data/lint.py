@@ -9,7 +9,7 @@ from pathlib import Path
 
 from finetune_core.data.buckets import RESIZE_BUCKETS, Size, make_buckets, target_size
 from finetune_core.data.config import DatasetConfig
-from finetune_core.data.scan import encoding_warnings, find_files, scan_dataset
+from finetune_core.data.scan import caption_warnings, find_files, scan_dataset
 from finetune_core.data.templates import load_template, render_prompt
 
 CHUNK_TOKENS = 75  # one CLIP chunk: longer prompts are split into several chunks
@@ -91,7 +91,8 @@ def lint_dataset(config: DatasetConfig, token_counter: Callable[[str], int] | No
         if token_counter is not None:
             tokens = max(token_counter(render_prompt(line, placeholder, record.caption)) for line in lines)
         rows.append(LintRow(record.path, size, record.caption, record.caption_source, bucket, tokens,
-                            _problems(record.caption, record.caption_source, size, bucket, tokens)))
+                            [*_problems(record.caption, record.caption_source, size, bucket, tokens),
+                             *record.caption_notes]))
     return LintReport(folder, rows, scan.unreadable, _warnings(config, scan.records, scan.unreadable, lines))
 
 
@@ -110,7 +111,7 @@ def _problems(caption: str, source: str, size: Size, bucket: Size, tokens: int |
 
 def _warnings(config: DatasetConfig, records: list, unreadable: list, lines: list[str]) -> list[str]:
     warnings = [f"{path.name} cannot be read and will be skipped" for path, _ in unreadable]
-    warnings += encoding_warnings(records)
+    warnings += caption_warnings(records)
     if config.batch_size > len(records):
         warnings.append(f"the batch size {config.batch_size} is larger than the {len(records)} readable images; "
                         f"training will refuse to start")

@@ -28,9 +28,9 @@ def test_filename_caption_regex_and_join():
 def test_read_caption_prefers_txt(tmp_path: Path):
     image = tmp_path / "005-a dog.png"
     image.write_bytes(b"")
-    assert read_caption(image) == ("a dog", "filename", "")
+    assert read_caption(image) == ("a dog", "filename", "", ())
     (tmp_path / "005-a dog.txt").write_text("a cat,\n sitting\n", encoding="utf-8")
-    assert read_caption(image) == ("a cat, sitting", "txt", "utf-8")
+    assert read_caption(image) == ("a cat, sitting", "txt", "utf-8", ())
 
 
 @pytest.mark.parametrize("encoded,encoding", [
@@ -45,7 +45,7 @@ def test_captions_decode_as_editors_write_them(tmp_path: Path, encoded: bytes, e
     image = tmp_path / "a.png"
     image.write_bytes(b"")
     (tmp_path / "a.txt").write_bytes(encoded)
-    assert read_caption(image) == ("café, crème brûlée", "txt", encoding)
+    assert read_caption(image) == ("café, crème brûlée", "txt", encoding, ())
 
 
 def test_shuffle_keeps_first_n_and_all_tags():
