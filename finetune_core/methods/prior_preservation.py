@@ -108,8 +108,10 @@ class PriorPreservationSettings:
                                 ("class_batch_size", 1, 64), ("class_seed", 0, 2**32 - 1)):
             if not low <= getattr(self, name) <= high:
                 problems.append(f"{name} must be from {low} to {high}, not {getattr(self, name)}")
-        if not 0 <= self.class_cfg_scale <= 30 or self.prior_loss_weight < 0:
-            problems.append("class_cfg_scale must be from 0 to 30 and prior_loss_weight 0 or more")
+        if not 0 <= self.class_cfg_scale <= 30:
+            problems.append(f"class_cfg_scale must be from 0 to 30, not {self.class_cfg_scale}")
+        if self.prior_loss_weight < 0:
+            problems.append(f"prior_loss_weight must be 0 or more, not {self.prior_loss_weight}")
         return problems
 
 
