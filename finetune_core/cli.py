@@ -176,7 +176,7 @@ def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any
     from finetune_core import service
     from finetune_core.cpu import set_threads
     from finetune_core.train.distributed import join_processes, launched_world
-    if (args.num_processes or 1) < 1:
+    if args.num_processes is not None and args.num_processes < 1:
         raise ConfigError(f"--num-processes must be at least 1, not {args.num_processes}")
     if (args.num_processes or 1) > 1 and launched_world() == 1:
         from finetune_core.launcher import launch

@@ -77,6 +77,10 @@ TRAIN_CASES = [
     # issue 25
     ("nested-quantifier regex", ("data", "filename_word_regex", "(a+)+$"), ["--filename-word-regex", "(a+)+$"],
      "repeats a group that itself repeats"),
+    ("learning rate of 0", ("train", "learning_rate", "0"), ["--lr", "0"], "has a rate of 0"),
+    ("schedule steps not increasing", ("train", "learning_rate", "0.1:10, 0.05:5"), ["--lr", "0.1:10, 0.05:5"],
+     "ends at step 5, not after the step 10"),
+    ("schedule ending at step 0", ("train", "learning_rate", "0.1:0"), ["--lr", "0.1:0"], "ends at step 0"),
 ]
 
 
@@ -128,6 +132,13 @@ def test_cli_create_and_lint_bad_input(argv, message, world, capsys, no_model):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert _snapshot(world) == before
+
+
+def test_cli_zero_processes_is_refused(world, capsys, no_model):
+    before = _snapshot(world)
+    code = main(_argv(world, ["--num-processes", "0"]))
+    err = capsys.readouterr().err
+    assert code == 2 and "--num-processes must be at least 1, not 0" in err and _snapshot(world) == before
 
 
 def test_cli_output_folder_that_is_a_file(world, capsys, no_model):
