@@ -17,6 +17,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
+from finetune_core.settings import offered_choices
 
 # The flags issue #2 names, kept short; each maps to a settings field.
 ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vectors": ["--neg-vectors"],
@@ -39,13 +40,13 @@ def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_typ
         taken.add(f.name)
         flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
         default = f.default if f.default is not MISSING else None
-        help_text = f"{meta.get('help', '')} (default: {default!r})"
+        choices, left_out = offered_choices(meta)
+        help_text = f"{meta.get('help', '')}{left_out} (default: {default!r})"
         dest = f"{section}:{f.name}"
         if f.type in (bool, "bool"):
             group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         # Values stay text here: the settings coercer parses them (one sentence per bad value, not argparse's usage).
-        choices = meta.get("choices")
         metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
         group.add_argument(*flags, dest=dest, default=None, help=help_text, metavar=metavar)
 

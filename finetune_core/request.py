@@ -240,6 +240,9 @@ def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
     if info.kind != expected:
         raise ArtifactError(f"{path} cannot be continued from: it is not a{'n' if expected[0] in 'ae' else ''} "
                             f"{expected} ({info.describe()})")
+    if info.kind == "embedding" and not info.vectors:
+        raise ArtifactError(f"{path} cannot be continued from: it holds 0 vectors, so there is nothing to train; "
+                            f"start a new embedding or continue from another file")
     require_finite(tensors_of(path), path)
     return info.step or 0
 

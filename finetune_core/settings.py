@@ -136,3 +136,15 @@ def parse_numbers(text: Any, what: str) -> list[float]:
     if not all(math.isfinite(n) for n in numbers):
         raise ConfigError(f"{what} {text!r} must be numbers separated by commas, e.g. '1, 2, 1'")
     return numbers
+
+
+def offered_choices(meta: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
+    """(the choices a form or the CLI offers, a sentence naming those left out) of a field's metadata: a choice its
+    `unavailable` callable names (an optimizer whose package is missing) is not offered, and the sentence says
+    what to install."""
+    choices = tuple(meta.get("choices", ()))
+    missing = meta["unavailable"]() if "unavailable" in meta else {}
+    if not missing:
+        return choices, ""
+    named = ", ".join(f"{name} ({why})" for name, why in missing.items())
+    return tuple(c for c in choices if c not in missing), f" Not installed here: {named}."

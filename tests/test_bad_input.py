@@ -31,6 +31,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_embedding(EmbeddingFile("keep", {"clip_l": torch.ones(1, 768)}, step=5), embeddings / "keep.pt")
     write_embedding(EmbeddingFile("nan", {"clip_l": torch.full((1, 768), float("nan"))}, step=5), embeddings / "nan.pt")
     (embeddings / "dup.safetensors").write_bytes(b"not even a real file")
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.ones(0, 768)}, "name": "zero",
+                "step": 0}, embeddings / "zero.pt")
     broken = root / "out" / "runs" / "textual_inversion" / "2024-01-01" / "broken-000000"
     broken.mkdir(parents=True)
     (broken / "request.json").write_text('{"method": "textual-inversion", "na')
@@ -81,7 +83,20 @@ TRAIN_CASES = [
     ("schedule steps not increasing", ("train", "learning_rate", "0.1:10, 0.05:5"), ["--lr", "0.1:10, 0.05:5"],
      "ends at step 5, not after the step 10"),
     ("schedule ending at step 0", ("train", "learning_rate", "0.1:0"), ["--lr", "0.1:0"], "ends at step 0"),
+    ("optimizer not installed", ("train", "optimizer", "prodigy"), ["--optimizer", "prodigy"],
+     "optimizer 'prodigy' needs a package that is not installed here; pip install prodigyopt"),
+    ("file of 0 vectors to continue", ("method", "continue_from", "zero"), ["--continue-from", "zero"],
+     "holds 0 vectors"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def prodigy_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "not installed" row holds wherever the tests run: prodigy's package is looked up under a name that
+    no environment has."""
+    from finetune_core.train.config import OPTIONAL_OPTIMIZERS
+
+    monkeypatch.setitem(OPTIONAL_OPTIMIZERS, "prodigy", ("finetune_core_no_such_package", "Prodigy", "prodigyopt"))
 
 
 def _fill(value: Any, world: Path) -> Any:

@@ -13,18 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune_core.errors import ConfigError
-from finetune_core.train.config import TrainConfig
+from finetune_core.train.config import OPTIONAL_OPTIMIZERS, TrainConfig
 from finetune_core.train.schedule import parse_schedule, rate_at
 
 if TYPE_CHECKING:  # train sits below methods: the protocol types are for hints only
     from finetune_core.train.method import ParamGroup
 
-# name -> (module, class, pip package)
-_OPTIONAL = {
-    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
-    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
-    "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
-}
 _DEFAULT_DECAY = {"adamw": 1e-2, "adamw8bit": 1e-2, "prodigy": 0.0, "lion": 0.0, "adam": 0.0, "sgd": 0.0}
 
 
@@ -33,10 +27,10 @@ def optimizer_class(name: str) -> Callable[..., torch.optim.Optimizer]:
     builtin: dict[str, Any] = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     if name in builtin:
         return builtin[name]
-    if name not in _OPTIONAL:
-        known = ", ".join(list(builtin) + list(_OPTIONAL))
+    if name not in OPTIONAL_OPTIMIZERS:
+        known = ", ".join(list(builtin) + list(OPTIONAL_OPTIMIZERS))
         raise ConfigError(f"optimizer {name!r} is not known; choose one of {known}")
-    module_name, class_name, package = _OPTIONAL[name]
+    module_name, class_name, package = OPTIONAL_OPTIMIZERS[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
