@@ -207,8 +207,11 @@ def test_rest_bad_train_request_is_400_before_a_job(case, world, api):
     ("create", json.dumps({"method": "textual-inversion", "name": "keep"}).encode(), 400, "already exists"),
     ("lint", json.dumps({"data_settings": {"data_dir": "/no/such", "width": "64"}}).encode(), 400, "whole number"),
     ("inspect", json.dumps({"path": 5}).encode(), 400, "non-empty string"),
+    ("train", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "more than 16 levels deep"),
+    ("train", b'{"method_settings": {"x": ' + b"[" * 500 + b"]" * 500 + b"}}", 400, "more than 16 levels deep"),
 ], ids=["malformed JSON", "a list", "empty body", "unknown method", "too large", "create zero vectors",
-        "create number as text", "create over a file", "lint width as text", "inspect path not text"])
+        "create number as text", "create over a file", "lint width as text", "inspect path not text",
+        "nested 100000 deep", "nested 500 deep"])
 def test_rest_bad_bodies(path, raw, status, message, world, api):
     client, runner = api
     before = _snapshot(world)
