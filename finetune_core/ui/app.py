@@ -82,10 +82,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     host = StandaloneHost(args.output_dir, args.model)
-    _, app, _ = build_app(host)
+    _, app, runner = build_app(host)
     print(f"Fine-tune app on http://{args.host}:{args.port}/ (REST under /finetune/v1/)", flush=True)
+    # uvicorn stops serving on Ctrl-C and SIGTERM (a service manager, `docker stop`); the job thread would die
+    # with the process, so it is asked to save and stop first.
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
-    return 0
+    return stop_running_job(runner)
+
+
+def stop_running_job(runner: JobRunner, timeout: float = 300.0) -> int:
+    """When the app stops: a running job saves its artefact and resume state, and the run folder is named."""
+    if not runner.busy:
+        return 0
+    print("Stopping: the running job saves and stops after its current step ...", file=sys.stderr, flush=True)
+    runner.interrupt()
+    runner.wait(timeout)
+    state = runner.state()
+    if state.run_dir is not None:
+        print(f"Saved; resume with --resume {state.run_dir}", file=sys.stderr)
+    return 0 if state.status in ("interrupted", "finished") else 1
 
 
 def listen(host: str, port: int) -> socket.socket:
