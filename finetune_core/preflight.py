@@ -116,9 +116,14 @@ def refuse_same_name(folder: Path, name: str, kind: str) -> None:
 
 
 def remove_stale_temporaries(folder: Path, recursive: bool = False, older_than: float = STALE_AFTER_SECONDS) -> int:
-    """Delete the hidden temporary files a killed write left in `folder`; returns how many went."""
+    """Delete the hidden temporary files a killed write left in `folder`; returns how many went. A group of files
+    a kill stopped among its renames (a DreamArtist pair) is finished first: its temporaries are complete files."""
+    from finetune_core.formats.atomic import finish_interrupted_groups
+
     if not Path(folder).is_dir():
         return 0
+    for path in finish_interrupted_groups(folder):
+        logger.warning("finished writing %s, which a stopped run had written but not yet put in place", path)
     now = time.time()
     candidates = Path(folder).rglob(".*.tmp") if recursive else Path(folder).glob(".*.tmp")
     removed = 0

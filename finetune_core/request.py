@@ -175,6 +175,8 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
         _check_steps_left(continued_step, configs["train"])
     check_writable(final_dir, "output folder")
     check_writable(run_dir or folders.logs, "run folder")
+    if configs["data"].cache_dir.strip():
+        check_writable(Path(configs["data"].cache_dir).expanduser(), "latent cache folder (cache_dir)")
     return Plan(request, spec, name, configs, final_dir, overwrite, run_dir, folders.logs)
 
 
