@@ -205,12 +205,29 @@ def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: 
     if getattr(spec.config_type, "needs_name_in_prompt", False):
         _require_name_in_template(data)
     images, _ = image_files(Path(data.data_dir), data.recursive)
+    _require_a_readable_image(images, Path(data.data_dir))
     if data.attention_masks:
         _check_masks(data)
     if data.batch_size > len(images):
         raise DatasetError(f"the batch size {data.batch_size} is larger than the dataset: {data.data_dir} has "
                            f"{len(images)} image(s); lower the batch size to {len(images)} or add images")
     return configs
+
+
+def _require_a_readable_image(images: Sequence[Path], folder: Path) -> None:
+    """At least one image decodes (usually the first: one file read); a folder of only damaged files is refused
+    now rather than by the job."""
+    from finetune_core.data.transforms import probe_image
+    reasons = []
+    for path in images:
+        try:
+            probe_image(path.read_bytes(), path)
+            return
+        except (DatasetError, OSError) as exc:
+            reasons.append(f"{path.name} ({str(exc.__cause__ or exc).splitlines()[0][:120]})")
+    raise DatasetError(f"none of the {len(images)} images in the dataset folder {folder} could be read: "
+                       f"{', '.join(reasons[:5])}{' ...' if len(reasons) > 5 else ''}; replace them with valid "
+                       f"image files")
 
 
 def method_checks(config: Any, name: str, folder: Path, overwrite: bool) -> None:

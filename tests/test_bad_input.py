@@ -38,6 +38,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     broken = root / "out" / "runs" / "textual_inversion" / "2024-01-01" / "broken-000000"
     broken.mkdir(parents=True)
     (broken / "request.json").write_text('{"method": "textual-inversion", "na')
+    (root / "unreadable").mkdir()
+    (root / "unreadable" / "broken.png").write_bytes(b"\x89PNG not really")
     (root / "not-a-run").mkdir()
     (root / "a-file").write_text("in the way")
     return root
@@ -97,6 +99,8 @@ TRAIN_CASES = [
      ["--layer-structure", "1, 100000, 1"], "is too large: at most 16 layers", "hypernetwork"),
     ("activation that halves the width", ("method", "activation_func", "glu"), ["--activation-func", "glu"],
      "'glu' cannot be used in a hypernetwork", "hypernetwork"),
+    ("only unreadable images", ("data", "data_dir", "{root}/unreadable"), ["--data", "{root}/unreadable"],
+     "none of the 1 images in the dataset folder .*unreadable could be read: broken.png", "dreamartist"),
     ("cache folder is a file", ("data", "cache_dir", "{root}/a-file"), ["--cache-dir", "{root}/a-file"],
      "latent cache folder \\(cache_dir\\) .*a-file cannot be created because .*a-file is a file"),
 ]
