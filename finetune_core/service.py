@@ -146,6 +146,7 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
     """Build the dataset and the method (reading the file to continue from), then check memory and disk space."""
     from finetune_core import preflight
     from finetune_core.cpu import autocast_problem
+    from finetune_core.data.lint import small_image_warnings
     from finetune_core.data.scan import caption_warnings
     from finetune_core.train.randomness import resolve_seed
     configs = plan.configs
@@ -161,6 +162,7 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
     method = plan.spec.build(model, plan.name, configs["method"], plan.final_dir, seed)
     warnings = list(method.check(model)) + _unusual_rate(plan.spec, train_config)
     warnings += caption_warnings(getattr(data, "records", []))
+    warnings += small_image_warnings(getattr(data, "records", []), configs["data"])
     needs = plan.spec.memory(model, configs["method"])
     per_process = processes.largest_share(configs["data"].batch_size)  # each process holds its slice of a batch
     memory_plan = preflight.memory_plan({**dataclasses.asdict(configs["data"]), "batch_size": per_process},

@@ -394,3 +394,20 @@ def test_the_app_on_a_port_in_use_says_so_before_printing_a_url(capsys):
         assert main(["--port", str(port)]) == 2
     out, err = capsys.readouterr()
     assert "http://" not in out and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+@pytest.mark.parametrize("method", ["textual-inversion", "dreambooth"])
+def test_a_tiny_image_is_named_in_the_run_as_lint_names_it(method, tiny_model, one_image_dataset, tmp_path):
+    """Issue 25.5: a 1x1 image trained without a word."""
+    from PIL import Image
+
+    from finetune_core.train.events import Warning_
+
+    Image.new("RGB", (1, 1), "red").save(one_image_dataset / "dot.png")
+    request = _request(one_image_dataset, steps=1)
+    if method == "dreambooth":
+        request = service.TrainRequest("dreambooth", "db", {}, request.data_settings, request.train_settings)
+    warnings: list[str] = []
+    service.train(request, tiny_model("tiny-sd1"), service.OutputFolders.standalone(tmp_path / "out"),
+                  on_event=lambda e: warnings.append(e.message) if isinstance(e, Warning_) else None)
+    assert any("smaller than their training size" in w and "dot.png (1x1, trained at 64x64)" in w for w in warnings)

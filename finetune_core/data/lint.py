@@ -121,3 +121,20 @@ def _warnings(config: DatasetConfig, records: list, unreadable: list, lines: lis
     if others:
         warnings.append(f"{others} file(s) that are neither images nor .txt captions are ignored")
     return warnings
+
+
+def small_image_warnings(records: list, config: DatasetConfig) -> list[str]:
+    """One sentence naming the images smaller than their training size (lint's per-image problem, for the run):
+    they are upscaled, and a tiny one (1x1) teaches little but blur."""
+    buckets = make_buckets(config.width, config.height) if config.resize_mode == RESIZE_BUCKETS else None
+    small = []
+    for record in records:
+        size = (record.width, record.height)
+        bucket = target_size(config.resize_mode, size, (config.width, config.height), buckets)
+        if size[0] < bucket[0] or size[1] < bucket[1]:
+            small.append(f"{record.path.name} ({size[0]}x{size[1]}, trained at {bucket[0]}x{bucket[1]})")
+    if not small:
+        return []
+    more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+    return [f"{len(small)} image(s) are smaller than their training size and will be upscaled: "
+            f"{', '.join(small[:5])}{more}; use larger images or a smaller training size"]
