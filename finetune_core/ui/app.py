@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune_core.cpu import set_threads
 from finetune_core.errors import ConfigError
 from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs
 from finetune_core.ui.job_runner import JobRunner
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="outputs", help="where embeddings, models and run folders go")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)")
+    from finetune_core.cli import add_threads_flag
+
+    add_threads_flag(parser)  # --threads 1: runs (and resumed runs) bit-identical on the CPU; see the README
     return parser
 
 
@@ -78,6 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         listener = listen(args.host, args.port)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        set_threads(args.threads)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
