@@ -12,9 +12,12 @@ from typing import Any
 
 from finetune_core.cpu import set_threads
 from finetune_core.errors import ConfigError
+from finetune_core.hosts.job_runner import JobRunner
+from finetune_core.hosts.standalone import StandaloneHost
+from finetune_core.settings import add_threads_flag
+from finetune_core.ui.api import mount_api
 from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs
-from finetune_core.ui.job_runner import JobRunner
-from finetune_core.ui.standalone_host import StandaloneHost
+from finetune_core.ui.tab import build_tab
 
 log = logging.getLogger(__name__)
 # The WebUI loads these from the extension root; the standalone app injects the same files.
@@ -31,8 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="outputs", help="where embeddings, models and run folders go")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)")
-    from finetune_core.cli import add_threads_flag
-
     add_threads_flag(parser)  # --threads 1: runs (and resumed runs) bit-identical on the CPU; see the README
     return parser
 
@@ -52,8 +53,6 @@ def build_app(host: StandaloneHost, runner: JobRunner | None = None, gr: Any = N
         gr = gradio
     from fastapi import FastAPI
 
-    from finetune_core.ui.api import mount_api
-    from finetune_core.ui.tab import build_tab
 
     runner = runner or JobRunner(host)
     js, css = _read(JS_FILE), _read(CSS_FILE)

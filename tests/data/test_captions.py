@@ -78,7 +78,7 @@ def test_augment_is_identity_when_off_and_uses_comma_tags_when_on():
 
 @pytest.mark.parametrize("pattern", [r"(a+)+$", r"(\w*)*", r"((ab)+c)*", r"(?:\w+\s?)+", r"(a?)+"])
 def test_nested_quantifiers_are_refused_with_the_request(pattern):
-    from finetune_core.data.config import DatasetConfig
+    from finetune_core.data.dataset_config import DatasetConfig
     from finetune_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="repeats a group that itself repeats"):
@@ -87,7 +87,7 @@ def test_nested_quantifiers_are_refused_with_the_request(pattern):
 
 @pytest.mark.parametrize("pattern", [r"\w+", r"[a-z]+", r"(?:cat|dog)+", r"(\d{4}-)+", r"(a)\1*"])
 def test_ordinary_word_regexes_pass(pattern):
-    from finetune_core.data.config import DatasetConfig
+    from finetune_core.data.dataset_config import DatasetConfig
 
     DatasetConfig(data_dir="x", filename_word_regex=pattern).validate()
 
