@@ -17,6 +17,7 @@ from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.masks import check_mask
 from finetune_core.data.scan import attention_masks, image_files
 from finetune_core.data.templates import load_template
+from finetune_core.data.transforms import probe_image
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError
 from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.inspect import inspect_file, tensors_of
@@ -221,7 +222,6 @@ def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: 
 def _require_a_readable_image(images: Sequence[Path], folder: Path) -> None:
     """At least one image decodes (usually the first: one file read); a folder of only damaged files is refused
     now rather than by the job."""
-    from finetune_core.data.transforms import probe_image
     reasons = []
     for path in images:
         try:
