@@ -134,3 +134,19 @@ def test_the_host_loaders_check_lines_and_warnings_reach_the_rest_status():
     status = state.as_dict()
     assert status["checks"] == ["style.safetensors: 288 of 289 modules applied by the WebUI's Lora extension"]
     assert "lora_unet_gone" in status["messages"][0]
+
+
+def test_the_app_stopping_saves_the_running_job_and_names_its_run_folder(host: Any, capsys) -> None:
+    """What the `ui` app does when uvicorn returns on Ctrl-C or SIGTERM (issue 25.6)."""
+    import time
+
+    from finetune_core.ui.app import stop_running_job
+
+    gate = threading.Event()
+    runner = _runner(host, ScriptedTrain(steps=10**7, gate=gate))
+    runner.start(TrainRequest(method="fake", name="x"))
+    gate.set()
+    while runner.state().step < 2:
+        time.sleep(0.01)
+    assert stop_running_job(runner, timeout=10) == 0
+    assert runner.state().status == "interrupted" and "resume with --resume run" in capsys.readouterr().err
