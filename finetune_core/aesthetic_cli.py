@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.aesthetic_service import AestheticPreviewConfig
-from finetune_core.cli import add_settings_flags, add_threads_flag
+from finetune_core.cli import MODEL_HELP, DefaultsHelpFormatter, add_settings_flags, add_threads_flag, require_model
 from finetune_core.methods.aesthetic_gradients import AestheticApplyConfig, AestheticCreateConfig
 
 SECTIONS: dict[str, dict[str, type]] = {
@@ -31,7 +31,7 @@ def add_parser(commands: Any) -> None:
     apply = verbs.add_parser("apply", help="generate with an aesthetic embedding applied",
                              description="txt2img on the model with the embedding applied to the conditioning; "
                                          "images go to <output-dir>/aesthetic/ with their infotext.")
-    apply.add_argument("--model", default="tiny-sd1", help="tiny-sd1/2/xl, a checkpoint file or a diffusers folder")
+    apply.add_argument("--model", default=None, help=f"required: {MODEL_HELP}")
     apply.add_argument("--compare", action="store_true", help="also write the same seed without the embedding")
     for verb, sub in (("create", create), ("apply", apply)):
         sub.add_argument("--output-dir", default="outputs",
@@ -43,7 +43,7 @@ def add_parser(commands: Any) -> None:
             add_settings_flags(sub, section, config_type, taken)
     create.add_argument("--overwrite", action="store_true", help="replace an embedding of the same name")
     bench = verbs.add_parser("bench", help="the generation overhead: first and repeated prompt against plain "
-                                           "conditioning")
+                                           "conditioning", formatter_class=DefaultsHelpFormatter)
     from finetune_core.bench.aesthetic import add_arguments
 
     add_arguments(bench)
@@ -113,7 +113,7 @@ def _apply(args: argparse.Namespace, settings: dict[str, dict[str, Any]]) -> int
     embeddings = aesthetic_service.library(lambda: [folders.aesthetic_embeddings])
     if config.aesthetic_embedding not in ("", "None"):
         embeddings.target(config.aesthetic_embedding, config.clip_model)  # a missing file is named before loading
-    model = service.load(args.model, args.device)
+    model = service.load(require_model(args.model), args.device)
     runs = [(config, config.aesthetic_embedding)]
     if args.compare:
         runs.append((AestheticApplyConfig(), "plain"))

@@ -30,7 +30,9 @@ def _setting_types() -> dict[str, type]:
     return {"data": DatasetConfig, "train": TrainConfig}
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str],
+                       defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per field of `config_type`; help shows `defaults` (the method's own) over the field's default."""
     group = parser.add_argument_group(f"{section} settings")
     for f in fields(config_type):
         meta: Mapping[str, Any] = f.metadata or {}
@@ -38,7 +40,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_typ
             continue
         taken.add(f.name)
         flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
-        default = f.default if f.default is not MISSING else None
+        default = (defaults or {}).get(f.name, f.default if f.default is not MISSING else None)
         help_text = f"{meta.get('help', '')} (default: {default!r})"
         dest = f"{section}:{f.name}"
         if f.type in (bool, "bool"):
@@ -68,25 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune_core", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics (paths, cache hits, devices)")
     commands = parser.add_subparsers(dest="command", required=True)
+    from finetune_core.request import form_defaults
     for verb in ("train", "create"):
-        verb_parser = commands.add_parser(verb, help=f"{verb} an artefact with a method")
+        verb_parser = commands.add_parser(verb, help=f"{verb} an artefact with a method" if verb == "train" else
+                                          "create a new, untrained embedding or hypernetwork file to train later")
         methods = verb_parser.add_subparsers(dest="method", required=True)
         for spec in METHODS.values():
+            if verb == "create" and spec.create_type is None:
+                continue  # nothing to create before training (DreamBooth, LoRA): train it directly
             sub = methods.add_parser(spec.key, help=spec.description, description=spec.description)
             _common_flags(sub, training=verb == "train")
             taken: set[str] = set()
-            add_settings_flags(sub, "method", spec.config_type if verb == "train" else (spec.create_type or
-                                                                                   spec.config_type), taken)
-            if verb == "train":
-                for section, config_type in _setting_types().items():
-                    add_settings_flags(sub, section, config_type, taken)
+            defaults = form_defaults(spec.key)
+            if verb == "create":
+                add_settings_flags(sub, "method", spec.create_type or spec.config_type, taken)
+                continue
+            add_settings_flags(sub, "method", spec.config_type, taken, defaults["method"])
+            for section, config_type in _setting_types().items():
+                add_settings_flags(sub, section, config_type, taken, defaults[section])
     lint = commands.add_parser("lint", help="check a dataset folder before training")
     lint.add_argument("--model", default=None, help="count tokens with this model's tokenizer (optional)")
     lint.add_argument("--method", default="textual-inversion", choices=list(METHODS))
     add_settings_flags(lint, "data", _setting_types()["data"], set())
     inspect = commands.add_parser("inspect", help="say what an artefact file is and which model it fits")
     inspect.add_argument("file")
-    bench = commands.add_parser("bench", help="print speed, memory and compute-floor figures")
+    bench = commands.add_parser("bench", help="print speed, memory and compute-floor figures",
+                                formatter_class=DefaultsHelpFormatter)
     from finetune_core.bench import add_arguments
     add_arguments(bench)
     add_threads_flag(bench)
@@ -97,15 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MODEL_HELP = ("a .safetensors/.ckpt checkpoint, a diffusers folder, or tiny-sd1 (also tiny-sd2, tiny-sdxl: a random "
+              "tiny model built in code, to try things out)")
+
+
+def require_model(model: str | None) -> str:
+    """The --model value, or the sentence saying what it may be (no model is never a silent tiny one)."""
+    if not model:
+        raise ConfigError(f"no model given: pass --model with {MODEL_HELP}")
+    return model
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help lines end with the default, where there is one and the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
-    parser.add_argument("--model", default="tiny-sd1",
-                        help="tiny-sd1, tiny-sd2, tiny-sdxl, a .safetensors/.ckpt checkpoint or a diffusers folder")
-    parser.add_argument("--name", required=True, help="the artefact's name (the word you will type in prompts)")
-    parser.add_argument("--output-dir", default="outputs", help="laid out like the WebUI: embeddings/, models/...")
+    parser.add_argument("--model", default=None, help=f"required: {MODEL_HELP}")
+    parser.add_argument("--name", default=None, help="the artefact's file name" + (
+        " (required, but not with --resume: the run's own name)" if training else " (required)"))
+    parser.add_argument("--output-dir", default=None, help="laid out like the WebUI: embeddings/, models/... "
+                        "(default: outputs" + ("; with --resume: the run's own" if training else "") + ")")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file of the same name")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     if training:
-        parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run exactly")
+        parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                            help="continue an interrupted run exactly, with its own name, settings and output folder; "
+                                 "max steps, saving, loss CSV and preview flags may change it, others are refused")
         parser.add_argument("--num-processes", type=int, default=None, metavar="N",
                             help="train data-parallel on N processes (one per GPU; on a CPU, cores are shared) "
                                  "through accelerate launch; the global batch is --batch-size")
@@ -158,15 +191,19 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         model = service.load(args.model) if args.model else None
         print(service.lint(settings["data"], args.method, model).format())
         return 0
-    folders = service.OutputFolders.standalone(args.output_dir)
+    resume = getattr(args, "resume", None)
+    if not args.name and not resume:
+        raise ConfigError("no name given: pass --name with the file name the new artefact should have")
+    require_model(args.model)
+    folders = _output_folders(args.output_dir, resume, args.method)
     if args.command == "create":
         service.validate_create(args.method, args.name, settings["method"], folders, args.overwrite)
         model = service.load(args.model, args.device)
         for path in service.create(args.method, args.name, settings["method"], model, folders, args.overwrite):
             print(f"wrote {path}")
         return 0
-    request = service.TrainRequest(args.method, args.name, settings["method"], settings["data"], settings["train"],
-                                   overwrite=args.overwrite, resume_run=args.resume)
+    request = service.TrainRequest(args.method, args.name or "", settings["method"], settings["data"],
+                                   settings["train"], overwrite=args.overwrite, resume_run=resume)
     service.validate_request(request, folders)  # every setting and path before the model loads
     return _train_processes(args, argv, request, folders)
 
@@ -185,6 +222,24 @@ def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any
     set_threads(args.threads)
     device = args.device or (str(processes.device) if processes.world > 1 else None)
     return _train(request, service.load(args.model, device), folders, processes)
+
+
+def _output_folders(output_dir: str | None, resume: str | None, method: str) -> Any:
+    """`--output-dir` (default ./outputs); a resumed run writes where it was writing, and a different folder given
+    with --resume is refused rather than ignored."""
+    from pathlib import Path
+
+    from finetune_core import service
+    from finetune_core.request import run_output_dir
+    folders = service.OutputFolders.standalone(output_dir or "outputs")
+    own = run_output_dir(Path(resume)) if resume else None
+    if own is None or output_dir is None:
+        return folders
+    asked = folders.for_kind(service.method_spec(method).output_kind)
+    if asked.resolve() != own.resolve():
+        raise ConfigError(f"the run {resume} writes its file to {own}, not {asked}; resume without --output-dir, "
+                          f"or start a new run to write elsewhere")
+    return folders
 
 
 def _section_types(args: argparse.Namespace) -> dict[str, type]:

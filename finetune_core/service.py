@@ -129,6 +129,8 @@ def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, 
     if plan.run_dir is not None:
         _require_same_family(plan.run_dir, model)
     job = _prepare_job(plan, model, processes)
+    for note in plan.notes:
+        emit(Warning_(note, note=True))
     for message in job.warnings:
         emit(Warning_(message))
     return _run(plan, job, model, folders, emit, control, processes)
@@ -188,6 +190,7 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
          control: Control | None, processes: Processes) -> JobResult:
     """Start or resume the loop; operating-system errors and running out of memory become one sentence."""
     from finetune_core import preflight
+    from finetune_core.train.config import config_from_dict
     from finetune_core.train.loop import OutputSpec, resume_training, run_training
     from finetune_core.train.run_folder import RunFolder
     output = OutputSpec(plan.final_dir, plan.name, overwrite=plan.overwrite,
@@ -207,8 +210,10 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
             if main:
                 preflight.remove_stale_temporaries(run_dir, recursive=True, older_than=0.0)
             processes.barrier()
-            result = resume_training(model, job.method, job.data, RunFolder(run_dir), output, on_event=emit,
-                                     control=control, processes=processes)
+            run = RunFolder(run_dir)
+            config = dataclasses.replace(config_from_dict(run.load_config()), **plan.resume_changes)
+            result = resume_training(model, job.method, job.data, run, output, on_event=emit, control=control,
+                                     config=config, processes=processes)
     except OSError as exc:
         if preflight.is_network_error(exc):
             raise preflight.network_error(exc, run_dir) from exc

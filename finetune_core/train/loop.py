@@ -124,7 +124,7 @@ class Trainer:
                 guard = NanGuard(self.counters.guard, config.nan_guard_bad_steps, config.nan_guard_max_rollbacks,
                                  config.nan_guard_lr_factor, snapshots=job.method.state_policy.rollback_snapshots)
                 guard.take_snapshot(self.counters.step, _kept(ctx), ctx.optimizer, ctx.scaler)
-                if self.writes:
+                if self.writes and not self.resume:  # settings.json says what the run was started with
                     job.run.write_settings(self._settings())
                 self.emit(Started(job.run.path, total, self.counters.step))
                 interrupted = self._loop(ctx, guard, schedule, total)
@@ -134,6 +134,10 @@ class Trainer:
 
     def _check_steps_left(self, total: int) -> None:
         """A file continued from at or past the run's last step would be written back unchanged: say so instead."""
+        if self.resume and self.counters.step >= total:
+            raise ConfigError(f"the run {self.job.run.path} is already at step {self.counters.step} and stops at step "
+                              f"{total} (max steps or the end of the learning-rate schedule), so there is nothing "
+                              f"left to train; resume with max steps above {self.counters.step}")
         problem = None if self.resume else nothing_to_train(self.counters.step, total)
         if problem:
             raise ConfigError(problem)

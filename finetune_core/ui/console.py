@@ -44,6 +44,6 @@ class ConsoleProgress:
         elif isinstance(event, (events.Finished, events.Failed)):
             self.close()
         elif isinstance(event, events.Warning_) and self.echo:
-            self.tqdm.write(f"warning: {event.message}", file=self.stream)
+            self.tqdm.write(f"{'note' if event.note else 'warning'}: {event.message}", file=self.stream)
         elif isinstance(event, events.PreviewEvent) and self.echo:
             self.tqdm.write(f"preview at step {event.step}: {event.path}", file=self.stream)

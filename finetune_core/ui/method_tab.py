@@ -106,7 +106,8 @@ class MethodTab:
         with gr.Accordion("Resume a run", open=False, elem_id=self.eid("resume_section")):
             self.c["resume_run"] = gr.Textbox(label="Run folder", elem_id=self.eid("resume_run"),
                                               info="A run folder written by an earlier job (see the result panel); "
-                                                   "training continues exactly where it stopped.")
+                                                   "Train continues it exactly where it stopped, with the run's own "
+                                                   "name, settings and output folder (the form above is not used).")
 
     def _add(self, section: str, specs: list[FieldSpec], dynamic: dict[str, Callable[[], list[str]]]) -> None:
         taken = {name for _, name, _ in self.fields} | {"name", "overwrite", "resume_run"}
