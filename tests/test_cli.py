@@ -145,3 +145,18 @@ def test_create_offers_only_methods_with_a_create_step(capsys):
     text = _help(["create"], capsys)
     assert "textual-inversion" in text and "hypernetwork" in text and "dreamartist" in text
     assert "dreambooth" not in text and "lora" not in text
+
+
+def test_a_run_shorter_than_csv_every_still_writes_its_loss_csv(tmp_path, capsys):
+    from finetune_core.train.run_folder import RunFolder
+
+    out = tmp_path / "out"
+    assert main(_tiny_ti(out, "--steps", "3", "--save-every", "0", "--csv-every", "2")) == 0
+    run = next((out / "runs").rglob("request.json")).parent
+    assert [row.step for row in RunFolder(run).loss_rows()] == [2, 3]  # the last step's row at the end
+
+
+def test_one_folder_name_per_method():
+    from finetune_core.methods import METHODS
+
+    assert {spec.log_folder for spec in METHODS.values()} == {key.replace("-", "_") for key in METHODS}

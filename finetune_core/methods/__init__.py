@@ -73,7 +73,7 @@ METHODS: dict[str, MethodSpec] = {
         data=dreambooth.training_data, resolve=resolve_class_folder, usual_max_lr=1e-3),
     "dreamartist": MethodSpec(
         "dreamartist", "DreamArtist (APT)", dreamartist.DreamArtistConfig, dreamartist.DreamArtistCreate,
-        "embeddings", "dream_artist",
+        "embeddings", "dreamartist",
         "A word NAME and its negative NAME-neg learned together under guidance, often from one image; use NAME in "
         "the prompt and NAME-neg in the negative prompt.",
         dreamartist.build, dreamartist.create_file, dreamartist.memory_needs,
