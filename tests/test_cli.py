@@ -160,3 +160,14 @@ def test_one_folder_name_per_method():
     from finetune_core.methods import METHODS
 
     assert {spec.log_folder for spec in METHODS.values()} == {key.replace("-", "_") for key in METHODS}
+
+
+def test_a_dreambooth_checkpoint_of_tiny_sd1_loads_back_as_the_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--data", str(EXAMPLES), "--steps", "1", "--width", "64", "--height", "64", "--preview-every", "0",
+              "--output-dir", str(out)]
+    assert main(["train", "dreambooth", "--model", "tiny-sd1", "--name", "db", *common]) == 0
+    checkpoint = out / "models" / "Stable-diffusion" / "db.safetensors"
+    assert main(["train", "textual-inversion", "--model", str(checkpoint), "--name", "on-db", *common]) == 0, \
+        capsys.readouterr().err
+    assert (out / "embeddings" / "on-db.pt").is_file()
