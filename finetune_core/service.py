@@ -222,10 +222,19 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
         if not _out_of_memory(exc):
             raise
         raise preflight.out_of_memory(exc, model, run_dir) from exc
-    verb = "interrupted at" if result.interrupted else "finished at"
-    written = ", ".join(str(p) for p in result.artifacts)
-    message = f"Training {verb} step {result.step}. Wrote {written}. Run folder: {result.run_dir}"
+    message = outcome_message(result.step, result.interrupted, list(result.artifacts), result.run_dir)
     return JobResult(list(result.artifacts), result.run_dir, result.step, result.interrupted, message)
+
+
+def outcome_message(step: int, interrupted: bool, artifacts: Sequence[Path], run_dir: Path | None) -> str:
+    """The one line a host shows when a job ends: what it wrote, or that it wrote nothing."""
+    verb = "interrupted at" if interrupted else "finished at"
+    if artifacts:
+        written = f"Wrote {', '.join(str(p) for p in artifacts)}."
+    else:
+        written = "Nothing was written (it stopped before its first step)." if step == 0 else "Nothing was written."
+    where = f" Run folder: {run_dir}" if run_dir is not None else ""
+    return f"Training {verb} step {step}. {written}{where}"
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -56,6 +56,7 @@ class JobState:
     seconds_per_step: float | None = None
     previews: list[tuple[Path, int, str]] = field(default_factory=list)  # (path, step, prompt)
     artifacts: list[Path] = field(default_factory=list)
+    copies: list[Path] = field(default_factory=list)  # intermediate copies saved in the run folder so far
     messages: list[str] = field(default_factory=list)
     error: str = ""
     run_dir: Path | None = None
@@ -76,9 +77,17 @@ class JobState:
                 "losses": [list(p) for p in thin(self.losses, history)],
                 "learning_rates": [list(p) for p in thin(self.learning_rates, history)],
                 "previews": [{"path": str(p), "step": s, "prompt": t} for p, s, t in self.previews],
-                "artifacts": [str(p) for p in self.artifacts], "messages": list(self.messages),
+                "artifacts": [str(p) for p in self.artifacts], "copies": [str(p) for p in self.copies],
+                "messages": list(self.messages),
                 "error": self.error, "run_dir": None if self.run_dir is None else str(self.run_dir),
                 "started_at": self.started_at, "finished_at": self.finished_at, "version": self.version}
+
+
+def where_job_is(state: JobState) -> str:
+    """'step 3/10', or what it does before its first step ('preparing latents 2/5', 'starting')."""
+    if state.total:
+        return f"step {state.step}/{state.total}"
+    return f"preparing {state.phase}" if state.phase else "starting"
 
 
 def thin(points: list[tuple[int, float]], limit: int) -> list[tuple[int, float]]:
@@ -170,8 +179,8 @@ class JobRunner:
     def _refuse_if_busy(self, what: str) -> None:
         """Under self._lock: JobBusy naming the running job."""
         if self._state.active:
-            raise JobBusy(f"{what} ({self._state.method} '{self._state.name}', step {self._state.step}/"
-                          f"{self._state.total}); wait for it to finish or press Interrupt, then try again.")
+            raise JobBusy(f"{what} ({self._state.method} '{self._state.name}', {where_job_is(self._state)}); wait "
+                          f"for it to finish or press Interrupt, then try again.")
 
     def interrupt(self) -> bool:
         """Ask the running job to save and stop at the next step; False when nothing runs."""
@@ -281,6 +290,8 @@ def record_event(state: JobState, event: Event) -> None:
     elif isinstance(event, ArtifactSaved):
         if event.final:
             state.artifacts = _unique(state.artifacts + [Path(p) for p in event.paths])
+        else:
+            state.copies = _unique(state.copies + [Path(p) for p in event.paths])
     elif isinstance(event, Warning_):
         state.messages.append(event.message)
     elif isinstance(event, Finished):
