@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
             if verb == "create" and spec.create_type is None:
                 continue  # nothing to create before training (DreamBooth, LoRA): train it directly
             sub = methods.add_parser(spec.key, help=spec.description, description=spec.description)
-            _common_flags(sub, training=verb == "train")
+            _common_flags(sub, training=verb == "train", name_help=spec.name_help)
             taken: set[str] = set()
             defaults = form_defaults(spec.key)
             if verb == "create":
@@ -127,9 +127,9 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
+def _common_flags(parser: argparse.ArgumentParser, training: bool, name_help: str) -> None:
     parser.add_argument("--model", default=None, help=f"required: {MODEL_HELP}")
-    parser.add_argument("--name", default=None, help="the artefact's file name" + (
+    parser.add_argument("--name", default=None, help=name_help + (
         " (required, but not with --resume: the run's own name)" if training else " (required)"))
     parser.add_argument("--output-dir", default=None, help="laid out like the WebUI: embeddings/, models/... "
                         "(default: outputs" + ("; with --resume: the run's own" if training else "") + ")")

@@ -83,7 +83,7 @@ class MethodTab:
         gr, host = self.gr, self.ctx.host
         with gr.Row():
             self.c["name"] = gr.Textbox(label="Name", elem_id=self.eid("name"), scale=3,
-                                        info="File name of the artefact, and the word you will write in prompts.")
+                                        info=getattr(self.spec, "name_help", "The file name of the artefact."))
             self.c["overwrite"] = gr.Checkbox(label="Overwrite an existing file", value=False,
                                               elem_id=self.eid("overwrite"))
         if self.create_specs:
