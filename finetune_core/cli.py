@@ -153,6 +153,7 @@ def add_threads_flag(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from finetune_core.cpu import prepare_process
     prepare_process()  # before anything imports torch: OpenMP reads its wait policy once, at load
+    quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ui"]:
         from finetune_core.ui.app import main as ui_main
@@ -169,6 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstopped", file=sys.stderr)
         return 130
+
+
+def quiet_libraries() -> None:
+    """The user sees our lines, not the libraries' notices about their own versions (diffusers imports peft when
+    it is installed, and peft warns about the transformers release on every command)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Support for Transformers < .* is deprecated in PEFT",
+                            category=FutureWarning)
 
 
 def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
