@@ -231,6 +231,8 @@ def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any
     processes = join_processes(args.device)  # a launcher started several: join them (one thread share each)
     set_threads(args.threads)
     device = args.device or (str(processes.device) if processes.world > 1 else None)
+    if processes.is_main:  # a full-size checkpoint takes a while to load: say what the wait is
+        print(f"loading the model {args.model} ...", file=sys.stderr)
     return _train(request, service.load(args.model, device), folders, processes)
 
 

@@ -171,3 +171,27 @@ def test_a_dreambooth_checkpoint_of_tiny_sd1_loads_back_as_the_model(tmp_path, c
     assert main(["train", "textual-inversion", "--model", str(checkpoint), "--name", "on-db", *common]) == 0, \
         capsys.readouterr().err
     assert (out / "embeddings" / "on-db.pt").is_file()
+
+
+def test_every_preparation_phase_shows_a_count_and_an_eta():
+    import io
+    import time
+    from pathlib import Path
+
+    from finetune_core.train.events import Phase, Started
+    from finetune_core.ui.console import ConsoleProgress
+    from finetune_core.ui.job_runner import JobState, record_event
+
+    stream = io.StringIO()
+    with ConsoleProgress(stream) as progress:
+        for done in range(4):
+            progress(Phase("class images into /data/classes", done, 3))
+        progress(Phase("latents", 1, 5))
+        progress(Started(Path("run"), 10, 0))
+    text = stream.getvalue()
+    assert "class images into /data/classes" in text and "3/3" in text and "latents" in text and "1/5" in text
+    state = JobState(status="running")
+    record_event(state, Phase("latents", 0, 4))
+    state.phase_started = time.time() - 2.0  # two seconds for the first image
+    record_event(state, Phase("latents", 1, 4))
+    assert state.phase.startswith("latents 1/4, ETA ") and state.phase.endswith("6s")

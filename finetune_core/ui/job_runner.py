@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 import threading
 import time
 import uuid
@@ -49,7 +50,8 @@ class JobState:
     total: int = 0
     start_step: int = 0
     epoch: int = 0
-    phase: str = ""  # work before step 1, e.g. "latents 3/10"; empty once training runs
+    phase: str = ""  # work before step 1, e.g. "latents 3/10, ETA 4s"; empty once training runs
+    phase_started: float | None = None  # when the current phase began (its ETA)
     losses: list[tuple[int, float]] = field(default_factory=list)
     learning_rates: list[tuple[int, float]] = field(default_factory=list)
     eta_seconds: float | None = None
@@ -81,6 +83,18 @@ class JobState:
                 "messages": list(self.messages),
                 "error": self.error, "run_dir": None if self.run_dir is None else str(self.run_dir),
                 "started_at": self.started_at, "finished_at": self.finished_at, "version": self.version}
+
+
+def format_seconds(seconds: float | None) -> str:
+    """'1h 02m', '3m 05s', '12s' or '-'."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
 def where_job_is(state: JobState) -> str:
@@ -278,7 +292,13 @@ def record_event(state: JobState, event: Event) -> None:
         state.run_dir, state.total, state.start_step, state.step = (event.run_dir, event.total_steps,
                                                                     event.start_step, event.start_step)
     elif isinstance(event, Phase):
+        now = time.time()
+        if event.done == 0 or state.phase_started is None or not state.phase.startswith(f"{event.what} "):
+            state.phase_started = now
         state.phase = f"{event.what} {event.done}/{event.total}"
+        if 0 < event.done < event.total:
+            left = (now - state.phase_started) / event.done * (event.total - event.done)
+            state.phase += f", ETA {format_seconds(left)}"
     elif isinstance(event, StepEvent):
         state.phase = ""
         state.step, state.total, state.epoch = event.step, event.total_steps, event.epoch
