@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError
-from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs
+from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs, offline_theme
 from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.standalone_host import StandaloneHost
 
@@ -57,6 +57,7 @@ def build_app(host: StandaloneHost, runner: JobRunner | None = None, gr: Any = N
     if gradio_major(gr) >= 4:
         fix_gradio4_templates()
         extra["head"] = f"<script>\n{js}\n</script>"
+        extra["theme"] = offline_theme(gr)
     demo = build_tab(host, gr, runner=runner, blocks_kwargs=extra)
     if gradio_major(gr) < 4 and js:
         with demo:  # Gradio 3 has no head=: run the script through a load event
