@@ -105,6 +105,7 @@ def test_train_textual_inversion_in_the_browser(app_url, tmp_path: Path) -> None
         page = browser.new_page(viewport={"width": 1400, "height": 2200})
         page.goto(url)
         page.locator("[role=tab], .tab-nav button").filter(has_text="Textual Inversion").first.click()
+        page.locator(f"#{slug}_output_section .label-wrap").first.click()  # folded by default
         for name, value in (("name", "ball"), ("data_dir", _dataset(tmp_path)), ("width", 64), ("height", 64),
                             ("steps", STEPS), ("preview_every", 3), ("save_every", 3), ("preview_steps", 2)):
             _fill(page, f"{slug}_{name}", value)
@@ -117,6 +118,10 @@ def test_train_textual_inversion_in_the_browser(app_url, tmp_path: Path) -> None
         result = page.locator(f"#{slug}_result .finetune-artifact").first
         expect(result).to_contain_text("ball")
         artefact = Path(result.inner_text().strip())
+        page.mouse.wheel(0, 20000)  # the Train / status column stays in view at the bottom of the form
+        page.wait_for_timeout(1000)
+        box = page.locator(f"#{slug}_train").bounding_box()
+        assert box is not None and 0 <= box["y"] <= 2200
         shot = tmp_path / "finetune-browser.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
