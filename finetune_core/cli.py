@@ -12,44 +12,25 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import MISSING, fields
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
+from finetune_core.settings import (
+    MODEL_HELP,
+    DefaultsHelpFormatter,
+    add_settings_flags,
+    add_threads_flag,
+    require_model,
+)
 
-# The flags issue #2 names, kept short; each maps to a settings field.
-ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vectors": ["--neg-vectors"],
-           "learning_rate": ["--lr"]}
 SECTIONS = ("method", "data", "train")
 
 
 def _setting_types() -> dict[str, type]:
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.train.train_config import TrainConfig
     return {"data": DatasetConfig, "train": TrainConfig}
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str],
-                       defaults: Mapping[str, Any] | None = None) -> None:
-    """One flag per field of `config_type`; help shows `defaults` (the method's own) over the field's default."""
-    group = parser.add_argument_group(f"{section} settings")
-    for f in fields(config_type):
-        meta: Mapping[str, Any] = f.metadata or {}
-        if f.name in taken or f.name == "version" or meta.get("hidden"):
-            continue
-        taken.add(f.name)
-        flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
-        default = (defaults or {}).get(f.name, f.default if f.default is not MISSING else None)
-        help_text = f"{meta.get('help', '')} (default: {default!r})"
-        dest = f"{section}:{f.name}"
-        if f.type in (bool, "bool"):
-            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        # Values stay text here: the settings coercer parses them (one sentence per bad value, not argparse's usage).
-        choices = meta.get("choices")
-        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
-        group.add_argument(*flags, dest=dest, default=None, help=help_text, metavar=metavar)
 
 
 def _settings_from_args(args: argparse.Namespace, types: dict[str, type]) -> dict[str, dict[str, Any]]:
@@ -70,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune_core", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics (paths, cache hits, devices)")
     commands = parser.add_subparsers(dest="command", required=True)
-    from finetune_core.request import form_defaults
+    from finetune_core.jobs.request import form_defaults
     for verb in ("train", "create"):
         verb_parser = commands.add_parser(verb, help=f"{verb} an artefact with a method" if verb == "train" else
                                           "create a new, untrained embedding or hypernetwork file to train later")
@@ -99,32 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune_core.bench import add_arguments
     add_arguments(bench)
     add_threads_flag(bench)
-    from finetune_core.aesthetic_cli import add_parser as add_aesthetic
+    from finetune_core.aesthetic.aesthetic_cli import add_parser as add_aesthetic
     add_aesthetic(commands)
     ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
     ui.add_argument("rest", nargs=argparse.REMAINDER, help="options of the app (see `ui --help`)")
     return parser
-
-
-MODEL_HELP = ("a .safetensors/.ckpt checkpoint, a diffusers folder, or tiny-sd1 (also tiny-sd2, tiny-sdxl: a random "
-              "tiny model built in code, to try things out)")
-
-
-def require_model(model: str | None) -> str:
-    """The --model value, or the sentence saying what it may be (no model is never a silent tiny one)."""
-    if not model:
-        raise ConfigError(f"no model given: pass --model with {MODEL_HELP}")
-    return model
-
-
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Help lines end with the default, where there is one and the help does not already say it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "default" in text or action.default in (None, "", False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
 
 
 def _common_flags(parser: argparse.ArgumentParser, training: bool, name_help: str) -> None:
@@ -143,11 +103,6 @@ def _common_flags(parser: argparse.ArgumentParser, training: bool, name_help: st
                             help="train data-parallel on N processes (one per GPU; on a CPU, cores are shared) "
                                  "through accelerate launch; the global batch is --batch-size")
     add_threads_flag(parser)
-
-
-def add_threads_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: one per physical core; fewer on a busy shared machine)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,8 +137,8 @@ def quiet_libraries() -> None:
 
 
 def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from finetune_core import service
     from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
     if args.command == "inspect":
         print(service.inspect(args.file).describe())
         return 0
@@ -192,7 +147,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         run_bench(BenchOptions.from_args(args))
         return 0
     if args.command == "aesthetic":
-        from finetune_core.aesthetic_cli import run as run_aesthetic
+        from finetune_core.aesthetic.aesthetic_cli import run as run_aesthetic
         return run_aesthetic(args)
     if args.command != "train":
         set_threads(getattr(args, "threads", None))
@@ -220,13 +175,13 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any, folders: Any) -> int:
     """Train in this process, or start N data-parallel ones (`--num-processes`), or be one of them."""
-    from finetune_core import service
     from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
     from finetune_core.train.distributed import join_processes, launched_world
     if (args.num_processes or 1) < 1:
         raise ConfigError(f"--num-processes must be at least 1, not {args.num_processes}")
     if (args.num_processes or 1) > 1 and launched_world() == 1:
-        from finetune_core.launcher import launch
+        from finetune_core.jobs.launcher import launch
         return launch(argv, args.num_processes, args.device, folders.logs)
     processes = join_processes(args.device)  # a launcher started several: join them (one thread share each)
     set_threads(args.threads)
@@ -241,8 +196,8 @@ def _output_folders(output_dir: str | None, resume: str | None, method: str) -> 
     with --resume is refused rather than ignored."""
     from pathlib import Path
 
-    from finetune_core import service
-    from finetune_core.request import run_output_dir
+    from finetune_core.jobs import service
+    from finetune_core.jobs.request import run_output_dir
     folders = service.OutputFolders.standalone(output_dir or "outputs")
     own = run_output_dir(Path(resume)) if resume else None
     if own is None or output_dir is None:
@@ -266,9 +221,9 @@ def _section_types(args: argparse.Namespace) -> dict[str, type]:
 def _train(request: Any, model: Any, folders: Any, processes: Any) -> int:
     """Run the job with a progress bar; Ctrl-C asks the loop to save and stop (a second one stops at once). In a
     data-parallel run only the main process shows progress and the result."""
-    from finetune_core import service
+    from finetune_core.hosts.console import ConsoleProgress
+    from finetune_core.jobs import service
     from finetune_core.train.control import Control
-    from finetune_core.ui.console import ConsoleProgress
     control = Control()
     with ConsoleProgress() as progress, _interrupt_on_sigint(control, processes.world > 1):
         result = service.train(request, model, folders, on_event=progress, control=control, processes=processes)

@@ -1,4 +1,5 @@
-"""Setting values: the one coercer every host goes through (CLI, tab, REST, service) and the number-list parser.
+"""Setting values: the one coercer every host goes through (CLI, tab, REST, service), the number-list parser, and the
+command-line flags made from the settings dataclasses (`learning_rate` -> `--learning-rate`).
 
 Two sources, two rules, so a typo can never turn into a different setting:
 - JSON bodies and Python callers (`from_text=False`): a value must already have its field's type. The only
@@ -12,6 +13,7 @@ Two sources, two rules, so a typo can never turn into a different setting:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import types
@@ -136,3 +138,56 @@ def parse_numbers(text: Any, what: str) -> list[float]:
     if not all(math.isfinite(n) for n in numbers):
         raise ConfigError(f"{what} {text!r} must be numbers separated by commas, e.g. '1, 2, 1'")
     return numbers
+
+
+# The flags issue #2 names, kept short; each maps to a settings field.
+ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vectors": ["--neg-vectors"],
+           "learning_rate": ["--lr"]}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str],
+                       defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per field of `config_type`; help shows `defaults` (the method's own) over the field's default."""
+    group = parser.add_argument_group(f"{section} settings")
+    for f in dataclasses.fields(config_type):
+        meta: Mapping[str, Any] = f.metadata or {}
+        if f.name in taken or f.name == "version" or meta.get("hidden"):
+            continue
+        taken.add(f.name)
+        flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        help_text = f"{meta.get('help', '')} (default: {default!r})"
+        dest = f"{section}:{f.name}"
+        if f.type in (bool, "bool"):
+            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        # Values stay text here: the settings coercer parses them (one sentence per bad value, not argparse's usage).
+        choices = meta.get("choices")
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
+        group.add_argument(*flags, dest=dest, default=None, help=help_text, metavar=metavar)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: one per physical core; fewer on a busy shared machine)")
+
+
+MODEL_HELP = ("a .safetensors/.ckpt checkpoint, a diffusers folder, or tiny-sd1 (also tiny-sd2, tiny-sdxl: a random "
+              "tiny model built in code, to try things out)")
+
+
+def require_model(model: str | None) -> str:
+    """The --model value, or the sentence saying what it may be (no model is never a silent tiny one)."""
+    if not model:
+        raise ConfigError(f"no model given: pass --model with {MODEL_HELP}")
+    return model
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help lines end with the default, where there is one and the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"

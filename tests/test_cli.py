@@ -54,8 +54,8 @@ def test_progress_bar_keeps_warnings_and_previews_readable():
     import io
     from pathlib import Path
 
+    from finetune_core.hosts.console import ConsoleProgress
     from finetune_core.train.events import PreviewEvent, Started, StepEvent, Warning_
-    from finetune_core.ui.console import ConsoleProgress
 
     stream = io.StringIO()
     with ConsoleProgress(stream) as progress:
@@ -125,7 +125,7 @@ def _help(argv, capsys):
 
 @pytest.mark.parametrize("method", ["textual-inversion", "hypernetwork", "dreambooth", "dreamartist", "lora"])
 def test_each_methods_help_shows_its_own_defaults(method, capsys):
-    from finetune_core.request import form_defaults
+    from finetune_core.jobs.request import form_defaults
 
     text = _help(["train", method], capsys)
     defaults = form_defaults(method)
@@ -178,9 +178,9 @@ def test_every_preparation_phase_shows_a_count_and_an_eta():
     import time
     from pathlib import Path
 
+    from finetune_core.hosts.console import ConsoleProgress
+    from finetune_core.hosts.job_runner import JobState, record_event
     from finetune_core.train.events import Phase, Started
-    from finetune_core.ui.console import ConsoleProgress
-    from finetune_core.ui.job_runner import JobState, record_event
 
     stream = io.StringIO()
     with ConsoleProgress(stream) as progress:

@@ -15,7 +15,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from finetune_core import service
 from finetune_core.errors import (
     ArtifactError,
     ConfigError,
@@ -25,7 +24,8 @@ from finetune_core.errors import (
     StorageError,
 )
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
-from finetune_core.formats.hypernetwork import write_hypernetwork
+from finetune_core.formats.hypernetwork_file import write_hypernetwork
+from finetune_core.jobs import service
 from finetune_core.methods.hypernetwork import HypernetworkCreate, create_hypernetwork
 from finetune_core.train.events import StepEvent, Warning_
 from tests.conftest import rest_client
@@ -115,8 +115,8 @@ def test_a_hypernetwork_with_infinite_weights_is_refused_by_name(tiny_model, one
 # --- 4. /create while a job trains --------------------------------------------------------------------------------
 
 def test_create_while_a_job_trains_is_409_and_the_model_untouched(tiny_model, one_image_dataset, tmp_path):
+    from finetune_core.hosts.standalone import StandaloneHost
     from finetune_core.ui.app import build_app
-    from finetune_core.ui.standalone_host import StandaloneHost
 
     host = StandaloneHost(tmp_path / "out", "tiny-sd1", loader=tiny_model)
     _, app, runner = build_app(host)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_core.data.buckets import RESIZE_BUCKETS, Size, make_buckets, target_size
-from finetune_core.data.config import DatasetConfig
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.scan import encoding_warnings, find_files, scan_dataset
 from finetune_core.data.templates import load_template, render_prompt
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from finetune_core.errors import ArtifactError, ConfigError
 from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
+from finetune_core.formats.names import refuse_same_name
 from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
 from finetune_core.methods.discriminator import Discriminator, check_discriminator_file, load_discriminator
 from finetune_core.methods.guidance import GuidanceScale, guide, parse_guidance
@@ -37,11 +38,11 @@ from finetune_core.methods.textual_inversion import (
     resolve_embedding,
 )
 from finetune_core.model.interface import DiffusionModel
-from finetune_core.model.schedule import predicted_x0
-from finetune_core.train.batch import TrainBatch
-from finetune_core.train.ema import Averaging
+from finetune_core.model.noise_schedule import predicted_x0
 from finetune_core.train.memory import MemoryNeeds
 from finetune_core.train.objective import weighted_mse
+from finetune_core.train.param_group import Averaging
+from finetune_core.train.train_batch import TrainBatch
 
 NEGATIVE_SUFFIX = "-neg"
 NEGATIVE_INIT_NOISE = 1e-3  # the original adds N(0, 1e-3^2) to a new negative embedding (breaks the symmetry)
@@ -72,8 +73,6 @@ class DreamArtistCreate:
 
     def check_request(self, name: str, folder: Path, overwrite: bool) -> None:
         """The name leaves room for `NAME-neg`, which must not exist unless overwriting (needs no model)."""
-        from finetune_core.preflight import refuse_same_name
-
         if name.endswith(NEGATIVE_SUFFIX):
             raise ConfigError(f"the name {name!r} ends in '{NEGATIVE_SUFFIX}', which DreamArtist keeps for the "
                               f"negative embedding (NAME{NEGATIVE_SUFFIX}); choose a name without it")

@@ -28,15 +28,15 @@ from typing import Any
 import torch
 
 from finetune_core.data.class_images import ClassFolder, ClassImageRequest, check_own_images, class_records
-from finetune_core.data.config import DatasetConfig
 from finetune_core.data.dataset import ImageDataset
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.paired import IS_CLASS, PairedDataset
 from finetune_core.data.scan import ImageRecord
 from finetune_core.errors import ConfigError, DatasetError, StorageError
 from finetune_core.model.interface import DiffusionModel, SampleRequest
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.method import PrepareContext
 from finetune_core.train.objective import per_sample_mse
+from finetune_core.train.train_batch import TrainBatch
 
 CLASS_FOLDERS = "class_images"  # under the method's own log folder, one subfolder per class prompt
 

@@ -7,15 +7,14 @@ from typing import Any
 import torch
 
 from finetune_core.model.configs import available_components, load_config
+from finetune_core.model.diffusers_backend import DiffusersModel
 from finetune_core.model.interface import ModelIdentity
+from finetune_core.model.single_file import build_component
+from finetune_core.model.tiny import randomize_weights
 
 
 def full_size_random(family: str, seed: int = 0, device: str | torch.device = "cpu") -> Any:
     """A `DiffusersModel` with the real architecture of `family` and seeded random weights (no download)."""
-    from finetune_core.model.diffusers_backend import DiffusersModel
-    from finetune_core.model.single_file import build_component
-    from finetune_core.model.tiny import randomize_weights
-
     names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in available_components(family)]
     with torch.device("meta"):
         modules = {name: build_component(name, load_config(family, name)) for name in names}
@@ -33,9 +32,6 @@ def full_size_random(family: str, seed: int = 0, device: str | torch.device = "c
 def full_size_meta(family: str, dtype: torch.dtype = torch.float16) -> Any:
     """A `DiffusersModel` with the real architecture of `family` on the meta device: every shape, no memory and no
     weights (memory estimates for models that are not loaded)."""
-    from finetune_core.model.diffusers_backend import DiffusersModel
-    from finetune_core.model.single_file import build_component
-
     names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in available_components(family)]
     with torch.device("meta"):
         modules = {name: build_component(name, load_config(family, name)) for name in names}

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from finetune_core.errors import ConfigError
+from finetune_core.model.full_size import full_size_meta
 from finetune_core.model.interface import DiffusionModel
+from finetune_core.model.session import PRECISIONS, compute_dtype
 
 # Values the UNet keeps for backward per latent cell per base channel, at batch 1, without gradient checkpointing.
 # Calibrated so SD1 at 512x512, batch 1, fp16 lands near the ~6 GB the WebUI's TI training is known to take.
@@ -169,8 +171,6 @@ def estimate_memory(model: DiffusionModel, needs: MemoryNeeds, plan: MemoryPlan,
 
     Frozen weights count in the dtype the model holds them in; activations in the dtype the forward computes in.
     """
-    from finetune_core.model.session import compute_dtype
-
     dtype_bytes(plan.precision)  # a ConfigError for an unknown precision
     stored = model.dtype
     compute = compute_dtype(plan.precision, stored)
@@ -231,8 +231,6 @@ def full_size_fits(needs_for: Callable[[DiffusionModel], MemoryNeeds], plan: Mem
 
     if importlib.util.find_spec("diffusers") is None:
         return {}
-    from finetune_core.model.full_size import full_size_meta
-    from finetune_core.model.session import PRECISIONS
 
     out = {}
     for family, label in FULL_SIZE:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from finetune_core.errors import ConfigError
-from finetune_core.train.config import TrainConfig
-from finetune_core.train.schedule import parse_schedule, rate_at
-
-if TYPE_CHECKING:  # train sits below methods: the protocol types are for hints only
-    from finetune_core.train.method import ParamGroup
+from finetune_core.train.lr_schedule import parse_schedule, rate_at
+from finetune_core.train.param_group import ParamGroup
+from finetune_core.train.train_config import TrainConfig
 
 # name -> (module, class, pip package)
 _OPTIONAL = {

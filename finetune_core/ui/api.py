@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobBusy, JobRunner
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobBusy, JobRunner
+from finetune_core.methods import METHODS
+from finetune_core.ui.aesthetic_tab import AestheticJobs
+from finetune_core.ui.aesthetic_tab import routes as aesthetic_routes
+from finetune_core.ui.method_tab import method_sections
+from finetune_core.ui.rest_body import object_field, refuse_unknown_fields, required_text
 from finetune_core.ui.schema import field_specs
 
 log = logging.getLogger(__name__)
@@ -33,7 +38,7 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     from starlette.concurrency import run_in_threadpool
 
     if service is None:
-        from finetune_core import service
+        from finetune_core.jobs import service
     routes = _Routes(host, runner, service, methods)
     router = APIRouter(prefix=PREFIX, dependencies=list(dependencies or []), tags=["finetune"])
     router.add_api_route("/methods", routes.methods, methods=["GET"])
@@ -56,8 +61,6 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     post("/inspect", routes.inspect)
     for command in ("interrupt", "pause", "resume"):
         router.add_api_route(f"/{command}", getattr(routes, command), methods=["POST"])
-    from finetune_core.ui.aesthetic_tab import AestheticJobs
-    from finetune_core.ui.aesthetic_tab import routes as aesthetic_routes
 
     aesthetic = AestheticJobs(host, runner)
     for path, handler in aesthetic_routes(aesthetic).items():
@@ -120,14 +123,11 @@ class _Routes:
     def _registry(self) -> Mapping[str, Any]:
         if self._methods is not None:
             return self._methods
-        from finetune_core.methods import METHODS
 
         return METHODS
 
     def methods(self) -> dict[str, Any]:
         """Every method's form schema: fields with kind, default, label, help, choices and `advanced`."""
-        from finetune_core.ui.method_tab import method_sections
-
         out = {}
         for key, spec in self._registry().items():
             sections = method_sections(spec, self.service)
@@ -178,29 +178,6 @@ class _Routes:
 
     def resume(self) -> dict[str, bool]:
         return {"resumed": self.runner.resume()}
-
-
-def refuse_unknown_fields(body: dict, allowed: set[str], route: str) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown field(s) in the {route} request: {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(allowed))}")
-
-
-def object_field(body: dict, key: str) -> dict[str, Any]:
-    value = body.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"'{key}' must be an object of setting names and values, not {value!r}")
-    return value
-
-
-def required_text(body: dict, key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"the request needs '{key}' as a non-empty string")
-    return value.strip()
 
 
 def _row(row: Any) -> dict[str, Any]:

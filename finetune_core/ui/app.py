@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError
+from finetune_core.hosts.job_runner import JobRunner
+from finetune_core.hosts.standalone import StandaloneHost
+from finetune_core.ui.api import mount_api
 from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs, offline_theme
-from finetune_core.ui.job_runner import JobRunner
-from finetune_core.ui.standalone_host import StandaloneHost
+from finetune_core.ui.tab import build_tab
 
 log = logging.getLogger(__name__)
 # The WebUI loads these from the extension root; the standalone app injects the same files.
@@ -48,8 +50,6 @@ def build_app(host: StandaloneHost, runner: JobRunner | None = None, gr: Any = N
         gr = gradio
     from fastapi import FastAPI
 
-    from finetune_core.ui.api import mount_api
-    from finetune_core.ui.tab import build_tab
 
     runner = runner or JobRunner(host)
     js, css = _read(JS_FILE), _read(CSS_FILE)

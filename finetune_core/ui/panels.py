@@ -6,7 +6,8 @@ import html
 import math
 from pathlib import Path
 
-from finetune_core.ui.job_runner import JobState, format_seconds, thin
+from finetune_core.hosts.console import format_seconds
+from finetune_core.hosts.job_runner import JobState, thin
 
 _STATUS_WORDS = {"idle": "Idle", "waiting": "Starting (waits while another task uses the model)",
                  "running": "Training", "paused": "Paused", "finished": "Finished",

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_core.data.config import DatasetConfig
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.lint import lint_dataset
 from finetune_core.errors import DatasetError
 

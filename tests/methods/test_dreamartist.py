@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_core import service
-from finetune_core.data.batch import DataBatch
+from finetune_core.data.data_batch import DataBatch
 from finetune_core.formats.embedding import read_embedding
+from finetune_core.jobs import service
 from finetune_core.methods.dreamartist import (
     DreamArtist,
     DreamArtistConfig,
@@ -22,9 +22,9 @@ from finetune_core.methods.dreamartist import (
 )
 from finetune_core.methods.guidance import GuidanceScale, parse_guidance
 from finetune_core.train import objective
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent, Warning_
+from finetune_core.train.train_batch import TrainBatch
 from tests.conftest import weights_checksum
 from tests.formats.conftest import webui_gate
 
@@ -153,8 +153,8 @@ def test_overfits_one_image_and_changes_nothing_else(name, reconstruction, steps
     model = tiny_model(name)
     before = weights_checksum(model)
     template = tmp_path / "name_only.txt"
-    from finetune_core.data.config import DatasetConfig
     from finetune_core.data.dataset import ImageDataset
+    from finetune_core.data.dataset_config import DatasetConfig
     data = ImageDataset(DatasetConfig(data_dir=str(one_image_dataset), width=64, height=64, keep_pixels=True,
                                       latent_sampling="deterministic", template=str(template)), placeholder="ballart")
     data.prepare(model)

@@ -13,8 +13,8 @@ def test_the_standalone_page_and_its_theme_name_no_remote_address(tmp_path: Path
         pytest.skip("the standalone app runs on Gradio 4")
     from fastapi.testclient import TestClient
 
+    from finetune_core.hosts.standalone import StandaloneHost
     from finetune_core.ui.app import build_app
-    from finetune_core.ui.standalone_host import StandaloneHost
 
     demo, app, _ = build_app(StandaloneHost(str(tmp_path / "out"), "tiny-sd1"))
     page = TestClient(app).get("/").text

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune_core.hosts.job_runner import JobState
 from finetune_core.ui.dataset_view import steps_arithmetic
-from finetune_core.ui.job_runner import JobState
 from finetune_core.ui.panels import format_seconds, format_speed, gallery_items, loss_svg, progress_html, result_html
 
 
@@ -58,9 +58,9 @@ def test_steps_arithmetic_counts_accumulation() -> None:
 
 
 def test_only_true_lines_about_files_and_a_busy_job(tmp_path: Path) -> None:
-    from finetune_core.service import outcome_message
+    from finetune_core.hosts.job_runner import record_event, where_job_is
+    from finetune_core.jobs.service import outcome_message
     from finetune_core.train.events import ArtifactSaved
-    from finetune_core.ui.job_runner import record_event, where_job_is
 
     copy = tmp_path / "ball-3.pt"
     copy.write_bytes(b"x")

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from finetune_core.errors import ConfigError
+from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.ui.actions import MethodActions
-from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.method_tab import method_sections
 from finetune_core.ui.tab import build_tab
 
@@ -96,7 +96,7 @@ def test_presets_round_trip_through_the_logs_folder(host: Any, fake_methods: dic
 
 
 def test_the_memory_estimate_says_which_cards_hold_full_size_models(host: Any, tiny_model: Any) -> None:
-    from finetune_core import service
+    from finetune_core.jobs import service
     from finetune_core.methods import METHODS
 
     host.model = tiny_model("tiny-sd1")
