@@ -162,7 +162,8 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
     if source.stat().st_size == 0:
         raise ArtifactError(f"{source} is empty (0 bytes)")
     if not is_torch_file(source):
-        raise ArtifactError(f"{source} is not a torch file at all (neither a zip nor a pickle): {file_kind(source)}")
+        raise ArtifactError(f"{source} is not a file this tool can read: it is {file_kind(source)}, neither a torch "
+                            f"file nor a pickle; use the file as it was saved")
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
