@@ -193,6 +193,9 @@ def is_torch_file(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
+OTHER_BINARY = "binary data of another format"
+
+
 def file_kind(path: Path) -> str:
     """What a file that is not a model file looks like, in a few words."""
     with open(path, "rb") as handle:
@@ -204,8 +207,8 @@ def file_kind(path: Path) -> str:
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at 4096 bytes is fine
     except UnicodeDecodeError:
-        return "binary data of another format"
-    return "a text file" if b"\x00" not in head else "binary data of another format"
+        return OTHER_BINARY
+    return "a text file" if b"\x00" not in head else OTHER_BINARY
 
 
 def _is_pickle(path: Path) -> bool:

@@ -17,7 +17,7 @@ import torch
 from finetune_core.errors import ArtifactError
 from finetune_core.formats import aesthetic, checkpoint, embedding
 from finetune_core.formats import hypernetwork_file as hypernetwork
-from finetune_core.formats.atomic import file_kind, is_torch_file, load_pt, refused_pickle
+from finetune_core.formats.atomic import OTHER_BINARY, file_kind, is_torch_file, load_pt, refused_pickle
 from finetune_core.formats.describe import describe_object, is_embedding, is_hypernetwork
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
 
@@ -96,7 +96,7 @@ def inspect_file(path: str | os.PathLike[str]) -> ArtifactInfo:
             return _from_shapes(source, shapes, metadata)
         if suffix in IMAGE_SUFFIXES:
             return _from_image(source)
-        if not is_torch_file(source):
+        if not is_torch_file(source) and file_kind(source) != OTHER_BINARY:  # a text file, an image: said plainly
             return ArtifactInfo(path=source, kind="unknown", details=f"it is {file_kind(source)}")
         return _from_object(source, _load_torch(source))
     except ArtifactError as exc:
