@@ -162,14 +162,26 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
     warnings = list(method.check(model)) + _unusual_rate(plan.spec, train_config)
     warnings += encoding_warnings(getattr(data, "records", []))
     needs = plan.spec.memory(model, configs["method"])
-    per_process = processes.largest_share(configs["data"].batch_size)  # each process holds its slice of a batch
-    memory_plan = preflight.memory_plan({**dataclasses.asdict(configs["data"]), "batch_size": per_process},
-                                        dataclasses.asdict(train_config))
     final_bytes, run_bytes = preflight.disk_needs(needs, train_config.save_every > 0,
                                                   method.state_policy.resume_state)
     folders = [(plan.final_dir, "output folder", final_bytes), (plan.run_dir or plan.logs, "run folder", run_bytes)]
-    warnings += preflight.check_resources(model, needs, memory_plan, folders)
+    preflight.check_disks(folders)
+    _check_memory(plan, model, processes)
     return _Job(method, data, dataclasses.replace(configs["train"], seed=seed), warnings)
+
+
+def _check_memory(plan: Plan, model: DiffusionModel, processes: Processes) -> None:
+    """Refuse a run that will not fit the CUDA device's free memory, with the plan that fits (measured,
+    `finetune_core.fit`); other devices, and hosts without diffusers (the WebUI), are not measured."""
+    from finetune_core import fit
+    from finetune_core.train.memory import free_device_memory
+    free = free_device_memory(model.device)
+    if free is None or not fit.can_measure():
+        return
+    # the file to continue from changes no shape; the measurement starts the artefact afresh
+    settings = {key: {k: v for k, v in dataclasses.asdict(plan.configs[key]).items() if k != "continue_from"}
+                for key in ("method", "data", "train")}
+    fit.check_fits(fit.request_for(plan.request.method, model, settings, processes.world), model.device, free)
 
 
 def _unusual_rate(spec: Any, train: Any) -> list[str]:

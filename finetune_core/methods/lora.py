@@ -307,10 +307,10 @@ def training_data(config: LoraConfig, data: DatasetConfig, name: str) -> Any:
 
 
 def memory_needs(model: DiffusionModel, config: LoraConfig) -> MemoryNeeds:
-    """rank x (in + out) values per adapted layer (a convolution's down matrix is rank x in x kh x kw); class
-    images double the batch."""
+    """rank x (in + out) values per adapted layer (a convolution's down matrix is rank x in x kh x kw), for the
+    disk checks."""
     total = 0
     for target, rank, _ in requested_targets(model.adapter_targets(), config):
         kernel = target.kernel_size[0] * target.kernel_size[1] if target.kernel_size else 1
         total += rank * (target.in_features * kernel + target.out_features)
-    return MemoryNeeds(total, batch_factor=2 if config.prior_preservation else 1)
+    return MemoryNeeds(total)

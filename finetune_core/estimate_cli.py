@@ -1,0 +1,77 @@
+"""`python -m finetune_core estimate METHOD --model MODEL [settings] [--fit SIZE] [--json]`: the measured peak
+memory of a training run, and with --fit (or on a CUDA machine, for its free memory) the cheapest changes that fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parser(commands: Any) -> None:
+    """The `estimate` command with one sub-command per method, taking the training settings the method has."""
+    from finetune_core.cli import _setting_types, add_settings_flags
+    from finetune_core.methods import METHODS
+    from finetune_core.model.full_size import FULL_SIZE
+    from finetune_core.model.tiny import TINY_MODELS
+
+    estimate = commands.add_parser("estimate", help="measure a run's peak GPU memory without a GPU, and plan a fit")
+    methods = estimate.add_subparsers(dest="method", required=True)
+    for spec in METHODS.values():
+        sub = methods.add_parser(spec.key, help=spec.description, description=__doc__.splitlines()[0])
+        sub.add_argument("--model", required=True,
+                         help=f"the architecture: {', '.join([*FULL_SIZE, *TINY_MODELS])}")
+        sub.add_argument("--fit", default=None, metavar="SIZE",
+                         help="plan the changes that fit this card, like 8GB (default: this CUDA device's free "
+                              "memory; no plan without one)")
+        sub.add_argument("--json", action="store_true", help="print one JSON object")
+        sub.add_argument("--weights", default="fp16", help="the dtype the model is loaded in: fp16, bf16, fp32")
+        sub.add_argument("--attention", default="flash",
+                         help="flash (flash or memory-efficient SDPA, the WebUI's sdp) or math (sdp-no-mem)")
+        sub.add_argument("--residency", default="full", help="full, or medvram (also for --lowvram)")
+        sub.add_argument("--processes", type=int, default=1, help="data-parallel processes sharing each batch")
+        taken: set[str] = set()
+        add_settings_flags(sub, "method", spec.config_type, taken)
+        for section, config_type in _setting_types().items():
+            add_settings_flags(sub, section, config_type, taken)
+
+
+def run(args: argparse.Namespace, settings: dict[str, dict[str, Any]]) -> int:
+    """Measure, plan, print; FinetuneErrors go to the CLI's one error path."""
+    from finetune_core.fit import CARD_RESERVE, Request, measure, parse_size, plan_fit
+    from finetune_core.train.memory import Hardware, free_device_memory, gib
+
+    request = Request(args.method, args.model, settings, Hardware(args.attention, args.residency, args.processes),
+                      args.weights)
+    target = parse_size(args.fit) - CARD_RESERVE if args.fit else _free_cuda(free_device_memory)
+    measured = measure(request)
+    plan = plan_fit(request, target, measured) if target is not None else None
+    if args.json:
+        out: dict[str, Any] = {"method": args.method, "model": args.model, "peak_bytes": measured.peak_bytes,
+                               "by_category": measured.by_category}
+        if plan is not None:
+            out.update(target_bytes=plan.target_bytes, plan_peak_bytes=plan.peak_bytes,
+                       plan=[{"change": c.what, "flags": list(c.flags), "settings": c.settings,
+                              "peak_bytes": c.peak_bytes, "note": c.note} for c in plan.changes],
+                       plan_flags=plan.flags(), plan_by_category=plan.final.by_category)
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{args.method} on {args.model}: {measured.describe()}")
+    if plan is None:
+        print("no plan: pass --fit SIZE (like --fit 8GB), or run on a CUDA machine to plan for its free memory")
+    elif not plan.changes:
+        print(f"fits {gib(plan.target_bytes)} (the card less {gib(CARD_RESERVE)} for CUDA itself) as it is")
+    else:
+        print(f"to fit {gib(plan.target_bytes)} (the card less {gib(CARD_RESERVE)} for CUDA itself):")
+        for change in plan.changes:
+            flags = " ".join(change.flags) or "(no flag)"
+            print(f"  {change.what:<40} {flags:<40} -> {gib(change.peak_bytes)}  {change.note}")
+        print(f"flags: {' '.join(plan.flags())}")
+    return 0
+
+
+def _free_cuda(free_device_memory: Any) -> int | None:
+    import torch
+
+    return free_device_memory("cuda") if torch.cuda.is_available() else None
