@@ -39,39 +39,25 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace, settings: dict[str, dict[str, Any]]) -> int:
     """Measure, plan, print; FinetuneErrors go to the CLI's one error path."""
-    from finetune_core.fit import CARD_RESERVE, Request, measure, parse_size, plan_fit
-    from finetune_core.train.memory import Hardware, free_device_memory, gib
+    from finetune_core.fit import CARD_RESERVE, Request, report
+    from finetune_core.train.memory import Hardware, gib
 
     request = Request(args.method, args.model, settings, Hardware(args.attention, args.residency, args.processes),
                       args.weights)
-    target = parse_size(args.fit) - CARD_RESERVE if args.fit else _free_cuda(free_device_memory)
-    measured = measure(request)
-    plan = plan_fit(request, target, measured) if target is not None else None
+    out = report(request, args.fit)
     if args.json:
-        out: dict[str, Any] = {"method": args.method, "model": args.model, "peak_bytes": measured.peak_bytes,
-                               "by_category": measured.by_category}
-        if plan is not None:
-            out.update(target_bytes=plan.target_bytes, plan_peak_bytes=plan.peak_bytes,
-                       plan=[{"change": c.what, "flags": list(c.flags), "settings": c.settings,
-                              "peak_bytes": c.peak_bytes, "note": c.note} for c in plan.changes],
-                       plan_flags=plan.flags(), plan_by_category=plan.final.by_category)
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.method} on {args.model}: {measured.describe()}")
-    if plan is None:
+    by = ", ".join(f"{name} {gib(n)}" for name, n in out["by_category"].items() if n)
+    print(f"{args.method} on {args.model}: peak {gib(out['peak_bytes'])} ({by})")
+    if "plan" not in out:
         print("no plan: pass --fit SIZE (like --fit 8GB), or run on a CUDA machine to plan for its free memory")
-    elif not plan.changes:
-        print(f"fits {gib(plan.target_bytes)} (the card less {gib(CARD_RESERVE)} for CUDA itself) as it is")
+    elif not out["plan"]:
+        print(f"fits {gib(out['target_bytes'])} (the card less {gib(CARD_RESERVE)} for CUDA itself) as it is")
     else:
-        print(f"to fit {gib(plan.target_bytes)} (the card less {gib(CARD_RESERVE)} for CUDA itself):")
-        for change in plan.changes:
-            flags = " ".join(change.flags) or "(no flag)"
-            print(f"  {change.what:<40} {flags:<40} -> {gib(change.peak_bytes)}  {change.note}")
-        print(f"flags: {' '.join(plan.flags())}")
+        print(f"to fit {gib(out['target_bytes'])} (the card less {gib(CARD_RESERVE)} for CUDA itself):")
+        for change in out["plan"]:
+            flags = " ".join(change["flags"]) or "(no flag)"
+            print(f"  {change['change']:<40} {flags:<36} -> {gib(change['peak_bytes'])}  {change['note']}")
+        print(f"flags: {' '.join(out['plan_flags'])}")
     return 0
-
-
-def _free_cuda(free_device_memory: Any) -> int | None:
-    import torch
-
-    return free_device_memory("cuda") if torch.cuda.is_available() else None

@@ -231,6 +231,26 @@ ARCHITECTURE_OF_FAMILY = {"sd1": "sd15-full", "sd2": "sd2-full", "sdxl": "sdxl-f
 DTYPE_NAMES = {dtype: name for name, dtype in PRECISION_DTYPES.items()}
 
 
+def report(request: Request, size: str | None) -> dict[str, Any]:
+    """The measurement and, for a card `size` (or the CUDA device's free memory when None), the plan, as the CLI's
+    --json and REST's /estimate give them."""
+    from finetune_core.train.memory import free_device_memory
+
+    measured = measure(request)
+    out: dict[str, Any] = {"method": request.method, "model": request.model, "peak_bytes": measured.peak_bytes,
+                           "by_category": measured.by_category}
+    target = parse_size(size) - CARD_RESERVE if size else (free_device_memory("cuda")
+                                                           if torch.cuda.is_available() else None)
+    if target is None:
+        return out
+    plan = plan_fit(request, target, measured)
+    out.update(target_bytes=plan.target_bytes, plan_peak_bytes=plan.peak_bytes,
+               plan=[{"change": c.what, "flags": list(c.flags), "settings": c.settings, "peak_bytes": c.peak_bytes,
+                      "note": c.note} for c in plan.changes],
+               plan_flags=plan.flags(), plan_by_category=plan.final.by_category, plan_text=plan.describe())
+    return out
+
+
 def can_measure() -> bool:
     """The measurement builds the architecture with diffusers (absent inside the WebUI)."""
     import importlib.util

@@ -55,14 +55,16 @@ class LiveBytes(TorchDispatchMode):
         except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
             return None
 
-    def track(self, tensor: torch.Tensor, category: str) -> None:
-        """Count `tensor`'s storage under `category` (refile it when it is already counted)."""
+    def track(self, tensor: torch.Tensor, category: str, refile: bool = True) -> None:
+        """Count `tensor`'s storage under `category`; one already counted is refiled when `refile` (an operator's
+        output that shares a storage, a view or an alias, keeps the category of the storage it views)."""
         storage = self._storage(tensor)
         if storage is None or tensor.device.type == "meta" and not _is_fake(tensor):
             return
         key = id(storage)
         if key in self.live:
-            self._refile(key, category)
+            if refile:
+                self._refile(key, category)
             return
         nbytes = _rounded(storage.nbytes())
         if nbytes == 0:
@@ -135,7 +137,7 @@ class LiveBytes(TorchDispatchMode):
         category = self._category()
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
-                self.track(leaf, category)
+                self.track(leaf, category, refile=False)
         return out
 
 
