@@ -6,7 +6,9 @@ Used by the CLI (`estimate`), the tab's Estimate memory, REST and the pre-flight
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import re
 import tempfile
 from collections.abc import Callable, Mapping
@@ -85,22 +87,38 @@ def measure(request: Request, fake: bool = True) -> Measurement:
     same steps on a real tiny model, counted by the same tracker; tests compare the two)."""
     from finetune_core.model.full_size import fake_model
     from finetune_core.model.tiny import build_tiny
+    from finetune_core.train.memory import fake_device, real_device
+
+    if fake:
+        return run_steps(request, fake_device(), lambda dtype: fake_model(request.model, dtype))
+    return run_steps(request, real_device(), lambda dtype: build_tiny(request.model, dtype=dtype))
+
+
+def run_steps(request: Request, device: contextlib.AbstractContextManager[Any], build: Callable[[torch.dtype], Any],
+              steps: int = 2, after_step: Callable[[int], None] | None = None) -> Measurement:
+    """Build the model (`build(dtype)`) and the method inside `device` (a tracker context of `train.memory`) and
+    run `steps` steps of the request on batches of its shapes."""
     from finetune_core.request import method_spec
-    from finetune_core.train.memory import ShapeData, fake_device, measure_steps, real_device
+    from finetune_core.train.memory import ShapeData, measure_steps
 
     configs = configs_for(request)
     spec = method_spec(request.method)
     data, train = configs["data"], configs["train"]
     per_process = -(-data.batch_size // request.hardware.processes)  # the largest share of a batch
-    dtype = PRECISION_DTYPES[request.weights]
-    with tempfile.TemporaryDirectory() as folder, (fake_device() if fake else real_device()) as tracker:
-        model = fake_model(request.model, dtype) if fake else build_tiny(request.model, dtype=dtype)
+    with tempfile.TemporaryDirectory() as folder, device as tracker:
+        model = build(PRECISION_DTYPES[request.weights])
         method = spec.build(model, "measured", configs["method"], Path(folder), 0)
         shapes = ShapeData(per_process, data.width, data.height, f"a photo of {method.placeholder}",
                            model.latent_channels, model.vae_scale,
                            paired=bool(getattr(configs["method"], "prior_preservation", False)),
-                           keep_pixels=bool(getattr(configs["method"], "dataset_needs", dict)().get("keep_pixels")))
-        return measure_steps(tracker, model, method, shapes, train, request.hardware)
+                           keep_pixels=_keeps_pixels(configs["method"]))
+        return measure_steps(tracker, model, method, shapes, train, request.hardware, steps, after_step)
+
+
+def _keeps_pixels(method_config: Any) -> bool:
+    """The method's loss needs the images beside the latents (DreamArtist's reconstruction)."""
+    needs = getattr(method_config, "dataset_needs", None)
+    return bool(needs is not None and needs().get("keep_pixels"))
 
 
 # --- the planner ------------------------------------------------------------------------------------------------------
@@ -186,8 +204,12 @@ def _candidates(request: Request, configs: Mapping[str, Any]) -> list[tuple[str,
     for smaller in range(side - 128, 383, -128):
         width, height = data.width * smaller // side // 64 * 64, data.height * smaller // side // 64 * 64
         out.append((f"train at {width}x{height}", ("--width", str(width), "--height", str(height)),
-                    lambda r, w=width, h=height: r.with_settings("data", width=w, height=h), "less detail learned"))
+                    functools.partial(_resized, width=width, height=height), "less detail learned"))
     return out
+
+
+def _resized(request: Request, width: int, height: int) -> Request:
+    return request.with_settings("data", width=width, height=height)
 
 
 def plan_fit(request: Request, target_bytes: int, start: Measurement | None = None) -> Plan:

@@ -60,7 +60,7 @@ def fake_model(name: str, dtype: torch.dtype = torch.float16) -> Any:
     if name in FULL_SIZE:
         family = FULL_SIZE[name]
         names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in available_components(family)]
-        configs = {n: load_config(family, n) for n in names}
+        configs: dict[str, dict[str, Any]] = {n: load_config(family, n) for n in names}
         prediction = load_config(family, "scheduler").get("prediction_type", "epsilon")
     elif name in TINY_MODELS:
         spec = tiny_spec(name)

@@ -159,7 +159,7 @@ class ShapeData:
         return 1
 
     def summary(self) -> DatasetSummary:
-        return DatasetSummary()
+        return DatasetSummary({}, {}, {}, (self.width, self.height))
 
     def get_batch(self, index: int, seed: int) -> DataBatch:
         n = self.batch_size * (2 if self.paired else 1)
@@ -216,10 +216,11 @@ def fake_device() -> Iterator[LiveBytes]:
 
 
 @contextlib.contextmanager
-def real_device() -> Iterator[LiveBytes]:
-    """The same tracker over real tensors (tests compare it with the fake measurement)."""
+def real_device(track: bool = True) -> Iterator[LiveBytes]:
+    """The same tracker over real tensors (tests compare it with the fake measurement); `track=False` leaves it
+    off (a GPU counts its own peak, without the tracker's cost per operator)."""
     tracker = LiveBytes()
-    with tracker:
+    with tracker if track else contextlib.nullcontext():
         yield tracker
 
 
@@ -246,8 +247,9 @@ def _swaps_by_data() -> Iterator[None]:
 
 
 def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: ShapeData, config: TrainConfig,
-                  hardware: Hardware) -> Measurement:
-    """Run two steps of `method` on `model` under the run's settings and return the peak the tracker saw."""
+                  hardware: Hardware, steps: int = 2, after_step: Any = None) -> Measurement:
+    """Run `steps` steps of `method` on `model` under the run's settings and return the peak the tracker saw
+    (`after_step(i)` after each: the GPU proof times them)."""
     problems = hardware.problems()
     if problems:
         raise ConfigError(problems)
@@ -269,8 +271,10 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
         with model.placement(), method.training_context(model), _attention(hardware.attention):
             ctx = _context(tracker, model, method, data, config, session)
             tracker.reset_peak()
-            for step in range(2):
+            for step in range(steps):
                 _measured_step(tracker, ctx, step)
+                if after_step is not None:
+                    after_step(step)
     return Measurement(tracker.peak, dict(tracker.peak_by_category))
 
 
@@ -288,7 +292,8 @@ def _attention(kernel: str) -> Iterator[None]:
 
     # flash first; a masked attention (CLIP's causal mask) falls back to math on the CPU as CUDA falls back to
     # memory-efficient: at 77 tokens the two differ by kilobytes
-    backends = [SDPBackend.MATH] if kernel == "math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    backends = [SDPBackend.MATH] if kernel == "math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                           SDPBackend.MATH]
     with sdpa_kernel(backends):
         yield
 

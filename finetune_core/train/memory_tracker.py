@@ -10,6 +10,7 @@ allocator's 512-byte blocks.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -70,7 +71,7 @@ class LiveBytes(TorchDispatchMode):
         if nbytes == 0:
             return
         self.live[key] = (nbytes, category)
-        self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
+        self._refs[key] = weakref.ref(storage, functools.partial(self._freed, key))
         self.totals[category] += nbytes
         self.current += nbytes
         if self.current > self.peak:
@@ -84,6 +85,9 @@ class LiveBytes(TorchDispatchMode):
         self.totals[old] -= nbytes
         self.totals[category] += nbytes
         self.live[key] = (nbytes, category)
+
+    def _freed(self, key: int, _ref: Any) -> None:
+        self._free(key)
 
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
