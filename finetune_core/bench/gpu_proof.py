@@ -84,9 +84,14 @@ def real_run(request: Any, device: torch.device, steps: int) -> tuple[int, int, 
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    def build(dtype: torch.dtype) -> Any:
+        model = build_real(request.model, dtype, device)
+        if request.hardware.residency == "medvram" and request.method != "dreamartist":
+            model.vae.to("cpu")  # what medvram keeps off the device that this backend can (the steps never use it)
+        return model
+
     start = time.perf_counter()
-    counted = run_steps(request, real_device(track=not cuda), lambda dtype: build_real(request.model, dtype, device),
-                        steps, tick)
+    counted = run_steps(request, real_device(track=not cuda), build, steps, tick)
     per_step = (times[-1] - times[0]) / max(1, len(times) - 1) if len(times) > 1 else time.perf_counter() - start
     if cuda:
         return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device), per_step
