@@ -258,11 +258,11 @@ def report(request: Request, size: str | None) -> dict[str, Any]:
     --json and REST's /estimate give them."""
     from finetune_core.train.memory import free_device_memory
 
+    target = parse_size(size) - CARD_RESERVE if size else (free_device_memory("cuda")
+                                                           if torch.cuda.is_available() else None)
     measured = measure(request)
     out: dict[str, Any] = {"method": request.method, "model": request.model, "peak_bytes": measured.peak_bytes,
                            "by_category": measured.by_category}
-    target = parse_size(size) - CARD_RESERVE if size else (free_device_memory("cuda")
-                                                           if torch.cuda.is_available() else None)
     if target is None:
         return out
     plan = plan_fit(request, target, measured)

@@ -102,10 +102,10 @@ class MethodActions:
                     "WebUI has none): run `python -m finetune_core estimate` in the standalone install.", {})
         typed = self.typed(values)
         model = self.host.get_model()
+        target = fit.parse_size(size) - fit.CARD_RESERVE if size.strip() else free_device_memory(model.device)
         request = fit.request_for(self.method, model, typed)
         measured = fit.measure(request)
         text = f"Measured without a GPU on {request.model} in {request.weights}: {measured.describe()}."
-        target = fit.parse_size(size) - fit.CARD_RESERVE if size.strip() else free_device_memory(model.device)
         if target is None:
             return f"{text} Give a card size (like 8GB) for a plan that fits it.", {}
         plan = fit.plan_fit(request, target, measured)
