@@ -256,6 +256,7 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
     modules = [*model.trainable_modules().values(), *([model.vae] if hasattr(model, "vae") else [])]
     before = module_tensors(modules)
     tracker.file_as(before, "weights")
+    originals = {id(t.untyped_storage()) for t in before}  # a session may swap a parameter's data for a master
     setup = TrainingSetup(method.trains, config.precision, config.gradient_checkpointing,
                           vae_gradient_checkpointing=config.gradient_checkpointing and method.decodes_latents)
     known = set(tracker.live)
@@ -264,17 +265,23 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
         tracker.file_as(resident, "weights")
         kept = {id(t.untyped_storage()) for t in resident}
         # what the session set aside (the trained modules' original values) goes to RAM on a GPU machine
-        tracker.host(t for t in before if id(t.untyped_storage()) not in kept)
+        tracker.host_keys([key for key in originals if key not in kept])
         tracker.host_keys([key for key in tracker.live if key not in known and key not in kept])
         if hardware.residency == "medvram":
             tracker.host(module_tensors(_unused_modules(model, method)))
         with model.placement(), method.training_context(model), _attention(hardware.attention):
             ctx = _context(tracker, model, method, data, config, session)
             tracker.reset_peak()
+            first = Measurement(0, {})
             for step in range(steps):
+                if step == 1:  # the steady state from here: the optimizer state exists and is filed as such
+                    first = Measurement(tracker.peak, dict(tracker.peak_by_category))
+                    tracker.reset_peak()
                 _measured_step(tracker, ctx, step)
                 if after_step is not None:
                     after_step(step)
+    if first.peak_bytes > tracker.peak:  # the first step went higher (its breakdown files new state as temporaries)
+        return first
     return Measurement(tracker.peak, dict(tracker.peak_by_category))
 
 
