@@ -269,7 +269,7 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
         tracker.host_keys([key for key in tracker.live if key not in known and key not in kept])
         if hardware.residency == "medvram":
             tracker.host(module_tensors(_unused_modules(model, method)))
-        with model.placement(), method.training_context(model), _attention(hardware.attention):
+        with model.placement(), method.training_context(model), attention_kernel(hardware.attention):
             ctx = _context(tracker, model, method, data, config, session)
             tracker.reset_peak()
             first = Measurement(0, {})
@@ -280,9 +280,11 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
                 _measured_step(tracker, ctx, step)
                 if after_step is not None:
                     after_step(step)
-    if first.peak_bytes > tracker.peak:  # the first step went higher (its breakdown files new state as temporaries)
-        return first
-    return Measurement(tracker.peak, dict(tracker.peak_by_category))
+    steady = dict(tracker.peak_by_category)
+    # the breakdown is the steady step's (the first files the optimizer state it creates as temporaries); where the
+    # first step went higher (by what it made once: the state, the text cache), the excess counts as temporaries
+    steady["temporaries"] += max(0, first.peak_bytes - tracker.peak)
+    return Measurement(max(first.peak_bytes, tracker.peak), steady)
 
 
 def _unused_modules(model: DiffusionModel, method: Any) -> list[torch.nn.Module]:
@@ -294,7 +296,8 @@ def _unused_modules(model: DiffusionModel, method: Any) -> list[torch.nn.Module]
 
 
 @contextlib.contextmanager
-def _attention(kernel: str) -> Iterator[None]:
+def attention_kernel(kernel: str) -> Iterator[None]:
+    """SDPA as CUDA would run it: "flash" (flash or memory-efficient: linear in tokens) or "math" (quadratic)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # flash first; a masked attention (CLIP's causal mask) falls back to math on the CPU as CUDA falls back to
