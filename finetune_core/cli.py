@@ -12,42 +12,19 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import MISSING, fields
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
+from finetune_core.settings import add_settings_flags, add_threads_flag
 
-# The flags issue #2 names, kept short; each maps to a settings field.
-ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vectors": ["--neg-vectors"],
-           "learning_rate": ["--lr"]}
 SECTIONS = ("method", "data", "train")
 
 
 def _setting_types() -> dict[str, type]:
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.train.train_config import TrainConfig
     return {"data": DatasetConfig, "train": TrainConfig}
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
-    group = parser.add_argument_group(f"{section} settings")
-    for f in fields(config_type):
-        meta: Mapping[str, Any] = f.metadata or {}
-        if f.name in taken or f.name == "version" or meta.get("hidden"):
-            continue
-        taken.add(f.name)
-        flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
-        default = f.default if f.default is not MISSING else None
-        help_text = f"{meta.get('help', '')} (default: {default!r})"
-        dest = f"{section}:{f.name}"
-        if f.type in (bool, "bool"):
-            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        # Values stay text here: the settings coercer parses them (one sentence per bad value, not argparse's usage).
-        choices = meta.get("choices")
-        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
-        group.add_argument(*flags, dest=dest, default=None, help=help_text, metavar=metavar)
 
 
 def _settings_from_args(args: argparse.Namespace, types: dict[str, type]) -> dict[str, dict[str, Any]]:
@@ -90,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune_core.bench import add_arguments
     add_arguments(bench)
     add_threads_flag(bench)
-    from finetune_core.aesthetic_cli import add_parser as add_aesthetic
+    from finetune_core.aesthetic.aesthetic_cli import add_parser as add_aesthetic
     add_aesthetic(commands)
-    from finetune_core.estimate_cli import add_parser as add_estimate
-    add_estimate(commands)
+    from finetune_core.jobs.estimate_cli import add_parser as add_estimate
+    add_estimate(commands, add_settings_flags, _setting_types())
     ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
     ui.add_argument("rest", nargs=argparse.REMAINDER, help="options of the app (see `ui --help`)")
     return parser
@@ -112,11 +89,6 @@ def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
                             help="train data-parallel on N processes (one per GPU; on a CPU, cores are shared) "
                                  "through accelerate launch; the global batch is --batch-size")
     add_threads_flag(parser)
-
-
-def add_threads_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: one per physical core; fewer on a busy shared machine)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,8 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from finetune_core import service
     from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
     if args.command == "inspect":
         print(service.inspect(args.file).describe())
         return 0
@@ -151,13 +123,13 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         run_bench(BenchOptions.from_args(args))
         return 0
     if args.command == "aesthetic":
-        from finetune_core.aesthetic_cli import run as run_aesthetic
+        from finetune_core.aesthetic.aesthetic_cli import run as run_aesthetic
         return run_aesthetic(args)
     if args.command != "train":
         set_threads(getattr(args, "threads", None))
     settings = _settings_from_args(args, _section_types(args))
     if args.command == "estimate":
-        from finetune_core.estimate_cli import run as run_estimate
+        from finetune_core.jobs.estimate_cli import run as run_estimate
         return run_estimate(args, settings)
     if args.command == "lint":
         model = service.load(args.model) if args.model else None
@@ -178,13 +150,13 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any, folders: Any) -> int:
     """Train in this process, or start N data-parallel ones (`--num-processes`), or be one of them."""
-    from finetune_core import service
     from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
     from finetune_core.train.distributed import join_processes, launched_world
-    if (args.num_processes or 1) < 1:
+    if args.num_processes is not None and args.num_processes < 1:
         raise ConfigError(f"--num-processes must be at least 1, not {args.num_processes}")
     if (args.num_processes or 1) > 1 and launched_world() == 1:
-        from finetune_core.launcher import launch
+        from finetune_core.jobs.launcher import launch
         return launch(argv, args.num_processes, args.device, folders.logs)
     processes = join_processes(args.device)  # a launcher started several: join them (one thread share each)
     set_threads(args.threads)
@@ -202,45 +174,56 @@ def _section_types(args: argparse.Namespace) -> dict[str, type]:
 
 
 def _train(request: Any, model: Any, folders: Any, processes: Any) -> int:
-    """Run the job with a progress bar; Ctrl-C asks the loop to save and stop (a second one stops at once). In a
-    data-parallel run only the main process shows progress and the result."""
-    from finetune_core import service
+    """Run the job with a progress bar; Ctrl-C or SIGTERM asks the loop to save and stop (a second one stops at
+    once). In a data-parallel run only the main process shows progress and the result."""
+    from finetune_core.hosts.console import ConsoleProgress
+    from finetune_core.jobs import service
     from finetune_core.train.control import Control
-    from finetune_core.ui.console import ConsoleProgress
     control = Control()
-    with ConsoleProgress() as progress, _interrupt_on_sigint(control, processes.world > 1):
+    received: list[int] = []
+    with ConsoleProgress() as progress, _interrupt_on_signals(control, received, processes.world > 1):
         result = service.train(request, model, folders, on_event=progress, control=control, processes=processes)
+    code = 128 + (received[0] if received else signal.SIGINT)  # the shell's code for a process a signal ended
     if not processes.is_main:
-        return 130 if result.interrupted else 0
+        return code if result.interrupted else 0
     if result.interrupted:
-        print(f"{result.message}\nStopped by Ctrl-C; resume with --resume {result.run_dir}", file=sys.stderr)
-        return 130
+        print(f"{result.message}\nStopped by {_signal_words(received)}; resume with --resume {result.run_dir}",
+              file=sys.stderr)
+        return code
     print(result.message)
     return 0
 
 
-@contextlib.contextmanager
-def _interrupt_on_sigint(control: Any, launched: bool = False) -> Iterator[None]:
-    """SIGINT becomes the Interrupt button: the loop saves the artefact and the resume state, then stops.
+def _signal_words(received: list[int]) -> str:
+    if not received or received[0] == signal.SIGINT:
+        return "Ctrl-C"
+    return f"{signal.Signals(received[0]).name} (a request to stop, e.g. from a service manager or a closed terminal)"
 
-    A process of a data-parallel run gets the terminal's Ctrl-C and then the launcher's own signal (SIGINT or
-    SIGTERM, SIGKILL some 30 s later): both only ask it to save and stop, and only the main process says so.
+
+@contextlib.contextmanager
+def _interrupt_on_signals(control: Any, received: list[int], launched: bool = False) -> Iterator[None]:
+    """SIGINT and SIGTERM become the Interrupt button: the loop saves the artefact and the resume state, then stops.
+    `received` gets the signals' numbers.
+
+    SIGTERM is what a service manager, `docker stop` or a closing terminal sends (SIGKILL follows some seconds
+    later), so it saves like Ctrl-C. A process of a data-parallel run gets the terminal's Ctrl-C and then the
+    launcher's own signal: both only ask it to save and stop, and only the main process says so.
     """
     from finetune_core.train.distributed import launched_rank
 
     def handler(signum: int, frame: Any) -> None:
         if control.interrupted and not launched:  # asked twice: the user wants out now
             raise KeyboardInterrupt
+        received.append(signum)
         if not control.interrupted and launched_rank() == 0:
             again = "" if launched else " (press Ctrl-C again to stop at once)"
-            print(f"\nCtrl-C: saving and stopping after this step{again}", file=sys.stderr)
+            print(f"\n{_signal_words([signum])}: saving and stopping after this step{again}", file=sys.stderr)
         control.interrupt()
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
-    signals = [signal.SIGINT, signal.SIGTERM] if launched else [signal.SIGINT]
-    previous = {s: signal.signal(s, handler) for s in signals}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

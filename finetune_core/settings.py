@@ -1,4 +1,5 @@
-"""Setting values: the one coercer every host goes through (CLI, tab, REST, service) and the number-list parser.
+"""Setting values: the one coercer every host goes through (CLI, tab, REST, service), the number-list parser, and the
+command-line flags made from the settings dataclasses (`learning_rate` -> `--learning-rate`).
 
 Two sources, two rules, so a typo can never turn into a different setting:
 - JSON bodies and Python callers (`from_text=False`): a value must already have its field's type. The only
@@ -12,6 +13,7 @@ Two sources, two rules, so a typo can never turn into a different setting:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import types
@@ -136,3 +138,45 @@ def parse_numbers(text: Any, what: str) -> list[float]:
     if not all(math.isfinite(n) for n in numbers):
         raise ConfigError(f"{what} {text!r} must be numbers separated by commas, e.g. '1, 2, 1'")
     return numbers
+
+
+def offered_choices(meta: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
+    """(the choices a form or the CLI offers, a sentence naming those left out) of a field's metadata: a choice its
+    `unavailable` callable names (an optimizer whose package is missing) is not offered, and the sentence says
+    what to install."""
+    choices = tuple(meta.get("choices", ()))
+    missing = meta["unavailable"]() if "unavailable" in meta else {}
+    if not missing:
+        return choices, ""
+    named = ", ".join(f"{name} ({why})" for name, why in missing.items())
+    return tuple(c for c in choices if c not in missing), f" Not installed here: {named}."
+
+
+# The flags issue #2 names, kept short; each maps to a settings field.
+ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vectors": ["--neg-vectors"],
+           "learning_rate": ["--lr"]}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
+    group = parser.add_argument_group(f"{section} settings")
+    for f in dataclasses.fields(config_type):
+        meta: Mapping[str, Any] = f.metadata or {}
+        if f.name in taken or f.name == "version" or meta.get("hidden"):
+            continue
+        taken.add(f.name)
+        flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        choices, left_out = offered_choices(meta)
+        help_text = f"{meta.get('help', '')}{left_out} (default: {default!r})"
+        dest = f"{section}:{f.name}"
+        if f.type in (bool, "bool"):
+            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        # Values stay text here: the settings coercer parses them (one sentence per bad value, not argparse's usage).
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
+        group.add_argument(*flags, dest=dest, default=None, help=help_text, metavar=metavar)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: one per physical core; fewer on a busy shared machine)")

@@ -1,5 +1,5 @@
 """WebUI entry of Aesthetic Gradients: the section in txt2img and img2img. No logic here (see
-finetune_core/ui/aesthetic_script.py). The Fine-tune tab's own section creates the embeddings."""
+finetune_core/aesthetic/webui_script.py). The Fine-tune tab's own section creates the embeddings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ EXT_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 if EXT_DIR not in sys.path:  # imported some other way than by the WebUI's loader (tests, tools)
     sys.path.insert(0, EXT_DIR)
 
-from finetune_core.ui.aesthetic_script import AestheticSection
+from finetune_core.aesthetic.webui_script import AestheticSection
 
 SECTION = AestheticSection()
 

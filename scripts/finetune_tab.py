@@ -16,7 +16,7 @@ EXT_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 if EXT_DIR not in sys.path:  # imported some other way than by the WebUI's loader (tests, tools)
     sys.path.insert(0, EXT_DIR)
 
-from finetune_core.ui.webui_host import (
+from finetune_core.hosts.webui import (
     api_auth_dependency,
     bound_reload_wait,
     keep_out_of_ui_config,

@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+
+from finetune_core.model.configs import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "dataset"
@@ -76,7 +79,6 @@ def weights_checksum(model: object) -> str:
 
 def tiny_family_modules(family: str, seed: int = 0) -> dict[str, torch.nn.Module]:
     """Tiny diffusers/transformers modules with the real topology of `family` (the shipped configs, shrunk)."""
-    from finetune_core.model.configs import tiny_overrides
     from finetune_core.model.single_file import build_component
 
     torch.manual_seed(seed)
@@ -90,9 +92,9 @@ def rest_client(out: Path) -> tuple[Any, Any, Any]:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from finetune_core.hosts.job_runner import JobRunner
+    from finetune_core.hosts.standalone import StandaloneHost
     from finetune_core.ui.api import mount_api
-    from finetune_core.ui.job_runner import JobRunner
-    from finetune_core.ui.standalone_host import StandaloneHost
 
     def never(spec: str) -> Any:
         raise AssertionError("a refused request loaded the model")
@@ -102,3 +104,58 @@ def rest_client(out: Path) -> tuple[Any, Any, Any]:
     app = FastAPI()
     mount_api(app, host, runner)
     return TestClient(app), runner, host
+
+
+def tiny_overrides(family: str) -> dict[str, dict]:
+    """Shipped configs shrunk to a few channels, keeping the topology the LDM key mapping depends on ."""
+    unet: dict = {
+        "block_out_channels": [8, 8, 16, 16],
+        "norm_num_groups": 4,
+        "attention_head_dim": 2,
+        "cross_attention_dim": 16,
+        "sample_size": 8,
+    }
+    if family == "sd2":
+        unet["attention_head_dim"] = [2, 2, 4, 4]
+    if family == "sdxl":
+        unet.update(
+            block_out_channels=[8, 16, 16],
+            attention_head_dim=[2, 2, 4],
+            transformer_layers_per_block=[1, 2, 2],
+            cross_attention_dim=32,
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=16 + 6 * 4,
+        )
+    text = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "vocab_size": 64,
+        "projection_dim": 16,
+    }
+    tiny = {
+        "unet": unet,
+        "vae": {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4, "sample_size": 32},
+        "text_encoder": text,
+    }
+    if family == "sdxl":
+        tiny["text_encoder_2"] = dict(text)
+    return {name: {**load_config(family, name), **values} for name, values in tiny.items()}
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The `__metadata__` strings of a `.safetensors` file ({} when it has none)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def data_section_hash(path: str | os.PathLike[str]) -> str:
+    """The WebUI's hash of a `.safetensors` LoRA without `sshs_model_hash`: sha256 of the bytes after the header."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header)
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -51,8 +51,8 @@ def test_progress_bar_keeps_warnings_and_previews_readable():
     import io
     from pathlib import Path
 
+    from finetune_core.hosts.console import ConsoleProgress
     from finetune_core.train.events import PreviewEvent, Started, StepEvent, Warning_
-    from finetune_core.ui.console import ConsoleProgress
 
     stream = io.StringIO()
     with ConsoleProgress(stream) as progress:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_core import cpu, service
+from finetune_core import cpu
 from finetune_core.errors import ConfigError
+from finetune_core.jobs import service
 from tests.conftest import REPO
 
 

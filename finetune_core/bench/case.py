@@ -95,10 +95,10 @@ def _bool_words(config_type: type, values: dict[str, Any]) -> dict[str, Any]:
 
 def request_settings(spec_model: str, method: str, settings: dict[str, Any], steps: int) -> dict[str, dict]:
     """The method/data/train settings of a run: the bench's defaults under the run's overrides."""
-    from finetune_core.data.config import DatasetConfig
+    from finetune_core.data.dataset_config import DatasetConfig
     from finetune_core.methods import METHODS
     from finetune_core.settings import coerce_settings
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.train.train_config import TrainConfig
 
     size = default_size(spec_model)
     # `--set` / `--compare` values are command-line text: numbers are typed as the CLI types its flags, and a bool
@@ -213,8 +213,8 @@ def run(spec: RunSpec, t_start: float) -> RunResult | None:
     """Measure one run in this process; `t_start` is when the process began (before importing torch)."""
     import torch
 
-    from finetune_core import service
     from finetune_core.cpu import set_threads
+    from finetune_core.jobs import service
     from finetune_core.train.distributed import join_processes
     run_keys = spec.settings.get("run", {})
     processes = join_processes(run_keys.get("device"))  # one, unless accelerate launch started several

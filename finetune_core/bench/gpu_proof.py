@@ -70,7 +70,7 @@ def build_real(name: str, dtype: torch.dtype, device: torch.device) -> Any:
 def real_run(request: Any, device: torch.device, steps: int) -> tuple[int, int, float]:
     """(peak allocated, peak reserved, seconds per step after the first) of `steps` real steps of the request; on a
     CPU the allocated peak is the tracker's count of the real steps and reserved equals it."""
-    from finetune_core.fit import run_steps
+    from finetune_core.jobs.fit import run_steps
     from finetune_core.train.memory import real_device
 
     cuda = device.type == "cuda"
@@ -102,7 +102,7 @@ def proof_rows(models: Sequence[str], methods: Sequence[str], device: torch.devi
                fit: str) -> list[Row]:
     """Every (model, method) at its defaults and at the plan for `fit`, each measured without the GPU and run."""
     from finetune_core.errors import FinetuneError
-    from finetune_core.fit import CARD_RESERVE, Request, measure, parse_size, plan_fit
+    from finetune_core.jobs.fit import CARD_RESERVE, Request, measure, parse_size, plan_fit
 
     rows = []
     for model in models:
@@ -125,7 +125,7 @@ def proof_rows(models: Sequence[str], methods: Sequence[str], device: torch.devi
 
 def _row(model: str, method: str, label: str, request: Any, expected: int, device: torch.device, steps: int,
          note: str) -> Row:
-    from finetune_core.fit import configs_for
+    from finetune_core.jobs.fit import configs_for
 
     batch = configs_for(request)["data"].batch_size
     try:

@@ -11,7 +11,7 @@ import os
 import statistics
 from dataclasses import dataclass
 
-from finetune_core.bench.runner import BenchOptions, CaseRuns, RunRecord
+from finetune_core.bench.records import BenchOptions, CaseRuns, RunRecord
 
 COLUMNS = (f"{'model':<12} {'method':<18} {'size':>7} {'set':>3} {'s/step':>8} {'spread':>6} {'CPU s':>7} "
            f"{'1st step':>8} "

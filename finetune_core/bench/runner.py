@@ -14,12 +14,12 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from finetune_core.bench import report
 from finetune_core.bench.case import FULL_SD15, RESULT_MARKER, TINY, RunResult, RunSpec, request_settings
-from finetune_core.bench.settings import RunSettings, parse_settings
+from finetune_core.bench.records import BenchOptions, CaseRuns, RunRecord
+from finetune_core.bench.run_settings import RunSettings, parse_settings
 from finetune_core.errors import ConfigError
 
 _CHILD = ("import sys, time; t = time.perf_counter(); from finetune_core.bench.case import child_main; "
@@ -49,49 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a torch.profiler table of each run's timed steps to PREFIX.<case>.txt")
 
 
-@dataclass(frozen=True)
-class BenchOptions:
-    models: list[str]
-    methods: list[str]
-    steps: int = 5
-    repeats: int = 3
-    base: str = ""  # --set: settings of every run
-    compare: tuple[str, str] | None = None
-    margin: float = 0.10
-    threads: int | None = None
-    profile: str | None = None  # file name prefix of the per-run profiler tables
-
-    @classmethod
-    def from_args(cls, args: Any) -> BenchOptions:
-        # dict.fromkeys: `--full --models sd15-full` names the full-size model twice; it runs once.
-        models = list(dict.fromkeys([m for m in args.models.split(",") if m] + ([FULL_SD15] if args.full else [])))
-        base = ",".join(p for p in (f"threads={args.threads}" if args.threads is not None else "", args.set) if p)
-        return cls(models, [m for m in args.methods.split(",") if m], args.steps, args.repeats, base,
-                   tuple(args.compare) if args.compare else None, args.margin, args.threads, args.profile)
-
-
-@dataclass
-class RunRecord:
-    """One run with the state of the machine around it (or why it failed)."""
-
-    result: RunResult | None
-    load: float  # 1-minute load average right before the run
-    others: float | None  # share of all CPUs other processes used during the run
-    error: str = ""
-    flags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class CaseRuns:
-    model: str
-    method: str
-    sides: dict[str, RunSettings]  # "" for a plain run, or "A" and "B"
-    runs: dict[str, list[RunRecord]]
-
-
 def run_bench(options: BenchOptions) -> list[CaseRuns]:
     """Check every request first (nothing runs if one is wrong), then run and print case after case."""
-    from finetune_core.bench import report
     cases = plan_cases(options)
     report.print_header(options)
     done = []
@@ -143,9 +102,9 @@ def _case(model: str, method: str, options: BenchOptions) -> CaseRuns:
 
 def validate(model: str, method: str, settings: RunSettings, steps: int) -> None:
     """Build the configs a run would build, so a bad value fails here and not in the middle of the bench."""
-    from finetune_core import service
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.jobs import service
+    from finetune_core.train.train_config import TrainConfig
     spec, defaults = service.method_spec(method), service.form_defaults(method)
     values = request_settings(model, method, settings.to_dict(), steps)
     problems: list[str] = []
@@ -222,7 +181,7 @@ def run_once(spec: RunSpec, env: dict[str, str]) -> RunRecord:
     command = [sys.executable, "-c", _CHILD, json.dumps(spec.__dict__)]
     processes = int(spec.settings.get("run", {}).get("processes", 1))
     if processes > 1:  # the same run in N processes; the main one prints the result
-        from finetune_core.launcher import accelerate_launch
+        from finetune_core.jobs.launcher import accelerate_launch
         command = accelerate_launch(processes, "finetune_core.bench.case", [json.dumps(spec.__dict__)])
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env)
     wall = time.perf_counter() - wall

@@ -20,19 +20,8 @@ logger = logging.getLogger(__name__)
 _KEY_VERSION = "1"  # bump when what a cached latent means changes (resize filter, value range, ...)
 
 
-def vae_identity(model: Any) -> str:
-    """Who encodes images: a model's own `vae_identity` when it has one (a separately chosen VAE), else the model."""
-    explicit = getattr(model, "vae_identity", None)
-    if explicit:
-        return str(explicit)
-    return f"{model.identity.name}:{model.identity.shorthash}"
-
-
-def text_encoder_identity(model: Any) -> str:
-    """Who encodes prompts: a model's own `text_encoder_identity` when it has one, else the model."""
-    explicit = getattr(model, "text_encoder_identity", None)
-    if explicit:
-        return str(explicit)
+def encoder_identity(model: Any) -> str:
+    """Who encoded a cached latent or prompt: the model's name and short hash (its own VAE and text encoders)."""
     return f"{model.identity.name}:{model.identity.shorthash}"
 
 
@@ -100,7 +89,7 @@ class TextCache:
 
     def encode(self, model: Any, prompts: list[str]) -> TextConditioning:
         """Conditioning of `prompts`, encoding only the prompts not seen before with this text encoder."""
-        encoder = text_encoder_identity(model)
+        encoder = encoder_identity(model)
         missing = list(dict.fromkeys(p for p in prompts if (encoder, p) not in self._memory))
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)

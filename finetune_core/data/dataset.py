@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from finetune_core.data.batch import DataBatch
 from finetune_core.data.buckets import RESIZE_BUCKETS, Size, make_buckets, target_size
-from finetune_core.data.cache import LatentCache, latent_key, vae_identity
+from finetune_core.data.cache import LatentCache, encoder_identity, latent_key
 from finetune_core.data.captions import augment_caption
-from finetune_core.data.config import DatasetConfig
+from finetune_core.data.data_batch import DataBatch
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.masks import load_mask, mask_weight
 from finetune_core.data.scan import ImageRecord, scan_dataset
 from finetune_core.data.summary import DatasetSummary, summarize
@@ -123,7 +123,7 @@ class ImageDataset:
     # --- prepare ------------------------------------------------------------------------------------------
     def prepare(self, model: DiffusionModel, on_progress: Callable[[int, int], None] | None = None) -> None:
         """Encode (or fetch from the cache) every latent the run can use, so `get_batch` never needs the model."""
-        vae_id = vae_identity(model)
+        vae_id = encoder_identity(model)
         total, done = len(self.records) * len(self.flips()), 0
         samples: list[dict[bool, PreparedSample]] = []
         for index in range(len(self.records)):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from finetune_core.data.transforms import load_image
 from finetune_core.errors import DatasetError
 
 MASK_SUFFIX = "_att"
@@ -37,8 +38,6 @@ def split_masks(images: Iterable[Path]) -> tuple[list[Path], dict[Path, Path]]:
 
 def load_mask(path: Path, image_size: tuple[int, int]) -> torch.Tensor:
     """The mask as (1, H, W) grey in [0, 1]; a DatasetError when it is not a grayscale picture of `image_size`."""
-    from finetune_core.data.transforms import load_image
-
     loaded = load_image(path)
     if loaded.size != image_size:
         raise DatasetError(f"the attention mask {path} is {loaded.size[0]}x{loaded.size[1]} but its image is "

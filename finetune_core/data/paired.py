@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from finetune_core.data.batch import DataBatch
 from finetune_core.data.buckets import Size
+from finetune_core.data.data_batch import DataBatch
 from finetune_core.data.dataset import ImageDataset, derived_seed
 from finetune_core.data.scan import ImageRecord
 from finetune_core.data.summary import DatasetSummary

@@ -174,17 +174,6 @@ def over_source(trained: Mapping[str, torch.Tensor], source: str | os.PathLike[s
     return {**carried, **trained}
 
 
-def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The `__metadata__` strings of a `.safetensors` file ({} when it has none); JSON values are left as text."""
-    source = Path(path)
-    if not source.is_file():
-        raise ArtifactError(f"{source} does not exist")
-    try:
-        with safetensors.safe_open(str(source), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise ArtifactError(f"{source} is not a readable .safetensors file: {exc}") from exc
-
 
 def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """Full sha256 of a file, read in chunks; its first 10 hex digits are the WebUI's shorthash."""

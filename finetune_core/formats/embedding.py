@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finetune_core.errors import ArtifactError
-from finetune_core.formats import hypernetwork
 from finetune_core.formats.atomic import atomic_write, load_pt, save_pt
+from finetune_core.formats.describe import describe_object
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
 
 logger = logging.getLogger(__name__)
@@ -143,36 +143,6 @@ def embedding_from_obj(obj: Any, source: Path, metadata: Mapping[str, str] | Non
                               sd_checkpoint_name=meta.pop("sd_checkpoint_name", None), extra=meta)
     embedding.validate()
     return embedding
-
-
-def sniff(obj: Any) -> bool:
-    """Whether a loaded object has one of the embedding layouts the WebUI loads."""
-    if not isinstance(obj, Mapping):
-        return False
-    if "string_to_param" in obj:
-        params = obj["string_to_param"]
-        return hasattr(params, "values") and len(params) == 1
-    values = list(obj.values())
-    if values and all(isinstance(v, torch.Tensor) for v in values):
-        return set(obj) == {"clip_l", "clip_g"} or (len(values) == 1 and values[0].ndim in (1, 2))
-    return False
-
-
-def describe_object(obj: Any) -> str:
-    """A short sentence saying what a loaded object looks like, for error messages."""
-    if isinstance(obj, torch.Tensor):
-        return (f"it holds one bare tensor of shape {tuple(obj.shape)} "
-                f"(an aesthetic embedding looks like this)")
-    if not isinstance(obj, Mapping):
-        return f"it holds a {type(obj).__name__}, not a dict"
-    if hypernetwork.sniff(obj):
-        sizes = ", ".join(str(k) for k in obj if isinstance(k, int))
-        return f"this file is a hypernetwork (sizes {sizes}), not an embedding"
-    keys = [str(k) for k in obj][:6]
-    tensor_count = sum(isinstance(v, torch.Tensor) for v in obj.values())
-    more = ", ..." if len(obj) > 6 else ""
-    return (f"it is a dict with {len(obj)} keys ({', '.join(keys)}{more}) and {tensor_count} tensors; an embedding "
-            f"has 'string_to_param', only 'clip_l'/'clip_g', or exactly one tensor")
 
 
 def _load_safetensors(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

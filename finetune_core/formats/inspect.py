@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import struct
 import zipfile
@@ -15,11 +14,11 @@ from typing import Any
 import torch
 
 from finetune_core.errors import ArtifactError
-from finetune_core.formats import aesthetic, embedding, hypernetwork
+from finetune_core.formats import aesthetic, checkpoint, embedding
+from finetune_core.formats import hypernetwork_file as hypernetwork
 from finetune_core.formats.atomic import load_pt
+from finetune_core.formats.describe import describe_object, is_embedding, is_hypernetwork
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
-
-logger = logging.getLogger(__name__)
 
 # Above this size a zip-format torch file is memory-mapped rather than read into RAM.
 _MMAP_ABOVE_BYTES = 64 << 20
@@ -169,15 +168,15 @@ def _from_object(source: Path, obj: Any) -> ArtifactInfo:
         width = int(obj.shape[-1])
         return ArtifactInfo(path=source, kind="aesthetic embedding", width=width, vectors=1,
                             family=_AESTHETIC_FAMILIES.get(width))
-    if embedding.sniff(obj):
+    if is_embedding(obj):
         return _from_embedding(source, embedding.embedding_from_obj(obj, source))
-    if hypernetwork.sniff(obj):
+    if is_hypernetwork(obj):
         return _from_hypernetwork(source, hypernetwork.hypernetwork_from_obj(obj, source))
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _from_shapes(source, {str(k): tuple(v.shape) for k, v in obj.items()}, {})
-    return ArtifactInfo(path=source, kind="unknown", details=embedding.describe_object(obj))
+    return ArtifactInfo(path=source, kind="unknown", details=describe_object(obj))
 
 
 def _from_embedding(source: Path, emb: embedding.EmbeddingFile) -> ArtifactInfo:
@@ -257,11 +256,6 @@ def _lora_info(source: Path, shapes: Shapes, downs: Shapes, metadata: Mapping[st
 
 
 def _checkpoint_info(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> ArtifactInfo | None:
-    try:
-        from finetune_core.formats import checkpoint  # written separately; optional for inspection
-    except ImportError:
-        logger.debug("formats.checkpoint is not available; checkpoints are reported as unknown")
-        return None
     if not checkpoint.sniff(shapes):
         return None
     try:

@@ -57,13 +57,3 @@ def text_layer(path: str, prefix: str) -> str | None:
     if not _TEXT_LAYER.match(path):
         return None
     return prefix + path.replace(".", "_")
-
-
-def module_of(name: str, family: str) -> str | None:
-    """Which model module a kohya name belongs to ("unet", "text_encoder", "text_encoder_2"), None if foreign."""
-    if name.startswith(UNET_PREFIX):
-        return "unet"
-    for module, prefix in text_prefixes(family).items():
-        if name.startswith(prefix):
-            return module
-    return None

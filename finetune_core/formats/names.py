@@ -1,4 +1,5 @@
-"""Artefact names: the WebUI's sanitising rule, plus refusals for names that would escape the folder."""
+"""Artefact names: the WebUI's sanitising rule, refusals for names that would escape the folder, and the refusal of a
+second file of the same name (the suffixes the WebUI loads for each kind of artefact)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ _ALLOWED_PUNCTUATION = "._- "
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 # File systems allow 255 bytes per name; the run adds "-<step>.safetensors" and a temporary ".<8>.tmp" around it.
 MAX_NAME_BYTES = 200
+# What the WebUI loads from each output folder: a second file of the same stem and one of these is the same artefact.
+ARTIFACT_SUFFIXES = {"embeddings": (".pt", ".bin", ".safetensors", ".png", ".webp"), "hypernetworks": (".pt",),
+                     "checkpoints": (".safetensors", ".ckpt"), "aesthetic_embeddings": (".pt", ".safetensors"),
+                     "loras": (".safetensors", ".pt", ".ckpt")}
 
 
 def sanitize_name(name: str, what: str = "name") -> str:
-    """Keep letters, digits and `._- ` as the WebUI's create_embedding does; refuse what could escape the folder.
+    """The name as typed when it holds only letters, digits and `._- ` (what the WebUI's create_embedding keeps);
+    anything else is refused with a sentence (the WebUI drops it silently, so the file gets another name).
 
     `/`, `\\`, `..` and control characters are refused with a sentence rather than silently dropped, because a user
     who typed them meant a path (or pasted something else); so are names Windows reserves and names too long for a
@@ -33,9 +39,9 @@ def sanitize_name(name: str, what: str = "name") -> str:
     cleaned = "".join(c for c in raw if c.isalnum() or c in _ALLOWED_PUNCTUATION).strip()
     if not cleaned or cleaned.strip(".") == "":
         raise ConfigError(f"the {what} {raw!r} has no usable characters (only letters, digits and '._- ' are kept)")
-    if bad and len(cleaned) < len(raw) / 2:
-        raise ConfigError(f"the {what} {raw!r} is mostly characters a file name cannot hold ({''.join(bad)!r}); "
-                          f"use letters, digits, '.', '_', '-' or spaces")
+    if bad:  # never a file of another name than the one typed, without a word (the WebUI drops them silently)
+        raise ConfigError(f"the {what} {raw!r} has characters a file name cannot hold ({''.join(bad)!r}); use "
+                          f"letters, digits, '.', '_', '-' or spaces, e.g. {cleaned!r}")
     if cleaned.split(".")[0].strip().upper() in _RESERVED:
         raise ConfigError(f"the {what} {cleaned!r} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, "
                           f"LPT1-9), so the file could not be opened there; choose another name")
@@ -56,3 +62,20 @@ def find_artifact(reference: str, folder: Path, suffixes: tuple[str, ...], what:
             return matches[0]
     names = "/".join(suffixes)
     raise ArtifactError(f"no {what} {reference!r} found: it is not a file and {folder} has no {reference}{names}")
+
+
+def same_name_files(folder: Path, name: str, kind: str) -> list[Path]:
+    """Files in `folder` the WebUI would load under `name` (any of its formats for that kind of artefact)."""
+    suffixes = ARTIFACT_SUFFIXES.get(kind, ())
+    if not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.stem == name
+                  and p.suffix.lower() in suffixes)
+
+
+def refuse_same_name(folder: Path, name: str, kind: str) -> None:
+    """Refuse to write an artefact `name` where one of that name exists in any format (the WebUI would see two)."""
+    found = same_name_files(folder, name, kind)
+    if found:
+        others = " and ".join(str(p) for p in found)
+        raise ArtifactError(f"{others} already exists; choose another name, or ask to overwrite it")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_core.data.batch import TrainingData
-from finetune_core.data.config import DatasetConfig
+from finetune_core.data.data_batch import TrainingData
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.methods import dreamartist, dreambooth, hypernetwork, lora, textual_inversion
 from finetune_core.methods.base import Method, image_dataset
 from finetune_core.methods.prior_preservation import resolve_class_folder

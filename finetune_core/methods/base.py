@@ -2,16 +2,16 @@
 
 from typing import Any
 
-from finetune_core.data.config import DatasetConfig
 from finetune_core.data.dataset import ImageDataset
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.train.method import (
     ArtifactMeta,
     InferenceExtras,
     Method,
-    ParamGroup,
     PrepareContext,
     StatePolicy,
 )
+from finetune_core.train.param_group import ParamGroup
 
 __all__ = ["ArtifactMeta", "ArtifactMethod", "InferenceExtras", "Method", "ParamGroup", "PrepareContext",
            "StatePolicy", "image_dataset"]

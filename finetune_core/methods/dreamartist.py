@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from finetune_core.errors import ArtifactError, ConfigError
-from finetune_core.formats.atomic import require_finite
+from finetune_core.formats.atomic import require_finite, written_together
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
+from finetune_core.formats.names import refuse_same_name
 from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
 from finetune_core.methods.discriminator import Discriminator, check_discriminator_file, load_discriminator
 from finetune_core.methods.guidance import GuidanceScale, guide, parse_guidance
@@ -37,11 +38,11 @@ from finetune_core.methods.textual_inversion import (
     resolve_embedding,
 )
 from finetune_core.model.interface import DiffusionModel
-from finetune_core.model.schedule import predicted_x0
-from finetune_core.train.batch import TrainBatch
-from finetune_core.train.ema import Averaging
+from finetune_core.model.noise_schedule import predicted_x0
 from finetune_core.train.memory import MemoryNeeds
 from finetune_core.train.objective import weighted_mse
+from finetune_core.train.param_group import Averaging
+from finetune_core.train.train_batch import TrainBatch
 
 NEGATIVE_SUFFIX = "-neg"
 NEGATIVE_INIT_NOISE = 1e-3  # the original adds N(0, 1e-3^2) to a new negative embedding (breaks the symmetry)
@@ -71,8 +72,6 @@ class DreamArtistCreate:
 
     def check_request(self, name: str, folder: Path, overwrite: bool) -> None:
         """The name leaves room for `NAME-neg`, which must not exist unless overwriting (needs no model)."""
-        from finetune_core.preflight import refuse_same_name
-
         if name.endswith(NEGATIVE_SUFFIX):
             raise ConfigError(f"the name {name!r} ends in '{NEGATIVE_SUFFIX}', which DreamArtist keeps for the "
                               f"negative embedding (NAME{NEGATIVE_SUFFIX}); choose a name without it")
@@ -288,8 +287,10 @@ class DreamArtist(ArtifactMethod):
                 *self.negative.artifact_paths(directory, negative_name(stem))]
 
     def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
-        return [*self.positive.write_artifact(directory, stem, meta, overwrite),
-                *self.negative.write_artifact(directory, negative_name(stem), meta, overwrite)]
+        """NAME and NAME-neg land together or not at all (a kill between two writes must not mix runs)."""
+        with written_together(directory):
+            return [*self.positive.write_artifact(directory, stem, meta, overwrite),
+                    *self.negative.write_artifact(directory, negative_name(stem), meta, overwrite)]
 
 
 
@@ -313,10 +314,12 @@ def create_file(model: DiffusionModel, name: str, config: DreamArtistCreate, dir
     """Write a new, untrained pair `<directory>/<name>.pt` and `<name>-neg.pt` (SDXL: .safetensors)."""
     positive, negative = create_pair(model, name, config)
     suffix = ".safetensors" if positive.is_sdxl else ".pt"
-    return [write_embedding(half, Path(directory) / f"{half.name}{suffix}", overwrite) for half in (positive, negative)]
+    with written_together(directory):
+        return [write_embedding(half, Path(directory) / f"{half.name}{suffix}", overwrite)
+                for half in (positive, negative)]
 
 
 def memory_needs(model: DiffusionModel, config: DreamArtistCreate) -> MemoryNeeds:
-    """Both embeddings' vectors (the disk checks; device memory is measured, `finetune_core.fit`)."""
+    """Both embeddings' vectors (the disk checks; device memory is measured, `finetune_core.jobs.fit`)."""
     width = sum(t.width for t in model.text_encoders)
     return MemoryNeeds((config.num_vectors + config.neg_num_vectors) * width)

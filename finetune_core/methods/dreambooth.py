@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from finetune_core.data.config import DatasetConfig
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.atomic import atomic_write
 from finetune_core.formats.checkpoint import detect_family, over_source, tensor_shapes, write_checkpoint
@@ -35,10 +35,10 @@ from finetune_core.methods.prior_preservation import (
 )
 from finetune_core.model.interface import V_PREDICTION, DiffusionModel
 from finetune_core.settings import type_problems
-from finetune_core.train.batch import TrainBatch
-from finetune_core.train.ema import Averaging
+from finetune_core.train.lr_schedule import parse_schedule
 from finetune_core.train.memory import MemoryNeeds, model_parameters
-from finetune_core.train.schedule import parse_schedule
+from finetune_core.train.param_group import Averaging
+from finetune_core.train.train_batch import TrainBatch
 
 SAVE_FORMATS = ("safetensors", "ckpt")
 SAVE_PRECISIONS = ("fp16", "fp32")
@@ -239,7 +239,7 @@ def training_data(config: DreamBoothConfig, data: DatasetConfig, name: str) -> A
 
 def memory_needs(model: DiffusionModel, config: DreamBoothConfig) -> MemoryNeeds:
     """The trained weights and the checkpoint file's size, for the disk checks (device memory is measured,
-    `finetune_core.fit`)."""
+    `finetune_core.jobs.fit`)."""
     modules = model.trainable_modules()
     unet = sum(p.numel() for p in modules["unet"].parameters())
     encoders = sum(p.numel() for n, m in modules.items() if n != "unet" for p in m.parameters())

@@ -17,14 +17,19 @@ from torch import nn
 
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
 from finetune_core.formats.atomic import require_finite
-from finetune_core.formats.hypernetwork import (
+from finetune_core.formats.hypernetwork_file import (
     HypernetworkFile,
     dropout_structure_for,
     read_hypernetwork,
     write_hypernetwork,
 )
 from finetune_core.formats.names import find_artifact
-from finetune_core.formats.optim import OptimizerSidecar, file_shorthash, webui_optimizer_name, write_optimizer_sidecar
+from finetune_core.formats.optim_sidecar import (
+    OptimizerSidecar,
+    file_shorthash,
+    webui_optimizer_name,
+    write_optimizer_sidecar,
+)
 from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
 from finetune_core.methods.hypernetwork_net import (
     WEIGHT_INITS,
@@ -34,9 +39,9 @@ from finetune_core.methods.hypernetwork_net import (
 )
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.settings import parse_numbers
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.memory import MemoryNeeds, hypernetwork_parameters
 from finetune_core.train.objective import weighted_mse
+from finetune_core.train.train_batch import TrainBatch
 
 TEXT_WIDTH_FAMILY = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
 

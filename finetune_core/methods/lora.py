@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from finetune_core.data.config import DatasetConfig
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.summary import DatasetSummary
 from finetune_core.errors import ConfigError
 from finetune_core.formats.atomic import atomic_write
-from finetune_core.formats.lora import SAVE_DTYPES, LoraFile, base_version, write_lora
+from finetune_core.formats.lora_file import SAVE_DTYPES, LoraFile, base_version, write_lora
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, ParamGroup, PrepareContext
 from finetune_core.methods.lora_net import LoraAdapter, LoraNetwork
 from finetune_core.methods.lora_setup import build_network, requested_targets
@@ -39,8 +39,8 @@ from finetune_core.methods.prior_preservation import (
     prior_loss,
 )
 from finetune_core.model.interface import V_PREDICTION, DiffusionModel, WeightAdapter
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.memory import MemoryNeeds
+from finetune_core.train.train_batch import TrainBatch
 
 
 def _f(default: Any, label: str, help: str, **extra: Any) -> Any:

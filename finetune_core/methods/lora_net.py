@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from finetune_core.formats.lora import LoraModule
+from finetune_core.formats.lora_file import LoraModule
 from finetune_core.model.interface import AdapterTarget
 
 
@@ -108,10 +108,6 @@ class LoraNetwork(nn.Module):
 
     def by_name(self) -> dict[str, LoraAdapter]:
         return {name: adapter for name, adapter in self.adapters.items()}  # type: ignore[misc]
-
-    def set_multiplier(self, multiplier: float) -> None:
-        for adapter in self.by_name().values():
-            adapter.multiplier = multiplier
 
     def modules_for_file(self) -> dict[str, LoraModule]:
         return {name: adapter.as_module() for name, adapter in self.by_name().items()}

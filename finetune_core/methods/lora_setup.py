@@ -11,7 +11,7 @@ import torch
 
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.atomic import require_finite
-from finetune_core.formats.lora import SUFFIXES, LoraFile, family_of, read_lora
+from finetune_core.formats.lora_file import SUFFIXES, LoraFile, family_of, read_lora
 from finetune_core.formats.lora_keys import RESNET, SAMPLER, TRANSFORMER
 from finetune_core.formats.names import find_artifact
 from finetune_core.methods.lora_net import LoraAdapter, LoraNetwork, kohya_init

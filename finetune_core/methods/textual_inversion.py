@@ -18,12 +18,12 @@ from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
 from finetune_core.formats.image_embedding import write_embedding_png
 from finetune_core.formats.names import find_artifact
-from finetune_core.formats.optim import OptimizerSidecar, embedding_checksum, write_optimizer_sidecar
+from finetune_core.formats.optim_sidecar import OptimizerSidecar, embedding_checksum, write_optimizer_sidecar
 from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
 from finetune_core.model.interface import DiffusionModel, TrainableEmbedding
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.memory import MemoryNeeds
 from finetune_core.train.objective import weighted_mse
+from finetune_core.train.train_batch import TrainBatch
 
 SAVE_FORMATS = ("pt", "safetensors")
 

@@ -10,8 +10,11 @@ from typing import Any
 import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
+from finetune_core.formats.checkpoint import diffusers_to_ldm
+from finetune_core.formats.lora_keys import text_prefixes
 from finetune_core.model import chunks as chunking
 from finetune_core.model.adapters import AdapterStack, Layers, hf_text_layers, unet_layers
+from finetune_core.model.attention import ContextTransformProcessor
 from finetune_core.model.interface import (
     SD1,
     SDXL,
@@ -29,7 +32,8 @@ from finetune_core.model.interface import (
     TrainingSetup,
     WeightAdapter,
 )
-from finetune_core.model.schedule import scaled_linear_alphas_cumprod
+from finetune_core.model.noise_schedule import scaled_linear_alphas_cumprod
+from finetune_core.model.sampler import SAMPLERS, sample
 from finetune_core.model.session import WeightState, autocast_factory, compute_dtype, select_trained
 from finetune_core.model.text_chunks import ChunkRows, pooled_at_eos, tensor_digest
 from finetune_core.model.tokenizer import ClipTokenizer
@@ -227,8 +231,6 @@ class DiffusersModel:
 
     @contextmanager
     def _transformed_attention(self, transform: ContextTransform) -> Iterator[None]:
-        from finetune_core.model.attention import ContextTransformProcessor
-
         original = self.unet.attn_processors
         self.unet.set_attn_processor(ContextTransformProcessor(transform))
         try:
@@ -285,8 +287,6 @@ class DiffusersModel:
     def _adapter_layers(self) -> Layers:
         """diffusers module paths for the UNet, transformers ones for the text encoders (built once)."""
         if self._adapter_layer_map is None:
-            from finetune_core.formats.lora_keys import text_prefixes
-
             layers = unet_layers(self.unet, self.family, "diffusers")
             modules = self.trainable_modules()
             for key, prefix in text_prefixes(self.family).items():
@@ -300,21 +300,15 @@ class DiffusersModel:
     def sample(self, request: SampleRequest, embeddings: Mapping[str, TrainableEmbedding] | None = None,
                context_transform: ContextTransform | None = None,
                adapters: Mapping[str, WeightAdapter] | None = None) -> list[Any]:
-        from finetune_core.model.sampler import sample
-
         with nullcontext() if adapters is None else self.weight_adapters(adapters):
             return sample(self, request, embeddings, context_transform)
 
     def sampler_names(self) -> list[str]:
-        from finetune_core.model.sampler import SAMPLERS
-
         return list(SAMPLERS)
 
     def ldm_state_dict(self, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Through the diffusers -> LDM key mapping (`formats.checkpoint`); SD2's text encoder lacks the last
         layer diffusers drops (the caller carries it over from the source checkpoint)."""
-        from finetune_core.formats.checkpoint import diffusers_to_ldm
-
         available = {**self.trainable_modules(), "vae": self.vae}
         missing = [name for name in modules if name not in available]
         if missing:

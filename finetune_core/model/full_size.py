@@ -6,16 +6,16 @@ from typing import Any
 
 import torch
 
+from finetune_core.errors import ConfigError
 from finetune_core.model.configs import available_components, load_config
+from finetune_core.model.diffusers_backend import DiffusersModel
 from finetune_core.model.interface import ModelIdentity
+from finetune_core.model.single_file import build_component
+from finetune_core.model.tiny import TINY_MODELS, randomize_weights, tiny_configs, tiny_spec
 
 
 def full_size_random(family: str, seed: int = 0, device: str | torch.device = "cpu") -> Any:
     """A `DiffusersModel` with the real architecture of `family` and seeded random weights (no download)."""
-    from finetune_core.model.diffusers_backend import DiffusersModel
-    from finetune_core.model.single_file import build_component
-    from finetune_core.model.tiny import randomize_weights
-
     names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in available_components(family)]
     with torch.device("meta"):
         modules = {name: build_component(name, load_config(family, name)) for name in names}
@@ -33,9 +33,6 @@ def full_size_random(family: str, seed: int = 0, device: str | torch.device = "c
 def full_size_meta(family: str, dtype: torch.dtype = torch.float16) -> Any:
     """A `DiffusersModel` with the real architecture of `family` on the meta device: every shape, no memory and no
     weights (memory estimates for models that are not loaded)."""
-    from finetune_core.model.diffusers_backend import DiffusersModel
-    from finetune_core.model.single_file import build_component
-
     names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in available_components(family)]
     with torch.device("meta"):
         modules = {name: build_component(name, load_config(family, name)) for name in names}
@@ -52,10 +49,6 @@ FULL_SIZE = {"sd15-full": "sd1", "sd2-full": "sd2", "sdxl-full": "sdxl"}
 def fake_model(name: str, dtype: torch.dtype = torch.float16) -> Any:
     """A `DiffusersModel` of architecture `name` (a FULL_SIZE name or a tiny model's) built on fake tensors: call it
     inside a `FakeTensorMode` (`train.memory.fake_device`). Shapes and dtypes only: no weights, no memory."""
-    from finetune_core.errors import ConfigError
-    from finetune_core.model.diffusers_backend import DiffusersModel
-    from finetune_core.model.single_file import build_component
-    from finetune_core.model.tiny import TINY_MODELS, tiny_configs, tiny_spec
 
     if name in FULL_SIZE:
         family = FULL_SIZE[name]

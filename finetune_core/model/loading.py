@@ -10,7 +10,11 @@ from typing import Any
 import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
+from finetune_core.formats.checkpoint import read_state_dict
+from finetune_core.formats.hash_cache import cached_sha256
+from finetune_core.model.diffusers_backend import DiffusersModel
 from finetune_core.model.interface import EPSILON, SD1, SD2, SDXL, V_PREDICTION, DiffusionModel, ModelIdentity
+from finetune_core.model.single_file import build_with_weights
 from finetune_core.model.tiny import TINY_MODELS
 
 logger = logging.getLogger(__name__)
@@ -78,7 +82,6 @@ def _require_standalone_packages() -> None:
 
 
 def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:
-    from finetune_core.model.diffusers_backend import DiffusersModel
     from finetune_core.model.single_file import load_single_file
 
     c = load_single_file(path)
@@ -92,8 +95,6 @@ def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch
     The components are built from their config.json and their weights read as a single file's are (each tensor
     into its own memory, the file once), so both ways of giving a model load alike.
     """
-    from finetune_core.model.diffusers_backend import DiffusersModel
-
     index = _read_json(folder / "model_index.json", folder, "model_index.json")
     for part in ("unet", "vae", "text_encoder"):
         if part not in index or not (folder / part).is_dir():
@@ -117,9 +118,6 @@ _WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 def _component(folder: Path, part: str) -> torch.nn.Module:
     """One pipeline component; any failure (empty folder, bad JSON, truncated weights) names the component."""
-    from finetune_core.formats.checkpoint import read_state_dict
-    from finetune_core.model.single_file import build_with_weights
-
     where = folder / part
     config = _read_json(where / "config.json", folder, f"{part}/config.json")
     files = _weight_files(where)
@@ -201,8 +199,6 @@ def _folder_prediction_type(folder: Path) -> str:
 
 def _folder_shorthash(folder: Path) -> str:
     """sha256[:10] of the UNet weight file(s): the part that makes one model of a family differ from another."""
-    from finetune_core.formats.hash_cache import cached_sha256
-
     # from_pretrained loads the files without a variant infix ("model.fp16.safetensors" is another copy).
     found = [f for ext in ("*.safetensors", "*.bin") for f in sorted((folder / "unet").glob(ext))]
     files = [f for f in found if f.name.count(".") == 1]

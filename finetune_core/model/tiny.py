@@ -14,7 +14,10 @@ from typing import Any
 import torch
 
 from finetune_core.errors import FinetuneError
+from finetune_core.model.configs import load_config
+from finetune_core.model.diffusers_backend import DiffusersModel
 from finetune_core.model.interface import EPSILON, SD1, SD2, SDXL, V_PREDICTION, ModelIdentity
+from finetune_core.model.single_file import build_component
 
 TINY_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 # Bump when the weights a name builds change, so artefacts stamped with the old hash are told apart.
@@ -71,8 +74,6 @@ def tiny_spec(name: str) -> TinySpec:
 
 def tiny_configs(spec: TinySpec) -> dict[str, dict]:
     """Component name -> config dict of a tiny model of `spec`'s family."""
-    from finetune_core.model.configs import load_config
-
     family = spec.family
     unet = {**load_config(family, "unet"), **(_UNET_SDXL if family == SDXL else _UNET),
             "cross_attention_dim": sum(spec.text_widths)}
@@ -120,7 +121,6 @@ def weights_shorthash(name: str, modules: list[torch.nn.Module]) -> str:
 def tiny_components(name: str) -> TinyComponents:
     """Build the modules of tiny model `name` with the same weights every time; the global RNG is left untouched."""
     spec = tiny_spec(name)
-    from finetune_core.model.single_file import build_component
 
     # Built on the meta device: the libraries' own init would cost seconds and draw from the global RNG.
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -137,8 +137,6 @@ def tiny_components(name: str) -> TinyComponents:
 
 def build_tiny(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     """The tiny model `name` as a `DiffusersModel`."""
-    from finetune_core.model.diffusers_backend import DiffusersModel
-
     c = tiny_components(name)
     return DiffusersModel(c.unet, c.vae, c.text_encoder, c.text_encoder_2, family=c.spec.family,
                           prediction_type=c.spec.prediction_type, identity=c.identity, device=device, dtype=dtype)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from finetune_core.errors import FinetuneError, ModelMismatchError
+from finetune_core.formats.lora_keys import text_prefixes
+from finetune_core.model import webui_session as ws
 from finetune_core.model.adapters import AdapterStack, Layers, hf_text_layers, openclip_text_layers, unet_layers
 from finetune_core.model.interface import (
     EPSILON,
@@ -40,6 +42,8 @@ from finetune_core.model.interface import (
 )
 from finetune_core.model.placement import Residency
 from finetune_core.model.session import WeightState, autocast_factory, compute_dtype, select_trained
+from finetune_core.model.webui_sampler import sampler_names, txt2img
+from finetune_core.model.webui_text_hook import chunk_hooked
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +306,6 @@ class WebUIModel:
         return widths
 
     def text_chunk_hook(self, hook: ChunkHook) -> AbstractContextManager[None]:
-        from finetune_core.model.webui_text_hook import chunk_hooked
-
         return chunk_hooked(self, list(zip(self.text_encoders, self._wrappers())), hook)
 
     # --- weights and jobs -------------------------------------------------------------------------------------
@@ -318,8 +320,6 @@ class WebUIModel:
 
     @contextmanager
     def training_session(self, setup: TrainingSetup) -> Iterator[TrainingSession]:
-        from finetune_core.model import webui_session as ws
-
         ws.refuse_untrainable(self.sd_model)
         trained = select_trained(self.trainable_modules(), setup.train, self.family)
         compute = compute_dtype(setup.precision, self.dtype)
@@ -347,8 +347,6 @@ class WebUIModel:
         """LDM module paths for the UNet; the text encoders' under transformers names (OpenCLIP's through the
         checkpoint mapping, only the layers the embedder runs: SD2's stops before its last)."""
         if self._adapter_layer_map is None:
-            from finetune_core.formats.lora_keys import text_prefixes
-
             layers = unet_layers(self.sd_model.model.diffusion_model, self.family, "ldm")
             modules = self.trainable_modules()
             for (key, prefix), wrapper in zip(text_prefixes(self.family).items(), self._wrappers()):
@@ -370,8 +368,6 @@ class WebUIModel:
                context_transform: ContextTransform | None = None,
                adapters: Mapping[str, WeightAdapter] | None = None) -> list[Any]:
         """The WebUI's own txt2img; under a placement it runs paused, so the WebUI's hooks move modules as usual."""
-        from finetune_core.model.webui_sampler import txt2img
-
         with ExitStack() as stack:
             stack.enter_context(self._residency.paused())
             stack.enter_context(self._spliced(embeddings or {}))
@@ -381,8 +377,6 @@ class WebUIModel:
             return txt2img(self.sd_model, request)
 
     def sampler_names(self) -> list[str]:
-        from finetune_core.model.webui_sampler import sampler_names
-
         return sampler_names()
 
     def ldm_state_dict(self, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -462,13 +456,3 @@ def _identity(sd_model: Any) -> ModelIdentity:
     source = getattr(info, "filename", None) or ""
     config = getattr(sd_model, "used_config", None) or ""  # the yaml `sd_models.load_model` built it from
     return ModelIdentity(str(name), str(shorthash), str(Path(source)) if source else "", str(config))
-
-
-def wrap_loaded_model(sd_model: Any = None) -> WebUIModel:
-    """The WebUI's current model as a `DiffusionModel` (reading `shared.sd_model` loads it if it never was)."""
-    if sd_model is None:
-        from modules import shared
-
-        sd_model = shared.sd_model
-    return WebUIModel(sd_model)
-

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from finetune_core.data.batch import DataBatch
+from finetune_core.data.data_batch import DataBatch
 
 T = TypeVar("T")
 GRADIENT_BUCKET = 1 << 24  # elements per all-reduce (64 MB of float32): one call for small adapters, bounded for a UNet

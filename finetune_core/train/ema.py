@@ -15,29 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from finetune_core.errors import ArtifactError
-
-if TYPE_CHECKING:  # method.py imports this module for `Averaging`
-    from finetune_core.train.method import ParamGroup
-
-
-@dataclass(frozen=True)
-class Averaging:
-    """How a group is averaged (see the module docstring)."""
-
-    decay: float
-    replace_every: int = 0
-    warmup: bool = False
-    on_cpu: bool = False
-    saved: bool = False
-
-    def decay_at(self, updates: int) -> float:
-        """The decay of update number `updates` (1-based)."""
-        return min(self.decay, (1 + updates) / (10 + updates)) if self.warmup else self.decay
+from finetune_core.train.param_group import Averaging, ParamGroup
 
 
 @dataclass

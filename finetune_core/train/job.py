@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_core.data.batch import TrainingData
+from finetune_core.data.data_batch import TrainingData
 from finetune_core.model.interface import DiffusionModel
-from finetune_core.train.config import TrainConfig
 from finetune_core.train.guard import GuardState
 from finetune_core.train.run_folder import RunFolder
+from finetune_core.train.train_config import TrainConfig
 
 if TYPE_CHECKING:  # train sits below methods: the protocol is for hints only
     from finetune_core.train.method import Method

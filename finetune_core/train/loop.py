@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from finetune_core.data.batch import TrainingData
 from finetune_core.data.cache import TextCache
+from finetune_core.data.data_batch import TrainingData
 from finetune_core.errors import ArtifactError, ConfigError, StorageError
 from finetune_core.model.interface import DiffusionModel, SampleRequest, TrainingSession, TrainingSetup
 from finetune_core.train import randomness
-from finetune_core.train.config import TrainConfig, config_from_dict
 from finetune_core.train.control import Control
 from finetune_core.train.distributed import Processes
 from finetune_core.train.ema import ParameterAverages
@@ -37,11 +36,12 @@ from finetune_core.train.events import (
 )
 from finetune_core.train.guard import NanGuard
 from finetune_core.train.job import Counters, OutputSpec, TrainJob, TrainResult
+from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, rate_at, run_length
 from finetune_core.train.method import ArtifactMeta, PrepareContext
 from finetune_core.train.optim import build_optimizer, set_learning_rate
 from finetune_core.train.run_folder import LossRow, RunFolder
-from finetune_core.train.schedule import nothing_to_train, parse_schedule, rate_at, run_length
 from finetune_core.train.step import OVERFLOW, StepContext, StepOutcome, make_grad_scaler, train_step
+from finetune_core.train.train_config import TrainConfig, config_from_dict
 
 if TYPE_CHECKING:
     from finetune_core.data.summary import DatasetSummary

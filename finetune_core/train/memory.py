@@ -27,12 +27,16 @@ from typing import Any
 
 import torch
 
-from finetune_core.data.batch import DataBatch
+from finetune_core.data.cache import TextCache
+from finetune_core.data.data_batch import DataBatch
 from finetune_core.data.summary import DatasetSummary
 from finetune_core.errors import ConfigError
 from finetune_core.model.interface import DiffusionModel, TrainingSetup
-from finetune_core.train.config import TrainConfig
+from finetune_core.train import optim
+from finetune_core.train.ema import ParameterAverages
 from finetune_core.train.memory_tracker import LiveBytes, module_tensors
+from finetune_core.train.step import StepContext, make_grad_scaler, train_step
+from finetune_core.train.train_config import TrainConfig
 
 GIB = 1024 ** 3
 ATTENTION = ("flash", "math")
@@ -310,9 +314,6 @@ def attention_kernel(kernel: str) -> Iterator[None]:
 
 def _context(tracker: LiveBytes, model: DiffusionModel, method: Any, data: ShapeData, config: TrainConfig,
              session: Any) -> Any:
-    from finetune_core.data.cache import TextCache
-    from finetune_core.train.ema import ParameterAverages
-    from finetune_core.train.step import StepContext, make_grad_scaler
 
     groups = method.trainable_parameters(model)
     params = [p for g in groups for p in g.params]
@@ -336,7 +337,6 @@ def _context(tracker: LiveBytes, model: DiffusionModel, method: Any, data: Shape
 def _optimizer(groups: list[Any], config: TrainConfig) -> torch.optim.Optimizer:
     from dataclasses import replace
 
-    from finetune_core.train import optim
 
     if config.optimizer == "adamw8bit":  # bitsandbytes needs CUDA: its state layout, not its kernel
         optimizer: torch.optim.Optimizer = BlockwiseAdamState([{"params": list(g.params)} for g in groups], lr=1e-4)
@@ -355,7 +355,6 @@ def _after_optimizer(tracker: LiveBytes, optimizer: torch.optim.Optimizer) -> No
 
 
 def _measured_step(tracker: LiveBytes, ctx: Any, step: int) -> None:
-    from finetune_core.train.step import train_step
 
     tracker.phase = "activations"
     train_step(ctx, step, step)

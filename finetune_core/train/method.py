@@ -26,30 +26,8 @@ from finetune_core.model.interface import (
     TrainableEmbedding,
     WeightAdapter,
 )
-from finetune_core.train.batch import TrainBatch
-from finetune_core.train.ema import Averaging
-
-
-@dataclass
-class ParamGroup:
-    """Parameters that share a learning rate: the schedule's rate times `lr_scale` (kept at every schedule change).
-
-    learning_rate: the group's own rate or schedule, in the run's learning-rate syntax ("2e-6:400, 1e-6"), used
-        instead of the run's; when it runs out, the group stops training while the others go on.
-    stop_step: the group trains only for steps before this one (0: until the end); from then on it is frozen
-        (no gradient is computed for it, the optimizer leaves it alone), e.g. a text encoder for the first N steps.
-    clip_norm: above 0, the group's gradient norm is clipped to it at every step (after the run's own clipping).
-    ema: the loop keeps an exponential moving average of the group (`train.ema.Averaging`; None: no average).
-    """
-
-    name: str
-    params: list[torch.Tensor]
-    lr_scale: float = 1.0
-    weight_decay: float | None = None  # None: the optimizer's setting
-    learning_rate: str = ""
-    stop_step: int = 0
-    clip_norm: float = 0.0
-    ema: Averaging | None = None
+from finetune_core.train.param_group import ParamGroup
+from finetune_core.train.train_batch import TrainBatch
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The diffusion training objective as pure functions: timesteps, noise, targets, weights, loss (the schedule
-identities themselves live in `finetune_core.model.schedule`).
+identities themselves live in `finetune_core.model.noise_schedule`).
 
 Notation of Ho et al. (2020), "Denoising Diffusion Probabilistic Models": x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,
 with a_t = alphas_cumprod[t]. Randomness comes from explicit per-sample generators so a run is reproducible
@@ -12,7 +12,7 @@ import torch
 
 from finetune_core.errors import ConfigError
 from finetune_core.model.interface import EPSILON, V_PREDICTION
-from finetune_core.model.schedule import add_noise, snr, velocity_target
+from finetune_core.model.noise_schedule import add_noise, snr, velocity_target
 
 __all__ = ["add_noise", "min_snr_weights", "per_sample_mse", "sample_noise", "sample_timesteps", "training_target",
            "weighted_mse"]

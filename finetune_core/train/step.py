@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from finetune_core.data.batch import DataBatch, TrainingData
 from finetune_core.data.cache import TextCache
+from finetune_core.data.data_batch import DataBatch, TrainingData
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.train import objective, randomness
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.distributed import Processes
 from finetune_core.train.ema import ParameterAverages
+from finetune_core.train.lr_schedule import value_at
 from finetune_core.train.optim import clip_gradients, clip_group_norms, gradients_finite
-from finetune_core.train.schedule import value_at
+from finetune_core.train.train_batch import TrainBatch
 
 if TYPE_CHECKING:  # train sits below methods: the protocol is for hints only
     from finetune_core.train.method import Method

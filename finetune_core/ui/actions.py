@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
-from finetune_core.service import TrainRequest
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobRunner, JobState
+from finetune_core.jobs import fit
+from finetune_core.jobs.service import TrainRequest
+from finetune_core.train.memory import free_device_memory
 from finetune_core.ui import presets
 from finetune_core.ui.dataset_view import lint_html, steps_arithmetic
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobRunner, JobState
 from finetune_core.ui.panels import gallery_items, loss_svg, progress_html, result_html
 from finetune_core.ui.schema import FieldSpec, coerce_all
 
@@ -43,7 +46,7 @@ class MethodActions:
 
     host: Host
     runner: JobRunner
-    service: Any  # finetune_core.service, or a stand-in with the same functions
+    service: Any  # finetune_core.jobs.service, or a stand-in with the same functions
     method: str
     output_kind: str
     sections: dict[str, list[FieldSpec]]  # "method" / "data" / "train" -> fields
@@ -94,8 +97,6 @@ class MethodActions:
     def estimate(self, values: Values, size: str = "") -> tuple[str, Values]:
         """The measured peak memory of the form's settings on the loaded model's architecture and, for `size` (like
         8GB; empty: the CUDA device's free memory), the plan that fits; (sentence, the plan's settings to apply)."""
-        from finetune_core import fit
-        from finetune_core.train.memory import free_device_memory
 
         if not fit.can_measure():
             return ("Measuring memory builds the model's architecture with diffusers, which this install lacks (the "
@@ -142,3 +143,22 @@ class MethodActions:
     def load_preset(self, preset: str) -> tuple[str, Values]:
         settings = presets.load_preset(self._presets_dir(), self.method, preset)
         return str(settings.get("name", "")), {s: dict(settings.get(s, {})) for s in SECTIONS}
+
+
+def guarded(gr: Any, fn: Callable[..., tuple], n_outputs: int, message_at: int) -> Callable[..., tuple]:
+    """Wrap a handler: a FinetuneError becomes its message in output `message_at`; a bug is logged and shown."""
+
+    def handler(*args: Any) -> tuple:
+        try:
+            return fn(*args)
+        except FinetuneError as exc:
+            text = message_html(str(exc), "error")
+        except Exception as exc:  # a bug: keep the UI alive, say so, keep the traceback in the log
+            log.exception("finetune tab handler %s failed", getattr(fn, "__name__", fn))
+            text = message_html(f"Internal error ({type(exc).__name__}: {exc}); the console log has the details.",
+                                "error")
+        out = [gr.update() for _ in range(n_outputs)]
+        out[message_at] = text
+        return tuple(out)
+
+    return handler

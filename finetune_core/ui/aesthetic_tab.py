@@ -10,19 +10,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune_core import aesthetic_service
-from finetune_core.errors import ConfigError
-from finetune_core.methods.aesthetic_gradients import (
+from finetune_core.aesthetic import aesthetic_service
+from finetune_core.aesthetic.gradients import (
     AestheticApplyConfig,
     AestheticCreateConfig,
     AestheticLibrary,
 )
-from finetune_core.ui.actions import message_html
+from finetune_core.errors import ConfigError
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobRunner
+from finetune_core.ui.actions import guarded, message_html
 from finetune_core.ui.compat import NO_API
 from finetune_core.ui.forms import build_section
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobRunner
-from finetune_core.ui.method_tab import guarded
+from finetune_core.ui.rest_body import object_field, refuse_unknown_fields, required_text
 from finetune_core.ui.schema import coerce_all, field_specs
 
 INTRO = ("Create an aesthetic embedding: the mean CLIP image feature of a folder of images in the style you want. "
@@ -30,34 +30,16 @@ INTRO = ("Create an aesthetic embedding: the mean CLIP image feature of a folder
          "**Aesthetic Gradients** section of txt2img and img2img; here you can preview it on the loaded model.")
 
 
-def aesthetic_folders(host: Host) -> list[Path]:
-    """Where the host's embeddings are: its aesthetic embeddings folder (the WebUI: also the original extension's)."""
-    if host.name == "webui":
-        from finetune_core.ui.aesthetic_script import webui_folders
-
-        return webui_folders()
-    return [host.folders().aesthetic_embeddings]
-
-
-def default_clip(host: Host) -> str:
-    """The CLIP model the WebUI's Settings name (Settings -> Fine-tune), used when the form leaves it empty."""
-    if host.name != "webui":
-        return ""
-    from finetune_core.ui.webui_host import setting
-
-    return str(setting("finetune_aesthetic_clip") or "")
-
-
 class AestheticJobs:
     """What the tab and the REST routes do, on one library (and conditioning cache) per host."""
 
     def __init__(self, host: Host, runner: JobRunner) -> None:
         self.host, self.runner = host, runner
-        self.library: AestheticLibrary = aesthetic_service.library(lambda: aesthetic_folders(host))
+        self.library: AestheticLibrary = aesthetic_service.library(host.aesthetic_folders)
 
     def create(self, name: str, settings: dict[str, Any], overwrite: Any = False) -> list[Path]:
         folders = self.host.folders()
-        clip = default_clip(self.host)
+        clip = self.host.default_aesthetic_clip()
         aesthetic_service.validate_create(name, settings, folders, overwrite, clip)  # before waiting for the lock
         paths = self.runner.run_with_model(
             lambda: aesthetic_service.create(name, settings, folders, overwrite, None, None, clip))
@@ -141,8 +123,6 @@ class AestheticTab:
 def routes(jobs: AestheticJobs) -> dict[str, Callable[[dict], Any]]:
     """POST bodies -> answers, under /finetune/v1/aesthetic/ (the error contract of `ui.api`); `apply` answers
     two base64 PNGs, the same seed without and with the embedding, and their infotexts."""
-    from finetune_core.ui.api import object_field, refuse_unknown_fields, required_text
-
     def create(body: dict) -> dict[str, Any]:
         refuse_unknown_fields(body, {"name", "settings", "overwrite"}, "aesthetic create")
         paths = jobs.create(required_text(body, "name"), object_field(body, "settings"), body.get("overwrite", False))

@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobBusy, JobRunner
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobBusy, JobRunner
+from finetune_core.jobs import fit
+from finetune_core.methods import METHODS
+from finetune_core.ui.aesthetic_tab import AestheticJobs
+from finetune_core.ui.aesthetic_tab import routes as aesthetic_routes
+from finetune_core.ui.method_tab import method_sections
+from finetune_core.ui.rest_body import object_field, refuse_unknown_fields, required_text
 from finetune_core.ui.schema import field_specs
 
 log = logging.getLogger(__name__)
@@ -19,6 +25,7 @@ PREFIX = "/finetune/v1"
 _CREATE_KEYS = {"method", "name", "method_settings", "settings", "overwrite"}
 _LINT_KEYS = {"method", "data_settings", "settings"}
 MAX_BODY_BYTES = 1 << 20  # settings are small; a larger body is a mistake (or an attack), refused before parsing
+MAX_DEPTH = 16  # a body is an object of objects of values: anything far deeper is a mistake (or an attack)
 
 
 def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[Any] | None = None,
@@ -33,7 +40,7 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     from starlette.concurrency import run_in_threadpool
 
     if service is None:
-        from finetune_core import service
+        from finetune_core.jobs import service
     routes = _Routes(host, runner, service, methods)
     router = APIRouter(prefix=PREFIX, dependencies=list(dependencies or []), tags=["finetune"])
     router.add_api_route("/methods", routes.methods, methods=["GET"])
@@ -57,8 +64,6 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     post("/estimate", routes.estimate)
     for command in ("interrupt", "pause", "resume"):
         router.add_api_route(f"/{command}", getattr(routes, command), methods=["POST"])
-    from finetune_core.ui.aesthetic_tab import AestheticJobs
-    from finetune_core.ui.aesthetic_tab import routes as aesthetic_routes
 
     aesthetic = AestheticJobs(host, runner)
     for path, handler in aesthetic_routes(aesthetic).items():
@@ -102,14 +107,31 @@ def _call(handler: Callable[[dict], Any], raw: bytes) -> Any:
 
 
 def _json_object(raw: bytes) -> dict:
+    too_deep = ConfigError(f"the request body nests objects or lists more than {MAX_DEPTH} levels deep; settings are "
+                           f"plain values one level inside the body, as the README shows")
     try:
         body = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except RecursionError:
+        raise too_deep from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"the request body is not valid JSON ({str(exc).splitlines()[0]}); send a JSON object "
                           f"such as {{\"method\": \"textual-inversion\", \"name\": \"my-style\"}}") from exc
     if not isinstance(body, dict):
         raise ConfigError("the request body must be a JSON object (with the fields listed in the README)")
+    if _depth(body) > MAX_DEPTH:
+        raise too_deep
     return body
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and lists nest in a parsed JSON value (without recursion: the value may be very deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 class _Routes:
@@ -121,14 +143,11 @@ class _Routes:
     def _registry(self) -> Mapping[str, Any]:
         if self._methods is not None:
             return self._methods
-        from finetune_core.methods import METHODS
 
         return METHODS
 
     def methods(self) -> dict[str, Any]:
         """Every method's form schema: fields with kind, default, label, help, choices and `advanced`."""
-        from finetune_core.ui.method_tab import method_sections
-
         out = {}
         for key, spec in self._registry().items():
             sections = method_sections(spec, self.service)
@@ -165,7 +184,6 @@ class _Routes:
     def estimate(self, body: dict) -> dict[str, Any]:
         """The measured peak memory of a run (`model`: an architecture name, by default the loaded model's) and
         the plan that fits `fit` (like "8GB"; by default the CUDA device's free memory)."""
-        from finetune_core import fit
         refuse_unknown_fields(body, {"method", "model", "method_settings", "data_settings", "train_settings", "fit"},
                               "estimate")
         settings = {section: object_field(body, f"{section}_settings") for section in ("method", "data", "train")
@@ -191,29 +209,6 @@ class _Routes:
 
     def resume(self) -> dict[str, bool]:
         return {"resumed": self.runner.resume()}
-
-
-def refuse_unknown_fields(body: dict, allowed: set[str], route: str) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown field(s) in the {route} request: {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(allowed))}")
-
-
-def object_field(body: dict, key: str) -> dict[str, Any]:
-    value = body.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"'{key}' must be an object of setting names and values, not {value!r}")
-    return value
-
-
-def required_text(body: dict, key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"the request needs '{key}' as a non-empty string")
-    return value.strip()
 
 
 def _row(row: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from finetune_core.ui.actions import message_html
+from finetune_core.ui.actions import guarded, message_html
 from finetune_core.ui.compat import NO_API, gallery_value, js_kwargs
 
 if TYPE_CHECKING:
@@ -13,8 +13,6 @@ if TYPE_CHECKING:
 
 def wire(tab: MethodTab) -> None:
     """Attach every button of `tab` to its handler."""
-    from finetune_core.ui.method_tab import guarded
-
     gr, c, actions = tab.gr, tab.c, tab.actions
     fields = [comp for _, _, comp in tab.fields]
     status_outputs = [c["progress"], c["plot"], c["gallery"], c["result"], c["poll"]]
@@ -105,8 +103,6 @@ def _wire_create(tab: MethodTab) -> None:
 
 
 def guarded_for(tab: MethodTab, fn: Any, n_outputs: int) -> Any:
-    from finetune_core.ui.method_tab import guarded
-
     return guarded(tab.gr, fn, n_outputs, 0)
 
 

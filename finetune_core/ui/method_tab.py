@@ -7,12 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_core.errors import FinetuneError
-from finetune_core.ui.actions import SECTIONS, MethodActions, Values, message_html
+from finetune_core.data.dataset_config import DatasetConfig
+from finetune_core.hosts.host import Host
+from finetune_core.hosts.job_runner import JobRunner
+from finetune_core.train.train_config import TrainConfig
+from finetune_core.ui.actions import SECTIONS, MethodActions, Values
 from finetune_core.ui.compat import gallery_value
 from finetune_core.ui.forms import build_section, refresh_button
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobRunner
+from finetune_core.ui.method_events import wire
 from finetune_core.ui.schema import FieldSpec, field_specs, with_advanced, with_defaults
 
 log = logging.getLogger(__name__)
@@ -45,9 +47,6 @@ def method_slug(key: str) -> str:
 
 def method_sections(spec: Any, service: Any) -> dict[str, list[FieldSpec]]:
     """The FieldSpecs of a method's three settings dataclasses, with the method's default overrides applied."""
-    from finetune_core.data.config import DatasetConfig
-    from finetune_core.train.config import TrainConfig
-
     defaults = service.form_defaults(spec.key) if hasattr(service, "form_defaults") else {}
     return {"method": with_defaults(field_specs(spec.config_type), defaults.get("method")),
             "data": with_advanced(with_defaults(field_specs(DatasetConfig), defaults.get("data")), DATA_ADVANCED),
@@ -162,8 +161,6 @@ class MethodTab:
 
     # --- wiring -------------------------------------------------------------------------------------------
     def _wire(self) -> None:
-        from finetune_core.ui.method_events import wire
-
         wire(self)
 
     def collect(self, values: list[Any]) -> Values:
@@ -172,22 +169,3 @@ class MethodTab:
         for (section, name, _), value in zip(self.fields, values):
             out[section][name] = value
         return out
-
-
-def guarded(gr: Any, fn: Callable[..., tuple], n_outputs: int, message_at: int) -> Callable[..., tuple]:
-    """Wrap a handler: a FinetuneError becomes its message in output `message_at`; a bug is logged and shown."""
-
-    def handler(*args: Any) -> tuple:
-        try:
-            return fn(*args)
-        except FinetuneError as exc:
-            text = message_html(str(exc), "error")
-        except Exception as exc:  # a bug: keep the UI alive, say so, keep the traceback in the log
-            log.exception("finetune tab handler %s failed", getattr(fn, "__name__", fn))
-            text = message_html(f"Internal error ({type(exc).__name__}: {exc}); the console log has the details.",
-                                "error")
-        out = [gr.update() for _ in range(n_outputs)]
-        out[message_at] = text
-        return tuple(out)
-
-    return handler

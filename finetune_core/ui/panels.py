@@ -6,23 +6,12 @@ import html
 import math
 from pathlib import Path
 
-from finetune_core.ui.job_runner import JobState, thin
+from finetune_core.hosts.console import format_seconds
+from finetune_core.hosts.job_runner import JobState, thin
 
 _STATUS_WORDS = {"idle": "Idle", "waiting": "Starting (waits while another task uses the model)",
                  "running": "Training", "paused": "Paused", "finished": "Finished",
                  "interrupted": "Interrupted (saved)", "failed": "Failed"}
-
-
-def format_seconds(seconds: float | None) -> str:
-    """'1h 02m', '3m 05s', '12s' or '-'."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "-"
-    whole = round(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
 def format_speed(seconds_per_step: float | None) -> str:

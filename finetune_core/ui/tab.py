@@ -7,11 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_core.errors import ConfigError
-from finetune_core.ui.actions import message_html
+from finetune_core.hosts.host import Host, ModelPicker
+from finetune_core.hosts.job_runner import JobRunner
+from finetune_core.methods import METHODS
+from finetune_core.ui.actions import guarded, message_html
+from finetune_core.ui.aesthetic_tab import AestheticJobs, AestheticTab
 from finetune_core.ui.compat import NO_API, file_path
-from finetune_core.ui.host import Host
-from finetune_core.ui.job_runner import JobRunner
-from finetune_core.ui.method_tab import MethodTab, TabContext, guarded
+from finetune_core.ui.method_tab import MethodTab, TabContext
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
     gr: the gradio module (imported when None). train_js: name of a JS function called on Train as
     `fn(method_slug, ...inputs)` that must return the inputs with the first replaced by a WebUI task id
     ("task(...)"); the WebUI passes "finetune_start_training". runner: share one JobRunner with the REST routes.
-    service / methods: stand-ins for tests (default: finetune_core.service and finetune_core.methods.METHODS).
+    service / methods: stand-ins for tests (default: finetune_core.jobs.service and finetune_core.methods.METHODS).
     blocks_kwargs: extra gr.Blocks arguments (the standalone app passes title, css and head).
     """
     if gr is None:
@@ -32,15 +34,14 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
 
         gr = gradio
     if service is None:
-        from finetune_core import service
+        from finetune_core.jobs import service
     if methods is None:
-        from finetune_core.methods import METHODS
-
         methods = METHODS
     ctx = TabContext(gr, host, runner or JobRunner(host), service, train_js)
     with gr.Blocks(analytics_enabled=False, elem_id="finetune_tab", **(blocks_kwargs or {})) as blocks:
-        if hasattr(host, "load_model"):
-            _model_row(ctx)
+        picker = host.model_picker()
+        if picker is not None:
+            _model_row(ctx, picker)
         with gr.Tabs(elem_id="finetune_tabs"):
             for key, spec in methods.items():
                 with gr.Tab(spec.label, elem_id=f"finetune_{key.replace('-', '_')}_tab"):
@@ -48,8 +49,6 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
                         gr.Markdown(spec.description, elem_classes=["finetune-description"])
                     MethodTab(ctx, spec).build()
             with gr.Tab("Aesthetic Gradients", elem_id="finetune_aesthetic_tab"):
-                from finetune_core.ui.aesthetic_tab import AestheticJobs, AestheticTab
-
                 AestheticTab(gr, AestheticJobs(host, ctx.runner)).build()
             with gr.Tab("Inspect a file", elem_id="finetune_inspect_tab"):
                 _inspector(ctx)
@@ -57,20 +56,20 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
     return blocks
 
 
-def _model_row(ctx: TabContext) -> None:
+def _model_row(ctx: TabContext, picker: ModelPicker) -> None:
     """Standalone only: pick the base model (a tiny built-in, a checkpoint file or a diffusers folder)."""
-    gr, host = ctx.gr, ctx.host
+    gr = ctx.gr
     with gr.Row(elem_id="finetune_model_row"):
-        path = gr.Textbox(label="Base model", value=getattr(host, "model_spec", ""), scale=4,
+        path = gr.Textbox(label="Base model", value=picker.model_spec, scale=4,
                           elem_id="finetune_model_path",
                           info="tiny-sd1 / tiny-sd2 / tiny-sdxl (built-in, random weights), a .safetensors/.ckpt "
                                "checkpoint or a diffusers folder. Loaded on first use.")
         load = gr.Button("Load", elem_id="finetune_model_load", scale=1)
-    status = gr.HTML(message_html(host.model_status()) if hasattr(host, "model_status") else "",
+    status = gr.HTML(message_html(picker.model_status()),
                      elem_id="finetune_model_status")
 
     def on_load(spec: str) -> tuple:
-        return (message_html(host.load_model(spec.strip())),)  # type: ignore[attr-defined]
+        return (message_html(picker.load_model(spec.strip())),)
 
     load.click(fn=guarded(gr, on_load, 1, 0), inputs=[path], outputs=[status], **NO_API)
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from finetune_core.data.cache import LatentCache
-from finetune_core.data.config import DatasetConfig
 from finetune_core.data.dataset import ImageDataset
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.errors import ConfigError, DatasetError
 
 

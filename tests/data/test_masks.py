@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune_core.data.config import DatasetConfig
 from finetune_core.data.dataset import ImageDataset
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.masks import load_mask, mask_weight, split_masks
 from finetune_core.data.scan import scan_dataset
 from finetune_core.errors import DatasetError

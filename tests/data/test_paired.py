@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_core.data.config import DatasetConfig
 from finetune_core.data.dataset import ImageDataset
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.paired import IS_CLASS, PairedDataset
 from finetune_core.data.scan import scan_dataset
 from finetune_core.errors import DatasetError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune_core.data.config import DatasetConfig
 from finetune_core.data.dataset import ImageDataset
+from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.summary import caption_tags
 from tests.data.conftest import write_image
 

@@ -17,12 +17,11 @@ from finetune_core.formats.checkpoint import (
     diffusers_to_ldm,
     file_sha256,
     ldm_to_diffusers,
-    read_safetensors_metadata,
     read_state_dict,
     sniff,
     write_checkpoint,
 )
-from tests.conftest import tiny_family_modules
+from tests.conftest import read_safetensors_metadata, tiny_family_modules, tiny_overrides
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -386,7 +385,6 @@ def test_diffusers_own_single_file_converters_read_what_we_write(family_componen
     LDM state dict back into exactly the weights it came from."""
     from diffusers.loaders import single_file_utils as oracle
 
-    from finetune_core.model.configs import tiny_overrides
 
     family, components = family_components
     configs = tiny_overrides(family)

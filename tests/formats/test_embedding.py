@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import save_pt
-from finetune_core.formats.embedding import EmbeddingFile, embedding_from_obj, read_embedding, sniff, write_embedding
-from finetune_core.formats.hypernetwork import HypernetworkFile, write_hypernetwork
+from finetune_core.formats.describe import is_embedding
+from finetune_core.formats.embedding import EmbeddingFile, embedding_from_obj, read_embedding, write_embedding
+from finetune_core.formats.hypernetwork_file import HypernetworkFile, write_hypernetwork
 
 
 def _sd1(width: int = 768, n: int = 3) -> EmbeddingFile:
@@ -113,7 +114,7 @@ def test_parameter_dict_in_string_to_param_is_accepted(tmp_path):
 def test_foreign_objects_are_refused_with_what_was_found(tmp_path, obj, message):
     with pytest.raises(ArtifactError, match=message):
         embedding_from_obj(obj, tmp_path / "x.pt")
-    assert not sniff(obj)
+    assert not is_embedding(obj)
 
 
 def test_hypernetwork_given_to_read_embedding(tmp_path):

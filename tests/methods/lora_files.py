@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from finetune_core.formats.lora import LoraFile, base_version, read_lora, write_lora
+from finetune_core.formats.lora_file import LoraFile, base_version, read_lora, write_lora
 from finetune_core.methods.lora import LoraConfig
 from finetune_core.methods.lora_net import LoraNetwork
 from finetune_core.methods.lora_setup import network_from_file, new_network
@@ -32,7 +32,8 @@ def random_lora_file(model, path: Path, conv: bool = True, seed: int = 5) -> Pat
 def our_network(model, path: Path, multiplier: float = 1.0) -> LoraNetwork:
     """The file's adapters as our code builds and applies them (eval mode, the given multiplier)."""
     network = network_from_file(read_lora(path), path, model, LoraConfig(train_text_encoder=True))
-    network.set_multiplier(multiplier)
+    for adapter in network.by_name().values():
+        adapter.multiplier = multiplier
     return network.eval().to(model.device)
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from finetune_core.data.batch import DataBatch
+from finetune_core.data.data_batch import DataBatch
 from finetune_core.train import objective
-from finetune_core.train.batch import TrainBatch
+from finetune_core.train.train_batch import TrainBatch
 from tests.conftest import EXAMPLES
 
 

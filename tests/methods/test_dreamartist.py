@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_core import service
-from finetune_core.data.batch import DataBatch
+from finetune_core.data.data_batch import DataBatch
 from finetune_core.formats.embedding import read_embedding
+from finetune_core.jobs import service
 from finetune_core.methods.dreamartist import (
     DreamArtist,
     DreamArtistConfig,
@@ -22,9 +22,9 @@ from finetune_core.methods.dreamartist import (
 )
 from finetune_core.methods.guidance import GuidanceScale, parse_guidance
 from finetune_core.train import objective
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent, Warning_
+from finetune_core.train.train_batch import TrainBatch
 from tests.conftest import weights_checksum
 from tests.formats.conftest import webui_gate
 
@@ -153,8 +153,8 @@ def test_overfits_one_image_and_changes_nothing_else(name, reconstruction, steps
     model = tiny_model(name)
     before = weights_checksum(model)
     template = tmp_path / "name_only.txt"
-    from finetune_core.data.config import DatasetConfig
     from finetune_core.data.dataset import ImageDataset
+    from finetune_core.data.dataset_config import DatasetConfig
     data = ImageDataset(DatasetConfig(data_dir=str(one_image_dataset), width=64, height=64, keep_pixels=True,
                                       latent_sampling="deterministic", template=str(template)), placeholder="ballart")
     data.prepare(model)
@@ -347,3 +347,50 @@ def test_original_convnext_release_keys_are_converted(discriminator_file, tmp_pa
     pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.score(pixels), reference.score(pixels))
+
+
+def _pair_steps(folder: Path, name: str) -> tuple[int, int]:
+    return read_embedding(folder / f"{name}.pt").step, read_embedding(folder / f"{name}-neg.pt").step
+
+
+def test_a_pair_lands_together_or_not_at_all(tiny_model, tmp_path, monkeypatch) -> None:
+    """Issue 25.7: a failure while the second file is written leaves the previous pair intact; a kill among the
+    renames is finished by the next run's cleanup, so NAME.pt never sits beside another run's NAME-neg.pt."""
+    from finetune_core.formats import atomic, embedding
+    from finetune_core.jobs.preflight import remove_stale_temporaries
+    from finetune_core.methods.dreamartist import DreamArtistCreate, create_file
+
+    model = tiny_model("tiny-sd1")
+    create_file(model, "pair", DreamArtistCreate(), tmp_path, False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_write = embedding.save_pt
+
+    def fail_on_negative(obj, path, overwrite=False, needed_bytes=0):
+        if Path(path).name == "pair-neg.pt":
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(obj, path, overwrite, needed_bytes)
+
+    monkeypatch.setattr(embedding, "save_pt", fail_on_negative)
+    with pytest.raises(OSError):
+        create_file(model, "pair", DreamArtistCreate(init_text="a dog"), tmp_path, True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old pair intact, no temporaries
+    monkeypatch.setattr(embedding, "save_pt", real_write)
+
+    real_replace = atomic.os.replace
+    renamed: list[str] = []
+
+    def killed_after_first_rename(src, dst):
+        if Path(dst).name.startswith("pair") and renamed:
+            raise KeyboardInterrupt  # the process dies between the two renames
+        real_replace(src, dst)
+        if Path(dst).name.startswith("pair"):
+            renamed.append(Path(dst).name)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        create_file(model, "pair", DreamArtistCreate(init_text="a dog"), tmp_path, True)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    remove_stale_temporaries(tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(after) == ["pair-neg.pt", "pair.pt"]
+    assert after["pair.pt"] != before["pair.pt"] and after["pair-neg.pt"] != before["pair-neg.pt"]

@@ -17,7 +17,7 @@ from PIL import Image
 from finetune_core.cli import main
 from finetune_core.errors import FinetuneError
 from finetune_core.formats.embedding import EmbeddingFile, write_embedding
-from finetune_core.service import TrainRequest
+from finetune_core.jobs.service import TrainRequest
 from tests.conftest import EXAMPLES, rest_client
 
 
@@ -83,8 +83,8 @@ def _never(spec: str) -> Any:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_tab_refuses_before_the_job(case, world):
-    from finetune_core.ui.job_runner import JobRunner
-    from finetune_core.ui.standalone_host import StandaloneHost
+    from finetune_core.hosts.job_runner import JobRunner
+    from finetune_core.hosts.standalone import StandaloneHost
 
     _, name, settings, data, message = case
     runner = JobRunner(StandaloneHost(world / "out", "tiny-sd1", loader=_never))

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from finetune_core import service
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError, StorageError
-from finetune_core.formats.checkpoint import read_safetensors_metadata, read_state_dict, write_checkpoint
+from finetune_core.formats.checkpoint import read_state_dict, write_checkpoint
+from finetune_core.jobs import service
 from finetune_core.methods.dreambooth import DreamBooth, DreamBoothConfig, memory_needs
 from finetune_core.model.diffusers_backend import DiffusersModel
 from finetune_core.model.interface import TrainingSetup
@@ -26,7 +26,7 @@ from finetune_core.model.tiny import tiny_configs, tiny_spec
 from finetune_core.train import objective
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent, Warning_
-from tests.conftest import EXAMPLES, weights_checksum
+from tests.conftest import EXAMPLES, read_safetensors_metadata, weights_checksum
 from tests.methods.prior_fixtures import instance_folder, paired_batch
 
 TINY = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
@@ -67,8 +67,8 @@ def request(data: Path, name: str = "mine", steps: int = 6, lr: str = "3e-4", **
 
 def eval_losses(model: Any, data: Path, draws: int = 8) -> torch.Tensor:
     """The instance loss at `draws` fixed (noise, timestep) pairs per image: the same draws before and after."""
-    from finetune_core.data.config import DatasetConfig
     from finetune_core.data.dataset import ImageDataset
+    from finetune_core.data.dataset_config import DatasetConfig
 
     images = ImageDataset(DatasetConfig(data_dir=str(data), width=64, height=64, latent_sampling="deterministic"),
                           lines=["a photo of sks"])
@@ -329,3 +329,16 @@ def test_the_cli_refuses_bad_settings_in_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "class prompt is empty" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("class_images", 100_000, "use at most 10000"), ("class_steps", 100_000, "class_steps must be from 1 to 150"),
+    ("class_batch_size", 100_000, "class_batch_size must be from 1 to 64"),
+    ("class_cfg_scale", 1e9, "class_cfg_scale must be from 0 to 30")])
+def test_prior_preservation_sizes_are_bounded_with_the_request(field, value, message):
+    from finetune_core.errors import ConfigError
+    from finetune_core.methods.dreambooth import DreamBoothConfig
+
+    config = DreamBoothConfig(prior_preservation=True, class_prompt="a dog", **{field: value})
+    with pytest.raises(ConfigError, match=message):
+        config.validate()

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_core import service
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
 from finetune_core.formats.embedding import EmbeddingFile, write_embedding
-from finetune_core.formats.hypernetwork import HypernetworkFile, read_hypernetwork, write_hypernetwork
+from finetune_core.formats.hypernetwork_file import HypernetworkFile, read_hypernetwork, write_hypernetwork
+from finetune_core.jobs import service
 from finetune_core.methods.hypernetwork import Hypernetwork, HypernetworkConfig, HypernetworkCreate, create_hypernetwork
 from finetune_core.methods.hypernetwork_net import HypernetworkModule, activation_classes
 from finetune_core.train.control import Control
@@ -110,8 +110,8 @@ def _request(data: Path, steps: int, **method: object) -> service.TrainRequest:
 
 def _eval_loss(model, file: HypernetworkFile, data_dir: Path) -> float:
     """Mean loss over 16 fixed (timestep, noise) draws on the image: deterministic, so a drop is the network's."""
-    from finetune_core.data.config import DatasetConfig
     from finetune_core.data.dataset import ImageDataset
+    from finetune_core.data.dataset_config import DatasetConfig
     from finetune_core.train import objective
     data = ImageDataset(DatasetConfig(data_dir=str(data_dir), width=64, height=64, latent_sampling="deterministic"))
     data.prepare(model)
@@ -205,7 +205,7 @@ def test_cached_text_conditioning_is_used(tiny_model, one_image_dataset, tmp_pat
 
 
 def test_optimizer_sidecar_matches_the_file_when_asked(tiny_model, one_image_dataset, tmp_path):
-    from finetune_core.formats.optim import file_shorthash, read_optimizer_sidecar
+    from finetune_core.formats.optim_sidecar import file_shorthash, read_optimizer_sidecar
     request = _request(one_image_dataset, 2)
     request.train_settings["save_optimizer_state"] = True
     result = service.train(request, tiny_model("tiny-sd1"), service.OutputFolders.standalone(tmp_path))

@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from finetune_core import service
 from finetune_core.errors import ArtifactError, ConfigError, ModelMismatchError
-from finetune_core.formats.lora import data_section_hash, read_lora
+from finetune_core.formats.lora_file import read_lora
+from finetune_core.jobs import service
 from finetune_core.methods.lora import LoraConfig, build
 from finetune_core.model.tiny import build_tiny
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent
+from tests.conftest import data_section_hash
 from tests.methods.lora_files import outputs, random_lora_file
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "dataset"
@@ -103,8 +104,8 @@ def _eval_loss(model, latents, adapters=None) -> float:
 
 
 def test_training_overfits_one_image_and_leaves_the_base_bit_identical(sd1, one_image_dataset, tmp_path):
-    from finetune_core.data.config import DatasetConfig
     from finetune_core.data.dataset import ImageDataset
+    from finetune_core.data.dataset_config import DatasetConfig
     from tests.conftest import weights_checksum
 
     before = weights_checksum(sd1)

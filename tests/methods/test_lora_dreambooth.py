@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune_core import service
 from finetune_core.errors import ConfigError, FinetuneError
-from finetune_core.formats.lora import read_lora
+from finetune_core.formats.lora_file import read_lora
+from finetune_core.jobs import service
 from finetune_core.methods import METHODS
 from finetune_core.methods.lora import Lora, LoraConfig, build, memory_needs
 from finetune_core.model.interface import TrainingSetup
@@ -84,7 +84,7 @@ def test_captioned_mode_is_the_default_and_pairs_nothing(tiny_model, tmp_path):
 
 
 def _data_config(tmp_path: Path) -> Any:
-    from finetune_core.data.config import DatasetConfig
+    from finetune_core.data.dataset_config import DatasetConfig
 
     return DatasetConfig(data_dir=str(instance_folder(tmp_path)), width=64, height=64)
 
@@ -250,8 +250,8 @@ def test_bad_input_is_refused_by_the_rest_api(case, world):
 
 @pytest.mark.parametrize("case", BAD, ids=lambda c: c[0])
 def test_bad_input_is_refused_by_the_tab(case, world):
+    from finetune_core.hosts.job_runner import JobRunner
     from finetune_core.ui.actions import MethodActions
-    from finetune_core.ui.job_runner import JobRunner
     from finetune_core.ui.method_tab import method_sections
     from tests.ui.conftest import FakeHost
 

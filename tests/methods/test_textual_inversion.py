@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_core import service
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, FinetuneError, ModelMismatchError
 from finetune_core.formats.embedding import read_embedding
+from finetune_core.jobs import service
 from finetune_core.methods.textual_inversion import TextualInversionConfig, create_embedding, initial_vectors
 from finetune_core.model.interface import TrainableEmbedding
 from finetune_core.train import objective
@@ -50,8 +50,8 @@ def test_overfits_one_image_and_changes_nothing_else(name, tiny_model, one_image
     before_weights = weights_checksum(model)
     template = tmp_path / "name_only.txt"
     folders = service.OutputFolders.standalone(tmp_path / "out")
-    from finetune_core.data.config import DatasetConfig
     from finetune_core.data.dataset import ImageDataset
+    from finetune_core.data.dataset_config import DatasetConfig
     data = ImageDataset(DatasetConfig(data_dir=str(one_image_dataset), width=64, height=64,
                                       latent_sampling="deterministic", template=str(template)), placeholder="ballword")
     data.prepare(model)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from finetune_core.errors import ConfigError
-from finetune_core.model.configs import available_components, load_config, tiny_overrides
+from finetune_core.model.configs import available_components, load_config
+from tests.conftest import tiny_overrides
 
 
 def n_params(family: str, component: str) -> int:

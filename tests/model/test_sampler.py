@@ -11,8 +11,8 @@ import torch
 
 from finetune_core.errors import ConfigError
 from finetune_core.model.interface import EPSILON, V_PREDICTION, SampleRequest, TextConditioning
+from finetune_core.model.noise_schedule import scaled_linear_alphas_cumprod
 from finetune_core.model.sampler import SAMPLERS, check_request, sample
-from finetune_core.model.schedule import scaled_linear_alphas_cumprod
 
 
 class Oracle:

@@ -10,10 +10,9 @@ import torch
 
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.checkpoint import diffusers_to_ldm, write_checkpoint
-from finetune_core.model.configs import tiny_overrides
 from finetune_core.model.interface import EPSILON, V_PREDICTION
 from finetune_core.model.single_file import load_single_file, parameterization_from_yaml, probe_v_prediction
-from tests.conftest import tiny_family_modules
+from tests.conftest import tiny_family_modules, tiny_overrides
 
 
 def tiny_models(family: str, seed: int) -> dict[str, torch.nn.Module]:

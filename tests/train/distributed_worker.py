@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from finetune_core import service
+from finetune_core.jobs import service
 from finetune_core.model.tiny import build_tiny
 from finetune_core.train import distributed
 from finetune_core.train.control import Control

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from finetune_core.data.batch import DataBatch
+from finetune_core.data.data_batch import DataBatch
 from finetune_core.data.summary import DatasetSummary
 from finetune_core.formats.atomic import load_pt, save_pt
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, ParamGroup
@@ -26,8 +26,8 @@ from finetune_core.model.interface import (
     TrainingSetup,
 )
 from finetune_core.model.session import WeightState, autocast_factory, compute_dtype
-from finetune_core.train.batch import TrainBatch
 from finetune_core.train.objective import weighted_mse
+from finetune_core.train.train_batch import TrainBatch
 
 
 class FakeModel:

@@ -26,7 +26,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from finetune_core import service
+from finetune_core.jobs import service
 from finetune_core.model.tiny import build_tiny
 from finetune_core.train.distributed import Processes, shard_bounds, slice_batch
 from tests.conftest import EXAMPLES
@@ -142,7 +142,7 @@ def test_slices_cover_the_batch_once_in_order():
 
 
 def test_a_slice_cuts_every_per_sample_field():
-    from finetune_core.data.batch import DataBatch
+    from finetune_core.data.data_batch import DataBatch
     batch = DataBatch(torch.arange(5.0).view(5, 1, 1, 1), list("abcde"), torch.zeros(5, 6),
                       image_paths=list("vwxyz"), extras={"flipped": [0, 1, 0, 1, 0], "scale": 2.0})
     part = slice_batch(batch, 1, 3)
@@ -154,10 +154,10 @@ def test_a_slice_cuts_every_per_sample_field():
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_the_slices_of_a_prior_preservation_batch_weighted_by_share_add_up_to_its_loss(world):
     """DreamBooth's two means (instance, class) split across processes: slices of one kind only included."""
-    from finetune_core.data.batch import DataBatch
+    from finetune_core.data.data_batch import DataBatch
     from finetune_core.data.paired import IS_CLASS
     from finetune_core.methods.prior_preservation import prior_loss
-    from finetune_core.train.batch import TrainBatch
+    from finetune_core.train.train_batch import TrainBatch
     generator = torch.Generator().manual_seed(0)
     pred, target = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
 
@@ -184,7 +184,7 @@ def test_the_slices_of_a_prior_preservation_batch_weighted_by_share_add_up_to_it
 
 def test_the_memory_check_counts_the_largest_slice_each_process_holds(tmp_path, monkeypatch):
     """Batch 3 over 2 processes: each holds at most 2 samples, so the measurement is for 2; one process holds 3."""
-    from finetune_core import fit
+    from finetune_core.jobs import fit
     from finetune_core.train import memory
 
     class Checked(Exception):

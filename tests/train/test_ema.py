@@ -13,13 +13,14 @@ import torch
 
 from finetune_core.errors import ArtifactError
 from finetune_core.methods.base import ParamGroup
-from finetune_core.train.config import TrainConfig
 from finetune_core.train.control import Control
-from finetune_core.train.ema import Averaging, ParameterAverages
+from finetune_core.train.ema import ParameterAverages
 from finetune_core.train.events import StepEvent
 from finetune_core.train.loop import OutputSpec, resume_training, run_training
 from finetune_core.train.optim import build_optimizer, clip_group_norms
+from finetune_core.train.param_group import Averaging
 from finetune_core.train.run_folder import RunFolder
+from finetune_core.train.train_config import TrainConfig
 
 from .fakes import FakeData, FakeMethod, FakeModel
 

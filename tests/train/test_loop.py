@@ -14,11 +14,11 @@ import torch
 from finetune_core.errors import ArtifactError, ConfigError, TrainingDiverged
 from finetune_core.methods.base import InferenceExtras, StatePolicy
 from finetune_core.model.interface import TrainingSetup
-from finetune_core.train.config import TrainConfig
 from finetune_core.train.control import Control
 from finetune_core.train.events import ArtifactSaved, Failed, Finished, PreviewEvent, Started, StepEvent, Warning_
 from finetune_core.train.loop import OutputSpec, existing_artifacts, resume_training, run_training
 from finetune_core.train.run_folder import RunFolder
+from finetune_core.train.train_config import TrainConfig
 
 from .fakes import FakeData, FakeMethod, FakeModel, read_vector
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_core.errors import ConfigError
-from finetune_core.fit import Request, measure, parse_size, plan_fit
+from finetune_core.jobs.fit import Request, measure, parse_size, plan_fit
 from finetune_core.train.memory import BlockwiseAdamState, Hardware, attention_kernel, fake_device
 
 SMALL = {"data": {"width": 128, "height": 128}}

@@ -9,8 +9,8 @@ import torch
 
 from finetune_core.errors import ConfigError
 from finetune_core.methods.base import ParamGroup
-from finetune_core.train.config import TrainConfig
 from finetune_core.train.optim import build_optimizer, clip_gradients, gradients_finite, set_learning_rate
+from finetune_core.train.train_config import TrainConfig
 
 
 def groups() -> list[ParamGroup]:

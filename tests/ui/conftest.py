@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from finetune_core.service import JobResult, OutputFolders
+from finetune_core.jobs.service import JobResult, OutputFolders
 
 
 class FakeHost:
@@ -33,6 +33,15 @@ class FakeHost:
 
     def template_dirs(self) -> list[Path]:
         return []
+
+    def model_picker(self) -> None:
+        return None
+
+    def aesthetic_folders(self) -> list[Path]:
+        return [self.folders().aesthetic_embeddings]
+
+    def default_aesthetic_clip(self) -> str:
+        return ""
 
     def run_exclusive(self, job: Callable[[], Any]) -> Any:
         with self.lock:

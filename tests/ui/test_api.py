@@ -8,12 +8,12 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 
-from finetune_core import service
 from finetune_core.errors import ArtifactError, ConfigError
-from finetune_core.service import JobResult
+from finetune_core.hosts.job_runner import JobRunner
+from finetune_core.jobs import service
+from finetune_core.jobs.service import JobResult
 from finetune_core.train.events import StepEvent
 from finetune_core.ui.api import mount_api
-from finetune_core.ui.job_runner import JobRunner
 
 
 def _service(tmp_path: Path) -> Any:

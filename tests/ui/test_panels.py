@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune_core.hosts.job_runner import JobState
 from finetune_core.ui.dataset_view import steps_arithmetic
-from finetune_core.ui.job_runner import JobState
 from finetune_core.ui.panels import format_seconds, format_speed, gallery_items, loss_svg, progress_html, result_html
 
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from finetune_core.errors import ConfigError
+from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.ui.actions import MethodActions
-from finetune_core.ui.job_runner import JobRunner
 from finetune_core.ui.method_tab import method_sections
 from finetune_core.ui.tab import build_tab
 

@@ -69,7 +69,7 @@ def extension(webui):
     """scripts/finetune_tab.py imported the way the WebUI's script loader imports it (callbacks registered)."""
     from modules import script_callbacks, scripts
 
-    from finetune_core.ui import webui_host
+    from finetune_core.hosts import webui as webui_host
 
     webui_host._EXTENSION = None  # a WebUI process of its own: a fresh runner (it outlives Reload UI, not a restart)
     script_callbacks.clear_callbacks()

@@ -21,7 +21,7 @@ def test_registers_the_four_callbacks(extension):
 def test_settings_section_and_safe_reads(extension, webui):
     from modules import script_callbacks
 
-    from finetune_core.ui.webui_host import setting
+    from finetune_core.hosts.webui import setting
 
     assert setting("finetune_refresh_after_training") is True  # before registration (as under --nowebui)
     script_callbacks.ui_settings_callback()
@@ -108,7 +108,7 @@ def test_app_started_bounds_the_reload_wait(extension, sd1):
     from fastapi import FastAPI
     from modules import script_callbacks, shared
 
-    from finetune_core.ui.webui_host import RELOAD_GRACE_SECONDS
+    from finetune_core.hosts.webui import RELOAD_GRACE_SECONDS
 
     shared.cmd_opts.api_auth = None
     demo = _demo_with_server()
@@ -117,7 +117,7 @@ def test_app_started_bounds_the_reload_wait(extension, sd1):
 
 
 def test_bound_reload_wait_keeps_a_configured_limit_and_tolerates_no_server():
-    from finetune_core.ui.webui_host import bound_reload_wait
+    from finetune_core.hosts.webui import bound_reload_wait
 
     demo = _demo_with_server(timeout=3)
     assert not bound_reload_wait(demo) and demo.server.config.timeout_graceful_shutdown == 3

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from finetune_core.aesthetic.personalized_text import PersonalizedText
 from finetune_core.formats.aesthetic import write_aesthetic_files
-from finetune_core.methods.personalized_text import PersonalizedText
 
 REPO = Path(__file__).resolve().parents[2]
 ON = {"weight": 0.9, "steps": 5.0, "lr": "0.001", "embedding": "style"}
@@ -186,7 +186,7 @@ def test_embeddings_are_listed_from_both_folders_without_a_restart(section, sd1,
 
 
 def test_an_original_pt_applies_with_the_clip_setting(section, sd1, webui, tmp_path):
-    from tests.methods.clip_fixtures import transformers_clip
+    from tests.aesthetic.clip_fixtures import transformers_clip
 
     _, runners = section
     folder = Path(webui.paths_internal.models_path) / "aesthetic_embeddings"

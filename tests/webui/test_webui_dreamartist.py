@@ -8,8 +8,8 @@ import pytest
 import torch
 from webui_runs import same_weights, snapshot
 
-from finetune_core import service
 from finetune_core.formats.embedding import read_embedding
+from finetune_core.jobs import service
 
 WIDTHS = {"sd1": {"clip_l": 768}, "sd2": {"clip_l": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
 

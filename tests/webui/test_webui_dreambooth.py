@@ -13,8 +13,8 @@ from test_webui_placement import _hook_count
 from test_webui_training import run, weights_checksum
 from webui_runs import same_weights, snapshot, spy_on_steps
 
-from finetune_core import service
 from finetune_core.formats.checkpoint import read_state_dict, write_checkpoint
+from finetune_core.jobs import service
 from finetune_core.model.webui_backend import WebUIModel
 
 V_YAML = 'model:\n  params:\n    parameterization: "v"\n'

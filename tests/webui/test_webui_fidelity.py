@@ -45,7 +45,7 @@ def half_sd1(webui):
 
 
 def test_estimate_memory_changes_nothing(extension, half_sd1, monkeypatch):
-    from finetune_core import fit, service
+    from finetune_core.jobs import fit, service
     from finetune_core.ui.actions import MethodActions
     from finetune_core.ui.method_tab import method_sections
 
@@ -77,7 +77,7 @@ def test_manual_cast_never_rounds_trained_weights_to_half(extension, half_sd1, d
     layers (here a hypernetwork's) would be rounded to fp16 at every step."""
     from modules import devices
 
-    from finetune_core.formats.hypernetwork import read_hypernetwork
+    from finetune_core.formats.hypernetwork_file import read_hypernetwork
 
     devices.manual_cast_device = True
     devices.dtype = devices.dtype_inference = torch.float16
@@ -93,7 +93,7 @@ def test_manual_cast_never_rounds_trained_weights_to_half(extension, half_sd1, d
 def test_gradient_checkpointing_recomputes_the_transformer_blocks(sd1, dataset, tmp_path):
     from tiny_webui_model import BasicTransformerBlock
 
-    from finetune_core import service
+    from finetune_core.jobs import service
 
     model = WebUIModel(sd1)
     calls = {}
@@ -181,7 +181,7 @@ def test_previews_come_from_the_webuis_txt2img_with_fresh_conditioning(webui, da
     import tiny_webui_model
     from modules import lowvram, processing, sd_models
 
-    from finetune_core import service
+    from finetune_core.jobs import service
 
     webui.cmd_opts.medvram = True
     sd = tiny_webui_model.build_sd1()

@@ -13,8 +13,8 @@ import torch
 from test_webui_training import run
 from webui_runs import request, same_weights, snapshot
 
-from finetune_core import service
-from finetune_core.formats.lora import read_lora
+from finetune_core.formats.lora_file import read_lora
+from finetune_core.jobs import service
 from tests.methods.lora_files import our_network, outputs, random_lora_file
 
 FAMILIES = ["sd1", "sd2", "sdxl"]

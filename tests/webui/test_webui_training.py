@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from finetune_core.service import TrainRequest
+from finetune_core.jobs.service import TrainRequest
 
 
 def weights_checksum(sd_model) -> str:
@@ -86,7 +86,7 @@ def test_webui_interrupt_stops_after_the_current_step_and_saves(extension, sd1, 
 
 
 def test_second_train_is_refused_while_one_runs(extension, sd1, dataset):
-    from finetune_core.ui.job_runner import JobBusy
+    from finetune_core.hosts.job_runner import JobBusy
 
     runner = extension.EXTENSION.runner
     gate = threading.Event()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune_core import service
+from finetune_core.jobs import service
 
 
 def snapshot(sd_model) -> dict[str, torch.Tensor]:

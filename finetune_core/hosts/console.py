@@ -1,0 +1,62 @@
+"""Training progress on a console: a tqdm bar (step, loss, learning rate, speed, ETA). The command line shows it,
+and the WebUI's console while a job of the tab runs, as the WebUI's own training does."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+from finetune_core.train import events
+
+
+class ConsoleProgress:
+    """Loop events as a tqdm bar on `stream`; with `echo`, warnings and previews print above it (the WebUI logs
+    warnings itself). The bar closes when the run finishes or fails, or on exit from the `with` block."""
+
+    def __init__(self, stream: Any = None, desc: str | None = None, echo: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
+        self.stream = stream or sys.stderr
+        self.desc = desc
+        self.echo = echo
+        self.bar: Any = None
+
+    def __enter__(self) -> ConsoleProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __call__(self, event: Any) -> None:
+        if isinstance(event, events.Started):
+            self.close()
+            self.bar = self.tqdm(total=event.total_steps, initial=event.start_step, file=self.stream, unit="step",
+                                 desc=self.desc, dynamic_ncols=True, mininterval=0.2)
+        elif isinstance(event, events.StepEvent) and self.bar is not None:
+            self.bar.set_postfix_str(f"loss {event.loss:.4f} lr {event.learning_rate:.2g}", refresh=False)
+            self.bar.update(event.step - self.bar.n)
+        elif isinstance(event, (events.Finished, events.Failed)):
+            self.close()
+        elif isinstance(event, events.Warning_) and self.echo:
+            self.tqdm.write(f"warning: {event.message}", file=self.stream)
+        elif isinstance(event, events.PreviewEvent) and self.echo:
+            self.tqdm.write(f"preview at step {event.step}: {event.path}", file=self.stream)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """'1h 02m', '3m 05s', '12s' or '-'."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"

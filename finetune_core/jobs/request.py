@@ -1,0 +1,320 @@
+"""A training request: its fields, and every check of it that needs no model (types, ranges, names, the dataset
+folder, the template, the file to continue from, existing files, the output folders).
+
+Hosts call `plan_request` before they load a model or accept a job, so a bad request is answered at once and leaves
+nothing on disk; `service.train` plans again (cheaply) before it builds anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune_core.data.dataset_config import DatasetConfig
+from finetune_core.data.masks import check_mask
+from finetune_core.data.scan import attention_masks, image_files
+from finetune_core.data.templates import load_template
+from finetune_core.data.transforms import probe_image
+from finetune_core.errors import ArtifactError, ConfigError, DatasetError
+from finetune_core.formats.atomic import require_finite
+from finetune_core.formats.inspect import inspect_file, tensors_of
+from finetune_core.formats.names import ARTIFACT_SUFFIXES, find_artifact, refuse_same_name, sanitize_name
+from finetune_core.jobs.preflight import check_writable
+from finetune_core.methods import METHODS
+from finetune_core.settings import Kind, coerce_settings, coerce_value
+from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, run_length
+from finetune_core.train.run_folder import RunFolder
+from finetune_core.train.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from finetune_core.methods import MethodSpec
+
+
+@dataclass(frozen=True)
+class OutputFolders:
+    """Where artefacts and run logs go; laid out like the WebUI's folders."""
+
+    embeddings: Path
+    hypernetworks: Path
+    checkpoints: Path
+    aesthetic_embeddings: Path
+    logs: Path  # run folders: <logs>/<method>/<YYYY-MM-DD>/<name>-<HHMMSS>/
+    loras: Path | None = None  # None: <models folder>/Lora beside the checkpoints, as the WebUI's --lora-dir default
+
+    @classmethod
+    def standalone(cls, root: str | Path) -> OutputFolders:
+        """The standalone layout under one output folder (default `./outputs`)."""
+        base = Path(root)
+        return cls(embeddings=base / "embeddings", hypernetworks=base / "models" / "hypernetworks",
+                   checkpoints=base / "models" / "Stable-diffusion",
+                   aesthetic_embeddings=base / "models" / "aesthetic_embeddings", logs=base / "runs",
+                   loras=base / "models" / "Lora")
+
+    def for_kind(self, kind: str) -> Path:
+        """The folder for an output kind named by a MethodSpec ("embeddings", "hypernetworks", ...)."""
+        return {"embeddings": self.embeddings, "hypernetworks": self.hypernetworks, "checkpoints": self.checkpoints,
+                "aesthetic_embeddings": self.aesthetic_embeddings,
+                "loras": self.loras or self.checkpoints.parent / "Lora"}[kind]
+
+
+@dataclass
+class TrainRequest:
+    """Everything one training job needs, as plain values (JSON-serialisable).
+
+    method: a key of `finetune_core.methods.METHODS` ("textual-inversion", "hypernetwork", ...).
+    name: the artefact name (embedding word / hypernetwork name / checkpoint name).
+    method_settings / data_settings / train_settings: field values of the method's Config, `DatasetConfig` and
+    `TrainConfig`; missing fields take the method's defaults. `resume_run`: a run folder to continue exactly.
+    """
+
+    method: str
+    name: str
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    data_settings: dict[str, Any] = field(default_factory=dict)
+    train_settings: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    resume_run: str | None = None
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The registry entry for `method`, or a ConfigError listing the known methods."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def form_defaults(method: str) -> dict[str, dict[str, Any]]:
+    """Default values of every setting a method's forms show, with the method's overrides applied."""
+    spec = method_spec(method)
+    return {"method": _defaults(spec.config_type), "data": {**_defaults(DatasetConfig), **spec.data_defaults},
+            "train": {**_defaults(TrainConfig), **spec.train_defaults}}
+
+
+def _defaults(config_type: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
+
+
+def build_config(config_type: type, defaults: Mapping[str, Any], settings: Mapping[str, Any], what: str) -> Any:
+    """A validated settings dataclass from defaults + user settings; unknown keys and bad values are ConfigErrors.
+
+    `settings` must already have their fields' types (JSON values, argparse or form output after `from_text`
+    coercion): "false" for a bool or "10" for a number is refused here, never cast.
+    """
+    known = {f.name for f in dataclasses.fields(config_type)}
+    values = {**{k: v for k, v in defaults.items() if k in known}, **coerce_settings(config_type, settings, what)}
+    config = config_type(**values)
+    config.validate()
+    return config
+
+
+def request_from_json(body: Mapping[str, Any]) -> TrainRequest:
+    """A TrainRequest from a JSON object; unknown fields and values of the wrong type are ConfigErrors."""
+    unknown = sorted(set(body) - _REQUEST_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown field(s) in the train request: {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(_REQUEST_FIELDS))}")
+    return _typed_request(TrainRequest(**{"method": "", "name": "", **body}))
+
+
+_REQUEST_FIELDS = {f.name for f in dataclasses.fields(TrainRequest)}
+
+
+def _typed_request(request: TrainRequest) -> TrainRequest:
+    """The request with every top-level field checked for its type (settings are checked by `build_config`)."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    fields: tuple[tuple[str, Kind, bool], ...] = (("method", "str", False), ("name", "str", False),
+                                                  ("overwrite", "bool", False), ("resume_run", "str", True))
+    for name, kind, optional in fields:
+        try:
+            values[name] = coerce_value(getattr(request, name), kind, optional, name)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    for name in ("method_settings", "data_settings", "train_settings"):
+        values[name] = getattr(request, name)
+        if not isinstance(values[name], Mapping):
+            problems.append(f"{name} must be an object of setting names and values, not {values[name]!r}")
+    if problems:
+        raise ConfigError(problems)
+    values["resume_run"] = values["resume_run"] or None
+    return TrainRequest(**{**values, **{k: dict(values[k]) for k in ("method_settings", "data_settings",
+                                                                     "train_settings")}})
+
+
+@dataclass
+class Plan:
+    """A checked request: what will run, where it writes, and the validated settings."""
+
+    request: TrainRequest  # as it will run (a resume's saved request, with this request's overwrite)
+    spec: MethodSpec
+    name: str
+    configs: dict[str, Any]  # "method" / "data" / "train" -> validated settings dataclass
+    final_dir: Path
+    overwrite: bool  # asked for, or continuing a file in place
+    run_dir: Path | None  # the run folder when resuming
+    logs: Path  # where new run folders go
+
+
+def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = ()) -> Plan:
+    """Check everything about a training request that needs no model; the Plan says what will run and where.
+
+    A resume plans the run's saved request (this request's `overwrite` counts too). Creates nothing.
+    """
+    request = _typed_request(request)
+    run_dir = Path(request.resume_run) if request.resume_run else None
+    if run_dir is not None:
+        request = _saved_request(run_dir, request)
+    spec = method_spec(request.method)
+    name = sanitize_name(request.name)
+    configs = _configs(spec, request, name, template_dirs)
+    if spec.resolve is not None:
+        configs["method"] = spec.resolve(configs["method"], configs["data"], folders.logs / spec.log_folder)
+    final_dir = folders.for_kind(spec.output_kind)
+    continue_from = getattr(configs["method"], "continue_from", "")
+    continued_step = _check_continue_from(continue_from, final_dir, spec.output_kind) if continue_from else 0
+    overwrite = request.overwrite or (bool(continue_from) and _same_stem(continue_from, final_dir, name))
+    if run_dir is None and not overwrite:
+        refuse_same_name(final_dir, name, spec.output_kind)
+    method_checks(configs["method"], name, final_dir, overwrite or run_dir is not None)
+    if run_dir is None:
+        _check_steps_left(continued_step, configs["train"])
+    check_writable(final_dir, "output folder")
+    check_writable(run_dir or folders.logs, "run folder")
+    if configs["data"].cache_dir.strip():
+        check_writable(Path(configs["data"].cache_dir).expanduser(), "latent cache folder (cache_dir)")
+    return Plan(request, spec, name, configs, final_dir, overwrite, run_dir, folders.logs)
+
+
+def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: Sequence[Path]) -> dict[str, Any]:
+    """The three settings dataclasses, every problem at once; then the template and the dataset folder."""
+    defaults = form_defaults(request.method)
+    problems: list[str] = []
+    configs = {}
+    for key, config_type, settings, what in (
+            ("method", spec.config_type, request.method_settings, spec.label),
+            ("data", DatasetConfig, {**request.data_settings, "placeholder": name}, "dataset"),
+            ("train", TrainConfig, request.train_settings, "training")):
+        try:
+            configs[key] = build_config(config_type, defaults[key], settings, what)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    needs = getattr(configs["method"], "dataset_needs", None)
+    if needs is not None:  # settings the method cannot work without (DreamArtist's reconstruction: the pixels)
+        configs["data"] = dataclasses.replace(configs["data"], **needs())
+    data = configs["data"] = _with_template_path(configs["data"], template_dirs)
+    if getattr(spec.config_type, "needs_name_in_prompt", False):
+        _require_name_in_template(data)
+    images, _ = image_files(Path(data.data_dir), data.recursive)
+    _require_a_readable_image(images, Path(data.data_dir))
+    if data.attention_masks:
+        _check_masks(data)
+    if data.batch_size > len(images):
+        raise DatasetError(f"the batch size {data.batch_size} is larger than the dataset: {data.data_dir} has "
+                           f"{len(images)} image(s); lower the batch size to {len(images)} or add images")
+    return configs
+
+
+def _require_a_readable_image(images: Sequence[Path], folder: Path) -> None:
+    """At least one image decodes (usually the first: one file read); a folder of only damaged files is refused
+    now rather than by the job."""
+    reasons = []
+    for path in images:
+        try:
+            probe_image(path.read_bytes(), path)
+            return
+        except (DatasetError, OSError) as exc:
+            reasons.append(f"{path.name} ({str(exc.__cause__ or exc).splitlines()[0][:120]})")
+    raise DatasetError(f"none of the {len(images)} images in the dataset folder {folder} could be read: "
+                       f"{', '.join(reasons[:5])}{' ...' if len(reasons) > 5 else ''}; replace them with valid "
+                       f"image files")
+
+
+def method_checks(config: Any, name: str, folder: Path, overwrite: bool) -> None:
+    """A method's own checks that need files but no model (`check_request` on its settings class, when it has one):
+    e.g. DreamArtist's second file and its discriminator file."""
+    check = getattr(config, "check_request", None)
+    if check is not None:
+        check(name, folder, overwrite)
+
+
+def _check_masks(data: Any) -> None:
+    """Every attention mask is a grayscale picture of its image's size (reads the masks)."""
+    for image, mask in sorted(attention_masks(Path(data.data_dir), data.recursive).items()):
+        check_mask(mask, image)
+
+
+def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
+    """The file to continue from exists, is of the right kind and holds only finite numbers; returns its step."""
+    expected = {"embeddings": "embedding", "hypernetworks": "hypernetwork", "checkpoints": "checkpoint",
+                "aesthetic_embeddings": "aesthetic embedding", "loras": "lora"}.get(kind, kind)
+    path = find_artifact(reference, final_dir, ARTIFACT_SUFFIXES.get(kind, ()), expected)
+    info = inspect_file(path)
+    if info.kind != expected:
+        raise ArtifactError(f"{path} cannot be continued from: it is not a{'n' if expected[0] in 'ae' else ''} "
+                            f"{expected} ({info.describe()})")
+    if info.kind == "embedding" and not info.vectors:
+        raise ArtifactError(f"{path} cannot be continued from: it holds 0 vectors, so there is nothing to train; "
+                            f"start a new embedding or continue from another file")
+    require_finite(tensors_of(path), path)
+    return info.step or 0
+
+
+def _check_steps_left(step: int, train: Any) -> None:
+    """A file continued from at or past the step this run stops at would be written back unchanged."""
+    problem = nothing_to_train(step, run_length(parse_schedule(train.learning_rate, train.steps), train.steps))
+    if problem:
+        raise ConfigError(problem)
+
+
+def _with_template_path(config: Any, template_dirs: Sequence[Path]) -> Any:
+    """A template named like the WebUI's (a basename) is looked up in the host's template folders first."""
+    for folder in template_dirs:
+        matches = sorted(Path(folder).rglob(config.template)) if Path(folder).is_dir() else []
+        if matches and not Path(config.template).is_absolute():
+            return dataclasses.replace(config, template=str(matches[0]))
+    return config
+
+
+def _require_name_in_template(config: Any) -> None:
+    """A method that trains the word `[name]` learns nothing from a template that never says it."""
+    lines = load_template(config.template)
+    if not any("[name]" in line for line in lines):
+        raise ConfigError(f"the prompt template {config.template!r} never uses [name], so the embedding would never "
+                          f"appear in a prompt and nothing would train; pick a template with [name] such as "
+                          f"style_filewords.txt or subject.txt")
+
+
+def _same_stem(reference: str, final_dir: Path, name: str) -> bool:
+    path = Path(reference)
+    return path.stem == name and (not path.parent.parts or path.parent.resolve() == final_dir.resolve())
+
+
+def _saved_request(run_dir: Path, request: TrainRequest) -> TrainRequest:
+    """The request a run was started with, so a resume rebuilds the same method and data; `--overwrite` given now
+    counts too."""
+    import json
+
+    saved = run_dir / "request.json"
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder of this tool (no request.json); pass the folder that "
+                          f"holds state/ and request.json")
+    try:
+        values = json.loads(saved.read_text(encoding="utf-8"))
+        if not isinstance(values, dict) or set(values) - _REQUEST_FIELDS:
+            raise ValueError("not a request written by this tool")
+        old = _typed_request(TrainRequest(**{"method": "", "name": "", **values}))
+    except (OSError, ValueError, TypeError, ConfigError) as exc:
+        raise ConfigError(f"{saved} is damaged ({str(exc).splitlines()[0]}), so this run cannot be resumed; "
+                          f"start a new run with the same settings") from exc
+    if request.method and request.method != old.method:
+        raise ConfigError(f"{run_dir} is a {old.method} run; resume it as {old.method}, not {request.method}")
+    if not RunFolder(run_dir).has_state():
+        raise ConfigError(f"{run_dir} has no resume state yet (it stopped before its first save); start a new run")
+    return dataclasses.replace(old, resume_run=str(run_dir), overwrite=old.overwrite or request.overwrite)
+
+
