@@ -36,11 +36,11 @@ from finetune_core.jobs.request import (
 )
 from finetune_core.model.loading import load_model
 from finetune_core.settings import coerce_value
+from finetune_core.train import memory
 from finetune_core.train.distributed import Processes
 from finetune_core.train.events import Warning_, ignore_events
 from finetune_core.train.loop import OutputSpec, resume_training, run_training
 from finetune_core.train.lr_schedule import parse_schedule
-from finetune_core.train.memory import free_device_memory
 from finetune_core.train.randomness import resolve_seed
 from finetune_core.train.run_folder import RunFolder
 
@@ -176,7 +176,7 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
 def _check_memory(plan: Plan, model: DiffusionModel, processes: Processes) -> None:
     """Refuse a run that will not fit the CUDA device's free memory, with the plan that fits (measured,
     `finetune_core.jobs.fit`); other devices, and hosts without diffusers (the WebUI), are not measured."""
-    free = free_device_memory(model.device)
+    free = memory.free_device_memory(model.device)  # through the module: tests give it a device
     if free is None or not fit.can_measure():
         return
     # the file to continue from changes no shape; the measurement starts the artefact afresh

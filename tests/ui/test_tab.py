@@ -96,7 +96,7 @@ def test_presets_round_trip_through_the_logs_folder(host: Any, fake_methods: dic
 
 
 def test_the_memory_estimate_measures_and_plans_a_fit_that_applies(host: Any, tiny_model: Any) -> None:
-    from finetune_core import service
+    from finetune_core.jobs import service
     from finetune_core.methods import METHODS
 
     host.model = tiny_model("tiny-sd1")
