@@ -34,7 +34,7 @@ from finetune_core.train.memory import (
     measure_steps,
     real_device,
 )
-from finetune_core.train.train_config import TrainConfig
+from finetune_core.train.train_config import TrainConfig, missing_optimizers
 
 PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G|MB|MiB|M)\s*$", re.IGNORECASE)
@@ -78,16 +78,24 @@ def configs_for(request: Request) -> dict[str, Any]:
     problems: list[str] = []
     configs: dict[str, Any] = {}
     data = {"data_dir": ".", **request.settings.get("data", {})}
+    # an optimizer's package is needed to train, not to measure (the measurement models its state: a plan for a
+    # GPU machine is made where bitsandbytes, which needs CUDA, is not installed)
+    train_settings = dict(request.settings.get("train", {}))
+    optimizer = train_settings.get("optimizer")
+    if isinstance(optimizer, str) and optimizer in missing_optimizers():
+        train_settings["optimizer"] = "adamw"
     for key, config_type, settings, what in (("method", spec.config_type, request.settings.get("method", {}),
                                               spec.label),
                                              ("data", DatasetConfig, data, "dataset"),
-                                             ("train", TrainConfig, request.settings.get("train", {}), "training")):
+                                             ("train", TrainConfig, train_settings, "training")):
         try:
             configs[key] = build_config(config_type, defaults[key], settings, what)
         except ConfigError as exc:
             problems.extend(exc.problems)
     if request.weights not in PRECISION_DTYPES:
         problems.append(f"weights {request.weights!r} is not one of {', '.join(PRECISION_DTYPES)}")
+    if train_settings.get("optimizer") != optimizer and "train" in configs:
+        configs["train"] = dataclasses.replace(configs["train"], optimizer=optimizer)
     problems += request.hardware.problems()
     if problems:
         raise ConfigError(problems)
