@@ -313,13 +313,14 @@ class Lora(Method):
                                 "rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout}
         if not self._plain():
             args["algo"] = kinds[0].algo if kinds else NETWORK_TYPES[config.network].algo
-        if any(a.dora for a in self.network.by_name().values()):
-            args.update(dora_wd=True, wd_on_out=False)
         for f in fields(LoraSettings):
             owners = f.metadata.get("types", ())
             if owners and len(owners) == 1 and owners[0] == config.network:
                 args[f.name] = getattr(config, f.name)
-        return {key: str(value) for key, value in args.items() if value is not False and value != 0}
+        written = {key: str(value) for key, value in args.items() if value is not False and value != 0}
+        if any(a.dora for a in self.network.by_name().values()):  # said even where False: LyCORIS's default is True
+            written.update(dora_wd="True", wd_on_out="False")
+        return written
 
     def _text_encoder_rate(self, train: Mapping[str, Any]) -> str | None:
         if not self.config.train_text_encoder:

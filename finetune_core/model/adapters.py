@@ -150,6 +150,7 @@ class AdapterStack:
     def __init__(self) -> None:
         self._sets: list[Mapping[str, WeightAdapter]] = []
         self._fused: dict[tuple[int, str], _FusedDelta] = {}  # one parametrization per fused weight, for all sets
+        self._owners: dict[tuple[int, str], nn.Module] = {}  # the module of each fused weight
 
     def is_current(self, adapters: Mapping[str, WeightAdapter]) -> bool:
         return bool(self._sets) and self._sets[-1] is adapters
@@ -198,6 +199,7 @@ class AdapterStack:
         delta = self._fused.get(key)
         if delta is None:
             delta = self._fused[key] = _FusedDelta(self)
+            self._owners[key] = module
             parametrize.register_parametrization(module, weight, delta, unsafe=True)
         delta.add(current, entries)
         try:
@@ -205,8 +207,22 @@ class AdapterStack:
         finally:
             delta.discard(current)
             if delta.empty:
-                del self._fused[key]
+                del self._fused[key], self._owners[key]
                 parametrize.remove_parametrizations(module, weight, leave_parametrized=False)
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The fused weights' own modules for a while: torch gives a parametrized module a class of its own
+        (`ParametrizedMultiheadAttention`), which a loader that checks a layer's exact type refuses (the WebUI's
+        Lora extension does); the parametrizations are taken off and put back unchanged."""
+        held = [(self._owners[key], key[1], delta) for key, delta in self._fused.items()]
+        for module, weight, _ in held:
+            parametrize.remove_parametrizations(module, weight, leave_parametrized=False)
+        try:
+            yield
+        finally:
+            for module, weight, delta in held:
+                parametrize.register_parametrization(module, weight, delta, unsafe=True)
 
 
 class _FusedDelta(nn.Module):

@@ -364,7 +364,8 @@ class WebUIModel:
         names = _file_modules(path)
         try:
             on_disk_type = getattr(networks, "NetworkOnDisk", None) or networks.network.NetworkOnDisk
-            net = networks.load_network(path.stem, on_disk_type(path.stem, str(path)))
+            with self._adapters.suspended():  # the training set's parametrizations rename OpenCLIP's layer classes
+                net = networks.load_network(path.stem, on_disk_type(path.stem, str(path)))
         except Exception as exc:  # noqa: BLE001 - the extension's own refusal (an AssertionError) is the answer
             return NetworkCheck(loader, len(names), 0, tuple(names), f"{type(exc).__name__}: {exc}")
         applied = {str(m.network_key).partition(".")[0] for m in net.modules.values()}

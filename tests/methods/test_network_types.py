@@ -5,6 +5,7 @@ layer, DoRA without a DoRA form, a file of another type, a file that names no la
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,8 @@ def test_a_few_steps_overfit_one_image_and_the_base_stays_bit_identical(sd1, one
     assert {m.kind for m in file.modules.values()} == {network} and {m.dora for m in file.modules.values()} == {dora}
     assert file.metadata["ss_network_module"] == ("networks.lora" if (network, dora) == ("lora", False)
                                                   else "lycoris.kohya")
+    args = json.loads(file.metadata["ss_network_args"])
+    assert (args.get("dora_wd"), args.get("wd_on_out")) == (("True", "False") if dora else (None, None))
     config = LoraConfig(continue_from=str(result.artifacts[0]), network=network, dora=dora,
                         train_text_encoder=network != "norm")
     trained = build(model, "fit", config, tmp_path, 0).network.eval()

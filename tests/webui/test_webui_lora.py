@@ -199,3 +199,22 @@ def test_a_key_the_extension_cannot_match_is_named(webui, tmp_path):
     save_file(tensors, str(path))
     check = model.check_network_file(path)
     assert check.unmatched == ("lora_unet_nowhere",) and check.applied == check.total - 1
+
+
+def test_the_check_during_training_sees_the_layers_of_the_model_not_their_parametrized_classes(webui, tmp_path):
+    """SDXL with its text encoders trained: OpenCLIP's fused projections are parametrized while the job runs, and
+    torch renames their class, which the extension's exact type check refuses ("unsupported type:
+    ParametrizedMultiheadAttention", found in a real WebUI v1.10.1); the check sees the model's own layers."""
+    from torch.nn.utils import parametrize
+
+    model = _build("sdxl")
+    webui.cmd_opts.lora_dir = str(tmp_path)
+    path = random_lora_file(model, tmp_path / "te.safetensors", conv=False)
+    net = our_network(model, path)
+    with model.weight_adapters(net.by_name()):
+        fused = [m for m in model.sd_model.modules() if parametrize.is_parametrized(m)]
+        assert fused and type(fused[0]).__name__.startswith("Parametrized")
+        check = model.check_network_file(path)
+        assert all(parametrize.is_parametrized(m) for m in fused)  # put back for the steps that follow
+    assert not check.error and check.applied == check.total > 0, check
+    assert not _leftovers(model.sd_model)
