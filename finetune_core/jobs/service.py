@@ -145,6 +145,7 @@ class _Job:
     data: Any
     train_config: Any
     warnings: list[str]
+    validation: Any = None  # the validation set, when the validation loss is on
 
 
 def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Job:
@@ -170,7 +171,24 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
                                                   method.state_policy.resume_state)
     folders = [(plan.final_dir, "output folder", final_bytes), (plan.run_dir or plan.logs, "run folder", run_bytes)]
     warnings += preflight.check_resources(model, needs, memory_plan, folders)
-    return _Job(method, data, dataclasses.replace(configs["train"], seed=seed), warnings)
+    validation = _validation_data(plan) if train_config.validation_every else None
+    return _Job(method, data, dataclasses.replace(configs["train"], seed=seed), warnings, validation)
+
+
+def _validation_data(plan: Plan) -> Any:
+    """The validation set through the method's own data builder: the validation folder, the held-out images, or the
+    training images; one pass over each image (no repeats), batches no larger than the set."""
+    from finetune_core.data.scan import image_files
+    data = plan.configs["data"]
+    if data.validation_dir.strip():
+        count = len(image_files(Path(data.validation_dir), data.recursive)[0])
+        config = dataclasses.replace(data, data_dir=data.validation_dir, validation_dir="")
+    elif data.validation_split:
+        count, config = data.validation_split, dataclasses.replace(data, held_out=True)
+    else:
+        count, config = data.batch_size, data
+    config = dataclasses.replace(config, repeats=1, batch_size=min(data.batch_size, count))
+    return plan.spec.data(plan.configs["method"], config, plan.name)
 
 
 def _unusual_rate(spec: Any, train: Any) -> list[str]:
@@ -199,13 +217,13 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
             made = _start_run_dir(folders, plan.spec.log_folder, plan.name, plan.request) if main else None
             run_dir = cast(Path, processes.share(made))  # the main process made it
             result = run_training(model, job.method, job.data, job.train_config, RunFolder(run_dir), output,
-                                  on_event=emit, control=control, processes=processes)
+                                  on_event=emit, control=control, processes=processes, validation=job.validation)
         else:
             if main:
                 preflight.remove_stale_temporaries(run_dir, recursive=True, older_than=0.0)
             processes.barrier()
             result = resume_training(model, job.method, job.data, RunFolder(run_dir), output, on_event=emit,
-                                     control=control, processes=processes)
+                                     control=control, processes=processes, validation=job.validation)
     except OSError as exc:
         if preflight.is_network_error(exc):
             raise preflight.network_error(exc, run_dir) from exc

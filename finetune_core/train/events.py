@@ -55,6 +55,16 @@ class ArtifactSaved:
 
 
 @dataclass(frozen=True)
+class ValidationEvent:
+    """The validation loss at `step` (fixed timesteps and noise), and the lowest so far with its step."""
+
+    step: int
+    loss: float
+    best_loss: float
+    best_step: int
+
+
+@dataclass(frozen=True)
 class Warning_:
     message: str
 
@@ -74,7 +84,7 @@ class Failed:
     error: BaseException | None = field(default=None, compare=False)
 
 
-Event = Started | Phase | StepEvent | PreviewEvent | ArtifactSaved | Warning_ | Finished | Failed
+Event = Started | Phase | StepEvent | PreviewEvent | ArtifactSaved | ValidationEvent | Warning_ | Finished | Failed
 EventSink = Callable[[Event], None]
 
 

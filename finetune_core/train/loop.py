@@ -31,6 +31,7 @@ from finetune_core.train.events import (
     PreviewEvent,
     Started,
     StepEvent,
+    ValidationEvent,
     Warning_,
     ignore_events,
 )
@@ -42,6 +43,7 @@ from finetune_core.train.optim import build_optimizer, set_learning_rate
 from finetune_core.train.run_folder import LossRow, RunFolder
 from finetune_core.train.step import OVERFLOW, StepContext, StepOutcome, make_grad_scaler, train_step
 from finetune_core.train.train_config import TrainConfig, config_from_dict
+from finetune_core.train.validation import record_validation, validation_loss
 
 if TYPE_CHECKING:
     from finetune_core.data.summary import DatasetSummary
@@ -56,17 +58,20 @@ class _Interrupted(Exception):
 
 def run_training(model: DiffusionModel, method: Method, data: TrainingData, config: TrainConfig, run: RunFolder,
                  output: OutputSpec, *, on_event: EventSink = ignore_events,
-                 control: Control | None = None, processes: Processes | None = None) -> TrainResult:
-    """Train `method` on `data` from its current state; writes the final artefact into `output.final_dir`."""
-    return Trainer(TrainJob(model, method, data, config, run, output), on_event, control,
+                 control: Control | None = None, processes: Processes | None = None,
+                 validation: TrainingData | None = None) -> TrainResult:
+    """Train `method` on `data` from its current state; writes the final artefact into `output.final_dir`.
+    `validation`: the validation set of `config.validation_every` (None: the training data itself)."""
+    return Trainer(TrainJob(model, method, data, config, run, output, validation), on_event, control,
                    processes=processes).run()
 
 
 def resume_training(model: DiffusionModel, method: Method, data: TrainingData, run: RunFolder, output: OutputSpec,
                     *, on_event: EventSink = ignore_events, control: Control | None = None,
-                    config: TrainConfig | None = None, processes: Processes | None = None) -> TrainResult:
+                    config: TrainConfig | None = None, processes: Processes | None = None,
+                    validation: TrainingData | None = None) -> TrainResult:
     """Continue the run saved in `run` exactly where it stopped (same config unless one is given)."""
-    job = TrainJob(model, method, data, config or config_from_dict(run.load_config()), run, output)
+    job = TrainJob(model, method, data, config or config_from_dict(run.load_config()), run, output, validation)
     return Trainer(job, on_event, control, resume=True, processes=processes).run()
 
 
@@ -95,6 +100,7 @@ class Trainer:
             self.emit = ignore_events
         self.counters = Counters(step=0, attempt=0, seed=0)
         self.previews_failed = False
+        self.stopped_early = False  # the validation loss stopped improving for `early_stop_patience` evaluations
         self._dataset: DatasetSummary | None = None  # the same for the whole run once the data is prepared
 
     def run(self) -> TrainResult:
@@ -149,6 +155,9 @@ class Trainer:
         try:
             job.method.prepare(context)
             job.data.prepare(job.model, on_progress=lambda done, total: self._phase_progress("latents", done, total))
+            if job.validation is not None and job.config.validation_every:
+                job.validation.prepare(job.model, on_progress=lambda done, total: self._phase_progress(
+                    "validation latents", done, total))
         except _Interrupted:
             interrupted = True  # still meet the others below, so that every process stops here together
         if self.writes:
@@ -253,6 +262,8 @@ class Trainer:
             session_steps += 1
             per_step = (time.monotonic() - started - paused) / session_steps
             self._after_step(ctx, guard, outcome, lr, total, per_step)
+            if self.stopped_early:
+                return False
 
     def _agree_on_requests(self) -> None:
         """An interrupt, save or preview asked of any process holds for all, so they stop and snapshot together."""
@@ -287,12 +298,14 @@ class Trainer:
         self.emit(StepEvent(c.step, total, outcome.loss, lr, epoch, per_step, per_step * (total - c.step),
                             outcome.prompt))
         c.csv_losses.append(outcome.loss)
-        if config.csv_every and c.step % config.csv_every == 0:
+        saving = bool(config.save_every and c.step % config.save_every == 0) or control.save_requested
+        validation = self._validate(ctx, saving)
+        if (config.csv_every and c.step % config.csv_every == 0) or validation is not None:
             mean = sum(c.csv_losses) / len(c.csv_losses)
             if self.writes:
-                self.job.run.append_loss_row(LossRow(c.step, epoch, epoch_step, mean, lr))
+                self.job.run.append_loss_row(LossRow(c.step, epoch, epoch_step, mean, lr, validation))
             c.csv_losses.clear()
-        if (config.save_every and c.step % config.save_every == 0) or control.save_requested:
+        if saving:
             control.save_requested = False
             self._save_intermediate(ctx)
             guard.take_snapshot(c.step, _kept(ctx), ctx.optimizer, ctx.scaler)
@@ -302,6 +315,24 @@ class Trainer:
             control.preview_requested = False
             if self.writes and not self.previews_failed:
                 self._preview(outcome)
+
+    def _validate(self, ctx: StepContext, saving: bool) -> float | None:
+        """The validation loss every `validation_every` steps and at every save (of the weights the copy holds: the
+        moving averages when they are on); counts it for the early stop. None when not evaluated at this step."""
+        config, c = self.job.config, self.counters
+        if not config.validation_every or not (saving or c.step % config.validation_every == 0):
+            return None
+        with ctx.averages.swapped_in():
+            loss = validation_loss(ctx, self.job.validation or self.job.data)
+        stop = record_validation(c, c.step, loss, config.early_stop_patience)
+        best = c.best_validation if c.best_validation is not None else loss
+        self.emit(ValidationEvent(c.step, loss, best, c.best_validation_step))
+        if stop:
+            self.stopped_early = True
+            self.emit(Warning_(f"stopped early at step {c.step}: the validation loss has not gone below its best "
+                               f"({best:.6g} at step {c.best_validation_step}) for {config.early_stop_patience} "
+                               f"evaluations"))
+        return loss
 
     def _epoch(self) -> tuple[int, int]:
         """(epoch, 1-based step within the epoch) of the step just done, from its first micro-batch number."""
