@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from finetune_core.cpu import autocast_problem
 from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.lint import lint_dataset
-from finetune_core.data.scan import encoding_warnings
+from finetune_core.data.scan import encoding_warnings, image_files
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.inspect import inspect_file
 from finetune_core.formats.names import refuse_same_name, sanitize_name
@@ -178,7 +178,6 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
 def _validation_data(plan: Plan) -> Any:
     """The validation set through the method's own data builder: the validation folder, the held-out images, or the
     training images; one pass over each image (no repeats), batches no larger than the set."""
-    from finetune_core.data.scan import image_files
     data = plan.configs["data"]
     if data.validation_dir.strip():
         count = len(image_files(Path(data.validation_dir), data.recursive)[0])
