@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from finetune_core.errors import FinetuneError, JobBusy
 from finetune_core.hosts.host import Host
-from finetune_core.jobs import service
+from finetune_core.jobs import best_step, compare, service
 from finetune_core.jobs.service import JobResult, TrainRequest
 from finetune_core.methods import METHODS
 from finetune_core.train.control import Control
@@ -28,6 +28,7 @@ from finetune_core.train.events import (
     PreviewEvent,
     Started,
     StepEvent,
+    ValidationEvent,
     Warning_,
 )
 
@@ -54,6 +55,7 @@ class JobState:
     phase: str = ""  # work before step 1, e.g. "latents 3/10"; empty once training runs
     losses: list[tuple[int, float]] = field(default_factory=list)
     learning_rates: list[tuple[int, float]] = field(default_factory=list)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     eta_seconds: float | None = None
     seconds_per_step: float | None = None
     previews: list[tuple[Path, int, str]] = field(default_factory=list)  # (path, step, prompt)
@@ -77,6 +79,7 @@ class JobState:
                 "seconds_per_step": self.seconds_per_step,
                 "losses": [list(p) for p in thin(self.losses, history)],
                 "learning_rates": [list(p) for p in thin(self.learning_rates, history)],
+                "validation_losses": [list(p) for p in thin(self.validation_losses, history)],
                 "previews": [{"path": str(p), "step": s, "prompt": t} for p, s, t in self.previews],
                 "artifacts": [str(p) for p in self.artifacts], "messages": list(self.messages),
                 "error": self.error, "run_dir": None if self.run_dir is None else str(self.run_dir),
@@ -162,6 +165,24 @@ class JobRunner:
                                                            overwrite))
         self.host.artifacts_written(self._output_kind(method), list(paths))
         return list(paths)
+
+    def compare(self, run_dir: str, prompts: list[str] | None = None, seeds: list[int] | None = None) -> Any:
+        """The comparison grid of a run's saved copies (issue 23): checked without the model, then made under the
+        model lock; refused (JobBusy) while a job trains or is paused, never interleaved with its steps."""
+        compare.check_compare(run_dir, prompts, seeds)
+        return self.run_with_model(lambda: compare.compare(run_dir, self.host.get_model(), prompts, seeds))
+
+    def use_copy(self, run_dir: str, step: int | None = None) -> tuple[int, list[Path], list[Path]]:
+        """Make a saved copy of a run the artefact (issue 23); refused for the run of the active job (its end would
+        write the file again)."""
+        info = best_step.run_info(run_dir)
+        with self._lock:
+            if self._state.active and self._state.run_dir is not None and \
+                    Path(self._state.run_dir).resolve() == info.path.resolve():
+                self._refuse_if_busy("This run is still training")
+        chosen, written, backups = best_step.use_copy(run_dir, step)
+        self.host.artifacts_written(self._output_kind(info.method), written)
+        return chosen, written, backups
 
     def _refuse_if_busy(self, what: str) -> None:
         """Under self._lock: JobBusy naming the running job."""
@@ -272,6 +293,8 @@ def record_event(state: JobState, event: Event) -> None:
         state.losses.append((event.step, float(event.loss)))
         state.learning_rates.append((event.step, float(event.learning_rate)))
         state.eta_seconds, state.seconds_per_step = event.eta_seconds, event.seconds_per_step
+    elif isinstance(event, ValidationEvent):
+        state.validation_losses.append((event.step, float(event.loss)))
     elif isinstance(event, PreviewEvent):
         state.previews.append((Path(event.path), event.step, event.prompt))
     elif isinstance(event, ArtifactSaved):

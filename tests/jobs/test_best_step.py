@@ -119,3 +119,32 @@ def test_compare_refuses_a_folder_that_is_no_run_or_has_no_copies(run, tmp_path,
     assert "no saved copies" in capsys.readouterr().err
     assert main(["use", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_rest_routes_suggest_compare_and_use_and_refuse_while_a_job_trains(run, tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from finetune_core.hosts.job_runner import JobRunner, JobState
+    from finetune_core.hosts.standalone import StandaloneHost
+    from finetune_core.ui.api import mount_api
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    host = StandaloneHost(tmp_path / "out", "tiny-sd1", loader=lambda spec: build_tiny(spec))
+    runner = JobRunner(host)
+    app = FastAPI()
+    mount_api(app, host, runner)
+    client = TestClient(app)
+    suggested = client.post("/finetune/v1/suggest", json={"run_dir": str(copy)}).json()
+    assert suggested["steps"] == [2, 4, 6] and suggested["suggested_step"] in (2, 4, 6)
+    grid = client.post("/finetune/v1/compare", json={"run_dir": str(copy), "prompts": [PROMPT], "seeds": [3]})
+    assert grid.status_code == 200 and Path(grid.json()["path"]).is_file()
+    used = client.post("/finetune/v1/use", json={"run_dir": str(copy), "step": 4}).json()
+    assert used["step"] == 4 and used["backups"]
+    for body in ({"run_dir": str(tmp_path)}, {"run_dir": str(copy), "seeds": ["x"]}, {"run_dir": str(copy),
+                                                                                      "prompts": []}):
+        refused = client.post("/finetune/v1/compare", json=body)
+        assert refused.status_code == 400 and refused.json()["detail"]
+    runner._state = JobState(method="lora", name="other", status="running", step=3, total=10)
+    busy = client.post("/finetune/v1/compare", json={"run_dir": str(copy)})
+    assert busy.status_code == 409 and "in use by a training job" in busy.json()["detail"]
