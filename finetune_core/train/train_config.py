@@ -127,7 +127,7 @@ def _counts(c: TrainConfig) -> list[str]:
         value = getattr(c, name)
         if _is_int(value) and (value % 8 or value > MAX_PREVIEW_SIZE):
             out.append(f"{name} must be a multiple of 8 up to {MAX_PREVIEW_SIZE}, not {value}")
-    if _is_int(c.validation_every) and c.validation_every < 1:
+    if isinstance(c.validation_every, int) and not isinstance(c.validation_every, bool) and c.validation_every < 1:
         out.append(f"validation_every must be 1 or more (a number of steps), or empty for no validation loss, "
                    f"not {c.validation_every}")
     if _is_int(c.early_stop_patience) and c.early_stop_patience < 0:
