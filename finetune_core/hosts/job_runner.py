@@ -184,6 +184,22 @@ class JobRunner:
         self.host.artifacts_written(self._output_kind(info.method), written)
         return chosen, written, backups
 
+    def generate_paused(self, prompt: str, negative_prompt: str = "", seed: int = -1,
+                        timeout: float | None = 600.0) -> Path:
+        """A picture with the paused job's state as it is (issue 23): the loop makes it on its own thread at the
+        preview's settings (seed -1: the preview seed) and saves it in the run's images; JobBusy unless paused."""
+        with self._lock:
+            control = self._control
+            if self._state.status != "paused" or control is None:
+                raise JobBusy("pictures with the state of a job can be made only while it is paused; press Pause "
+                              "and try again")
+        answer = control.ask_sample({"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed})
+        path = Path(answer.result(timeout))
+        with self._lock:
+            self._state.messages.append(f"Made {path} with the state of step {self._state.step} (paused).")
+            self._state.version += 1
+        return path
+
     def _refuse_if_busy(self, what: str) -> None:
         """Under self._lock: JobBusy naming the running job."""
         if self._state.active:

@@ -38,7 +38,7 @@ from finetune_core.train.events import (
 from finetune_core.train.guard import NanGuard
 from finetune_core.train.job import Counters, OutputSpec, TrainJob, TrainResult
 from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, rate_at, run_length
-from finetune_core.train.method import ArtifactMeta, PrepareContext
+from finetune_core.train.method import ArtifactMeta, InferenceExtras, PrepareContext
 from finetune_core.train.optim import build_optimizer, set_learning_rate
 from finetune_core.train.run_folder import LossRow, RunFolder
 from finetune_core.train.step import OVERFLOW, StepContext, StepOutcome, make_grad_scaler, train_step
@@ -240,9 +240,10 @@ class Trainer:
     def _loop(self, ctx: StepContext, guard: NanGuard, schedule: list[tuple[float, int]], total: int) -> bool:
         """Run steps until the schedule or max steps ends (False) or an interrupt (True)."""
         c, started, paused, session_steps = self.counters, time.monotonic(), 0.0, 0
+        last = StepOutcome(True, 0.0, "", (0, 0))  # the latest step's prompt and image size (pictures while paused)
         while True:
             before = time.monotonic()
-            self.control.wait_while_paused()
+            self._wait_while_paused(ctx, last)
             paused += time.monotonic() - before
             self._agree_on_requests()
             if self.control.interrupted:
@@ -262,8 +263,42 @@ class Trainer:
             session_steps += 1
             per_step = (time.monotonic() - started - paused) / session_steps
             self._after_step(ctx, guard, outcome, lr, total, per_step)
+            last = outcome
             if self.stopped_early:
                 return False
+
+    def _wait_while_paused(self, ctx: StepContext, last: StepOutcome) -> None:
+        """Wait while paused, making the pictures asked for meanwhile (issue 23) with the state as it is: on this
+        thread, between steps, so a paused and resumed run trains exactly what an unpaused one does."""
+        control = self.control
+        while control.paused and not control.interrupted:
+            control.wait_while_paused(0.05)
+            for ask, answer in control.take_asks():
+                try:
+                    answer.set_result(self._paused_picture(ctx, ask, last))
+                except Exception as exc:  # noqa: BLE001  (the sampler's error goes to the asker; training waits on)
+                    answer.set_exception(exc)
+        control.refuse_asks("the job resumed before the picture was made; pause it again and ask again")
+
+    def _paused_picture(self, ctx: StepContext, ask: Any, last: StepOutcome) -> Path:
+        """A picture of `ask` (prompt, negative_prompt, seed: -1 the preview seed) with the trained state as the
+        artefact would be written now, at the preview's settings; saved as images/<name>-<step>-paused-<n>.png."""
+        prompt = str(ask.get("prompt") or "").strip()
+        if not prompt:
+            raise ConfigError("the prompt is empty; type what to draw (the artefact's word in it, e.g. its name)")
+        seed = int(ask.get("seed", -1))
+        request, extras = self._sample_request(prompt, last, seed if seed >= 0 else None,
+                                               str(ask.get("negative_prompt") or ""))
+        model = self.job.model
+        with torch.no_grad(), ctx.averages.swapped_in(), randomness.seeded_global_rng(request.seed, model.device):
+            images = model.sample(request, extras.embeddings or None, extras.context_transform,
+                                  extras.adapters or None)
+        step, n = self.counters.step, 1
+        while (self.job.run.images_dir / f"{self.job.output.name}-{step}-paused-{n}.png").exists():
+            n += 1
+        parameters = request.infotext(model.identity, f"Fine-tune: {self.job.method.name} {self.job.output.name} "
+                                                      f"step {step} (paused)")
+        return self.job.run.save_image(images[0], f"{self.job.output.name}-{step}-paused-{n}", parameters)
 
     def _agree_on_requests(self) -> None:
         """An interrupt, save or preview asked of any process holds for all, so they stop and snapshot together."""
@@ -419,20 +454,36 @@ class Trainer:
             self.emit(Warning_(f"the preview at step {self.counters.step} failed ({type(exc).__name__}: {exc}); "
                                f"training goes on without previews for the rest of this run"))
 
+    def _sample_request(self, prompt: str, outcome: StepOutcome, seed: int | None = None,
+                        negative: str | None = None) -> tuple[SampleRequest, InferenceExtras]:
+        """The preview's txt2img request for `prompt` (the run's preview seed unless one is given) and the method's
+        extras (its negative-prompt suffix joined in)."""
+        config, c = self.job.config, self.counters
+        extras = self.job.method.inference_extras()
+        negative = config.preview_negative_prompt if negative is None else negative
+        negative = ", ".join(p for p in (negative, extras.negative_prompt_suffix.strip()) if p)
+        # One seed for every preview of a run, so saved steps compare side by side.
+        if seed is None:
+            seed = config.preview_seed if config.preview_seed >= 0 else \
+                randomness.stream_seed(c.seed, randomness.PREVIEW, 0) & 0x7FFFFFFF
+        request = SampleRequest((prompt,), (negative,), steps=config.preview_steps,
+                                cfg_scale=config.preview_cfg_scale,
+                                width=config.preview_width or outcome.pixel_size[1] or self._data_size()[1],
+                                height=config.preview_height or outcome.pixel_size[0] or self._data_size()[0],
+                                seed=seed, sampler=config.preview_sampler)
+        return request, extras
+
+    def _data_size(self) -> tuple[int, int]:
+        """(height, width) of a training batch, for a picture asked before any step of this session."""
+        latents = self.job.data.get_batch(0, self.counters.seed).latents
+        scale = self.job.model.vae_scale
+        return latents.shape[-2] * scale, latents.shape[-1] * scale
+
     def _sample_preview(self, outcome: StepOutcome) -> None:
         """Sample a preview image with the method's extras through the host's sampler; one seed per run."""
         config, model, c = self.job.config, self.job.model, self.counters
-        extras = self.job.method.inference_extras()
-        prompt = config.preview_prompt or outcome.prompt
-        negative = ", ".join(p for p in (config.preview_negative_prompt, extras.negative_prompt_suffix.strip()) if p)
-        # One seed for every preview of a run, so saved steps compare side by side.
-        seed = config.preview_seed if config.preview_seed >= 0 else \
-            randomness.stream_seed(c.seed, randomness.PREVIEW, 0) & 0x7FFFFFFF
-        request = SampleRequest((prompt,), (negative,), steps=config.preview_steps,
-                                cfg_scale=config.preview_cfg_scale,
-                                width=config.preview_width or outcome.pixel_size[1],
-                                height=config.preview_height or outcome.pixel_size[0], seed=seed,
-                                sampler=config.preview_sampler)
+        request, extras = self._sample_request(config.preview_prompt or outcome.prompt, outcome)
+        prompt, seed = request.prompts[0], request.seed
         with torch.no_grad(), randomness.seeded_global_rng(seed, model.device):
             images = model.sample(request, extras.embeddings or None, extras.context_transform, extras.adapters or None)
         stem = f"{self.job.output.name}-{c.step}"

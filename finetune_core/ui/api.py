@@ -63,6 +63,7 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     post("/compare", routes.compare)
     post("/suggest", routes.suggest)
     post("/use", routes.use)
+    post("/paused/generate", routes.generate_paused)
     for command in ("interrupt", "pause", "resume"):
         router.add_api_route(f"/{command}", getattr(routes, command), methods=["POST"])
 
@@ -200,6 +201,18 @@ class _Routes:
             raise ConfigError(f"step must be a whole number (a saved step of the run), not {step!r}")
         chosen, written, backups = self.runner.use_copy(required_text(body, "run_dir"), step)
         return {"step": chosen, "paths": [str(p) for p in written], "backups": [str(p) for p in backups]}
+
+    def generate_paused(self, body: dict) -> dict[str, Any]:
+        """A picture with the paused job's current state (its word, adapters or hypernetwork); 409 unless paused."""
+        refuse_unknown_fields(body, {"prompt", "negative_prompt", "seed"}, "paused/generate")
+        seed = body.get("seed", -1)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < -1:
+            raise ConfigError(f"seed must be a whole number, -1 for the run's preview seed, not {seed!r}")
+        negative = body.get("negative_prompt", "")
+        if not isinstance(negative, str):
+            raise ConfigError(f"negative_prompt must be a text, not {negative!r}")
+        path = self.runner.generate_paused(required_text(body, "prompt"), negative, seed)
+        return {"path": str(path)}
 
     def interrupt(self) -> dict[str, bool]:
         return {"interrupted": self.runner.interrupt()}

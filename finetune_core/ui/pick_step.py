@@ -37,6 +37,12 @@ class PickStep:
                                       "(train with a validation loss, e.g. every 50 steps).")
         return str(grid.path), f"{suggested} Grid: {grid.path}"
 
+    def try_prompt(self, prompt: str, seed_text: str) -> tuple[str, str]:
+        """(picture path, message): the paused job's current state, at its preview's settings."""
+        seeds = _seeds(seed_text)
+        path = self.runner.generate_paused(prompt or "", "", seeds[0] if seeds else -1)
+        return str(path), f"Made with the state of step {self.runner.state().step}: {path}"
+
     def use(self, typed_run: str, step: Any) -> str:
         chosen = None if step in (None, "", 0) else int(step)
         picked, written, backups = self.runner.use_copy(self.run_dir(typed_run), chosen)
@@ -70,6 +76,17 @@ def build(gr: Any, runner: JobRunner, method: str, eid: Any) -> None:
             step = gr.Number(label="Step (0: the suggested one)", value=0, precision=0, elem_id=eid("pick_step"))
             use_button = gr.Button("Use this copy", elem_id=eid("pick_use"))
         message = gr.HTML("", elem_id=eid("pick_message"))
+    with gr.Accordion("While paused: try a prompt with the state as it is", open=False,
+                      elem_id=eid("paused_section")):
+        with gr.Row():
+            paused_prompt = gr.Textbox(label="Prompt (with the artefact's word)", scale=4,
+                                       elem_id=eid("paused_prompt"))
+            paused_seed = gr.Textbox(label="Seed", placeholder="empty: the preview seed", scale=1,
+                                     elem_id=eid("paused_seed"))
+        paused_button = gr.Button("Generate", elem_id=eid("paused_generate"))
+        paused_image = gr.Image(label="With the paused state", type="filepath", interactive=False,
+                                elem_id=eid("paused_image"))
+        paused_message = gr.HTML("", elem_id=eid("paused_message"))
 
     def on_compare(run_text: str, prompts_text: str, seeds_text: str) -> tuple:
         path, text = pick.compare(run_text, prompts_text, seeds_text)
@@ -78,6 +95,12 @@ def build(gr: Any, runner: JobRunner, method: str, eid: Any) -> None:
     def on_use(run_text: str, step_value: Any) -> tuple:
         return (message_html(pick.use(run_text, step_value)),)
 
+    def on_try(prompt_text: str, seed_text: str) -> tuple:
+        path, text = pick.try_prompt(prompt_text, seed_text)
+        return path, message_html(text)
+
+    paused_button.click(fn=guarded(gr, on_try, 2, 1), inputs=[paused_prompt, paused_seed],
+                        outputs=[paused_image, paused_message], **NO_API)
     grid_button.click(fn=guarded(gr, on_compare, 2, 1), inputs=[run, prompts, seeds], outputs=[image, message],
                       **NO_API)
     use_button.click(fn=guarded(gr, on_use, 1, 0), inputs=[run, step], outputs=[message], **NO_API)
