@@ -6,7 +6,7 @@ Layout (the WebUI's log folder, `<log>/<date>/<name>/`, has the same roles):
     artifacts/            intermediate artefacts `<name>-<step>.*`
     images/               previews `<name>-<step>.png`
     loss.csv              step, epoch, epoch_step, loss, learn_rate (the WebUI's `textual_inversion_loss.csv`),
-                          validation_loss (blank where none was evaluated)
+                          and validation_loss when the run evaluates one (blank at steps without an evaluation)
     settings.json         everything the run was started with
 Every file is written atomically.
 """
@@ -123,10 +123,13 @@ class RunFolder:
     def _write_rows(self, rows: list[LossRow]) -> None:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
+        validated = any(r.validation_loss is not None for r in rows)  # else the WebUI's five columns exactly
+        writer.writerow(CSV_COLUMNS if validated else CSV_COLUMNS[:5])
         for r in rows:
-            validation = "" if r.validation_loss is None else f"{r.validation_loss:.9g}"
-            writer.writerow([r.step, r.epoch, r.epoch_step, f"{r.loss:.7f}", f"{r.learn_rate:.10g}", validation])
+            cells = [r.step, r.epoch, r.epoch_step, f"{r.loss:.7f}", f"{r.learn_rate:.10g}"]
+            if validated:
+                cells.append("" if r.validation_loss is None else f"{r.validation_loss:.9g}")
+            writer.writerow(cells)
         text = buffer.getvalue()
         atomic_write(self.csv_path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
 
