@@ -193,6 +193,10 @@ class JobRunner:
             if self._state.status != "paused" or control is None:
                 raise JobBusy("pictures with the state of a job can be made only while it is paused; press Pause "
                               "and try again")
+        switched = getattr(self.host, "model_switched", None)
+        if switched is not None and switched():
+            raise JobBusy("the loaded model was switched while the job was paused, so its state no longer belongs to "
+                          "the model: load the model the job trains on again, or interrupt the job")
         answer = control.ask_sample({"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed})
         path = Path(answer.result(timeout))
         with self._lock:
