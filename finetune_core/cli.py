@@ -151,7 +151,7 @@ def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any
     from finetune_core.cpu import set_threads
     from finetune_core.jobs import service
     from finetune_core.train.distributed import join_processes, launched_world
-    if (args.num_processes or 1) < 1:
+    if args.num_processes is not None and args.num_processes < 1:
         raise ConfigError(f"--num-processes must be at least 1, not {args.num_processes}")
     if (args.num_processes or 1) > 1 and launched_world() == 1:
         from finetune_core.jobs.launcher import launch
@@ -172,45 +172,56 @@ def _section_types(args: argparse.Namespace) -> dict[str, type]:
 
 
 def _train(request: Any, model: Any, folders: Any, processes: Any) -> int:
-    """Run the job with a progress bar; Ctrl-C asks the loop to save and stop (a second one stops at once). In a
-    data-parallel run only the main process shows progress and the result."""
+    """Run the job with a progress bar; Ctrl-C or SIGTERM asks the loop to save and stop (a second one stops at
+    once). In a data-parallel run only the main process shows progress and the result."""
     from finetune_core.hosts.console import ConsoleProgress
     from finetune_core.jobs import service
     from finetune_core.train.control import Control
     control = Control()
-    with ConsoleProgress() as progress, _interrupt_on_sigint(control, processes.world > 1):
+    received: list[int] = []
+    with ConsoleProgress() as progress, _interrupt_on_signals(control, received, processes.world > 1):
         result = service.train(request, model, folders, on_event=progress, control=control, processes=processes)
+    code = 128 + (received[0] if received else signal.SIGINT)  # the shell's code for a process a signal ended
     if not processes.is_main:
-        return 130 if result.interrupted else 0
+        return code if result.interrupted else 0
     if result.interrupted:
-        print(f"{result.message}\nStopped by Ctrl-C; resume with --resume {result.run_dir}", file=sys.stderr)
-        return 130
+        print(f"{result.message}\nStopped by {_signal_words(received)}; resume with --resume {result.run_dir}",
+              file=sys.stderr)
+        return code
     print(result.message)
     return 0
 
 
-@contextlib.contextmanager
-def _interrupt_on_sigint(control: Any, launched: bool = False) -> Iterator[None]:
-    """SIGINT becomes the Interrupt button: the loop saves the artefact and the resume state, then stops.
+def _signal_words(received: list[int]) -> str:
+    if not received or received[0] == signal.SIGINT:
+        return "Ctrl-C"
+    return f"{signal.Signals(received[0]).name} (a request to stop, e.g. from a service manager or a closed terminal)"
 
-    A process of a data-parallel run gets the terminal's Ctrl-C and then the launcher's own signal (SIGINT or
-    SIGTERM, SIGKILL some 30 s later): both only ask it to save and stop, and only the main process says so.
+
+@contextlib.contextmanager
+def _interrupt_on_signals(control: Any, received: list[int], launched: bool = False) -> Iterator[None]:
+    """SIGINT and SIGTERM become the Interrupt button: the loop saves the artefact and the resume state, then stops.
+    `received` gets the signals' numbers.
+
+    SIGTERM is what a service manager, `docker stop` or a closing terminal sends (SIGKILL follows some seconds
+    later), so it saves like Ctrl-C. A process of a data-parallel run gets the terminal's Ctrl-C and then the
+    launcher's own signal: both only ask it to save and stop, and only the main process says so.
     """
     from finetune_core.train.distributed import launched_rank
 
     def handler(signum: int, frame: Any) -> None:
         if control.interrupted and not launched:  # asked twice: the user wants out now
             raise KeyboardInterrupt
+        received.append(signum)
         if not control.interrupted and launched_rank() == 0:
             again = "" if launched else " (press Ctrl-C again to stop at once)"
-            print(f"\nCtrl-C: saving and stopping after this step{again}", file=sys.stderr)
+            print(f"\n{_signal_words([signum])}: saving and stopping after this step{again}", file=sys.stderr)
         control.interrupt()
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
-    signals = [signal.SIGINT, signal.SIGTERM] if launched else [signal.SIGINT]
-    previous = {s: signal.signal(s, handler) for s in signals}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

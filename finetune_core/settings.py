@@ -140,6 +140,18 @@ def parse_numbers(text: Any, what: str) -> list[float]:
     return numbers
 
 
+def offered_choices(meta: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
+    """(the choices a form or the CLI offers, a sentence naming those left out) of a field's metadata: a choice its
+    `unavailable` callable names (an optimizer whose package is missing) is not offered, and the sentence says
+    what to install."""
+    choices = tuple(meta.get("choices", ()))
+    missing = meta["unavailable"]() if "unavailable" in meta else {}
+    if not missing:
+        return choices, ""
+    named = ", ".join(f"{name} ({why})" for name, why in missing.items())
+    return tuple(c for c in choices if c not in missing), f" Not installed here: {named}."
+
+
 # The flags issue #2 names, kept short; each maps to a settings field.
 ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vectors": ["--neg-vectors"],
            "learning_rate": ["--lr"]}
@@ -154,13 +166,13 @@ def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_typ
         taken.add(f.name)
         flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{meta.get('help', '')} (default: {default!r})"
+        choices, left_out = offered_choices(meta)
+        help_text = f"{meta.get('help', '')}{left_out} (default: {default!r})"
         dest = f"{section}:{f.name}"
         if f.type in (bool, "bool"):
             group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         # Values stay text here: the settings coercer parses them (one sentence per bad value, not argparse's usage).
-        choices = meta.get("choices")
         metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
         group.add_argument(*flags, dest=dest, default=None, help=help_text, metavar=metavar)
 

@@ -356,17 +356,20 @@ def test_two_files_of_one_name_and_reserved_names_are_refused(tiny_model, one_im
             service.validate_request(_request(one_image_dataset, name=name), folders)
 
 
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
 def test_ctrl_c_in_the_cli_saves_and_names_the_run_folder(tiny_model, one_image_dataset, tmp_path, monkeypatch,
-                                                         capsys):
+                                                         capsys, number):
+    """Ctrl-C, and SIGTERM (a service manager, `docker stop`, a closing terminal) the same way: save, name the
+    run folder, exit with the shell's code for the signal."""
     from finetune_core.cli import main
     monkeypatch.setattr(service, "load", lambda spec, device=None: tiny_model(spec))
     folders = service.OutputFolders.standalone(tmp_path / "out")
 
     def press_ctrl_c() -> None:
         _wait_for(lambda: bool(_runs(folders)) and (_runs(folders)[0].parent / "loss.csv").exists())
-        os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends; the handler runs in the main thread
+        os.kill(os.getpid(), number)  # what the terminal sends; the handler runs in the main thread
 
-    handler = signal.getsignal(signal.SIGINT)  # the default one, or SIG_IGN in a pytest-xdist worker
+    handler = signal.getsignal(number)  # the default one, or SIG_IGN in a pytest-xdist worker
     presser = threading.Thread(target=press_ctrl_c, daemon=True)
     presser.start()
     code = main(["train", "textual-inversion", "--name", "ctrlc", "--data", str(one_image_dataset), "--template",
@@ -376,9 +379,10 @@ def test_ctrl_c_in_the_cli_saves_and_names_the_run_folder(tiny_model, one_image_
     presser.join(5)
     err = capsys.readouterr().err
     run = _runs(folders)[0].parent
-    assert code == 130 and f"resume with --resume {run}" in err and "Traceback" not in err
+    assert code == 128 + number and f"resume with --resume {run}" in err and "Traceback" not in err
+    assert ("SIGTERM" in err) == (number == signal.SIGTERM)
     assert read_embedding(folders.embeddings / "ctrlc.pt").step > 0 and (run / "state" / "checkpoint.pt").is_file()
-    assert signal.getsignal(signal.SIGINT) is handler  # the CLI's handler is gone again
+    assert signal.getsignal(number) is handler  # the CLI's handler is gone again
 
 
 def test_the_app_on_a_port_in_use_says_so_before_printing_a_url(capsys):
@@ -390,3 +394,20 @@ def test_the_app_on_a_port_in_use_says_so_before_printing_a_url(capsys):
         assert main(["--port", str(port)]) == 2
     out, err = capsys.readouterr()
     assert "http://" not in out and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+@pytest.mark.parametrize("method", ["textual-inversion", "dreambooth"])
+def test_a_tiny_image_is_named_in_the_run_as_lint_names_it(method, tiny_model, one_image_dataset, tmp_path):
+    """Issue 25.5: a 1x1 image trained without a word."""
+    from PIL import Image
+
+    from finetune_core.train.events import Warning_
+
+    Image.new("RGB", (1, 1), "red").save(one_image_dataset / "dot.png")
+    request = _request(one_image_dataset, steps=1)
+    if method == "dreambooth":
+        request = service.TrainRequest("dreambooth", "db", {}, request.data_settings, request.train_settings)
+    warnings: list[str] = []
+    service.train(request, tiny_model("tiny-sd1"), service.OutputFolders.standalone(tmp_path / "out"),
+                  on_event=lambda e: warnings.append(e.message) if isinstance(e, Warning_) else None)
+    assert any("smaller than their training size" in w and "dot.png (1x1, trained at 64x64)" in w for w in warnings)

@@ -28,6 +28,8 @@ from finetune_core.model.interface import DiffusionModel, SampleRequest
 from finetune_core.settings import coerce_settings, coerce_value
 
 KIND = "aesthetic_embeddings"
+MIN_SIZE, MAX_SIZE = 64, 2048  # the WebUI's txt2img width/height sliders
+MAX_CFG = 30.0  # the WebUI's CFG scale slider
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,8 @@ class AestheticPreviewConfig:
     steps: int = field(default=20, metadata={"label": "Sampling steps", "help": "1-150.", "minimum": 1,
                                              "maximum": 150})
     cfg_scale: float = field(default=7.0, metadata={"label": "CFG scale", "help": "Classifier-free guidance scale."})
-    width: int = field(default=512, metadata={"label": "Width", "help": "A multiple of 8."})
-    height: int = field(default=512, metadata={"label": "Height", "help": "A multiple of 8."})
+    width: int = field(default=512, metadata={"label": "Width", "help": "A multiple of 8, 64-2048."})
+    height: int = field(default=512, metadata={"label": "Height", "help": "A multiple of 8, 64-2048."})
     seed: int = field(default=0, metadata={"label": "Seed", "help": "The same seed gives the same image."})
     sampler: str = field(default="DPM++ 2M", metadata={"label": "Sampler", "help": "A WebUI sampler name."})
 
@@ -49,8 +51,12 @@ class AestheticPreviewConfig:
         problems = []
         if not 1 <= self.steps <= 150:
             problems.append(f"sampling steps must be between 1 and 150, not {self.steps}")
-        if self.width <= 0 or self.height <= 0 or self.width % 8 or self.height % 8:
-            problems.append(f"width and height must be positive multiples of 8, not {self.width}x{self.height}")
+        if not (MIN_SIZE <= self.width <= MAX_SIZE and MIN_SIZE <= self.height <= MAX_SIZE) or \
+                self.width % 8 or self.height % 8:
+            problems.append(f"width and height must be multiples of 8 from {MIN_SIZE} to {MAX_SIZE} (the WebUI's "
+                            f"txt2img range), not {self.width}x{self.height}")
+        if not 0.0 <= self.cfg_scale <= MAX_CFG:
+            problems.append(f"the CFG scale must be between 0 and {MAX_CFG}, not {self.cfg_scale}")
         if problems:
             raise ConfigError(problems)
 

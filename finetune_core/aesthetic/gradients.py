@@ -9,6 +9,7 @@ restores them.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from finetune_core.formats.aesthetic import (
 )
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.settings import type_problems
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tiff", ".webp")  # the original extension's list
 NONE = "None"  # the dropdown entry that switches the section off, as in the original
@@ -160,24 +163,35 @@ def image_files(folder: str | Path) -> list[Path]:
 
 def mean_image_features(clip: Any, files: Sequence[Path], batch_size: int,
                         progress: Progress | None = None) -> torch.Tensor:
-    """(1, D) float32: the mean over all images of the projected, unnormalised CLIP image features."""
-    from PIL import Image, UnidentifiedImageError
-
+    """(1, D) float32: the mean over all readable images of the projected, unnormalised CLIP image features; an
+    image that cannot be read (damaged, or a header claiming billions of pixels) is skipped with a warning naming it,
+    as training skips it."""
     total = torch.zeros(1, clip.dim, dtype=torch.float64)
+    used = 0
     for start in range(0, len(files), batch_size):
-        images = []
-        for path in files[start:start + batch_size]:
-            try:
-                with Image.open(path) as image:
-                    image.load()
-                    images.append(image.copy())
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
-                raise DatasetError(f"{path} cannot be read as an image ({exc}); remove it from the folder or "
-                                   f"replace it") from exc
-        total += clip.features(images).double().sum(dim=0, keepdim=True)
+        images = [image for image in map(_read_image, files[start:start + batch_size]) if image is not None]
+        if images:
+            total += clip.features(images).double().sum(dim=0, keepdim=True)
+            used += len(images)
         if progress is not None:
             progress(min(start + batch_size, len(files)), len(files))
-    return (total / len(files)).float()
+    if not used:
+        raise DatasetError(f"none of the {len(files)} images in {Path(files[0]).parent} can be read (the log names "
+                           f"each); replace them with valid image files")
+    return (total / used).float()
+
+
+def _read_image(path: Path) -> Any:
+    """The decoded image, or None (with a warning naming the file) when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        logger.warning("skipping %s: it cannot be read as an image (%s)", path, str(exc).splitlines()[0][:200])
+        return None
 
 
 def create_embedding(name: str, config: AestheticCreateConfig, folder: Path, overwrite: bool = False,

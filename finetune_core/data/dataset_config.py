@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from finetune_core.data.buckets import RESIZE_MODES
+from finetune_core.data.captions import word_regex_problems
 from finetune_core.data.templates import DEFAULT_TEMPLATE, resolve_template
 from finetune_core.errors import ConfigError
 from finetune_core.settings import type_problems
@@ -87,11 +87,7 @@ class DatasetConfig:
         problems = [*_size_problems(self), *_choice_problems(self), *_range_problems(self)]
         if not self.data_dir.strip():
             problems.append("data_dir is empty; choose the folder that holds the training images")
-        try:
-            re.compile(self.filename_word_regex)
-        except re.error as exc:
-            problems.append(f"filename_word_regex '{self.filename_word_regex}' is not a valid regular expression "
-                            f"({exc})")
+        problems.extend(word_regex_problems(self.filename_word_regex))
         try:
             resolve_template(self.template)
         except ConfigError as exc:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from finetune_core.data.buckets import RESIZE_BUCKETS, Size, make_buckets, target_size
 from finetune_core.data.dataset_config import DatasetConfig
-from finetune_core.data.scan import encoding_warnings, find_files, scan_dataset
+from finetune_core.data.scan import caption_warnings, find_files, scan_dataset
 from finetune_core.data.templates import load_template, render_prompt
 
 CHUNK_TOKENS = 75  # one CLIP chunk: longer prompts are split into several chunks
@@ -91,7 +91,8 @@ def lint_dataset(config: DatasetConfig, token_counter: Callable[[str], int] | No
         if token_counter is not None:
             tokens = max(token_counter(render_prompt(line, placeholder, record.caption)) for line in lines)
         rows.append(LintRow(record.path, size, record.caption, record.caption_source, bucket, tokens,
-                            _problems(record.caption, record.caption_source, size, bucket, tokens)))
+                            [*_problems(record.caption, record.caption_source, size, bucket, tokens),
+                             *record.caption_notes]))
     return LintReport(folder, rows, scan.unreadable, _warnings(config, scan.records, scan.unreadable, lines))
 
 
@@ -110,7 +111,7 @@ def _problems(caption: str, source: str, size: Size, bucket: Size, tokens: int |
 
 def _warnings(config: DatasetConfig, records: list, unreadable: list, lines: list[str]) -> list[str]:
     warnings = [f"{path.name} cannot be read and will be skipped" for path, _ in unreadable]
-    warnings += encoding_warnings(records)
+    warnings += caption_warnings(records)
     if config.batch_size > len(records):
         warnings.append(f"the batch size {config.batch_size} is larger than the {len(records)} readable images; "
                         f"training will refuse to start")
@@ -120,3 +121,20 @@ def _warnings(config: DatasetConfig, records: list, unreadable: list, lines: lis
     if others:
         warnings.append(f"{others} file(s) that are neither images nor .txt captions are ignored")
     return warnings
+
+
+def small_image_warnings(records: list, config: DatasetConfig) -> list[str]:
+    """One sentence naming the images smaller than their training size (lint's per-image problem, for the run):
+    they are upscaled, and a tiny one (1x1) teaches little but blur."""
+    buckets = make_buckets(config.width, config.height) if config.resize_mode == RESIZE_BUCKETS else None
+    small = []
+    for record in records:
+        size = (record.width, record.height)
+        bucket = target_size(config.resize_mode, size, (config.width, config.height), buckets)
+        if size[0] < bucket[0] or size[1] < bucket[1]:
+            small.append(f"{record.path.name} ({size[0]}x{size[1]}, trained at {bucket[0]}x{bucket[1]})")
+    if not small:
+        return []
+    more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+    return [f"{len(small)} image(s) are smaller than their training size and will be upscaled: "
+            f"{', '.join(small[:5])}{more}; use larger images or a smaller training size"]

@@ -29,6 +29,7 @@ class ImageRecord:
     caption_source: str  # "txt" or "filename"
     caption_encoding: str = ""  # how the .txt caption was decoded ("utf-8", "utf-16", "cp1252", ...)
     mask: Path | None = None  # its attention-mask file `<image>_att.<ext>`, when there is one
+    caption_notes: tuple[str, ...] = ()  # what was changed in the caption file's text (cut, control characters)
 
     @property
     def has_caption_file(self) -> bool:
@@ -93,10 +94,12 @@ def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", jo
             logger.warning("skipping unreadable image %s: %s", path, reason)
             result.unreadable.append((path, reason))
             continue
-        caption, source, encoding = read_caption(path, word_regex, join_string)
+        caption, source, encoding, notes = read_caption(path, word_regex, join_string)
+        for note in notes:
+            logger.warning("caption %s: %s", caption_file(path), note)
         result.records.append(ImageRecord(path, info.width, info.height, info.mode, info.has_alpha,
                                           hashlib.sha256(data).hexdigest(), caption, source, encoding,
-                                          masks.get(path)))
+                                          masks.get(path), notes))
     if not result.records:
         named = ", ".join(f"{p.name} ({why})" for p, why in result.unreadable)
         raise DatasetError(f"none of the {len(images)} images in the dataset folder {folder} could be read: "
@@ -104,15 +107,18 @@ def scan_dataset(folder: Path, recursive: bool = False, word_regex: str = "", jo
     return result
 
 
-def encoding_warnings(records: list[ImageRecord]) -> list[str]:
-    """One sentence naming the caption files that were not UTF-8 (decoded anyway; a guess for legacy encodings)."""
+def caption_warnings(records: list[ImageRecord]) -> list[str]:
+    """Sentences naming the caption files that were not UTF-8 (decoded anyway; a guess for legacy encodings) and
+    those whose text was changed (cut at what the text encoder sees, control characters removed)."""
+    warnings = [f"the caption {caption_file(r.path)} was changed: {'; '.join(r.caption_notes)}; shorten or fix it"
+                for r in records if r.caption_notes]
     others = [(caption_file(r.path).name, r.caption_encoding) for r in records
               if r.has_caption_file and r.caption_encoding not in UTF8]
     if not others:
-        return []
+        return warnings
     named = ", ".join(f"{name} ({_ENCODING_WORDS.get(enc, enc)})" for name, enc in others)
-    return [f"{len(others)} caption file(s) are not UTF-8 and were decoded as noted: {named}; check those captions "
-            f"and save them as UTF-8 so every tool reads them the same way"]
+    return [*warnings, f"{len(others)} caption file(s) are not UTF-8 and were decoded as noted: {named}; check those "
+                       f"captions and save them as UTF-8 so every tool reads them the same way"]
 
 
 _ENCODING_WORDS = {"utf-16": "UTF-16", "utf-32": "UTF-32", "utf-16-le": "UTF-16 without a byte-order mark",

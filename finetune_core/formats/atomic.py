@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
+import json
 import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +35,71 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    group = _GROUP.get()
     try:
         _write_reporting_os_errors(write, tmp, target)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artefacts get the usual mode, as the WebUI's do
+        if group is not None:
+            group.append((tmp, target))  # renamed with the rest of its group
+            return target
         os.replace(tmp, target)
     finally:
-        if tmp.exists():
+        if tmp.exists() and (group is None or (tmp, target) not in group):
             tmp.unlink()
     return target
+
+
+_GROUP: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar("atomic_group", default=None)
+_JOURNAL_SUFFIX = ".group.json"
+
+
+@contextlib.contextmanager
+def written_together(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Files `atomic_write` writes in `folder` inside this block land together or not at all (DreamArtist's
+    NAME.pt and NAME-neg.pt).
+
+    Every file is written to its temporary first; an error (or a kill) before all are written leaves the old files
+    as they were. Then a journal naming the renames is written, the renames follow, and the journal goes: a kill
+    among the renames is finished by `finish_interrupted_groups`, which every run calls before it reads the folder.
+    """
+    group: list[tuple[Path, Path]] = []
+    token = _GROUP.set(group)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in group:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _GROUP.reset(token)
+    if not group:
+        return
+    journal = Path(folder) / f".{group[0][1].name}{_JOURNAL_SUFFIX}"
+    entries = [[tmp.name, target.name] for tmp, target in group]
+    atomic_write(journal, lambda tmp: tmp.write_text(json.dumps(entries), encoding="utf-8"), overwrite=True)
+    for tmp, target in group:
+        os.replace(tmp, target)
+    journal.unlink()
+
+
+def finish_interrupted_groups(folder: str | os.PathLike[str]) -> list[Path]:
+    """Finish the renames of a group a kill interrupted (its journal is only written once every file of it was);
+    returns the files that landed now."""
+    landed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return landed
+    for journal in folder.glob(f".*{_JOURNAL_SUFFIX}"):
+        try:
+            entries = json.loads(journal.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not ours, or unreadable: leave it
+        for tmp_name, target_name in entries:
+            if (folder / tmp_name).is_file():
+                os.replace(folder / tmp_name, folder / target_name)
+                landed.append(folder / target_name)
+        journal.unlink()
+    return landed
 
 
 # What the disk says when a write fails; torch.save reports these as RuntimeError("write(): fd 3 failed with ...").
@@ -102,12 +162,30 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _is_pickle(source):
+            raise ArtifactError(f"{source} is not a file this tool can read: it is neither a torch file nor any "
+                                f"pickle (random or damaged bytes, or another format with a .pt name); use the "
+                                f"file as it was saved") from exc
         raise ArtifactError(
             f"{source} was refused: it is a pickle that wants to run code or import something other than "
             f"tensors and plain values ({_first_line(exc)}); only safe files are loaded") from exc
     except Exception as exc:  # torch raises many types for garbage (IndexError, KeyError, EOFError, ...)
         raise ArtifactError(f"{source} is not a readable torch file (truncated or another format): "
                             f"{_first_line(exc)}") from exc
+
+
+def _is_pickle(path: Path) -> bool:
+    """True for a torch zip file or a well-formed pickle stream (read opcode by opcode, never unpickled)."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return any(opcode.name == "STOP" for opcode, _, _ in pickletools.genops(handle))
+    except Exception:  # pickletools raises ValueError, EOFError, UnicodeDecodeError ... for what is no pickle
+        return False
 
 
 def require_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str | os.PathLike[str]) -> None:

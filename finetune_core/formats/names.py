@@ -19,7 +19,8 @@ ARTIFACT_SUFFIXES = {"embeddings": (".pt", ".bin", ".safetensors", ".png", ".web
 
 
 def sanitize_name(name: str, what: str = "name") -> str:
-    """Keep letters, digits and `._- ` as the WebUI's create_embedding does; refuse what could escape the folder.
+    """The name as typed when it holds only letters, digits and `._- ` (what the WebUI's create_embedding keeps);
+    anything else is refused with a sentence (the WebUI drops it silently, so the file gets another name).
 
     `/`, `\\`, `..` and control characters are refused with a sentence rather than silently dropped, because a user
     who typed them meant a path (or pasted something else); so are names Windows reserves and names too long for a
@@ -38,9 +39,9 @@ def sanitize_name(name: str, what: str = "name") -> str:
     cleaned = "".join(c for c in raw if c.isalnum() or c in _ALLOWED_PUNCTUATION).strip()
     if not cleaned or cleaned.strip(".") == "":
         raise ConfigError(f"the {what} {raw!r} has no usable characters (only letters, digits and '._- ' are kept)")
-    if bad and len(cleaned) < len(raw) / 2:
-        raise ConfigError(f"the {what} {raw!r} is mostly characters a file name cannot hold ({''.join(bad)!r}); "
-                          f"use letters, digits, '.', '_', '-' or spaces")
+    if bad:  # never a file of another name than the one typed, without a word (the WebUI drops them silently)
+        raise ConfigError(f"the {what} {raw!r} has characters a file name cannot hold ({''.join(bad)!r}); use "
+                          f"letters, digits, '.', '_', '-' or spaces, e.g. {cleaned!r}")
     if cleaned.split(".")[0].strip().upper() in _RESERVED:
         raise ConfigError(f"the {what} {cleaned!r} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, "
                           f"LPT1-9), so the file could not be opened there; choose another name")

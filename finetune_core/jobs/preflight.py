@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import NetworkError, OutOfMemory, StorageError
+from finetune_core.formats.atomic import finish_interrupted_groups
 from finetune_core.train.memory import MemoryPlan, estimate_memory
 
 logger = logging.getLogger(__name__)
@@ -96,9 +97,12 @@ def _mib(n: int) -> str:
 
 
 def remove_stale_temporaries(folder: Path, recursive: bool = False, older_than: float = STALE_AFTER_SECONDS) -> int:
-    """Delete the hidden temporary files a killed write left in `folder`; returns how many went."""
+    """Delete the hidden temporary files a killed write left in `folder`; returns how many went. A group of files
+    a kill stopped among its renames (a DreamArtist pair) is finished first: its temporaries are complete files."""
     if not Path(folder).is_dir():
         return 0
+    for path in finish_interrupted_groups(folder):
+        logger.warning("finished writing %s, which a stopped run had written but not yet put in place", path)
     now = time.time()
     candidates = Path(folder).rglob(".*.tmp") if recursive else Path(folder).glob(".*.tmp")
     removed = 0

@@ -17,6 +17,7 @@ from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.masks import check_mask
 from finetune_core.data.scan import attention_masks, image_files
 from finetune_core.data.templates import load_template
+from finetune_core.data.transforms import probe_image
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError
 from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.inspect import inspect_file, tensors_of
@@ -182,6 +183,8 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
         _check_steps_left(continued_step, configs["train"])
     check_writable(final_dir, "output folder")
     check_writable(run_dir or folders.logs, "run folder")
+    if configs["data"].cache_dir.strip():
+        check_writable(Path(configs["data"].cache_dir).expanduser(), "latent cache folder (cache_dir)")
     return Plan(request, spec, name, configs, final_dir, overwrite, run_dir, folders.logs)
 
 
@@ -207,6 +210,7 @@ def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: 
     if getattr(spec.config_type, "needs_name_in_prompt", False):
         _require_name_in_template(data)
     images, _ = image_files(Path(data.data_dir), data.recursive)
+    _require_a_readable_image(images, Path(data.data_dir))
     if data.attention_masks:
         _check_masks(data)
     if data.batch_size > len(images):
@@ -233,6 +237,21 @@ def check_validation(data: Any, train: Any, images: int) -> None:
                            f"a batch size of {data.batch_size}; hold out at most {max(0, images - data.batch_size)}")
 
 
+def _require_a_readable_image(images: Sequence[Path], folder: Path) -> None:
+    """At least one image decodes (usually the first: one file read); a folder of only damaged files is refused
+    now rather than by the job."""
+    reasons = []
+    for path in images:
+        try:
+            probe_image(path.read_bytes(), path)
+            return
+        except (DatasetError, OSError) as exc:
+            reasons.append(f"{path.name} ({str(exc.__cause__ or exc).splitlines()[0][:120]})")
+    raise DatasetError(f"none of the {len(images)} images in the dataset folder {folder} could be read: "
+                       f"{', '.join(reasons[:5])}{' ...' if len(reasons) > 5 else ''}; replace them with valid "
+                       f"image files")
+
+
 def method_checks(config: Any, name: str, folder: Path, overwrite: bool) -> None:
     """A method's own checks that need files but no model (`check_request` on its settings class, when it has one):
     e.g. DreamArtist's second file and its discriminator file."""
@@ -256,6 +275,9 @@ def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
     if info.kind != expected:
         raise ArtifactError(f"{path} cannot be continued from: it is not a{'n' if expected[0] in 'ae' else ''} "
                             f"{expected} ({info.describe()})")
+    if info.kind == "embedding" and not info.vectors:
+        raise ArtifactError(f"{path} cannot be continued from: it holds 0 vectors, so there is nothing to train; "
+                            f"start a new embedding or continue from another file")
     require_finite(tensors_of(path), path)
     return info.step or 0
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from finetune_core.cpu import autocast_problem
 from finetune_core.data.dataset_config import DatasetConfig
-from finetune_core.data.lint import lint_dataset
-from finetune_core.data.scan import encoding_warnings, image_files
+from finetune_core.data.lint import lint_dataset, small_image_warnings
+from finetune_core.data.scan import caption_warnings, image_files
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.inspect import inspect_file
 from finetune_core.formats.names import refuse_same_name, sanitize_name
@@ -162,7 +162,8 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
                           f"of {', '.join(model.sampler_names())}")
     method = plan.spec.build(model, plan.name, configs["method"], plan.final_dir, seed)
     warnings = list(method.check(model)) + _unusual_rate(plan.spec, train_config)
-    warnings += encoding_warnings(getattr(data, "records", []))
+    warnings += caption_warnings(getattr(data, "records", []))
+    warnings += small_image_warnings(getattr(data, "records", []), configs["data"])
     needs = plan.spec.memory(model, configs["method"])
     per_process = processes.largest_share(configs["data"].batch_size)  # each process holds its slice of a batch
     memory_plan = preflight.memory_plan({**dataclasses.asdict(configs["data"]), "batch_size": per_process},

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_core.errors import ArtifactError, ConfigError
-from finetune_core.formats.atomic import require_finite
+from finetune_core.formats.atomic import require_finite, written_together
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
 from finetune_core.formats.names import refuse_same_name
 from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
@@ -288,8 +288,10 @@ class DreamArtist(ArtifactMethod):
                 *self.negative.artifact_paths(directory, negative_name(stem))]
 
     def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
-        return [*self.positive.write_artifact(directory, stem, meta, overwrite),
-                *self.negative.write_artifact(directory, negative_name(stem), meta, overwrite)]
+        """NAME and NAME-neg land together or not at all (a kill between two writes must not mix runs)."""
+        with written_together(directory):
+            return [*self.positive.write_artifact(directory, stem, meta, overwrite),
+                    *self.negative.write_artifact(directory, negative_name(stem), meta, overwrite)]
 
 
 
@@ -313,7 +315,9 @@ def create_file(model: DiffusionModel, name: str, config: DreamArtistCreate, dir
     """Write a new, untrained pair `<directory>/<name>.pt` and `<name>-neg.pt` (SDXL: .safetensors)."""
     positive, negative = create_pair(model, name, config)
     suffix = ".safetensors" if positive.is_sdxl else ".pt"
-    return [write_embedding(half, Path(directory) / f"{half.name}{suffix}", overwrite) for half in (positive, negative)]
+    with written_together(directory):
+        return [write_embedding(half, Path(directory) / f"{half.name}{suffix}", overwrite)
+                for half in (positive, negative)]
 
 
 def memory_needs(model: DiffusionModel, config: DreamArtistCreate) -> MemoryNeeds:

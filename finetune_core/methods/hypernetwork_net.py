@@ -8,6 +8,7 @@ state dicts are interchangeable with WebUI files.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import cast
 
 import torch
@@ -17,6 +18,8 @@ from finetune_core.errors import ConfigError
 
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 _HIDDEN_ACTIVATIONS = {"hardswish", "multiheadattention"}  # the WebUI hides these from its list
+MAX_MULTIPLIER = 16.0  # a layer's width as a multiple of the attention width
+MAX_LAYERS = 16
 
 
 def activation_classes() -> dict[str, type[nn.Module] | None]:
@@ -32,8 +35,23 @@ def activation_classes() -> dict[str, type[nn.Module] | None]:
 
 
 def activation_choices() -> list[str]:
-    """Activation names offered to users (the WebUI hides hardswish and multiheadattention)."""
-    return [name for name in activation_classes() if name not in _HIDDEN_ACTIVATIONS]
+    """Activation names offered to users: the WebUI's list (it hides hardswish and multiheadattention) less those a
+    module cannot be built with (see `_keeps_width`)."""
+    return [name for name, cls in activation_classes().items()
+            if name not in _HIDDEN_ACTIVATIONS and _keeps_width(cls)]
+
+
+def _keeps_width(cls: type[nn.Module] | None) -> bool:
+    """True when the activation builds without arguments and keeps a layer's width (glu halves it; softmax2d wants
+    images; threshold needs its arguments): the WebUI offers them all and then fails with a traceback."""
+    if cls is None:
+        return True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # softmax & co. warn about their implicit dimension
+            return tuple(cls()(torch.zeros(2, 3, 8)).shape) == (2, 3, 8)
+    except Exception:  # a constructor without defaults, or a forward for other shapes: not usable here
+        return False
 
 
 def structure_problems(layer_structure: list[float], dropout_structure: list[float] | None,
@@ -44,6 +62,10 @@ def structure_problems(layer_structure: list[float], dropout_structure: list[flo
         problems.append(f"layer structure {_fmt(layer_structure)} must start and end with 1, e.g. '1, 2, 1'")
     if any(v <= 0 for v in layer_structure):
         problems.append(f"layer structure {_fmt(layer_structure)} must have only positive multipliers")
+    if any(v > MAX_MULTIPLIER for v in layer_structure) or len(layer_structure) > MAX_LAYERS:
+        problems.append(f"layer structure {_fmt(layer_structure)} is too large: at most {MAX_LAYERS} layers, each at "
+                        f"most {MAX_MULTIPLIER:g} times the attention width (the WebUI's are like '1, 2, 1'; one layer "
+                        f"of {MAX_MULTIPLIER:g} already has millions of weights per attention layer)")
     if dropout_structure is not None:
         if len(dropout_structure) != len(layer_structure):
             problems.append(f"dropout structure {_fmt(dropout_structure)} needs one value per layer "
@@ -54,6 +76,9 @@ def structure_problems(layer_structure: list[float], dropout_structure: list[flo
             problems.append(f"dropout probabilities {_fmt(dropout_structure)} must be in [0, 1)")
     if activation not in activation_classes():
         problems.append(f"unknown activation function {activation!r}; choose one of {', '.join(activation_choices())}")
+    elif not _keeps_width(activation_classes()[activation]):
+        problems.append(f"the activation function {activation!r} cannot be used in a hypernetwork (it needs arguments "
+                        f"or changes the layer's width); choose one of {', '.join(activation_choices())}")
     if weight_init not in WEIGHT_INITS:
         problems.append(f"unknown weight initialization {weight_init!r}; choose one of {', '.join(WEIGHT_INITS)}")
     return problems

@@ -38,6 +38,7 @@ from finetune_core.train.method import PrepareContext
 from finetune_core.train.objective import per_sample_mse
 from finetune_core.train.train_batch import TrainBatch
 
+MAX_CLASS_IMAGES = 10_000  # each is sampled before step 1: far past the 200-300 that are common
 CLASS_FOLDERS = "class_images"  # under the method's own log folder, one subfolder per class prompt
 
 
@@ -100,11 +101,17 @@ class PriorPreservationSettings:
         if "[name]" in self.class_prompt:
             problems.append("the class prompt contains [name] (the instance token); class images show the class "
                             "without your subject, so leave it out")
-        for name, low in (("class_steps", 1), ("class_batch_size", 1), ("class_seed", 0)):
-            if getattr(self, name) < low:
-                problems.append(f"{name} must be at least {low}, not {getattr(self, name)}")
-        if self.class_cfg_scale < 0 or self.prior_loss_weight < 0:
-            problems.append("class_cfg_scale and prior_loss_weight must be 0 or more")
+        if self.class_images > MAX_CLASS_IMAGES:
+            problems.append(f"class_images is {self.class_images}; use at most {MAX_CLASS_IMAGES} (each is made "
+                            f"before training starts)")
+        for name, low, high in (("class_steps", 1, 150),
+                                ("class_batch_size", 1, 64), ("class_seed", 0, 2**32 - 1)):
+            if not low <= getattr(self, name) <= high:
+                problems.append(f"{name} must be from {low} to {high}, not {getattr(self, name)}")
+        if not 0 <= self.class_cfg_scale <= 30:
+            problems.append(f"class_cfg_scale must be from 0 to 30, not {self.class_cfg_scale}")
+        if self.prior_loss_weight < 0:
+            problems.append(f"prior_loss_weight must be 0 or more, not {self.prior_loss_weight}")
         return problems
 
 

@@ -3,9 +3,11 @@
 Matches `modules/textual_inversion/learn_schedule.py` (`LearnScheduleIterator`, `LearnRateScheduler`):
 each `rate:step` pair means "this rate until step N"; a bare rate, or `rate:-1`, lasts until max steps and ends
 the list; a step beyond max steps is cut to max steps and ends the list; training stops when the schedule runs out.
-Two deliberate differences, both for bad input only: every part is checked (the WebUI ignores what follows a bare
-rate, so `"0.1, oops"` passed), and `rate:step:x`, negative rates and steps below -1 are errors instead of being
-read or skipped silently. The WebUI's one extra micro-batch when two pairs end on the same step is not copied.
+Deliberate differences, all for bad input only: every part is checked (the WebUI ignores what follows a bare
+rate, so `"0.1, oops"` passed); `rate:step:x`, negative rates and steps below -1 are errors instead of being
+read or skipped silently; and so are a rate of 0 and steps that do not increase (`"0.1:10, 0.05:5"`, `"0.1:0"`),
+which the WebUI accepts and then trains nothing with (two pairs ending on the same step are refused too, so the
+WebUI's one extra micro-batch then does not arise).
 """
 
 from __future__ import annotations
@@ -24,10 +26,19 @@ def parse_schedule(text: str, max_steps: int, what: str = "learning rate") -> li
         raise ConfigError(f"Invalid {what} schedule {text!r}: it must be text. {_EXAMPLE}")
     segments: list[tuple[float, int]] = []
     ended = False
+    previous = 0
     for part in text.split(","):
         if not part.strip():
             continue  # the WebUI skips empty parts ("0.1,")
         rate, step = _parse_part(part, text, what)
+        bad = f"Invalid {what} schedule {text!r}: the part {part.strip()!r} "
+        if rate == 0:
+            raise ConfigError(bad + f"has a rate of 0, which changes nothing; use a rate above 0. {_EXAMPLE}")
+        if step is not None and step != -1 and step <= previous:
+            ends = "ends at step 0, before the first step" if step == 0 else f"ends at step {step}, not after " \
+                f"the step {previous} the part before it ends at"
+            raise ConfigError(bad + f"{ends}: each part's step must be larger than the one before. {_EXAMPLE}")
+        previous = step if step is not None and step > 0 else previous
         if ended:
             continue  # checked above, but the schedule already ended (WebUI: parsing stops here)
         if step is None or step == -1 or step > max_steps:

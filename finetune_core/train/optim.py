@@ -15,14 +15,8 @@ import torch
 from finetune_core.errors import ConfigError
 from finetune_core.train.lr_schedule import parse_schedule, rate_at
 from finetune_core.train.param_group import ParamGroup
-from finetune_core.train.train_config import TrainConfig
+from finetune_core.train.train_config import OPTIONAL_OPTIMIZERS, TrainConfig
 
-# name -> (module, class, pip package)
-_OPTIONAL = {
-    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
-    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
-    "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
-}
 _DEFAULT_DECAY = {"adamw": 1e-2, "adamw8bit": 1e-2, "prodigy": 0.0, "lion": 0.0, "adam": 0.0, "sgd": 0.0}
 
 
@@ -31,10 +25,10 @@ def optimizer_class(name: str) -> Callable[..., torch.optim.Optimizer]:
     builtin: dict[str, Any] = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     if name in builtin:
         return builtin[name]
-    if name not in _OPTIONAL:
-        known = ", ".join(list(builtin) + list(_OPTIONAL))
+    if name not in OPTIONAL_OPTIMIZERS:
+        known = ", ".join(list(builtin) + list(OPTIONAL_OPTIMIZERS))
         raise ConfigError(f"optimizer {name!r} is not known; choose one of {known}")
-    module_name, class_name, package = _OPTIONAL[name]
+    module_name, class_name, package = OPTIONAL_OPTIMIZERS[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -17,18 +17,36 @@ from finetune_core.train.lr_schedule import parse_schedule
 
 CONFIG_VERSION = 1
 OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit", "prodigy", "lion")
+# The optimizers of other packages: name -> (module, class, pip package).
+OPTIONAL_OPTIMIZERS = {
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+}
 CLIP_MODES = ("disabled", "value", "norm")
 PRECISIONS = ("fp32", "fp16", "bf16")
 MAX_PREVIEW_SIZE = 4096  # as the training size (DatasetConfig): a larger image fits on no consumer device
 MAX_PREVIEW_STEPS = 1000  # the scheduler has 1000 timesteps
 
 
-def _f(default: Any, label: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with the metadata a UI needs to build a form."""
+def _f(default: Any, label: str, help: str, choices: tuple[str, ...] | None = None,
+       available: Callable[[], dict[str, str]] | None = None) -> Any:
+    """A dataclass field with the metadata a UI needs to build a form; `available` returns the choices that cannot
+    be used here, each with why (forms and the CLI's help leave them out and say so)."""
     meta: dict[str, Any] = {"label": label, "help": help}
     if choices is not None:
         meta["choices"] = list(choices)
+    if available is not None:
+        meta["unavailable"] = available
     return field(default=default, metadata=meta)
+
+
+def missing_optimizers() -> dict[str, str]:
+    """The optimizers whose package is not installed here -> what to install (looked up without importing it)."""
+    import importlib.util
+
+    return {name: f"pip install {package}" for name, (module, _, package) in OPTIONAL_OPTIMIZERS.items()
+            if importlib.util.find_spec(module.split(".")[0]) is None}
 
 
 @dataclass(frozen=True)
@@ -43,7 +61,7 @@ class TrainConfig:
     gradient_accumulation: int = _f(1, "Gradient accumulation steps",
                                     "Micro-batches per optimizer step; one step = batch size x this many images.")
     optimizer: str = _f("adamw", "Optimizer", "adamw8bit needs bitsandbytes, prodigy prodigyopt, lion lion-pytorch.",
-                        OPTIMIZERS)
+                        OPTIMIZERS, missing_optimizers)
     weight_decay: float | None = _f(None, "Weight decay", "Empty: the method's default.")
     adam_beta1: float = _f(0.9, "Adam beta 1", "First-moment decay of Adam-style optimizers.")
     adam_beta2: float = _f(0.999, "Adam beta 2", "Second-moment decay of Adam-style optimizers.")
@@ -168,6 +186,10 @@ def _choices_and_schedules(c: TrainConfig) -> list[str]:
         value = getattr(c, name)
         if value not in allowed:
             out.append(f"{name} {value!r} is not known; choose one of {', '.join(allowed)}")
+    missing = missing_optimizers().get(c.optimizer) if isinstance(c.optimizer, str) else None
+    if missing:
+        out.append(f"optimizer {c.optimizer!r} needs a package that is not installed here; {missing}, or choose "
+                   f"adamw")
     max_steps = c.steps if _is_int(c.steps) and c.steps > 0 else 1
     if isinstance(c.learning_rate, str):
         try:

@@ -25,6 +25,7 @@ PREFIX = "/finetune/v1"
 _CREATE_KEYS = {"method", "name", "method_settings", "settings", "overwrite"}
 _LINT_KEYS = {"method", "data_settings", "settings"}
 MAX_BODY_BYTES = 1 << 20  # settings are small; a larger body is a mistake (or an attack), refused before parsing
+MAX_DEPTH = 16  # a body is an object of objects of values: anything far deeper is a mistake (or an attack)
 
 
 def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[Any] | None = None,
@@ -109,14 +110,31 @@ def _call(handler: Callable[[dict], Any], raw: bytes) -> Any:
 
 
 def _json_object(raw: bytes) -> dict:
+    too_deep = ConfigError(f"the request body nests objects or lists more than {MAX_DEPTH} levels deep; settings are "
+                           f"plain values one level inside the body, as the README shows")
     try:
         body = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except RecursionError:
+        raise too_deep from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"the request body is not valid JSON ({str(exc).splitlines()[0]}); send a JSON object "
                           f"such as {{\"method\": \"textual-inversion\", \"name\": \"my-style\"}}") from exc
     if not isinstance(body, dict):
         raise ConfigError("the request body must be a JSON object (with the fields listed in the README)")
+    if _depth(body) > MAX_DEPTH:
+        raise too_deep
     return body
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and lists nest in a parsed JSON value (without recursion: the value may be very deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 class _Routes:

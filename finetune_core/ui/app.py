@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune_core.cpu import set_threads
 from finetune_core.errors import ConfigError
 from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.hosts.standalone import StandaloneHost
+from finetune_core.settings import add_threads_flag
 from finetune_core.ui.api import mount_api
 from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs
 from finetune_core.ui.tab import build_tab
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="outputs", help="where embeddings, models and run folders go")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)")
+    add_threads_flag(parser)  # --threads 1: runs (and resumed runs) bit-identical on the CPU; see the README
     return parser
 
 
@@ -81,11 +84,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        set_threads(args.threads)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     host = StandaloneHost(args.output_dir, args.model)
-    _, app, _ = build_app(host)
+    _, app, runner = build_app(host)
     print(f"Fine-tune app on http://{args.host}:{args.port}/ (REST under /finetune/v1/)", flush=True)
+    # uvicorn stops serving on Ctrl-C and SIGTERM (a service manager, `docker stop`); the job thread would die
+    # with the process, so it is asked to save and stop first.
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
-    return 0
+    return stop_running_job(runner)
+
+
+def stop_running_job(runner: JobRunner, timeout: float = 300.0) -> int:
+    """When the app stops: a running job saves its artefact and resume state, and the run folder is named."""
+    if not runner.busy:
+        return 0
+    print("Stopping: the running job saves and stops after its current step ...", file=sys.stderr, flush=True)
+    runner.interrupt()
+    runner.wait(timeout)
+    state = runner.state()
+    if state.run_dir is not None:
+        print(f"Saved; resume with --resume {state.run_dir}", file=sys.stderr)
+    return 0 if state.status in ("interrupted", "finished") else 1
 
 
 def listen(host: str, port: int) -> socket.socket:

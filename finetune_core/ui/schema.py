@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_core.errors import ConfigError
-from finetune_core.settings import Kind, coerce_value, kind_of
+from finetune_core.settings import Kind, coerce_value, kind_of, offered_choices
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ def field_specs(config_type: type) -> list[FieldSpec]:
         if f.name.startswith("_") or f.name == "version" or not f.init or meta.get("hidden"):
             continue
         kind, optional = kind_of(hints.get(f.name, f.type))
+        choices, left_out = offered_choices(meta)
         specs.append(FieldSpec(name=f.name, kind=kind, default=_default_of(f), label=meta.get("label", _label(f.name)),
-                               help=meta.get("help", ""), choices=tuple(meta.get("choices", ())),
+                               help=meta.get("help", "") + left_out, choices=choices,
                                advanced=bool(meta.get("advanced", False)), optional=optional))
     return specs
 

@@ -152,8 +152,35 @@ def test_a_folder_without_images_gets_a_sentence(tmp_path):
             create_embedding("style", AestheticCreateConfig(str(folder), "clip"), tmp_path / "out")
     (tmp_path / "words" / "broken.png").write_bytes(b"not a png")
     clip = transformers_clip(tmp_path / "clip")
-    with pytest.raises(DatasetError, match="broken.png cannot be read as an image"):
+    with pytest.raises(DatasetError, match="none of the 1 images in .*words can be read"):
         create_embedding("style", AestheticCreateConfig(str(tmp_path / "words"), str(clip)), tmp_path / "out")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels (and holds none): what a decompression bomb starts with."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    """Issue 25.11: a 100000 x 100000 PNG header was a DecompressionBombError traceback."""
+    import shutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(EXAMPLES / "ball-01.png", images / "ball-01.png")
+    (images / "bomb.png").write_bytes(_png_header(100_000, 100_000))
+    clip = transformers_clip(tmp_path / "clip")
+    with caplog.at_level("WARNING"):
+        paths = create_embedding("style", AestheticCreateConfig(str(images), str(clip)), tmp_path / "out")
+    assert [p.name for p in paths] == ["style.pt", "style.safetensors"]
+    assert any("bomb.png" in r.getMessage() and "cannot be read" in r.getMessage() for r in caplog.records)
 
 
 def test_create_settings_are_checked():

@@ -94,6 +94,8 @@ CLI_CASES = [
      "aesthetic weight must be between 0 and 1"),
     ("code-running pickle", ["apply", "--aesthetic-embedding", "evil", "--clip-model", "{world}/clip"], "refused"),
     ("unknown embedding", ["apply", "--aesthetic-embedding", "nope"], "no aesthetic embedding 'nope'"),
+    ("image far too wide", ["apply", "--aesthetic-embedding", "sd1-style", "--width", "100000"],
+     "multiples of 8 from 64 to 2048"),
 ]
 
 
@@ -161,6 +163,10 @@ REST_CASES = [
     ("weight below 0", "apply", {"settings": {"aesthetic_embedding": "sd1-style", "aesthetic_weight": -0.1}},
      "aesthetic weight must be between 0 and 1"),
     ("unknown setting", "apply", {"settings": {"aesthetic_strength": 1}}, "unknown aesthetic setting"),
+    ("image far too wide", "apply", {"settings": {"aesthetic_embedding": "sd1-style"},
+                                     "preview": {"width": 100000, "height": 64}}, "multiples of 8 from 64 to 2048"),
+    ("CFG scale absurd", "apply", {"settings": {"aesthetic_embedding": "sd1-style"},
+                                   "preview": {"cfg_scale": 1e9}}, "CFG scale must be between 0 and 30"),
 ]
 
 
@@ -208,3 +214,33 @@ def test_cli_bench_prints_the_overhead_table(capsys: pytest.CaptureFixture[str])
     assert len(cells) == header.count("|") - 1 and all(cells)
     assert cells[-1].endswith("%") or cells[-1] == "-"  # the other processes' share ("-" off Linux)
     assert lines[0].startswith("tiny-sd1: plain ") and " cached " in lines[0]
+
+
+def test_a_long_apply_never_blocks_status_or_interrupt(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one request generates (held here for 3 s), the status and interrupt routes answer at once."""
+    import threading
+    import time
+
+    from finetune_core.ui.aesthetic_tab import AestheticJobs
+
+    release = threading.Event()
+
+    def slow_preview(self: Any, settings: dict, preview: dict, from_text: bool = False) -> list:
+        release.wait(3.0)
+        raise AssertionError("held")
+
+    monkeypatch.setattr(AestheticJobs, "preview", slow_preview)
+    client, _, _ = rest_client(world / "out")
+    worker = threading.Thread(target=lambda: client.post("/finetune/v1/aesthetic/apply", json={
+        "settings": {"aesthetic_embedding": "sd1-style"}, "preview": {"width": 64, "height": 64}}))
+    worker.start()
+    time.sleep(0.3)
+    try:
+        for method, path in (("get", "status"), ("post", "interrupt"), ("get", "status")):
+            started = time.monotonic()
+            answer = getattr(client, method)(f"/finetune/v1/{path}")
+            assert answer.status_code == 200 and time.monotonic() - started < 1.0
+        assert worker.is_alive()  # the long request was still running meanwhile
+    finally:
+        release.set()
+        worker.join()

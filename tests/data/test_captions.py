@@ -28,9 +28,9 @@ def test_filename_caption_regex_and_join():
 def test_read_caption_prefers_txt(tmp_path: Path):
     image = tmp_path / "005-a dog.png"
     image.write_bytes(b"")
-    assert read_caption(image) == ("a dog", "filename", "")
+    assert read_caption(image) == ("a dog", "filename", "", ())
     (tmp_path / "005-a dog.txt").write_text("a cat,\n sitting\n", encoding="utf-8")
-    assert read_caption(image) == ("a cat, sitting", "txt", "utf-8")
+    assert read_caption(image) == ("a cat, sitting", "txt", "utf-8", ())
 
 
 @pytest.mark.parametrize("encoded,encoding", [
@@ -45,7 +45,7 @@ def test_captions_decode_as_editors_write_them(tmp_path: Path, encoded: bytes, e
     image = tmp_path / "a.png"
     image.write_bytes(b"")
     (tmp_path / "a.txt").write_bytes(encoded)
-    assert read_caption(image) == ("café, crème brûlée", "txt", encoding)
+    assert read_caption(image) == ("café, crème brûlée", "txt", encoding, ())
 
 
 def test_shuffle_keeps_first_n_and_all_tags():
@@ -74,3 +74,32 @@ def test_augment_is_identity_when_off_and_uses_comma_tags_when_on():
     assert sorted(split_tags(out)) == ["a", "b", "c"]
     first = augment_caption(caption, random.Random(3), True, 0.0)
     assert first == augment_caption(caption, random.Random(3), True, 0.0)
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(\w*)*", r"((ab)+c)*", r"(?:\w+\s?)+", r"(a?)+"])
+def test_nested_quantifiers_are_refused_with_the_request(pattern):
+    from finetune_core.data.dataset_config import DatasetConfig
+    from finetune_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="repeats a group that itself repeats"):
+        DatasetConfig(data_dir="x", filename_word_regex=pattern).validate()
+
+
+@pytest.mark.parametrize("pattern", [r"\w+", r"[a-z]+", r"(?:cat|dog)+", r"(\d{4}-)+", r"(a)\1*"])
+def test_ordinary_word_regexes_pass(pattern):
+    from finetune_core.data.dataset_config import DatasetConfig
+
+    DatasetConfig(data_dir="x", filename_word_regex=pattern).validate()
+
+
+def test_a_backtracking_regex_that_passes_the_check_is_stopped_naming_the_file():
+    """(a|aa)+$ has no nested quantifier but backtracks exponentially; its run is bounded, not endless."""
+    import time
+
+    from finetune_core.data.captions import WORD_REGEX_SECONDS
+    from finetune_core.errors import DatasetError
+
+    started = time.monotonic()
+    with pytest.raises(DatasetError, match="took longer than .* on the file name 'a{44}!'"):
+        caption_from_filename("a" * 44 + "!", r"(a|aa)+$")
+    assert time.monotonic() - started < WORD_REGEX_SECONDS + 2.0

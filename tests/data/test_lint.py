@@ -67,3 +67,31 @@ def test_lint_reads_utf16_and_latin1_captions_and_names_them(tmp_path: Path, mak
     warning = next(w for w in report.warnings if "not UTF-8" in w)
     assert "a.txt (UTF-16)" in warning and "b.txt" in warning and "c.txt" not in warning
     assert "not UTF-8" in report.format()
+
+
+def test_an_oversized_caption_is_cut_at_what_the_encoder_sees_and_named(tmp_path: Path, make_image):
+    """A 1.2 MB caption (issue 25.2) is cut when read: lint names the file, and the tokens the encoder would see
+    (the first CAPTION_TOKENS) are unchanged."""
+    from finetune_core.data.captions import CAPTION_CHARS, CAPTION_TOKENS
+    from finetune_core.model.tokenizer import ClipTokenizer
+
+    make_image(tmp_path / "huge.png", (64, 64))
+    words = [f"tag{i % 977}, blue" for i in range(120_000)]
+    (tmp_path / "huge.txt").write_text(" ".join(words), encoding="utf-8")
+    assert (tmp_path / "huge.txt").stat().st_size > 1_200_000
+    report = lint_dataset(DatasetConfig(data_dir=str(tmp_path), width=64, height=64))
+    row = report.rows[0]
+    assert len(row.caption) <= CAPTION_CHARS
+    assert any(f"longer than the {CAPTION_TOKENS} tokens" in p for p in row.problems)
+    assert any("huge.txt" in w and "only its start is used" in w for w in report.warnings)
+    tokenizer = ClipTokenizer()
+    head = " ".join(words[:2 * CAPTION_TOKENS])
+    assert tokenizer.encode(row.caption)[:CAPTION_TOKENS] == tokenizer.encode(head)[:CAPTION_TOKENS]
+
+
+def test_control_characters_in_a_caption_are_removed_with_a_warning(tmp_path: Path, make_image):
+    make_image(tmp_path / "a.png", (64, 64))
+    (tmp_path / "a.txt").write_bytes(b"a red\x00 fox\x1b[31m")
+    report = lint_dataset(DatasetConfig(data_dir=str(tmp_path), width=64, height=64))
+    assert report.rows[0].caption == "a red fox [31m"
+    assert any("a.txt" in w and "control characters" in w for w in report.warnings)

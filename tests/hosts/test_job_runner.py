@@ -119,3 +119,19 @@ def test_thin_keeps_the_last_point() -> None:
     kept = thin(points, 100)
     assert len(kept) <= 101 and kept[-1] == (1000, 1000.0) and kept[0] == (1, 1.0)
     assert thin(points[:5], 100) == points[:5]
+
+
+def test_the_app_stopping_saves_the_running_job_and_names_its_run_folder(host: Any, capsys) -> None:
+    """What the `ui` app does when uvicorn returns on Ctrl-C or SIGTERM (issue 25.6)."""
+    import time
+
+    from finetune_core.ui.app import stop_running_job
+
+    gate = threading.Event()
+    runner = _runner(host, ScriptedTrain(steps=10**7, gate=gate))
+    runner.start(TrainRequest(method="fake", name="x"))
+    gate.set()
+    while runner.state().step < 2:
+        time.sleep(0.01)
+    assert stop_running_job(runner, timeout=10) == 0
+    assert runner.state().status == "interrupted" and "resume with --resume run" in capsys.readouterr().err

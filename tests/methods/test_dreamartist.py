@@ -347,3 +347,50 @@ def test_original_convnext_release_keys_are_converted(discriminator_file, tmp_pa
     pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.score(pixels), reference.score(pixels))
+
+
+def _pair_steps(folder: Path, name: str) -> tuple[int, int]:
+    return read_embedding(folder / f"{name}.pt").step, read_embedding(folder / f"{name}-neg.pt").step
+
+
+def test_a_pair_lands_together_or_not_at_all(tiny_model, tmp_path, monkeypatch) -> None:
+    """Issue 25.7: a failure while the second file is written leaves the previous pair intact; a kill among the
+    renames is finished by the next run's cleanup, so NAME.pt never sits beside another run's NAME-neg.pt."""
+    from finetune_core.formats import atomic, embedding
+    from finetune_core.jobs.preflight import remove_stale_temporaries
+    from finetune_core.methods.dreamartist import DreamArtistCreate, create_file
+
+    model = tiny_model("tiny-sd1")
+    create_file(model, "pair", DreamArtistCreate(), tmp_path, False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_write = embedding.save_pt
+
+    def fail_on_negative(obj, path, overwrite=False, needed_bytes=0):
+        if Path(path).name == "pair-neg.pt":
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(obj, path, overwrite, needed_bytes)
+
+    monkeypatch.setattr(embedding, "save_pt", fail_on_negative)
+    with pytest.raises(OSError):
+        create_file(model, "pair", DreamArtistCreate(init_text="a dog"), tmp_path, True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old pair intact, no temporaries
+    monkeypatch.setattr(embedding, "save_pt", real_write)
+
+    real_replace = atomic.os.replace
+    renamed: list[str] = []
+
+    def killed_after_first_rename(src, dst):
+        if Path(dst).name.startswith("pair") and renamed:
+            raise KeyboardInterrupt  # the process dies between the two renames
+        real_replace(src, dst)
+        if Path(dst).name.startswith("pair"):
+            renamed.append(Path(dst).name)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        create_file(model, "pair", DreamArtistCreate(init_text="a dog"), tmp_path, True)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    remove_stale_temporaries(tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(after) == ["pair-neg.pt", "pair.pt"]
+    assert after["pair.pt"] != before["pair.pt"] and after["pair-neg.pt"] != before["pair-neg.pt"]

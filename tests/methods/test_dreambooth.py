@@ -329,3 +329,16 @@ def test_the_cli_refuses_bad_settings_in_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "class prompt is empty" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("class_images", 100_000, "use at most 10000"), ("class_steps", 100_000, "class_steps must be from 1 to 150"),
+    ("class_batch_size", 100_000, "class_batch_size must be from 1 to 64"),
+    ("class_cfg_scale", 1e9, "class_cfg_scale must be from 0 to 30")])
+def test_prior_preservation_sizes_are_bounded_with_the_request(field, value, message):
+    from finetune_core.errors import ConfigError
+    from finetune_core.methods.dreambooth import DreamBoothConfig
+
+    config = DreamBoothConfig(prior_preservation=True, class_prompt="a dog", **{field: value})
+    with pytest.raises(ConfigError, match=message):
+        config.validate()

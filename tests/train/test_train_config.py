@@ -71,3 +71,21 @@ def test_unknown_keys_and_future_versions_are_refused() -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().steps = 5  # type: ignore[misc]
+
+
+def test_optimizers_whose_package_is_missing_are_not_offered(monkeypatch):
+    """The forms and the CLI's help list only installed optimizers and name the others with what to install."""
+    import argparse
+
+    from finetune_core.cli import add_settings_flags
+    from finetune_core.train.train_config import OPTIONAL_OPTIMIZERS, TrainConfig
+    from finetune_core.ui.schema import field_specs
+
+    monkeypatch.setitem(OPTIONAL_OPTIMIZERS, "lion", ("finetune_core_no_such_package", "Lion", "lion-pytorch"))
+    spec = next(s for s in field_specs(TrainConfig) if s.name == "optimizer")
+    assert "lion" not in spec.choices and "adamw" in spec.choices
+    assert "Not installed here:" in spec.help and "lion (pip install lion-pytorch)" in spec.help
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser, "train", TrainConfig, set())
+    text = parser.format_help().replace("\n", " ")
+    assert "lion (pip install lion-pytorch)" in " ".join(text.split())
