@@ -124,3 +124,13 @@ def test_the_cli_says_a_bad_validation_setting_and_exits_2(dataset, tmp_path, ca
     assert code == 2
     assert "validation_every must be 1 or more" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_console_prints_each_validation_loss():
+    import io
+
+    from finetune_core.hosts.console import ConsoleProgress
+    stream = io.StringIO()
+    with ConsoleProgress(stream, echo=False) as progress:
+        progress(ValidationEvent(4, 0.1234567, 0.1, 2))
+    assert "validation loss at step 4: 0.123457 (best 0.1 at step 2)" in stream.getvalue()
