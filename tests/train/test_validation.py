@@ -134,3 +134,21 @@ def test_the_console_prints_each_validation_loss():
     with ConsoleProgress(stream, echo=False) as progress:
         progress(ValidationEvent(4, 0.1234567, 0.1, 2))
     assert "validation loss at step 4: 0.123457 (best 0.1 at step 2)" in stream.getvalue()
+
+
+@pytest.mark.parametrize("method", ["hypernetwork", "lora", "dreambooth", "dreamartist"])
+def test_every_method_evaluates_its_own_validation_loss(method, dataset, tmp_path):
+    from finetune_core.methods import METHODS
+    settings = {"dreamartist": {"init_text": "ball"}}.get(method, {})
+    request = service.TrainRequest(method, f"v{method}", settings,
+                                   {**DATA, "data_dir": str(dataset), "template": str(dataset.parent / "t.txt"),
+                                    "validation_split": 2},
+                                   {**TRAIN, "steps": 2, "save_every": 0, "validation_every": 1,
+                                    "learning_rate": str(METHODS[method].train_defaults.get("learning_rate",
+                                                                                           "1e-4"))},
+                                   overwrite=True)
+    events: list[Any] = []
+    service.train(request, build_tiny("tiny-sd1"), service.OutputFolders.standalone(tmp_path / "out"),
+                  on_event=events.append)
+    losses = [e.loss for e in events if isinstance(e, ValidationEvent)]
+    assert len(losses) == 2 and all(0 < loss < 100 for loss in losses)
