@@ -19,6 +19,7 @@ from finetune_core.formats import hypernetwork_file as hypernetwork
 from finetune_core.formats.atomic import load_pt
 from finetune_core.formats.describe import describe_object, is_embedding, is_hypernetwork
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
+from finetune_core.formats.networks import type_of
 
 # Above this size a zip-format torch file is memory-mapped rather than read into RAM.
 _MMAP_ABOVE_BYTES = 64 << 20
@@ -198,6 +199,12 @@ def _from_hypernetwork(source: Path, hn: hypernetwork.HypernetworkFile) -> Artif
 
 def _from_shapes(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> ArtifactInfo:
     """Classify a flat name -> shape map (a .safetensors header or a loaded state dict)."""
+    groups: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        name, _, part = key.partition(".")
+        groups.setdefault(name, {})[part] = shape
+    if groups and all(type_of(parts) is not None for parts in groups.values()):
+        return _network_info(source, groups, metadata, len(shapes))
     downs = {k: s for k, s in shapes.items() if k.endswith(_LORA_DOWN_MARKERS)}
     if downs:
         return _lora_info(source, shapes, downs, metadata)
@@ -222,6 +229,52 @@ def _from_shapes(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> A
     keys = ", ".join(list(shapes)[:5]) + (", ..." if len(shapes) > 5 else "")
     return ArtifactInfo(path=source, kind="unknown", tensor_count=len(shapes),
                         details=f"{len(shapes)} tensors with names such as {keys or '(none)'}")
+
+
+def _family_of(names: list[str], widths: set[int], metadata: Mapping[str, str]) -> str | None:
+    version = metadata.get("ss_base_model_version", "")
+    prefixes = (("sdxl_", "SDXL"), ("sd_v2", "SD2"), ("sd_v1", "SD1"))
+    family = next((f for p, f in prefixes if version.startswith(p)), None)
+    if family is None and any(n.startswith(("lora_te1_", "lora_te2_")) for n in names):
+        return "SDXL"
+    if family is None and len(widths) == 1:
+        return family_for_width(next(iter(widths)))
+    return family
+
+
+def _network_info(source: Path, groups: Mapping[str, Mapping[str, tuple[int, ...]]], metadata: Mapping[str, str],
+                  count: int) -> ArtifactInfo:
+    """A network file of the registered types: its type(s), size (rank / factor / blocks), modules per part, DoRA,
+    alpha, base model version and step."""
+    kinds: dict[str, int] = {}
+    sizes: set[str] = set()
+    for parts in groups.values():
+        kind = type_of(parts)
+        if kind is None:
+            continue
+        kinds[kind.label] = kinds.get(kind.label, 0) + 1
+        sizes.add(kind.describe({p: torch.empty(s, device="meta") for p, s in parts.items()}))
+    names = list(groups)
+    widths = {s[1] for n, parts in groups.items() for p, s in parts.items()
+              if p == "lora_down.weight" and n.startswith("lora_te_") and len(s) > 1}
+    parts_count = {"UNet": sum(n.startswith("lora_unet_") for n in names),
+                   "text encoder": sum(n.startswith("lora_te") for n in names)}
+    counts = ", ".join(f"{n} {part}" for part, n in parts_count.items() if n) or str(len(names))
+    conv = sum(len(s) == 4 and s[2:] != (1, 1) for parts in groups.values() for p, s in parts.items()
+               if p in ("lora_down.weight", "lokr_w2", "diff"))
+    dora = sum("dora_scale" in parts for parts in groups.values())
+    alpha = metadata.get("ss_network_alpha") if metadata.get("ss_network_alpha") not in (None, "None") else (
+        "per module" if any("alpha" in parts for parts in groups.values()) else "none (scale 1)")
+    details = (f"{' + '.join(kinds)} network, {len(names)} modules ({counts}{f', {conv} 3x3 conv' if conv else ''}), "
+               f"{', '.join(sorted(sizes))}, alpha {alpha}, DoRA {'on ' + str(dora) + ' modules' if dora else 'no'}")
+    version = metadata.get("ss_base_model_version")
+    details += f", base {version}" if version else ""
+    steps = metadata.get("ss_steps", "")
+    details += f", step {steps}" if steps else ""
+    return ArtifactInfo(path=source, kind="lora", family=_family_of(names, widths, metadata), tensor_count=count,
+                        step=int(steps) if steps.isdigit() else None,
+                        sd_checkpoint_name=metadata.get("ss_sd_model_name"),
+                        sd_checkpoint=metadata.get("finetune_model_hash"), details=f"{details} (kohya naming)")
 
 
 def _lora_info(source: Path, shapes: Shapes, downs: Shapes, metadata: Mapping[str, str]) -> ArtifactInfo:

@@ -1,6 +1,8 @@
-"""LoRA files as kohya's sd-scripts writes them, which the WebUI's built-in Lora extension, kohya's tools and
-diffusers' `load_lora_weights` all load (lora.md §1): a flat `.safetensors` with, per module, exactly
-`<name>.lora_down.weight`, `<name>.lora_up.weight` and a 0-d `<name>.alpha`, and `ss_*` string metadata.
+"""Network files (LoRA and the other types of the WebUI's Lora extension) as kohya's sd-scripts and LyCORIS write
+them (lora.md §1): a flat `.safetensors` with, per module, `<name>.<part>` for the parts of its type (a plain LoRA:
+exactly `lora_down.weight`, `lora_up.weight` and a 0-d `alpha`, which kohya's tools and diffusers' `load_lora_weights`
+also load), an optional `dora_scale`, and `ss_*` string metadata. A module's type is the first registered type that
+accepts its parts, as the WebUI decides it (`formats.networks`).
 
 `sshs_model_hash` is the sha256 of the tensor data section (what the WebUI computes for a LoRA without it), so the
 WebUI shows the same hash without reading the file again (lora.md §4.5).
@@ -19,9 +21,9 @@ import torch
 
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import atomic_write, load_pt
+from finetune_core.formats.networks import DORA, NETWORK_TYPES, NetworkType, type_of
 
-DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
-PARTS = (DOWN, UP, ALPHA)
+ALPHA = "alpha"
 SUFFIXES = (".safetensors", ".pt", ".ckpt")
 # `ss_base_model_version` per family and prediction (kohya: library/model_util.py, sdxl_model_util.py); the WebUI
 # shows a LoRA for SDXL only when this starts with "sdxl_", for SD2 only when `ss_v2` is "True" (lora.md §4.6).
@@ -31,62 +33,92 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 @dataclass
-class LoraModule:
-    """One adapted layer: down (rank, in[, kh, kw]), up (out, rank[, 1, 1]) and alpha (None: old files, scale 1)."""
+class NetworkModule:
+    """One adapted layer: its type (a key of NETWORK_TYPES) and its tensors by key part, `alpha` (0-d) and
+    `dora_scale` included where present."""
 
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float | None = None
+    kind: str
+    tensors: dict[str, torch.Tensor]
 
     @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+    def type(self) -> NetworkType:
+        return NETWORK_TYPES[self.kind]
+
+    @property
+    def alpha(self) -> float | None:
+        alpha = self.tensors.get(ALPHA)
+        return None if alpha is None else float(alpha.item())
+
+    @property
+    def rank(self) -> int | None:
+        return self.type.dim(self.tensors)
 
     @property
     def scale(self) -> float:
-        """alpha / rank, as the WebUI, kohya and diffusers compute it; 1 without an alpha."""
-        return 1.0 if self.alpha is None else self.alpha / self.rank
+        """The WebUI's scale: alpha / rank where the type has both, else 1."""
+        return self.type.scale(self.tensors, self.alpha)
+
+    @property
+    def dora(self) -> bool:
+        return DORA in self.tensors
 
 
 @dataclass
-class LoraFile:
+class NetworkFile:
     """A LoRA: modules by kohya name, and the file's string metadata."""
 
-    modules: dict[str, LoraModule]
+    modules: dict[str, NetworkModule]
     metadata: dict[str, str] = field(default_factory=dict)
 
 
 def sniff(keys: Mapping[str, object] | list[str]) -> bool:
-    """True when every key is `<name>.lora_down.weight`, `.lora_up.weight` or `.alpha` (a plain kohya LoRA)."""
-    names = list(keys)
-    return bool(names) and all(key.partition(".")[2] in PARTS for key in names)
+    """True when the keys group into modules that each match a registered network type."""
+    parts: dict[str, set[str]] = {}
+    for key in keys:
+        name, _, part = key.partition(".")
+        parts.setdefault(name, set()).add(part)
+    return bool(parts) and all(type_of(found) is not None for found in parts.values())
 
 
-def modules_from_state(state: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> dict[str, LoraModule]:
-    """Group flat kohya keys into modules; anything else in the file is an ArtifactError that names it."""
+def modules_from_state(state: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> dict[str, NetworkModule]:
+    """Group flat keys into modules and give each its type; a module no type accepts, or parts our types do not
+    write (CP/Tucker `lora_mid`, bundled embeddings, ...), is an ArtifactError that names them."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    foreign = []
     for key, tensor in state.items():
         name, _, part = key.partition(".")
-        if part not in PARTS or not isinstance(tensor, torch.Tensor):
-            foreign.append(key)
-        else:
-            parts.setdefault(name, {})[part] = tensor
-    if foreign or not parts:
-        shown = ", ".join(foreign[:3]) or "(no tensors)"
-        raise ArtifactError(f"{source} is not a plain LoRA file: it has keys other than lora_down/lora_up/alpha "
-                            f"({shown}{', ...' if len(foreign) > 3 else ''}); only kohya-style LoRA files can be used")
+        if not isinstance(tensor, torch.Tensor):
+            raise ArtifactError(f"{source} is not a network file: {key} is not a tensor")
+        parts.setdefault(name, {})[part] = tensor
+    if not parts:
+        raise ArtifactError(f"{source} is not a network file: it holds no tensors")
     modules = {}
     for name, found in parts.items():
-        if DOWN not in found or UP not in found:
-            lacking = "lora_up" if DOWN in found else "lora_down"
-            raise ArtifactError(f"{source}: the LoRA module {name} lacks its {lacking} weight; the file is damaged")
-        alpha = found.get(ALPHA)
-        modules[name] = LoraModule(found[DOWN], found[UP], None if alpha is None else float(alpha.item()))
+        kind = type_of(found)
+        if kind is None:
+            raise ArtifactError(f"{source}: the module {name} has the parts {', '.join(sorted(found))}, which no "
+                                f"network type the WebUI loads accepts; the file is damaged or of another kind")
+        foreign = sorted(set(found) - set(kind.parts) - {ALPHA, DORA})
+        if foreign:
+            raise ArtifactError(f"{source}: the {kind.label} module {name} has parts this trainer does not write "
+                                f"({', '.join(foreign)}); only files of the forms it writes can be continued")
+        modules[name] = NetworkModule(kind.name, dict(found))
     return modules
 
 
-def read_lora(path: str | os.PathLike[str]) -> LoraFile:
+def fits(module: NetworkModule, weight_shape: tuple[int, ...]) -> bool:
+    """Whether the module's type computes a change of exactly this layer weight shape (DoRA: one magnitude per
+    input column) from its tensors, as loading it onto that layer needs."""
+    weight = torch.zeros(weight_shape)
+    try:
+        updown, _ = module.type.updown({p: t.float() for p, t in module.tensors.items()}, weight)
+    except RuntimeError:
+        return False
+    dora = module.tensors.get(DORA)
+    columns = (1, *weight_shape[1:2], *[1] * (len(weight_shape) - 2))
+    return updown.shape == weight.shape and (dora is None or tuple(dora.shape) == columns)
+
+
+def read_lora(path: str | os.PathLike[str]) -> NetworkFile:
     """Read a `.safetensors` (with its metadata) or a `.pt`/`.ckpt` LoRA (without)."""
     source = Path(path)
     metadata: dict[str, str] = {}
@@ -105,17 +137,17 @@ def read_lora(path: str | os.PathLike[str]) -> LoraFile:
         raise ArtifactError(f"{source} cannot be read as a LoRA file ({exc})") from exc
     if not isinstance(state, Mapping):
         raise ArtifactError(f"{source} is not a LoRA file (it holds a {type(state).__name__}, not named tensors)")
-    return LoraFile(modules_from_state(state, source), metadata)
+    return NetworkFile(modules_from_state(state, source), metadata)
 
 
-def state_dict(file: LoraFile, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The flat tensors kohya writes: every tensor, alpha included, in `dtype` (`--save_precision`), on the CPU."""
+def state_dict(file: NetworkFile, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The flat tensors kohya and LyCORIS write: every float tensor, alpha included, in `dtype` (`--save_precision`),
+    on the CPU; integer flags (IA3's `on_input`) as they are."""
     state: dict[str, torch.Tensor] = {}
     for name, module in file.modules.items():
-        state[f"{name}.{DOWN}"] = module.down.detach().to("cpu", dtype).contiguous()
-        state[f"{name}.{UP}"] = module.up.detach().to("cpu", dtype).contiguous()
-        alpha = float(module.rank if module.alpha is None else module.alpha)
-        state[f"{name}.{ALPHA}"] = torch.tensor(alpha, dtype=dtype)
+        for part, tensor in module.tensors.items():
+            tensor = tensor.detach().to("cpu")
+            state[f"{name}.{part}"] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
     return state
 
 
@@ -131,7 +163,7 @@ def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
 
 
 
-def write_lora(file: LoraFile, path: str | os.PathLike[str], overwrite: bool = False,
+def write_lora(file: NetworkFile, path: str | os.PathLike[str], overwrite: bool = False,
                dtype: torch.dtype = torch.float16) -> Path:
     """Write `file` atomically as `.safetensors` with its metadata plus `sshs_model_hash` / `sshs_legacy_hash`."""
     from safetensors.torch import save_file
@@ -154,7 +186,7 @@ def base_version(family: str, v_prediction: bool) -> str:
     return BASE_VERSIONS[(family, v_prediction)]
 
 
-def family_of(file: LoraFile) -> str | None:
+def family_of(file: NetworkFile) -> str | None:
     """The family a LoRA was made for: from `ss_base_model_version` / `ss_v2` when written, else from its keys
     (`lora_te1_`/`lora_te2_` is SDXL; a text encoder 1024 wide is SD2, 768 SD1); None when it cannot tell."""
     version = file.metadata.get("ss_base_model_version", "")
@@ -167,6 +199,6 @@ def family_of(file: LoraFile) -> str | None:
     if any(n.startswith(("lora_te1_", "lora_te2_")) for n in file.modules):
         return "sdxl"
     # the text context's width: what cross-attention keys read (768 SD1, 1024 SD2, 2048 SDXL), or the text encoder
-    widths = {int(m.down.shape[1]) for n, m in file.modules.items() if n.endswith("attn2_to_k")}
-    widths |= {int(m.down.shape[1]) for n, m in file.modules.items() if n.startswith("lora_te_")}
+    downs = {n: m.tensors["lora_down.weight"] for n, m in file.modules.items() if "lora_down.weight" in m.tensors}
+    widths = {int(t.shape[1]) for n, t in downs.items() if n.endswith("attn2_to_k") or n.startswith("lora_te_")}
     return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(next(iter(widths))) if len(widths) == 1 else None

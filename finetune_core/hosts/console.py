@@ -44,6 +44,8 @@ class ConsoleProgress:
             self.bar.update(event.step - self.bar.n)
         elif isinstance(event, (events.Finished, events.Failed)):
             self.close()
+        elif isinstance(event, events.ArtifactChecked) and self.echo:
+            self.tqdm.write(f"checked {event.line}", file=self.stream)
         elif isinstance(event, events.Warning_) and self.echo:
             self.tqdm.write(f"warning: {event.message}", file=self.stream)
         elif isinstance(event, events.ValidationEvent):  # the WebUI's console shows it too: it is not logged

@@ -20,6 +20,7 @@ from finetune_core.jobs.service import JobResult, TrainRequest
 from finetune_core.methods import METHODS
 from finetune_core.train.control import Control
 from finetune_core.train.events import (
+    ArtifactChecked,
     ArtifactSaved,
     Event,
     Failed,
@@ -61,6 +62,7 @@ class JobState:
     previews: list[tuple[Path, int, str]] = field(default_factory=list)  # (path, step, prompt)
     artifacts: list[Path] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # the host's loader on each saved file ("N of N modules applied")
     error: str = ""
     run_dir: Path | None = None
     started_at: float | None = None
@@ -82,6 +84,7 @@ class JobState:
                 "validation_losses": [list(p) for p in thin(self.validation_losses, history)],
                 "previews": [{"path": str(p), "step": s, "prompt": t} for p, s, t in self.previews],
                 "artifacts": [str(p) for p in self.artifacts], "messages": list(self.messages),
+                "checks": list(self.checks),
                 "error": self.error, "run_dir": None if self.run_dir is None else str(self.run_dir),
                 "started_at": self.started_at, "finished_at": self.finished_at, "version": self.version}
 
@@ -320,6 +323,8 @@ def record_event(state: JobState, event: Event) -> None:
     elif isinstance(event, ArtifactSaved):
         if event.final:
             state.artifacts = _unique(state.artifacts + [Path(p) for p in event.paths])
+    elif isinstance(event, ArtifactChecked):
+        state.checks.append(event.line)
     elif isinstance(event, Warning_):
         state.messages.append(event.message)
     elif isinstance(event, Finished):

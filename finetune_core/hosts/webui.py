@@ -16,6 +16,7 @@ from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.jobs.service import OutputFolders
 from finetune_core.model.webui_backend import WebUIModel
 from finetune_core.train.events import (
+    ArtifactChecked,
     ArtifactSaved,
     Event,
     Failed,
@@ -229,6 +230,9 @@ class WebUIHost:
             state.textinfo = f"{verb} at step {event.step}: {', '.join(p.name for p in event.artifacts)}"
         elif isinstance(event, Failed):
             state.textinfo = f"Failed at step {event.step}: {event.message}"
+        elif isinstance(event, ArtifactChecked):
+            state.textinfo = f"Step {event.step}: {event.line}"
+            logger.info("%s", event.line)
         elif isinstance(event, Warning_):
             logger.warning("%s", event.message)
         self._forward_interrupt(state)

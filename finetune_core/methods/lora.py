@@ -1,6 +1,8 @@
-"""LoRA: low-rank adapters on the UNet's attention and projection layers (optionally its 3x3 convolutions, "LoCon",
-and the text encoders); the model's own weights stay frozen. Objective: the LDM loss with the adapters applied.
-Artefact: kohya's LoRA `.safetensors` (lora.md §1) in `models/Lora/`, with a preview PNG next to it.
+"""LoRA: adapters on the UNet's attention and projection layers (optionally its 3x3 convolutions, "LoCon", and the
+text encoders); the model's own weights stay frozen. The adapters are of any network type the WebUI's built-in Lora
+extension loads (`--network lora|loha|lokr|ia3|oft|glora|full|norm`, `--dora`; `formats.networks`). Objective: the
+LDM loss with the adapters applied. Artefact: kohya's / LyCORIS's `.safetensors` (lora.md §1) in `models/Lora/`,
+with a preview PNG next to it.
 
 Two modes: captioned-set mode (the default: the dataset's captions through its template, `[name]` = the LoRA's
 name) and DreamBooth mode (an instance prompt and token, and prior preservation: class images the model makes,
@@ -11,10 +13,11 @@ class images and their manifest (`prior_preservation`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,10 @@ from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.summary import DatasetSummary
 from finetune_core.errors import ConfigError
 from finetune_core.formats.atomic import atomic_write
-from finetune_core.formats.lora_file import SAVE_DTYPES, LoraFile, base_version, write_lora
+from finetune_core.formats.lora_file import SAVE_DTYPES, NetworkFile, base_version, write_lora
+from finetune_core.formats.networks import NETWORK_TYPES
 from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, ParamGroup, PrepareContext
-from finetune_core.methods.lora_net import LoraAdapter, LoraNetwork
+from finetune_core.methods.lora_net import LoraNetwork, NetworkAdapter, layer_of
 from finetune_core.methods.lora_setup import build_network, requested_targets
 from finetune_core.methods.prior_preservation import (
     PriorPreservationSettings,
@@ -38,7 +42,7 @@ from finetune_core.methods.prior_preservation import (
     paired_images,
     prior_loss,
 )
-from finetune_core.model.interface import V_PREDICTION, DiffusionModel, WeightAdapter
+from finetune_core.model.interface import V_PREDICTION, DiffusionModel, NetworkCheck, WeightAdapter
 from finetune_core.train.memory import MemoryNeeds
 from finetune_core.train.train_batch import TrainBatch
 
@@ -47,14 +51,34 @@ def _f(default: Any, label: str, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"label": label, "help": help, **extra})
 
 
+_RANKED = tuple(name for name, kind in NETWORK_TYPES.items() if kind.has_rank)
+_CONV = tuple(name for name, kind in NETWORK_TYPES.items() if kind.has_rank and "conv" in kind.kinds)
+_TYPES_HELP = "; ".join(f"{name}: {kind.trains}" for name, kind in NETWORK_TYPES.items())
+
+
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA's own fields, kohya's names in brackets (the config adds prior preservation's after them)."""
+    """LoRA's own fields, kohya's names in brackets (the config adds prior preservation's after them). A field that
+    belongs to some network types only says which in its `types`; setting it for another type is refused."""
 
+    network: str = _f("lora", "Network type", f"What each adapted layer trains ({_TYPES_HELP}); every type loads "
+                      f"in the WebUI's built-in Lora extension.", choices=tuple(NETWORK_TYPES))
+    dora: bool = _f(False, "DoRA", "Weight-decomposed (DoRA): also train each layer's magnitude per input column "
+                    "(dora_scale); lora, loha and lokr.", types=tuple(n for n, k in NETWORK_TYPES.items()
+                                                                       if k.has_dora))
     rank: int = _f(16, "Rank", "Rank of every adapter (network_dim): its size and capacity; 4-32 for a subject or "
-                   "style, higher for more detail.")
+                   "style, higher for more detail.", types=_RANKED)
     alpha: float = _f(8.0, "Alpha", "Scales the adapters by alpha / rank (network_alpha): alpha = rank gives scale "
-                      "1; kohya's default 1 gives 1/rank and needs a higher learning rate. 0 means alpha = rank.")
+                      "1; kohya's default 1 gives 1/rank and needs a higher learning rate. 0 means alpha = rank.",
+                      types=_RANKED)
+    factor: int = _f(-1, "LoKr factor", "LoKr: the size of the small Kronecker factor (it must divide every adapted "
+                     "layer's widths); -1 picks the most balanced split per layer.", types=("lokr",))
+    full_matrix: bool = _f(False, "LoKr full matrix", "LoKr: train the larger factor whole instead of as a "
+                           "low-rank pair (bigger file, no rank).", types=("lokr",))
+    blocks: int = _f(64, "OFT blocks", "OFT: rotation blocks per layer; each adapted layer's width must divide by "
+                     "it (more blocks = smaller, cheaper rotations).", types=("oft",))
+    constraint: float = _f(0.0, "OFT constraint", "OFT: bound on how far each rotation may turn (COFT), times the "
+                           "layer width; 0 = none.", types=("oft",))
     train_unet: bool = _f(True, "Train the UNet", "Adapters on the UNet's attention and projection layers.")
     train_text_encoder: bool = _f(False, "Train the text encoder(s)", "Also adapt the text encoders' attention and "
                                   "MLP layers (both on SDXL); prompts are then encoded at every step.")
@@ -62,15 +86,19 @@ class LoraSettings:
                                       "adapters' rate as a share of the learning rate (0.5 = half, kohya's usual "
                                       "1e-4 against 5e-5); it follows the schedule.")
     conv_rank: int = _f(0, "Conv rank (LoCon)", "Also adapt the UNet's residual blocks and samplers: their 3x3 "
-                        "convolutions get this rank (conv_dim), their other layers the rank above; 0 = off.")
-    conv_alpha: float = _f(0.0, "Conv alpha", "Alpha of the 3x3 convolution adapters (conv_alpha); 0 = conv rank.")
-    dropout: float = _f(0.0, "Dropout", "Dropout on each adapter's rank values (network_dropout).", advanced=True)
+                        "convolutions get this rank (conv_dim), their other layers the rank above; 0 = off.",
+                        types=_CONV)
+    conv_alpha: float = _f(0.0, "Conv alpha", "Alpha of the 3x3 convolution adapters (conv_alpha); 0 = conv rank.",
+                           types=_CONV)
+    dropout: float = _f(0.0, "Dropout", "Dropout on each adapter's rank values (network_dropout).", advanced=True,
+                        types=("lora",))
     rank_dropout: float = _f(0.0, "Rank dropout", "Chance that a rank is dropped per sample (rank_dropout).",
-                             advanced=True)
+                             advanced=True, types=("lora",))
     module_dropout: float = _f(0.0, "Module dropout", "Chance that a whole adapter is skipped at a step "
                                "(module_dropout).", advanced=True)
-    continue_from: str = _f("", "Continue from LoRA", "An existing LoRA file (path, or name in the Lora folder) to "
-                            "keep training; its layers, ranks and alphas are kept. Empty starts a new one.")
+    continue_from: str = _f("", "Continue from LoRA", "An existing file of the chosen network type (path, or name in "
+                            "the Lora folder) to keep training; its layers, ranks and alphas are kept. Empty starts "
+                            "a new one.")
     instance_prompt: str = instance_prompt_field("")
     instance_token: str = instance_token_field("", "the LoRA's name")
     save_precision: str = _f("fp16", "Save precision", "dtype of the tensors in the file (save_precision).",
@@ -86,7 +114,7 @@ class LoraConfig(PriorPreservationSettings, LoraSettings):
     def validate(self) -> None:
         """Raise one ConfigError listing every invalid setting (the widths of the layers are checked with the
         model, when the network is built)."""
-        problems = self.prior_problems()
+        problems = self.prior_problems() + self.type_problems()
         if self.rank < 1:
             problems.append(f"rank is {self.rank}; use 1 or more (4-32 is usual)")
         if self.conv_rank < 0:
@@ -109,6 +137,29 @@ class LoraConfig(PriorPreservationSettings, LoraSettings):
             problems.append(f"save_precision is {self.save_precision!r}; choose one of {', '.join(SAVE_DTYPES)}")
         if problems:
             raise ConfigError(problems)
+
+    def type_problems(self) -> list[str]:
+        """The network type, and settings that belong to other types (or DoRA where the type has no DoRA form)."""
+        if self.network not in NETWORK_TYPES:
+            return [f"network is {self.network!r}; choose one of {', '.join(NETWORK_TYPES)}"]
+        kind = NETWORK_TYPES[self.network]
+        problems = []
+        for f in fields(LoraSettings):
+            owners = f.metadata.get("types")
+            if owners and self.network not in owners and getattr(self, f.name) != f.default:
+                what = "has no DoRA form" if f.name == "dora" else f"does not use {f.name}"
+                problems.append(f"{f.name} is {getattr(self, f.name)!r}, but the {kind.label} network {what} (it "
+                                f"belongs to {', '.join(owners)}); remove it or choose one of those networks")
+        if self.factor == 0 or self.factor < -1:
+            problems.append(f"factor is {self.factor}; use -1 (automatic) or a positive factor such as 4 or 8")
+        if self.blocks < 1:
+            problems.append(f"blocks is {self.blocks}; use 1 or more (8 to 64 fit SD1, SD2 and SDXL)")
+        if self.constraint < 0:
+            problems.append(f"constraint is {self.constraint}; use 0 (none) or a positive bound")
+        if self.train_text_encoder and "linear" not in kind.kinds:
+            problems.append(f"the {kind.label} network adapts only the UNet's norm layers, and the text encoders have "
+                            f"none it can adapt in the WebUI; turn off training of the text encoder(s)")
+        return problems
 
 
 class Lora(Method):
@@ -154,7 +205,7 @@ class Lora(Method):
         for adapter in self.network.by_name().values():
             if self._trained(adapter.target.module):
                 key = "unet" if adapter.target.module == "unet" else "text_encoder"
-                groups.setdefault(key, []).extend([adapter.down, adapter.up])
+                groups.setdefault(key, []).extend(adapter.parameters())
         scales = {"unet": 1.0, "text_encoder": self.config.text_encoder_lr_scale}
         return [ParamGroup(f"lora_{key}", params, lr_scale=scales[key]) for key, params in groups.items()]
 
@@ -209,7 +260,7 @@ class Lora(Method):
 
     def write_artifact(self, directory: Path, stem: str, meta: ArtifactMeta, overwrite: bool) -> list[Path]:
         path = Path(directory) / f"{stem}.safetensors"
-        file = LoraFile(self.network.modules_for_file(), self.metadata(meta, stem))
+        file = NetworkFile(self.network.modules_for_file(), self.metadata(meta, stem))
         written = [write_lora(file, path, overwrite, SAVE_DTYPES[self.config.save_precision])]
         if self._preview is not None and (stem == meta.name or self._preview[0] == meta.step):
             image = self._preview[1]
@@ -217,15 +268,20 @@ class Lora(Method):
             written.append(atomic_write(card, lambda tmp: image.save(tmp, format="PNG"), overwrite=True))
         return written
 
+    def check_artifacts(self, model: DiffusionModel, paths: list[Path]) -> list[tuple[Path, NetworkCheck]]:
+        """Each network file just written, loaded by the host's own loader on the model being trained."""
+        return [(path, model.check_network_file(path)) for path in paths if path.suffix == ".safetensors"]
+
     def metadata(self, meta: ArtifactMeta, stem: str) -> dict[str, str]:
         """The `ss_*` keys kohya writes that the WebUI and other tools read (lora.md §4.7, §5.2), as strings."""
         train = dict(meta.settings.get("train", {}))
-        ranks = sorted({a.rank for a in self.network.by_name().values()})
-        alphas = sorted({a.alpha for a in self.network.by_name().values()})
+        adapters = self.network.by_name().values()
+        ranks = sorted({a.rank for a in adapters if a.rank is not None})
+        alphas = sorted({a.alpha for a in adapters if a.alpha is not None})
         values: dict[str, Any] = {
-            "ss_output_name": stem, "ss_network_module": "networks.lora",
-            "ss_network_dim": ranks[-1] if ranks else self.config.rank,
-            "ss_network_alpha": alphas[-1] if alphas else self.config.alpha,
+            "ss_output_name": stem, "ss_network_module": self._network_module(),
+            "ss_network_dim": ranks[-1] if ranks else None,
+            "ss_network_alpha": alphas[-1] if alphas else None,
             "ss_network_dropout": self.config.dropout or None, "ss_network_args": json.dumps(self._network_args()),
             "ss_base_model_version": self.base_model_version, "ss_v2": meta.family == "sd2",
             "ss_sd_model_name": meta.model.name, "ss_steps": meta.step, "ss_max_train_steps": train.get("steps"),
@@ -241,11 +297,29 @@ class Lora(Method):
             values.update(dataset_metadata(meta.dataset))
         return {key: str(value) for key, value in values.items()}
 
+    def _plain(self) -> bool:
+        """A plain kohya LoRA (networks.lora); anything else is written as LyCORIS writes it (lycoris.kohya)."""
+        return all(a.kind.name == "lora" and not a.dora for a in self.network.by_name().values())
+
+    def _network_module(self) -> str:
+        return "networks.lora" if self._plain() else "lycoris.kohya"
+
     def _network_args(self) -> dict[str, str]:
-        conv_alpha = self.config.conv_alpha or self.config.conv_rank
-        args = {"conv_dim": self.config.conv_rank, "conv_alpha": conv_alpha if self.config.conv_rank else 0,
-                "rank_dropout": self.config.rank_dropout, "module_dropout": self.config.module_dropout}
-        return {key: str(value) for key, value in args.items() if value}
+        """kohya's network_args; for LyCORIS its `algo` and the type's own settings (`dora_wd`; DoRA magnitudes per
+        input column, `wd_on_out` False, the form the WebUI v1.10.1 reads)."""
+        config, kinds = self.config, self.network.kinds()
+        conv_alpha = config.conv_alpha or config.conv_rank
+        args: dict[str, Any] = {"conv_dim": config.conv_rank, "conv_alpha": conv_alpha if config.conv_rank else 0,
+                                "rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout}
+        if not self._plain():
+            args["algo"] = kinds[0].algo if kinds else NETWORK_TYPES[config.network].algo
+        if any(a.dora for a in self.network.by_name().values()):
+            args.update(dora_wd=True, wd_on_out=False)
+        for f in fields(LoraSettings):
+            owners = f.metadata.get("types", ())
+            if owners and len(owners) == 1 and owners[0] == config.network:
+                args[f.name] = getattr(config, f.name)
+        return {key: str(value) for key, value in args.items() if value is not False and value != 0}
 
     def _text_encoder_rate(self, train: Mapping[str, Any]) -> str | None:
         if not self.config.train_text_encoder:
@@ -272,7 +346,7 @@ def dataset_metadata(data: DatasetSummary) -> dict[str, Any]:
 class _Preview:
     """An adapter as previews use it: no dropout, at the preview multiplier."""
 
-    def __init__(self, adapter: LoraAdapter, multiplier: float) -> None:
+    def __init__(self, adapter: NetworkAdapter, multiplier: float) -> None:
         self.adapter, self.multiplier = adapter, multiplier
 
     def _run(self, call: Any) -> torch.Tensor:
@@ -286,11 +360,11 @@ class _Preview:
             adapter.train(was_training)
             adapter.multiplier = saved
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(lambda: self.adapter(x))
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._run(lambda: self.adapter(x, weight))
 
-    def weight_delta(self) -> torch.Tensor:
-        return self._run(self.adapter.weight_delta)
+    def weight_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._run(lambda: self.adapter.weight_delta(weight))
 
 
 def build(model: DiffusionModel, name: str, config: LoraConfig, directory: Path, seed: int) -> Lora:
@@ -307,10 +381,12 @@ def training_data(config: LoraConfig, data: DatasetConfig, name: str) -> Any:
 
 
 def memory_needs(model: DiffusionModel, config: LoraConfig) -> MemoryNeeds:
-    """rank x (in + out) values per adapted layer (a convolution's down matrix is rank x in x kh x kw); class
-    images double the batch."""
+    """The values of every module the settings make (the type's shapes; DoRA adds a magnitude per input column);
+    class images double the batch."""
+    kind = NETWORK_TYPES[config.network]
     total = 0
-    for target, rank, _ in requested_targets(model.adapter_targets(), config):
-        kernel = target.kernel_size[0] * target.kernel_size[1] if target.kernel_size else 1
-        total += rank * (target.in_features * kernel + target.out_features)
+    for target, shape, _ in requested_targets(model.adapter_targets(), config):
+        layer = layer_of(target)
+        total += sum(math.prod(size) for size in kind.shapes(layer, shape).values())
+        total += layer.in_features if config.dora else 0
     return MemoryNeeds(total, batch_factor=2 if config.prior_preservation else 1)

@@ -1,30 +1,40 @@
-"""The LoRA network: one low-rank adapter per target layer, as kohya's `networks.lora.LoRAModule` (lora.md §2).
+"""The network the LoRA method trains: one module per adapted layer, of any registered network type
+(`formats.networks`), with the type's tensors as parameters.
 
-down: Linear(in, r) or Conv2d(in, r, the target's kernel/stride/padding); up: Linear(r, out) or a 1x1 Conv2d;
-kohya's init (down kaiming-uniform with a = sqrt(5), up zero, so step 0 is the base model exactly);
-output change = up(dropout(down(x))) * multiplier * alpha / r.
+A module's output change is the type's own shortcut where it has one (LoRA: up(dropout(down(x))) * scale, as kohya's
+LoRAModule), else the layer's operation on the type's weight change, finished as the WebUI finishes it (scale, DoRA,
+multiplier): linear / conv2d / group_norm / layer_norm of the input with the change as weight (the WebUI's
+`NetworkModule.forward`), which equals merging the change into the weight.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional
 
-from finetune_core.formats.lora_file import LoraModule
+from finetune_core.formats.lora_file import ALPHA, NetworkModule
+from finetune_core.formats.networks import (
+    CONV,
+    DORA,
+    LINEAR,
+    NETWORK_TYPES,
+    NORM,
+    Dropouts,
+    Layer,
+    NetworkType,
+    finalize,
+)
 from finetune_core.model.interface import AdapterTarget
 
 
-@torch.no_grad()
-def kohya_init(down: torch.Tensor, up: torch.Tensor, generator: torch.Generator) -> None:
-    """kaiming_uniform_(down, a=sqrt(5)) drawn from `generator` (torch's init takes none in torch 2.1), up = 0."""
-    fan_in = down[0].numel()
-    bound = math.sqrt(6.0 / ((1 + 5.0) * fan_in))  # gain sqrt(2 / (1 + a^2)) with a^2 = 5, times sqrt(3 / fan_in)
-    down.copy_(torch.rand(down.shape, generator=generator) * 2 * bound - bound)
-    up.zero_()
+def layer_of(target: AdapterTarget) -> Layer:
+    """The maths' view of a model layer."""
+    kind = {"norm": NORM, "conv": CONV}.get(target.kind, LINEAR)
+    return Layer(target.name, kind, target.in_features, target.out_features, target.kernel_size, target.stride,
+                 target.padding)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -34,80 +44,103 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-class LoraAdapter(nn.Module):
-    """One layer's adapter; a `WeightAdapter` for `DiffusionModel.weight_adapters`."""
+def _key(part: str) -> str:
+    return part.replace(".", "__")  # a ParameterDict key cannot hold "."
 
-    def __init__(self, target: AdapterTarget, rank: int, alpha: float | None, dropout: float = 0.0,
-                 rank_dropout: float = 0.0, module_dropout: float = 0.0) -> None:
+
+class NetworkAdapter(nn.Module):
+    """One layer's module; a `WeightAdapter` for `DiffusionModel.weight_adapters`."""
+
+    def __init__(self, target: AdapterTarget, kind: NetworkType, tensors: Mapping[str, torch.Tensor],
+                 dropouts: Dropouts | None = None, module_dropout: float = 0.0) -> None:
         super().__init__()
-        self.target = target
-        kernel = target.kernel_size
-        down_shape = (rank, target.in_features, *kernel) if kernel else (rank, target.in_features)
-        up_shape = (target.out_features, rank, 1, 1) if kernel else (target.out_features, rank)
-        self.down = nn.Parameter(torch.zeros(down_shape))
-        self.up = nn.Parameter(torch.zeros(up_shape))
-        self.alpha = float(rank if not alpha else alpha)  # kohya: alpha None or 0 means alpha = rank
-        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.target, self.kind, self.layer = target, kind, layer_of(target)
+        trained = {p: t for p, t in tensors.items() if p != ALPHA and p not in kind.fixed}
+        self.weights = nn.ParameterDict({_key(p): nn.Parameter(t.detach().float().clone()) for p, t in trained.items()})
+        for part in kind.fixed:
+            self.register_buffer(_key(part), tensors[part].detach().clone())
+        alpha = tensors.get(ALPHA)
+        self.alpha = None if alpha is None else float(alpha.item())
+        self.dropouts, self.module_dropout = dropouts or Dropouts(), module_dropout
         self.multiplier = 1.0
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The type's tensors by key part (alpha as a 0-d tensor), as the maths and the file take them."""
+        found = {p.replace("__", "."): t for p, t in self.weights.items()}
+        found.update({p: getattr(self, _key(p)) for p in self.kind.fixed})
+        if self.alpha is not None:
+            found[ALPHA] = torch.tensor(self.alpha)
+        return found
+
     @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+    def rank(self) -> int | None:
+        return self.kind.dim(self.tensors())
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.kind.scale(self.tensors(), self.alpha)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def dora(self) -> bool:
+        return _key(DORA) in self.weights
+
+    def _dropped(self) -> bool:
+        return self.training and bool(self.module_dropout) and float(torch.rand(1)) < self.module_dropout
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The change of the layer's output for input `x` (0-d zero when the module is dropped this step)."""
-        if self.training and self.module_dropout and float(torch.rand(1)) < self.module_dropout:
+        if self._dropped():
             return x.new_zeros(())
         if not _autocast_on(x.device.type):
-            x = x.to(self.down.dtype)
-        kernel = self.target.kernel_size
-        if kernel:
-            hidden = functional.conv2d(x, self.down, stride=self.target.stride, padding=self.target.padding)
-        else:
-            hidden = functional.linear(x, self.down)
-        scale = self.scale * self.multiplier
-        if self.training and self.dropout:
-            hidden = functional.dropout(hidden, p=self.dropout)
-        if self.training and self.rank_dropout:
-            mask = torch.rand((hidden.shape[0], self.rank), device=hidden.device) > self.rank_dropout
-            shape: tuple[int, ...] = (hidden.shape[0], self.rank, 1, 1)
-            if not kernel:  # the rank is the last dimension: (B, r) or (B, tokens, r)
-                shape = (hidden.shape[0], *([1] * (hidden.dim() - 2)), self.rank)
-            hidden = hidden * mask.reshape(shape).to(hidden.dtype)
-            scale /= 1.0 - self.rank_dropout  # as kohya: treated as if the rank were smaller
-        out = functional.conv2d(hidden, self.up) if kernel else functional.linear(hidden, self.up)
-        return out * scale
+            x = x.to(torch.float32)
+        tensors = self.tensors()
+        if not self.dora:
+            out = self.kind.forward(tensors, x, self.layer, self.scale * self.multiplier,
+                                    self.dropouts if self.training else None)
+            if out is not None:
+                return out
+        delta, bias = self._change(tensors, weight)
+        if self.layer.kind == CONV:
+            return functional.conv2d(x, delta, bias, stride=self.target.stride, padding=self.target.padding)
+        if self.layer.kind == NORM and self.target.norm_groups > 0:
+            return functional.group_norm(x, self.target.norm_groups, delta, bias, self.target.norm_eps)
+        if self.layer.kind == NORM:
+            return functional.layer_norm(x, (self.target.out_features,), delta, bias, self.target.norm_eps)
+        return functional.linear(x, delta, bias)
 
-    def weight_delta(self) -> torch.Tensor:
-        """multiplier * scale * up @ down in the target weight's shape (for fused weights; the whole-module and
-        per-rank dropouts apply, the per-value dropout of `forward` cannot)."""
-        if self.training and self.module_dropout and float(torch.rand(1)) < self.module_dropout:
-            return torch.zeros(self.up.shape[0], *self.down.shape[1:], device=self.down.device)
-        up, scale = self.up.flatten(1), self.scale * self.multiplier
-        if self.training and self.rank_dropout:
-            mask = torch.rand(self.rank, device=up.device) > self.rank_dropout
-            up, scale = up * mask.to(up.dtype), scale / (1.0 - self.rank_dropout)
-        return (up @ self.down.flatten(1)).reshape(self.up.shape[0], *self.down.shape[1:]) * scale
+    def _change(self, tensors: Mapping[str, torch.Tensor],
+                weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        base = weight.detach().float()
+        updown, bias = self.kind.updown(tensors, base)
+        delta = finalize(updown, base, self.scale, tensors.get(DORA), self.multiplier)
+        return delta, None if bias is None else bias * self.multiplier
 
-    def as_module(self) -> LoraModule:
-        """The file form of this adapter (float32, CPU)."""
-        return LoraModule(self.down.detach().float().cpu().clone(), self.up.detach().float().cpu().clone(),
-                          self.alpha)
+    def weight_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """The change of `weight` (for fused weights): the whole-module dropout applies, the others cannot."""
+        if self._dropped():
+            return torch.zeros_like(weight, dtype=torch.float32)
+        return self._change(self.tensors(), weight)[0]
+
+    def as_module(self) -> NetworkModule:
+        """The file form of this module (float32, CPU)."""
+        return NetworkModule(self.kind.name, {p: t.detach().float().cpu().clone() if t.is_floating_point()
+                                              else t.detach().cpu().clone() for p, t in self.tensors().items()})
 
 
 class LoraNetwork(nn.Module):
-    """The adapters by kohya name (`adapters`); the multiplier applies to all of them."""
+    """The modules by kohya name (`adapters`); the multiplier applies to all of them."""
 
-    def __init__(self, adapters: Mapping[str, LoraAdapter]) -> None:
+    def __init__(self, adapters: Mapping[str, NetworkAdapter]) -> None:
         super().__init__()
         self.adapters = nn.ModuleDict(dict(adapters))
 
-    def by_name(self) -> dict[str, LoraAdapter]:
+    def by_name(self) -> dict[str, NetworkAdapter]:
         return {name: adapter for name, adapter in self.adapters.items()}  # type: ignore[misc]
 
-    def modules_for_file(self) -> dict[str, LoraModule]:
+    def modules_for_file(self) -> dict[str, NetworkModule]:
         return {name: adapter.as_module() for name, adapter in self.by_name().items()}
+
+    def kinds(self) -> list[NetworkType]:
+        """The types in the network, in registry order."""
+        found = {adapter.kind.name for adapter in self.by_name().values()}
+        return [kind for name, kind in NETWORK_TYPES.items() if name in found]

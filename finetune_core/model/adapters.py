@@ -1,10 +1,10 @@
-"""Weight adapters (LoRA) on a model's layers, for both backends: which layers there are, by kohya name, and
-applying adapters to them so that every hook comes off again.
+"""Weight adapters (LoRA and the other network types) on a model's layers, for both backends: which layers there are,
+by kohya name, and applying adapters to them so that every hook comes off again.
 
-A plain Linear or Conv2d layer gets a forward hook (`output + adapter(input)`), so the frozen base computes as
-before and only the adapter's small matrices see gradients. A weight the host uses without calling a layer (the
-query/key/value rows of an `nn.MultiheadAttention`'s `in_proj_weight`, and its `out_proj.weight`, in OpenCLIP)
-gets a parametrization that adds the adapters' weight deltas to those rows.
+A plain Linear, Conv2d, GroupNorm or LayerNorm layer gets a forward hook (`output + adapter(input, weight)`), so the
+frozen base computes as before and only the adapter's tensors see gradients. A weight the host uses without calling
+a layer (the query/key/value rows of an `nn.MultiheadAttention`'s `in_proj_weight`, and its `out_proj.weight`, in
+OpenCLIP) gets a parametrization that adds the adapters' weight deltas to those rows.
 """
 
 from __future__ import annotations
@@ -12,18 +12,21 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from finetune_core.errors import ModelMismatchError
+from finetune_core.errors import ArtifactError, ModelMismatchError
 from finetune_core.formats.checkpoint_keys import hf_layer_weights
+from finetune_core.formats.lora_file import fits, read_lora
 from finetune_core.formats.lora_keys import TEXT, text_layer, unet_layer
-from finetune_core.model.interface import AdapterTarget, WeightAdapter
+from finetune_core.model.interface import AdapterTarget, NetworkCheck, WeightAdapter
 
 _PLAIN = (nn.Linear, nn.Conv2d)
+_NORMS = (nn.GroupNorm, nn.LayerNorm)  # subclasses too (LDM's GroupNorm32)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,13 @@ Layers = dict[str, tuple[AdapterTarget, Layer]]
 
 
 def _target(name: str, module_key: str, block: str, layer: nn.Module) -> AdapterTarget:
+    if isinstance(layer, nn.GroupNorm):
+        channels = layer.num_channels
+        return AdapterTarget(name, module_key, block, channels, channels, norm_groups=layer.num_groups,
+                             norm_eps=layer.eps)
+    if isinstance(layer, nn.LayerNorm):
+        width = int(layer.normalized_shape[-1])
+        return AdapterTarget(name, module_key, block, width, width, norm_groups=-1, norm_eps=layer.eps)
     if isinstance(layer, nn.Conv2d):
         return AdapterTarget(name, module_key, block, layer.in_channels, layer.out_channels,
                              _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding))
@@ -55,7 +65,7 @@ def unet_layers(unet: nn.Module, family: str, layout: str) -> Layers:
     `Conv2d_0` for a downsampler's `conv`) are skipped: only paths the checkpoint mapping knows get a name."""
     found: Layers = {}
     for path, layer in unet.named_modules(remove_duplicate=False):
-        if type(layer) not in _PLAIN:
+        if type(layer) not in _PLAIN and not (isinstance(layer, _NORMS) and getattr(layer, "weight", None) is not None):
             continue
         named = unet_layer(path, family, layout)
         if named is not None:
@@ -112,6 +122,27 @@ def _fused(attention: nn.MultiheadAttention, path: str, hf_prefix: str, module_k
     return found
 
 
+def layer_weight(layers: Layers, name: str) -> torch.Tensor:
+    """The weight a named target changes: the layer's own, or its rows of a fused weight (detached)."""
+    if name not in layers:
+        raise ModelMismatchError(f"this model has no layer named {name}")
+    layer = layers[name][1]
+    weight: torch.Tensor = getattr(layer.module, layer.weight or "weight")
+    return (weight[layer.rows] if layer.rows is not None else weight).detach()
+
+
+def check_with_reader(layers: Layers, path: Path, loader: str = "our reader") -> NetworkCheck:
+    """A network file checked with our reader: a module applies when its name is a layer of the model and its type's
+    change fits that layer's weight."""
+    try:
+        file = read_lora(path)
+    except ArtifactError as exc:
+        return NetworkCheck(loader, 0, 0, (), str(exc))
+    unmatched = [name for name, module in sorted(file.modules.items())
+                 if name not in layers or not fits(module, tuple(layer_weight(layers, name).shape))]
+    return NetworkCheck(loader, len(file.modules), len(file.modules) - len(unmatched), tuple(unmatched))
+
+
 class AdapterStack:
     """The adapter sets applied to one model; the innermost set is the one that acts (previews replace the
     training set while they sample)."""
@@ -153,7 +184,8 @@ class AdapterStack:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             if not self.is_current(current):
                 return None
-            return output + current[name](inputs[0]).to(output.dtype)
+            weight: Any = module.weight
+            return output + current[name](inputs[0], weight).to(output.dtype)
         return hook
 
     @contextmanager
@@ -206,7 +238,8 @@ class _FusedDelta(nn.Module):
         for row_slice, name in rows:
             if row_slice.start > start:
                 pieces.append(weight.new_zeros(row_slice.start - start, *weight.shape[1:]))
-            pieces.append(current[name].weight_delta().reshape(-1, *weight.shape[1:]).to(weight.dtype))
+            base = weight[row_slice].detach()
+            pieces.append(current[name].weight_delta(base).reshape(-1, *weight.shape[1:]).to(weight.dtype))
             start = row_slice.stop
         if start < weight.shape[0]:
             pieces.append(weight.new_zeros(weight.shape[0] - start, *weight.shape[1:]))

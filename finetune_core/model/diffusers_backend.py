@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,14 @@ from finetune_core.errors import FinetuneError, ModelMismatchError
 from finetune_core.formats.checkpoint import diffusers_to_ldm
 from finetune_core.formats.lora_keys import text_prefixes
 from finetune_core.model import chunks as chunking
-from finetune_core.model.adapters import AdapterStack, Layers, hf_text_layers, unet_layers
+from finetune_core.model.adapters import (
+    AdapterStack,
+    Layers,
+    check_with_reader,
+    hf_text_layers,
+    layer_weight,
+    unet_layers,
+)
 from finetune_core.model.attention import ContextTransformProcessor
 from finetune_core.model.interface import (
     SD1,
@@ -24,6 +32,7 @@ from finetune_core.model.interface import (
     EncodedText,
     LatentMoments,
     ModelIdentity,
+    NetworkCheck,
     SampleRequest,
     TextConditioning,
     TextEncoderSpec,
@@ -280,6 +289,12 @@ class DiffusersModel:
 
     def adapter_targets(self) -> dict[str, AdapterTarget]:
         return {name: target for name, (target, _) in self._adapter_layers().items()}
+
+    def adapter_weight(self, name: str) -> torch.Tensor:
+        return layer_weight(self._adapter_layers(), name)
+
+    def check_network_file(self, path: Path) -> NetworkCheck:
+        return check_with_reader(self._adapter_layers(), path)
 
     def weight_adapters(self, adapters: Mapping[str, WeightAdapter]) -> AbstractContextManager[None]:
         return self._adapters.applied(self._adapter_layers(), adapters)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -155,15 +156,38 @@ class AdapterTarget:
     kernel_size: tuple[int, int] | None = None
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
+    norm_groups: int = 0  # a norm layer: its GroupNorm groups, or -1 for a LayerNorm over the last axis
+    norm_eps: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        """"norm", "conv" or "linear": which network types can adapt it."""
+        return "norm" if self.norm_groups else "conv" if self.kernel_size else "linear"
+
+
+@dataclass(frozen=True)
+class NetworkCheck:
+    """How the host's own loader took a network file on the loaded model: its modules, those applied, the keys of
+    those it could not apply (by module name), and which loader it was."""
+
+    loader: str
+    total: int
+    applied: int
+    unmatched: tuple[str, ...] = ()
+    error: str = ""  # the loader refused the whole file
+
+    def line(self, name: str) -> str:
+        return f"{name}: {self.applied} of {self.total} modules applied by {self.loader}"
 
 
 class WeightAdapter(Protocol):
-    """A change to one layer: its output for an input, or the same change as a change of the layer's weight
-    (for layers the host computes from their weight directly, such as OpenCLIP's fused attention projections)."""
+    """A change to one layer, given the layer's own (frozen) weight, which some changes depend on (DoRA, OFT, (IA)^3):
+    its output change for an input, or the same change as a change of the weight (for layers the host computes from
+    their weight directly, such as OpenCLIP's fused attention projections)."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor: ...
 
-    def weight_delta(self) -> torch.Tensor: ...
+    def weight_delta(self, weight: torch.Tensor) -> torch.Tensor: ...
 
 
 # Signature of a context transform (hypernetworks): given the attention context and whether it is cross-attention,
@@ -324,8 +348,19 @@ class DiffusionModel(Protocol):
         ...
 
     def adapter_targets(self) -> dict[str, AdapterTarget]:
-        """Every layer a LoRA may adapt (UNet transformer, resnet and sampler layers; the text encoders' attention
-        and MLP layers), by kohya name; a query that changes nothing."""
+        """Every layer a LoRA may adapt (UNet transformer, resnet and sampler layers and their norms; the text
+        encoders' attention and MLP layers), by kohya name; a query that changes nothing."""
+        ...
+
+    def adapter_weight(self, name: str) -> torch.Tensor:
+        """The current weight of the layer `name` of `adapter_targets` (a fused weight's rows for OpenCLIP's q/k/v),
+        for changes that depend on it (DoRA's magnitudes); a query that changes nothing."""
+        ...
+
+    def check_network_file(self, path: Path) -> NetworkCheck:
+        """Load a network (LoRA) file with the host's own loader onto this model, as a user's `<lora:NAME:1>`
+        would (inside the WebUI: the built-in Lora extension's loading and matching; standalone: our reader), and
+        say how much of it applies; changes nothing."""
         ...
 
     def weight_adapters(self, adapters: Mapping[str, WeightAdapter]) -> AbstractContextManager[None]:

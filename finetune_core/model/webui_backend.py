@@ -20,7 +20,15 @@ import torch
 from finetune_core.errors import FinetuneError, ModelMismatchError
 from finetune_core.formats.lora_keys import text_prefixes
 from finetune_core.model import webui_session as ws
-from finetune_core.model.adapters import AdapterStack, Layers, hf_text_layers, openclip_text_layers, unet_layers
+from finetune_core.model.adapters import (
+    AdapterStack,
+    Layers,
+    check_with_reader,
+    hf_text_layers,
+    layer_weight,
+    openclip_text_layers,
+    unet_layers,
+)
 from finetune_core.model.interface import (
     EPSILON,
     SD1,
@@ -32,6 +40,7 @@ from finetune_core.model.interface import (
     ContextTransform,
     LatentMoments,
     ModelIdentity,
+    NetworkCheck,
     SampleRequest,
     TextConditioning,
     TextEncoderSpec,
@@ -334,6 +343,28 @@ class WebUIModel:
     def adapter_targets(self) -> dict[str, AdapterTarget]:
         return {name: target for name, (target, _) in self._adapter_layers().items()}
 
+    def adapter_weight(self, name: str) -> torch.Tensor:
+        return layer_weight(self._adapter_layers(), name)
+
+    def check_network_file(self, path: Path) -> NetworkCheck:
+        """The built-in Lora extension's own `load_network` on this (loaded) model: the modules it made, by the file
+        key each came from; a file it refuses applies nothing. Our reader when the extension is not loaded."""
+        import sys
+
+        networks: Any = sys.modules.get("networks")
+        if not hasattr(networks, "load_network"):
+            return check_with_reader(self._adapter_layers(), path, "our reader (the Lora extension is not loaded)")
+        loader = "the WebUI's Lora extension"
+        names = _file_modules(path)
+        try:
+            on_disk_type = getattr(networks, "NetworkOnDisk", None) or networks.network.NetworkOnDisk
+            net = networks.load_network(path.stem, on_disk_type(path.stem, str(path)))
+        except Exception as exc:  # noqa: BLE001 - the extension's own refusal (an AssertionError) is the answer
+            return NetworkCheck(loader, len(names), 0, tuple(names), f"{type(exc).__name__}: {exc}")
+        applied = {str(m.network_key).partition(".")[0] for m in net.modules.values()}
+        unmatched = tuple(n for n in names if n not in applied)
+        return NetworkCheck(loader, len(names), len(names) - len(unmatched), unmatched)
+
     def weight_adapters(self, adapters: Mapping[str, WeightAdapter]) -> AbstractContextManager[None]:
         return self._adapters.applied(self._adapter_layers(), adapters)
 
@@ -450,3 +481,11 @@ def _identity(sd_model: Any) -> ModelIdentity:
     source = getattr(info, "filename", None) or ""
     config = getattr(sd_model, "used_config", None) or ""  # the yaml `sd_models.load_model` built it from
     return ModelIdentity(str(name), str(shorthash), str(Path(source)) if source else "", str(config))
+
+
+def _file_modules(path: Path) -> list[str]:
+    """The module names of a network file (its keys before the first "."), without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return sorted({key.partition(".")[0] for key in handle.keys()})  # noqa: SIM118 (not a dict)

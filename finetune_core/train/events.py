@@ -65,6 +65,22 @@ class ValidationEvent:
 
 
 @dataclass(frozen=True)
+class ArtifactChecked:
+    """The host's own loader took a file just saved: "N of N modules applied" (a LoRA), the unmatched keys."""
+
+    step: int
+    path: Path
+    loader: str
+    applied: int
+    total: int
+    unmatched: tuple[str, ...] = ()
+
+    @property
+    def line(self) -> str:
+        return f"{self.path.name}: {self.applied} of {self.total} modules applied by {self.loader}"
+
+
+@dataclass(frozen=True)
 class Warning_:
     message: str
 
@@ -84,7 +100,8 @@ class Failed:
     error: BaseException | None = field(default=None, compare=False)
 
 
-Event = Started | Phase | StepEvent | PreviewEvent | ArtifactSaved | ValidationEvent | Warning_ | Finished | Failed
+Event = (Started | Phase | StepEvent | PreviewEvent | ArtifactSaved | ArtifactChecked | ValidationEvent | Warning_ |
+         Finished | Failed)
 EventSink = Callable[[Event], None]
 
 

@@ -23,6 +23,7 @@ from finetune_core.train.control import Control
 from finetune_core.train.distributed import Processes
 from finetune_core.train.ema import ParameterAverages
 from finetune_core.train.events import (
+    ArtifactChecked,
     ArtifactSaved,
     EventSink,
     Failed,
@@ -400,6 +401,7 @@ class Trainer:
         self._save_state(ctx)
         if paths:
             self.emit(ArtifactSaved(step, tuple(paths), final=False))
+            self._check_artifacts(paths)
             removed = prune_copies(run.artifacts_dir, name, self.job.config.save_keep_last)
             if removed:
                 logger.info("removed %d older copies: %s", len(removed), ", ".join(p.name for p in removed))
@@ -430,7 +432,22 @@ class Trainer:
         if self.job.config.save_optimizer_state:
             paths = [*paths, *self._sidecars(paths, ctx)]
         self.emit(ArtifactSaved(c.step, tuple(paths), final=True))
+        self._check_artifacts(paths)
         return tuple(paths)
+
+    def _check_artifacts(self, paths: list[Path]) -> None:
+        """The host's loader on the files just saved: the line goes to the events and the run's `checks.txt`; a
+        module it could not apply, or a file it refused, is a warning that names the keys."""
+        for path, check in self.job.method.check_artifacts(self.job.model, paths):
+            event = ArtifactChecked(self.counters.step, path, check.loader, check.applied, check.total, check.unmatched)
+            self.emit(event)
+            self.job.run.record_check(f"step {self.counters.step}: {event.line}")
+            if check.error:
+                self.emit(Warning_(f"{path.name}: {check.loader} could not load the file ({check.error})"))
+            elif check.unmatched:
+                shown = ", ".join(check.unmatched[:8]) + (", ..." if len(check.unmatched) > 8 else "")
+                self.emit(Warning_(f"{path.name}: {len(check.unmatched)} of {check.total} modules not applied by "
+                                   f"{check.loader} (keys {shown}); the model does not have those layers"))
 
     def _sidecars(self, paths: list[Path], ctx: StepContext) -> list[Path]:
         """The WebUI's `.pt.optim` files, where the method says the WebUI can load this optimizer's state."""

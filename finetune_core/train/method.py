@@ -22,6 +22,7 @@ from finetune_core.model.interface import (
     ContextTransform,
     DiffusionModel,
     ModelIdentity,
+    NetworkCheck,
     SampleRequest,
     TrainableEmbedding,
     WeightAdapter,
@@ -147,3 +148,8 @@ class Method(ABC):
     def optimizer_sidecar(self, artifact: Path, optimizer: torch.optim.Optimizer, optimizer_name: str) -> Path | None:
         """The WebUI's `<file>.pt.optim` for `artifact`, when the WebUI can use it; None by default."""
         return None
+
+    def check_artifacts(self, model: DiffusionModel, paths: list[Path]) -> list[tuple[Path, NetworkCheck]]:
+        """The host's own loader's view of files just written (a LoRA: how many modules it applies). None by
+        default."""
+        return []

@@ -61,6 +61,12 @@ class RunFolder:
     def settings_path(self) -> Path:
         return self.path / "settings.json"
 
+    def record_check(self, line: str) -> None:
+        """Append a line to `checks.txt`: what the host's loader applied of each file saved."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / "checks.txt", "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
     def has_state(self) -> bool:
         """True when the folder holds a resume checkpoint."""
         return (self.state_dir / "checkpoint.pt").is_file()

@@ -39,6 +39,8 @@ def progress_html(state: JobState, method: str) -> str:
     if state.phase:
         text += f" · preparing {html.escape(state.phase)}"
     parts = [bar, f"<div class='finetune-progress-text'>{text}</div>"]
+    if state.checks:  # the host's loader on the last file saved
+        parts.append(f"<div class='finetune-check'>{html.escape(state.checks[-1])}</div>")
     parts += [f"<div class='finetune-message'>{html.escape(m)}</div>" for m in state.messages[-5:]]
     if state.error:
         parts.append(f"<div class='finetune-error'>{html.escape(state.error)}</div>")

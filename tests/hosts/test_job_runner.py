@@ -121,6 +121,21 @@ def test_thin_keeps_the_last_point() -> None:
     assert thin(points[:5], 100) == points[:5]
 
 
+def test_the_host_loaders_check_lines_and_warnings_reach_the_rest_status():
+    from pathlib import Path
+
+    from finetune_core.hosts.job_runner import JobState, record_event
+    from finetune_core.train.events import ArtifactChecked
+
+    state = JobState()
+    record_event(state, ArtifactChecked(4, Path("style.safetensors"), "the WebUI's Lora extension", 288, 289,
+                                        ("lora_unet_gone",)))
+    record_event(state, Warning_("style.safetensors: 1 of 289 modules not applied (keys lora_unet_gone)"))
+    status = state.as_dict()
+    assert status["checks"] == ["style.safetensors: 288 of 289 modules applied by the WebUI's Lora extension"]
+    assert "lora_unet_gone" in status["messages"][0]
+
+
 def test_the_app_stopping_saves_the_running_job_and_names_its_run_folder(host: Any, capsys) -> None:
     """What the `ui` app does when uvicorn returns on Ctrl-C or SIGTERM (issue 25.6)."""
     import time

@@ -144,8 +144,8 @@ def test_resume_is_exact(sd1, tmp_path):
     assert resumed.step == 4
     a, b = read_lora(full.artifacts[0]), read_lora(resumed.artifacts[0])
     assert set(a.modules) == set(b.modules)
-    assert all(torch.equal(a.modules[k].up, b.modules[k].up) and torch.equal(a.modules[k].down, b.modules[k].down)
-               for k in a.modules)
+    assert all(torch.equal(a.modules[k].tensors[p], b.modules[k].tensors[p]) for k in a.modules
+               for p in a.modules[k].tensors)
 
 
 def test_multiplier_zero_is_the_base_model_exactly(sd1, tmp_path):
@@ -153,7 +153,7 @@ def test_multiplier_zero_is_the_base_model_exactly(sd1, tmp_path):
                    tmp_path, 0)
     with torch.no_grad():
         for adapter in method.network.by_name().values():
-            adapter.up.normal_()  # trained: every adapter changes its layer at multiplier 1
+            adapter.weights["lora_up__weight"].normal_()  # trained: every adapter changes its layer at multiplier 1
     base = outputs(sd1)
     adapters = method.inference_extras().adapters
     with sd1.weight_adapters(adapters):
@@ -165,7 +165,8 @@ def test_multiplier_zero_is_the_base_model_exactly(sd1, tmp_path):
 
 def test_a_new_lora_starts_as_the_base_model(sd1, tmp_path):
     method = build(sd1, "new", LoraConfig(rank=4, conv_rank=2, train_text_encoder=True), tmp_path, 0)
-    assert all(float(a.up.detach().abs().sum()) == 0 and float(a.down.detach().abs().sum()) > 0
+    assert all(float(a.tensors()["lora_up.weight"].detach().abs().sum()) == 0
+               and float(a.tensors()["lora_down.weight"].detach().abs().sum()) > 0
                for a in method.network.by_name().values())  # kohya's init: up = 0
     base = outputs(sd1)
     with sd1.weight_adapters(method.network.by_name()):
@@ -209,7 +210,7 @@ def test_a_file_of_another_family_or_with_foreign_keys_is_refused(sd1, tmp_path)
         _train(sd1, tmp_path, "new1", method={"continue_from": "xl"})
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
                "bundle_emb.thing.string_to_param.*": torch.zeros(1, 768)}, str(loras / "odd.safetensors"))
-    with pytest.raises(ArtifactError, match="keys other than lora_down/lora_up/alpha .*bundle_emb"):
+    with pytest.raises(ArtifactError, match="module bundle_emb has the parts .* which no network type"):
         _train(sd1, tmp_path, "new2", method={"continue_from": "odd"})
 
 

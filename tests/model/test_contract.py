@@ -445,14 +445,15 @@ class LowRank(torch.nn.Module):
         self.down = torch.nn.Parameter(0.3 * torch.randn(down_shape, generator=generator))
         self.up = torch.nn.Parameter(0.3 * torch.randn(up_shape, generator=generator))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
         if self.target.kernel_size:
             hidden = torch.nn.functional.conv2d(x, down, stride=self.target.stride, padding=self.target.padding)
             return torch.nn.functional.conv2d(hidden, up) * self.scale
         return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * self.scale
 
-    def weight_delta(self) -> torch.Tensor:
+    def weight_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        assert weight.shape[0] == self.up.shape[0]  # the layer's own rows
         flat = self.up.flatten(1) @ self.down.flatten(1)
         return (flat.reshape(self.up.shape[0], *self.down.shape[1:]) * self.scale)
 
@@ -460,7 +461,8 @@ class LowRank(torch.nn.Module):
 def adapters_for(model: DiffusionModel, scale: float = 0.5, blocks: tuple[str, ...] = ("transformer", "text"),
                  ) -> dict[str, LowRank]:
     return {name: LowRank(target, scale=scale, seed=i).to(model.device)
-            for i, (name, target) in enumerate(sorted(model.adapter_targets().items())) if target.block in blocks}
+            for i, (name, target) in enumerate(sorted(model.adapter_targets().items()))
+            if target.block in blocks and target.kind != "norm"}
 
 
 def _outputs(model: DiffusionModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,8 +491,11 @@ def test_adapter_targets_are_kohya_names_and_a_query(model: DiffusionModel) -> N
     layout = "lora_unet_input_blocks_" if model.family == SDXL else "lora_unet_down_blocks_"
     assert any(name.startswith(layout) for name in targets)
     # every transformer block: proj_in, proj_out and attn1/attn2 q, k, v, out, ff.net.0.proj, ff.net.2
-    transformer = [n for n, t in targets.items() if t.block == "transformer"]
+    transformer = [n for n, t in targets.items() if t.block == "transformer" and t.kind != "norm"]
     assert len(transformer) % 12 == 0 and all(not n.endswith("_norm") for n in transformer)
+    # the norm network type's layers: the transformer blocks' GroupNorm and LayerNorms, the resnets' GroupNorms
+    norms = {t.block for t in targets.values() if t.kind == "norm"}
+    assert norms == {"transformer", "resnet"} and all(t.module == "unet" for t in targets.values() if t.kind == "norm")
     text = [n for n, t in targets.items() if t.module == "text_encoder"]
     assert len(text) % 6 == 0 and any(n.endswith("_self_attn_q_proj") for n in text)
     assert any(n.endswith("_downsamplers_0_conv") or n.endswith("_0_op") for n in targets)
@@ -545,7 +550,7 @@ def test_adapter_gradients_reach_every_adapter_and_survive_checkpointing(model: 
     targets = model.adapter_targets()
     # every UNet and text adapter that can change the UNet's output gets a gradient (SDXL's CLIP-L last layer
     # and OpenCLIP's last layer feed nothing the UNet reads, except the pooled vector)
-    assert len(plain) >= 0.9 * sum(t.block in ("transformer", "text") for t in targets.values())
+    assert len(plain) >= 0.9 * sum(t.block in ("transformer", "text") and t.kind != "norm" for t in targets.values())
     assert all(float(g.abs().sum()) > 0 for name, g in plain.items() if targets[name].module == "unet")
     checkpointed = _adapter_gradients(model, checkpointing=True)
     assert set(checkpointed) == set(plain)

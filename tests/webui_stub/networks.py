@@ -8,10 +8,14 @@ reading it, as far as training meets it:
   `convert_diffusers_name_to_compvis`, then the lookups in the real order (direct, `_[qkv]_proj` cut off for
   OpenCLIP's MultiheadAttention, `lora_unet` -> `diffusion_model`, `lora_te1_text_model` -> `0_transformer_text_model`
   else `transformer_text_model`); keys that match nothing are skipped silently, as there;
-- the LoRA module type (`network_lora.NetworkModuleLora`): up/down rebuilt as Linear/Conv2d, rank = down.shape[0],
-  scale = alpha / rank (1 without alpha), the multiplier `te` when "transformer" is in the first 20 characters of the
-  module key, else `unet`;
-- applying (`network_apply_weights`): patched Linear / Conv2d / MultiheadAttention forwards merge the loaded networks
+- the module types (`module_types`, tried in the real order; a module no type accepts fails the whole file) with the
+  v1.10.1 maths of network.py (`calc_scale`: alpha / dim where the type sets a dim, else 1; `finalize_updown`; DoRA's
+  `apply_weight_decompose` per input column; the multiplier `te` when "transformer" is in the first 20 characters of
+  the module key, else `unet`) and of network_lora (up/down rebuilt as Linear/Conv2d, `dyn`), network_hada,
+  network_lokr, network_ia3, network_full, network_norm (extra bias), network_glora (v1.10.1's layout, scale 1) and
+  network_oft (`oft_blocks`, the constraint, scale 1), read from those files;
+- applying (`network_apply_weights`): patched Linear / Conv2d / GroupNorm / LayerNorm / MultiheadAttention forwards
+  merge the loaded networks
   into the weights on first use, keep a CPU backup and keep them merged until another set is asked for;
   MultiheadAttention gets q/k/v into its `in_proj_weight` thirds and out into `out_proj.weight`;
 - listing (`list_available_networks`): `cmd_opts.lora_dir` walked for .pt/.ckpt/.safetensors, alias from
@@ -20,8 +24,8 @@ reading it, as far as training meets it:
 
 Test aids: `install()` / `uninstall()` put the patches on and off; `Network` / `ConstantModule` are a minimal network
 (its module adds a constant to a layer's weight); `activate(networks)` is what a generation with them leaves behind.
-Not re-implemented: LoHa/LoKr/IA3/OFT/full/norm types, DoRA, bundled embeddings, the GroupNorm/LayerNorm patches,
-`lora_functional`.
+Not re-implemented: the CP/Tucker (`lora_mid`, `hada_t1`, `lokr_t2`), old-OFT (`oft_diag`) and BOFT forms, bundled
+embeddings, `lora_functional`.
 """
 
 from __future__ import annotations
@@ -103,14 +107,74 @@ def convert_diffusers_name_to_compvis(key, is_sd2):
     return key
 
 
-# --- the LoRA module type ---------------------------------------------------------------------------------------
-class NetworkModuleLora:
-    """network_lora.NetworkModuleLora without the mid (CP) and DoRA branches."""
+# --- module types (network.py and network_*.py) ------------------------------------------------------------------
+class NetworkModule:
+    """network.NetworkModule: what every type shares (scale, DoRA, multiplier), as v1.10.1 computes it."""
 
     def __init__(self, net, sd_key, weights, sd_module):
         self.network, self.sd_key, self.sd_module = net, sd_key, sd_module
+        if hasattr(sd_module, "weight"):
+            self.shape = sd_module.weight.shape
+        elif isinstance(sd_module, torch.nn.MultiheadAttention):
+            self.shape = sd_module.out_proj.weight.shape  # every projection is width x width
+        else:
+            self.shape = None
+        self.dim = None
+        self.bias = weights.get("bias")
         self.alpha = weights["alpha"].item() if "alpha" in weights else None
         self.scale = weights["scale"].item() if "scale" in weights else None
+        self.dora_scale = weights.get("dora_scale")
+        self.dora_norm_dims = len(self.shape) - 1
+
+    def multiplier(self):
+        return self.network.te_multiplier if "transformer" in self.sd_key[:20] else self.network.unet_multiplier
+
+    def calc_scale(self):
+        if self.scale is not None:
+            return self.scale
+        if self.dim is not None and self.alpha is not None:
+            return self.alpha / self.dim
+        return 1.0
+
+    def apply_weight_decompose(self, updown, orig_weight):
+        """v1.10.1: the merged weight's norm per input column (dim 1 first, the rest flattened)."""
+        orig_weight = orig_weight.to(updown.dtype)
+        dora_scale = self.dora_scale.to(device=orig_weight.device, dtype=updown.dtype)
+        merged = updown.to(orig_weight.device) + orig_weight
+        columns = merged.shape[1]
+        norm = merged.transpose(0, 1).reshape(columns, -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(columns, *[1] * self.dora_norm_dims).transpose(0, 1)
+        return merged * (dora_scale / norm) - orig_weight
+
+    def finalize_updown(self, updown, orig_weight, output_shape, ex_bias=None):
+        if self.bias is not None:
+            updown = (updown.reshape(self.bias.shape) + self.bias.to(orig_weight.device, updown.dtype))
+            updown = updown.reshape(output_shape)
+        if len(output_shape) == 4:
+            updown = updown.reshape(output_shape)
+        if orig_weight.size().numel() == updown.size().numel():
+            updown = updown.reshape(orig_weight.shape)
+        if ex_bias is not None:
+            ex_bias = ex_bias * self.multiplier()
+        updown = updown * self.calc_scale()
+        if self.dora_scale is not None:
+            updown = self.apply_weight_decompose(updown, orig_weight)
+        return updown * self.multiplier(), ex_bias
+
+
+def _rebuild(up, down, shape, dyn=None):
+    """lyco_helpers.rebuild_conventional."""
+    up, down = up.reshape(up.size(0), -1), down.reshape(down.size(0), -1)
+    if dyn is not None:
+        up, down = up[:, :dyn], down[:dyn, :]
+    return (up @ down).reshape(shape)
+
+
+class NetworkModuleLora(NetworkModule):
+    """network_lora.NetworkModuleLora without the mid (CP) branch."""
+
+    def __init__(self, net, sd_key, weights, sd_module):
+        super().__init__(net, sd_key, weights, sd_module)
         self.up_model = self._module(weights["lora_up.weight"], "lora_up.weight")
         self.down_model = self._module(weights["lora_down.weight"], "lora_down.weight")
         self.dim = weights["lora_down.weight"].shape[0]
@@ -138,28 +202,164 @@ class NetworkModuleLora:
             module.weight.copy_(weight.reshape(module.weight.shape))
         return module.to(device=devices.cpu, dtype=devices.dtype).requires_grad_(False)
 
-    def multiplier(self):
-        return self.network.te_multiplier if "transformer" in self.sd_key[:20] else self.network.unet_multiplier
-
-    def calc_scale(self):
-        if self.scale is not None:
-            return self.scale
-        if self.dim is not None and self.alpha is not None:
-            return self.alpha / self.dim
-        return 1.0
-
     def calc_updown(self, orig_weight):
         up = self.up_model.weight.to(orig_weight.device)
         down = self.down_model.weight.to(orig_weight.device)
         output_shape = [up.size(0), down.size(1), *(down.shape[2:] if down.dim() == 4 else ())]
-        dyn = self.network.dyn_dim
-        up, down = up.reshape(up.size(0), -1), down.reshape(down.size(0), -1)
-        if dyn is not None:
-            up, down = up[:, :dyn], down[:dyn, :]
-        updown = (up @ down).reshape(output_shape)
-        if orig_weight.numel() == updown.numel():
-            updown = updown.reshape(orig_weight.shape)
-        return updown * self.calc_scale() * self.multiplier(), None
+        updown = _rebuild(up, down, output_shape, self.network.dyn_dim)
+        return self.finalize_updown(updown, orig_weight, output_shape)
+
+
+class NetworkModuleHada(NetworkModule):
+    """network_hada: (w1a @ w1b) * (w2a @ w2b) in float32; dim = w1b's rows (no t1/t2 CP branch)."""
+
+    def __init__(self, net, sd_key, weights, sd_module):
+        super().__init__(net, sd_key, weights, sd_module)
+        self.w1a, self.w1b = weights["hada_w1_a"], weights["hada_w1_b"]
+        self.w2a, self.w2b = weights["hada_w2_a"], weights["hada_w2_b"]
+        self.dim = self.w1b.shape[0]
+
+    def calc_updown(self, orig_weight):
+        w1a, w1b, w2a, w2b = (t.to(orig_weight.device, dtype=torch.float32)
+                              for t in (self.w1a, self.w1b, self.w2a, self.w2b))
+        output_shape = [w1a.size(0), w1b.size(1), *(w1b.shape[2:] if w1b.dim() == 4 else ())]
+        updown = _rebuild(w1a, w1b, output_shape) * _rebuild(w2a, w2b, output_shape)
+        return self.finalize_updown(updown, orig_weight, output_shape)
+
+
+class NetworkModuleLokr(NetworkModule):
+    """network_lokr: kron(w1, w2), w1 / w2 whole or a pair; dim from a pair's b (none: scale 1); no t2 branch."""
+
+    def __init__(self, net, sd_key, weights, sd_module):
+        super().__init__(net, sd_key, weights, sd_module)
+        self.w = {k: weights.get(k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
+        for b in ("lokr_w1_b", "lokr_w2_b"):
+            if self.w[b] is not None:
+                self.dim = self.w[b].shape[0]
+
+    def _side(self, n, device):
+        whole = self.w[f"lokr_w{n}"]
+        if whole is not None:
+            return whole.to(device)
+        return self.w[f"lokr_w{n}_a"].to(device) @ self.w[f"lokr_w{n}_b"].to(device)
+
+    def calc_updown(self, orig_weight):
+        w1, w2 = self._side(1, orig_weight.device), self._side(2, orig_weight.device)
+        output_shape = [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
+        if orig_weight.dim() == 4:
+            output_shape = orig_weight.shape
+        if w2.dim() == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        updown = torch.kron(w1, w2.contiguous()).reshape(output_shape)
+        return self.finalize_updown(updown, orig_weight, output_shape)
+
+
+class NetworkModuleIa3(NetworkModule):
+    """network_ia3: weight * w, w per output row, or per input column when on_input."""
+
+    def __init__(self, net, sd_key, weights, sd_module):
+        super().__init__(net, sd_key, weights, sd_module)
+        self.w, self.on_input = weights["weight"], weights["on_input"].item()
+
+    def calc_updown(self, orig_weight):
+        w = self.w.to(orig_weight.device)
+        output_shape = [w.size(0), orig_weight.size(1)]
+        if self.on_input:
+            output_shape.reverse()
+        else:
+            w = w.reshape(-1, 1)
+        return self.finalize_updown(orig_weight * w, orig_weight, output_shape)
+
+
+class NetworkModuleFull(NetworkModule):
+    """network_full: the change is `diff` (and the bias change `diff_b`)."""
+
+    def __init__(self, net, sd_key, weights, sd_module):
+        super().__init__(net, sd_key, weights, sd_module)
+        self.weight, self.ex_bias = weights["diff"], weights.get("diff_b")
+
+    def calc_updown(self, orig_weight):
+        ex_bias = None if self.ex_bias is None else self.ex_bias.to(orig_weight.device, dtype=torch.float32)
+        updown = self.weight.to(orig_weight.device, dtype=torch.float32)
+        return self.finalize_updown(updown, orig_weight, self.weight.shape, ex_bias)
+
+
+class NetworkModuleNorm(NetworkModule):
+    """network_norm: the norm's weight change `w_norm` and bias change `b_norm`."""
+
+    def __init__(self, net, sd_key, weights, sd_module):
+        super().__init__(net, sd_key, weights, sd_module)
+        self.w_norm, self.b_norm = weights["w_norm"], weights["b_norm"]
+
+    def calc_updown(self, orig_weight):
+        updown = self.w_norm.to(orig_weight.device, dtype=torch.float32)
+        ex_bias = self.b_norm.to(orig_weight.device, dtype=torch.float32)
+        return self.finalize_updown(updown, orig_weight, self.w_norm.shape, ex_bias)
+
+
+class NetworkModuleGLora(NetworkModule):
+    """network_glora v1.10.1: b2 @ b1 + W @ a2 @ a1, no dim (scale 1)."""
+
+    def __init__(self, net, sd_key, weights, sd_module):
+        super().__init__(net, sd_key, weights, sd_module)
+        self.w1a, self.w1b = weights["a1.weight"], weights["b1.weight"]
+        self.w2a, self.w2b = weights["a2.weight"], weights["b2.weight"]
+
+    def calc_updown(self, orig_weight):
+        w1a, w1b, w2a, w2b = (t.to(orig_weight.device) for t in (self.w1a, self.w1b, self.w2a, self.w2b))
+        output_shape = [w1a.size(0), w1b.size(1)]
+        updown = (w2b @ w1b) + ((orig_weight.to(dtype=w1a.dtype) @ w2a) @ w1a)
+        return self.finalize_updown(updown, orig_weight, output_shape)
+
+
+class NetworkModuleOFT(NetworkModule):
+    """network_oft, the `oft_blocks` form: Cayley rotation per block of output rows, the norm of Q clamped to
+    alpha * out when alpha (a tensor) is not 0; scale fixed at 1."""
+
+    def __init__(self, net, sd_key, weights, sd_module):
+        super().__init__(net, sd_key, weights, sd_module)
+        self.scale = 1.0
+        self.oft_blocks = weights["oft_blocks"]
+        self.alpha = weights.get("alpha")
+        self.dim = self.oft_blocks.shape[0]
+        if isinstance(sd_module, torch.nn.MultiheadAttention):
+            out_dim = sd_module.embed_dim
+        else:
+            out_dim = sd_module.out_features if isinstance(sd_module, torch.nn.Linear) else sd_module.out_channels
+        self.num_blocks, self.block_size = self.dim, out_dim // self.dim
+        self.constraint = (0 if self.alpha is None else self.alpha) * out_dim
+
+    def calc_updown(self, orig_weight):
+        blocks = self.oft_blocks.to(orig_weight.device)
+        eye = torch.eye(self.block_size, device=blocks.device)
+        q = blocks - blocks.transpose(-1, -2)
+        if self.constraint != 0:
+            norm = torch.norm(q.flatten())
+            q = q * ((torch.clamp(norm, max=self.constraint.to(blocks.device)) + 1e-8) / (norm + 1e-8))
+        # per block (the real one inverts the batch at once; torch's batched CPU inverse fails with several threads
+        # on this test machine's build)
+        rotation = torch.matmul(eye + q, torch.stack([m.float().inverse() for m in eye - q]))
+        grouped = orig_weight.reshape(self.num_blocks, self.block_size, *orig_weight.shape[1:])
+        merged = torch.einsum("knm,kn...->km...", rotation, grouped).reshape(orig_weight.shape)
+        return self.finalize_updown(merged - orig_weight, orig_weight, orig_weight.shape)
+
+
+def _accepts_all(*parts):
+    return lambda w: all(p in w for p in parts)
+
+
+# networks.module_types, in its order: the first type whose keys a module has takes it.
+module_types = [
+    (_accepts_all("lora_up.weight", "lora_down.weight"), NetworkModuleLora),
+    (_accepts_all("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), NetworkModuleHada),
+    (_accepts_all("weight"), NetworkModuleIa3),
+    (lambda w: ("lokr_w1" in w or ("lokr_w1_a" in w and "lokr_w1_b" in w))
+     and ("lokr_w2" in w or ("lokr_w2_a" in w and "lokr_w2_b" in w)), NetworkModuleLokr),
+    (_accepts_all("diff"), NetworkModuleFull),
+    (_accepts_all("w_norm", "b_norm"), NetworkModuleNorm),
+    (_accepts_all("a1.weight", "a2.weight", "alpha", "b1.weight", "b2.weight"), NetworkModuleGLora),
+    (lambda w: "oft_blocks" in w or "oft_diag" in w, NetworkModuleOFT),
+]
 
 
 class ConstantModule:
@@ -271,11 +471,13 @@ def load_network(name, network_on_disk):
         if sd_module is None:
             failed[key_network] = key
             continue
-        matched.setdefault(key, (sd_module, {}))[1][part] = weight
-    for key, (sd_module, weights) in matched.items():
-        if not all(x in weights for x in ("lora_up.weight", "lora_down.weight")):
+        matched.setdefault(key, (sd_module, {}, key_network))[1][part] = weight
+    for key, (sd_module, weights, network_key) in matched.items():
+        kind = next((kind for accepts, kind in module_types if accepts(weights)), None)
+        if kind is None:
             raise AssertionError(f"Could not find a module type that would accept those keys: {', '.join(weights)}")
-        net.modules[key] = NetworkModuleLora(net, key, weights, sd_module)
+        net.modules[key] = kind(net, key, weights, sd_module)
+        net.modules[key].network_key = network_key  # NetworkWeights.network_key: the first file key of the module
     net.keys_failed_to_match = failed
     return net
 
@@ -359,15 +561,20 @@ def _merge(self, net, name):
     module = net.modules.get(name)
     with torch.no_grad():
         if module is not None and hasattr(self, "weight"):
-            updown, _ = module.calc_updown(self.weight)
+            updown, ex_bias = module.calc_updown(self.weight)
             self.weight.copy_((self.weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
+            if ex_bias is not None and self.bias is not None:
+                self.bias.copy_((self.bias + ex_bias).to(dtype=self.bias.dtype))
             return
         parts = [net.modules.get(f"{name}_{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
         if isinstance(self, torch.nn.MultiheadAttention) and all(parts):
             q, k, v = self.in_proj_weight.chunk(3, 0)
             self.in_proj_weight += torch.vstack([parts[0].calc_updown(q)[0], parts[1].calc_updown(k)[0],
                                                  parts[2].calc_updown(v)[0]])
-            self.out_proj.weight += parts[3].calc_updown(self.out_proj.weight)[0]
+            updown_out, ex_bias = parts[3].calc_updown(self.out_proj.weight)
+            self.out_proj.weight += updown_out
+            if ex_bias is not None:
+                self.out_proj.bias += ex_bias
 
 
 def network_apply_weights(self):
@@ -394,7 +601,7 @@ def network_reset_cached_weight(self):
     self.network_bias_backup = None
 
 
-_PATCHED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.MultiheadAttention)
+_PATCHED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
 
 
 def _forward(kind):
