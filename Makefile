@@ -15,17 +15,20 @@ OUT ?= outputs
 
 setup: $(VENV)/.installed
 
+# pip's output goes to $(VENV)/install.log (shown only when an install fails): `make demo` prints our lines.
+# open_clip_torch: the CLIP BPE vocabulary only (its own dependencies are not used).
+PIP_LOG = $(VENV)/install.log
+PIP = $(PY) -m pip install -q --disable-pip-version-check --no-input
+
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[standalone,test]'
-	# The CLIP BPE vocabulary only (its own dependencies are not used).
-	$(PY) -m pip install -q --no-deps "open_clip_torch>=2.20"
-	touch $@
+	@echo "Setting up $(VENV) (first use only; pip's output goes to $(PIP_LOG))"
+	@python3 -m venv $(VENV)
+	@{ $(PIP) --upgrade pip && $(PIP) $(TORCH) && $(PIP) -e '.[standalone,test]' && \
+		$(PIP) --no-deps "open_clip_torch>=2.20"; } > $(PIP_LOG) 2>&1 || { tail -n 30 $(PIP_LOG); exit 1; }
+	@touch $@
 
 demo: setup
-	$(PY) -m finetune_core train textual-inversion --model tiny-sd1 --data examples/dataset --name demo-shapes \
+	@$(PY) -m finetune_core train textual-inversion --model tiny-sd1 --data examples/dataset --name demo-shapes \
 		--init-text "shape" --vectors 2 --steps 40 --width 64 --height 64 --preview-every 20 --save-every 20 \
 		--output-dir $(OUT) --overwrite
 

@@ -16,7 +16,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from finetune_core.errors import ConfigError, FinetuneError
-from finetune_core.settings import add_settings_flags, add_threads_flag
+from finetune_core.settings import (
+    MODEL_HELP,
+    DefaultsHelpFormatter,
+    add_settings_flags,
+    add_threads_flag,
+    require_model,
+)
 
 SECTIONS = ("method", "data", "train")
 
@@ -45,25 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune_core", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics (paths, cache hits, devices)")
     commands = parser.add_subparsers(dest="command", required=True)
+    from finetune_core.jobs.request import form_defaults
     for verb in ("train", "create"):
-        verb_parser = commands.add_parser(verb, help=f"{verb} an artefact with a method")
+        verb_parser = commands.add_parser(verb, help=f"{verb} an artefact with a method" if verb == "train" else
+                                          "create a new, untrained embedding or hypernetwork file to train later")
         methods = verb_parser.add_subparsers(dest="method", required=True)
         for spec in METHODS.values():
+            if verb == "create" and spec.create_type is None:
+                continue  # nothing to create before training (DreamBooth, LoRA): train it directly
             sub = methods.add_parser(spec.key, help=spec.description, description=spec.description)
-            _common_flags(sub, training=verb == "train")
+            _common_flags(sub, training=verb == "train", name_help=spec.name_help)
             taken: set[str] = set()
-            add_settings_flags(sub, "method", spec.config_type if verb == "train" else (spec.create_type or
-                                                                                   spec.config_type), taken)
-            if verb == "train":
-                for section, config_type in _setting_types().items():
-                    add_settings_flags(sub, section, config_type, taken)
+            defaults = form_defaults(spec.key)
+            if verb == "create":
+                add_settings_flags(sub, "method", spec.create_type or spec.config_type, taken)
+                continue
+            add_settings_flags(sub, "method", spec.config_type, taken, defaults["method"])
+            for section, config_type in _setting_types().items():
+                add_settings_flags(sub, section, config_type, taken, defaults[section])
     lint = commands.add_parser("lint", help="check a dataset folder before training")
     lint.add_argument("--model", default=None, help="count tokens with this model's tokenizer (optional)")
     lint.add_argument("--method", default="textual-inversion", choices=list(METHODS))
     add_settings_flags(lint, "data", _setting_types()["data"], set())
     inspect = commands.add_parser("inspect", help="say what an artefact file is and which model it fits")
     inspect.add_argument("file")
-    bench = commands.add_parser("bench", help="print speed, memory and compute-floor figures")
+    bench = commands.add_parser("bench", help="print speed, memory and compute-floor figures",
+                                formatter_class=DefaultsHelpFormatter)
     from finetune_core.bench import add_arguments
     add_arguments(bench)
     add_threads_flag(bench)
@@ -75,15 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
-    parser.add_argument("--model", default="tiny-sd1",
-                        help="tiny-sd1, tiny-sd2, tiny-sdxl, a .safetensors/.ckpt checkpoint or a diffusers folder")
-    parser.add_argument("--name", required=True, help="the artefact's name (the word you will type in prompts)")
-    parser.add_argument("--output-dir", default="outputs", help="laid out like the WebUI: embeddings/, models/...")
+def _common_flags(parser: argparse.ArgumentParser, training: bool, name_help: str) -> None:
+    parser.add_argument("--model", default=None, help=f"required: {MODEL_HELP}")
+    parser.add_argument("--name", default=None, help=name_help + (
+        " (required, but not with --resume: the run's own name)" if training else " (required)"))
+    parser.add_argument("--output-dir", default=None, help="laid out like the WebUI: embeddings/, models/... "
+                        "(default: outputs" + ("; with --resume: the run's own" if training else "") + ")")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file of the same name")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     if training:
-        parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run exactly")
+        parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                            help="continue an interrupted run exactly, with its own name, settings and output folder; "
+                                 "max steps, saving, loss CSV and preview flags may change it, others are refused")
         parser.add_argument("--num-processes", type=int, default=None, metavar="N",
                             help="train data-parallel on N processes (one per GPU; on a CPU, cores are shared) "
                                  "through accelerate launch; the global batch is --batch-size")
@@ -93,6 +109,7 @@ def _common_flags(parser: argparse.ArgumentParser, training: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from finetune_core.cpu import prepare_process
     prepare_process()  # before anything imports torch: OpenMP reads its wait policy once, at load
+    quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ui"]:
         from finetune_core.ui.app import main as ui_main
@@ -109,6 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstopped", file=sys.stderr)
         return 130
+
+
+def quiet_libraries() -> None:
+    """The user sees our lines, not the libraries' notices about their own versions (diffusers imports peft when
+    it is installed, and peft warns about the transformers release on every command)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Support for Transformers < .* is deprecated in PEFT",
+                            category=FutureWarning)
 
 
 def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -133,15 +159,19 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         model = service.load(args.model) if args.model else None
         print(service.lint(settings["data"], args.method, model).format())
         return 0
-    folders = service.OutputFolders.standalone(args.output_dir)
+    resume = getattr(args, "resume", None)
+    if not args.name and not resume:
+        raise ConfigError("no name given: pass --name with the file name the new artefact should have")
+    require_model(args.model)
+    folders = _output_folders(args.output_dir, resume, args.method)
     if args.command == "create":
         service.validate_create(args.method, args.name, settings["method"], folders, args.overwrite)
         model = service.load(args.model, args.device)
         for path in service.create(args.method, args.name, settings["method"], model, folders, args.overwrite):
             print(f"wrote {path}")
         return 0
-    request = service.TrainRequest(args.method, args.name, settings["method"], settings["data"], settings["train"],
-                                   overwrite=args.overwrite, resume_run=args.resume)
+    request = service.TrainRequest(args.method, args.name or "", settings["method"], settings["data"],
+                                   settings["train"], overwrite=args.overwrite, resume_run=resume)
     service.validate_request(request, folders)  # every setting and path before the model loads
     return _train_processes(args, argv, request, folders)
 
@@ -159,7 +189,27 @@ def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any
     processes = join_processes(args.device)  # a launcher started several: join them (one thread share each)
     set_threads(args.threads)
     device = args.device or (str(processes.device) if processes.world > 1 else None)
+    if processes.is_main:  # a full-size checkpoint takes a while to load: say what the wait is
+        print(f"loading the model {args.model} ...", file=sys.stderr)
     return _train(request, service.load(args.model, device), folders, processes)
+
+
+def _output_folders(output_dir: str | None, resume: str | None, method: str) -> Any:
+    """`--output-dir` (default ./outputs); a resumed run writes where it was writing, and a different folder given
+    with --resume is refused rather than ignored."""
+    from pathlib import Path
+
+    from finetune_core.jobs import service
+    from finetune_core.jobs.request import run_output_dir
+    folders = service.OutputFolders.standalone(output_dir or "outputs")
+    own = run_output_dir(Path(resume)) if resume else None
+    if own is None or output_dir is None:
+        return folders
+    asked = folders.for_kind(service.method_spec(method).output_kind)
+    if asked.resolve() != own.resolve():
+        raise ConfigError(f"the run {resume} writes its file to {own}, not {asked}; resume without --output-dir, "
+                          f"or start a new run to write elsewhere")
+    return folders
 
 
 def _section_types(args: argparse.Namespace) -> dict[str, type]:

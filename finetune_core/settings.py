@@ -157,7 +157,9 @@ ALIASES = {"data_dir": ["--data"], "num_vectors": ["--vectors"], "neg_num_vector
            "learning_rate": ["--lr"]}
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str]) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_type: type, taken: set[str],
+                       defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per field of `config_type`; help shows `defaults` (the method's own) over the field's default."""
     group = parser.add_argument_group(f"{section} settings")
     for f in dataclasses.fields(config_type):
         meta: Mapping[str, Any] = f.metadata or {}
@@ -165,7 +167,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_typ
             continue
         taken.add(f.name)
         flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         choices, left_out = offered_choices(meta)
         help_text = f"{meta.get('help', '')}{left_out} (default: {default!r})"
         dest = f"{section}:{f.name}"
@@ -180,3 +182,24 @@ def add_settings_flags(parser: argparse.ArgumentParser, section: str, config_typ
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: one per physical core; fewer on a busy shared machine)")
+
+
+MODEL_HELP = ("a .safetensors/.ckpt checkpoint, a diffusers folder, or tiny-sd1 (also tiny-sd2, tiny-sdxl: a random "
+              "tiny model built in code, to try things out)")
+
+
+def require_model(model: str | None) -> str:
+    """The --model value, or the sentence saying what it may be (no model is never a silent tiny one)."""
+    if not model:
+        raise ConfigError(f"no model given: pass --model with {MODEL_HELP}")
+    return model
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help lines end with the default, where there is one and the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"

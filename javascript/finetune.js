@@ -5,14 +5,26 @@ function finetune_root() {
     return typeof gradioApp === "function" ? gradioApp() : document;
 }
 
-// A status panel rendered with data-running="1" belongs to a job in progress: ask the server for news.
+// A status panel rendered with data-running="1" belongs to a job in progress: ask the server for news. Every panel
+// asks once after the page (re)loads too, so the page shows the job as the server knows it, not as it was when the
+// page was built. The Train button says "Training..." while its job runs.
 function finetune_poll() {
     var root = finetune_root();
     if (!root || !root.querySelectorAll) return;
-    root.querySelectorAll('.finetune-status[data-running="1"]').forEach(function(panel) {
+    root.querySelectorAll('.finetune-status').forEach(function(panel) {
         var slug = (panel.getAttribute("data-method") || "").replace(/-/g, "_");
+        var holder = root.querySelector("#finetune_" + slug + "_progress");
+        var running = panel.getAttribute("data-running") === "1";
         var button = root.querySelector("#finetune_" + slug + "_refresh");
-        if (button) button.click();
+        if (button && (running || (holder && !holder.finetune_seen))) {
+            if (holder) holder.finetune_seen = true;
+            button.click();
+        }
+        var train = root.querySelector("#finetune_" + slug + "_train");
+        if (train) {
+            train.classList.toggle("finetune-training", running);
+            train.textContent = running ? "Training..." : "Train";
+        }
     });
 }
 

@@ -372,7 +372,8 @@ def test_ctrl_c_in_the_cli_saves_and_names_the_run_folder(tiny_model, one_image_
     handler = signal.getsignal(number)  # the default one, or SIG_IGN in a pytest-xdist worker
     presser = threading.Thread(target=press_ctrl_c, daemon=True)
     presser.start()
-    code = main(["train", "textual-inversion", "--name", "ctrlc", "--data", str(one_image_dataset), "--template",
+    code = main(["train", "textual-inversion", "--model", "tiny-sd1", "--name", "ctrlc",
+                 "--data", str(one_image_dataset), "--template",
                  str(one_image_dataset.parent / "name_only.txt"), "--width", "64", "--height", "64", "--steps",
                  "100000", "--preview-every", "0", "--save-every", "0", "--csv-every", "1",
                  "--output-dir", str(folders.embeddings.parent)])

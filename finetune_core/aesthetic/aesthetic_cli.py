@@ -15,7 +15,14 @@ from finetune_core.aesthetic.gradients import AestheticApplyConfig, AestheticCre
 from finetune_core.cpu import set_threads
 from finetune_core.jobs import service
 from finetune_core.jobs.service import OutputFolders
-from finetune_core.settings import add_settings_flags, add_threads_flag, coerce_settings
+from finetune_core.settings import (
+    MODEL_HELP,
+    DefaultsHelpFormatter,
+    add_settings_flags,
+    add_threads_flag,
+    coerce_settings,
+    require_model,
+)
 
 SECTIONS: dict[str, dict[str, type]] = {
     "create": {"aesthetic": AestheticCreateConfig},
@@ -36,7 +43,7 @@ def add_parser(commands: Any) -> None:
     apply = verbs.add_parser("apply", help="generate with an aesthetic embedding applied",
                              description="txt2img on the model with the embedding applied to the conditioning; "
                                          "images go to <output-dir>/aesthetic/ with their infotext.")
-    apply.add_argument("--model", default="tiny-sd1", help="tiny-sd1/2/xl, a checkpoint file or a diffusers folder")
+    apply.add_argument("--model", default=None, help=f"required: {MODEL_HELP}")
     apply.add_argument("--compare", action="store_true", help="also write the same seed without the embedding")
     for verb, sub in (("create", create), ("apply", apply)):
         sub.add_argument("--output-dir", default="outputs",
@@ -48,7 +55,7 @@ def add_parser(commands: Any) -> None:
             add_settings_flags(sub, section, config_type, taken)
     create.add_argument("--overwrite", action="store_true", help="replace an embedding of the same name")
     bench = verbs.add_parser("bench", help="the generation overhead: first and repeated prompt against plain "
-                                           "conditioning")
+                                           "conditioning", formatter_class=DefaultsHelpFormatter)
 
     add_arguments(bench)
     add_threads_flag(bench)
@@ -106,7 +113,7 @@ def _apply(args: argparse.Namespace, settings: dict[str, dict[str, Any]]) -> int
     embeddings = aesthetic_service.library(lambda: [folders.aesthetic_embeddings])
     if config.aesthetic_embedding not in ("", "None"):
         embeddings.target(config.aesthetic_embedding, config.clip_model)  # a missing file is named before loading
-    model = service.load(args.model, args.device)
+    model = service.load(require_model(args.model), args.device)
     runs = [(config, config.aesthetic_embedding)]
     if args.compare:
         runs.append((AestheticApplyConfig(), "plain"))

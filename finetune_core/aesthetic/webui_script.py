@@ -139,7 +139,12 @@ class AestheticSection:
 
 
 def _refuse(p: Any, error: FinetuneError) -> None:
-    """Fail this generation with `error` when it computes its conditioning (the WebUI shows the sentence)."""
+    """Fail this generation with `error` when it computes its conditioning (the WebUI shows the sentence). The
+    WebUI's API answers an exception with `vars(e).get('status_code', 500)` and `vars(e).get('detail')`: the
+    sentence becomes a 400's detail, not a 500 with it buried in `errors`."""
+    error.status_code = 400  # type: ignore[attr-defined]
+    error.detail = str(error)  # type: ignore[attr-defined]
+
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise error
 

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (after one untimed first step)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case and setting, each its own process")
     parser.add_argument("--models", default=",".join(TINY), help="tiny model names, sd15-full, or checkpoint paths")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to time")
     parser.add_argument("--set", default="", metavar="SETTINGS",
                         help="settings of every run, e.g. 'batch_size=2,threads=1,MALLOC_ARENA_MAX=2': method, "
                         "data or train settings, threads, device, channels_last, unet_grads, or environment "

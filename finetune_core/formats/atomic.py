@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import contextvars
 import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -159,6 +161,9 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
         raise ArtifactError(f"{source} does not exist")
     if source.stat().st_size == 0:
         raise ArtifactError(f"{source} is empty (0 bytes)")
+    if not is_torch_file(source):
+        raise ArtifactError(f"{source} is not a file this tool can read: it is {file_kind(source)}, neither a torch "
+                            f"file nor a pickle; use the file as it was saved")
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -166,12 +171,44 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
             raise ArtifactError(f"{source} is not a file this tool can read: it is neither a torch file nor any "
                                 f"pickle (random or damaged bytes, or another format with a .pt name); use the "
                                 f"file as it was saved") from exc
-        raise ArtifactError(
-            f"{source} was refused: it is a pickle that wants to run code or import something other than "
-            f"tensors and plain values ({_first_line(exc)}); only safe files are loaded") from exc
+        raise refused_pickle(source, exc) from exc
     except Exception as exc:  # torch raises many types for garbage (IndexError, KeyError, EOFError, ...)
         raise ArtifactError(f"{source} is not a readable torch file (truncated or another format): "
                             f"{_first_line(exc)}") from exc
+
+
+def refused_pickle(source: Path, exc: BaseException) -> ArtifactError:
+    """The sentence for a pickle the safe loader refused. torch's own text goes on to suggest `weights_only=False`,
+    which would run the file's code: it is never quoted."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f" ({found.group(1)})" if found else ""
+    return ArtifactError(f"{source} was refused: it is a pickle that imports something other than tensors and "
+                         f"plain values{what}; only safe files are loaded")
+
+
+def is_torch_file(path: Path) -> bool:
+    """A zip (torch's format since 1.6) or a pickle (the legacy format starts with a protocol 2-5 opcode)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+OTHER_BINARY = "binary data of another format"
+
+
+def file_kind(path: Path) -> str:
+    """What a file that is not a model file looks like, in a few words."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head[:3] == b"\xff\xd8\xff":
+        return "a JPEG image"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at 4096 bytes is fine
+    except UnicodeDecodeError:
+        return OTHER_BINARY
+    return "a text file" if b"\x00" not in head else OTHER_BINARY
 
 
 def _is_pickle(path: Path) -> bool:

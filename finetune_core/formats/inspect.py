@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -16,7 +17,7 @@ import torch
 from finetune_core.errors import ArtifactError
 from finetune_core.formats import aesthetic, checkpoint, embedding
 from finetune_core.formats import hypernetwork_file as hypernetwork
-from finetune_core.formats.atomic import load_pt
+from finetune_core.formats.atomic import OTHER_BINARY, file_kind, is_torch_file, load_pt, refused_pickle
 from finetune_core.formats.describe import describe_object, is_embedding, is_hypernetwork
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
 from finetune_core.formats.networks import type_of
@@ -34,7 +35,8 @@ Shapes = dict[str, tuple[int, ...]]
 class ArtifactInfo:
     """What `inspect_file` found.
 
-    `kind` is embedding, hypernetwork, checkpoint, aesthetic embedding, lora or unknown.
+    `kind` is embedding, hypernetwork, checkpoint, aesthetic embedding, lora, run file (a file of a training run's
+    folder: resume state, settings, loss CSV, preview image) or unknown.
     """
 
     path: Path
@@ -67,8 +69,11 @@ class ArtifactInfo:
         elif self.kind == "checkpoint":
             text = f"Stable Diffusion checkpoint{fam}: {self.tensor_count} tensors" + (
                 f", {self.details}" if self.details else "")
+        elif self.kind == "run file":
+            return f"{self.path.name}: {self.details}"
         else:
-            return f"{self.path.name}: not a file this extension knows ({self.details})"
+            return (f"{self.path.name} is not an artefact (an embedding, hypernetwork, checkpoint, LoRA or aesthetic "
+                    f"embedding): {self.details}")
         if self.step is not None and self.kind in ("embedding", "hypernetwork"):
             text += f", step {self.step}"
         if self.sd_checkpoint_name or self.sd_checkpoint:
@@ -83,15 +88,61 @@ def inspect_file(path: str | os.PathLike[str]) -> ArtifactInfo:
     if not source.is_file():
         raise ArtifactError(f"{source} does not exist or is not a file")
     suffix = source.suffix.lower()
+    run_file = _run_file(source)
+    if run_file is not None:
+        return ArtifactInfo(path=source, kind="run file", details=run_file)
     try:
         if suffix == ".safetensors":
             shapes, metadata = read_safetensors_header(source)
             return _from_shapes(source, shapes, metadata)
         if suffix in IMAGE_SUFFIXES:
-            return _from_embedding(source, embedding.embedding_from_obj(read_image_data(source), source))
+            return _from_image(source)
+        if not is_torch_file(source) and file_kind(source) != OTHER_BINARY:  # a text file, an image: said plainly
+            return ArtifactInfo(path=source, kind="unknown", details=f"it is {file_kind(source)}")
         return _from_object(source, _load_torch(source))
     except ArtifactError as exc:
         return ArtifactInfo(path=source, kind="unknown", details=str(exc))
+
+
+# The files of a training run's folder (`train/run_folder.py` writes them), by their place in it.
+_RUN_FILES = {
+    ("state", "checkpoint.pt"): "the resume state of a training run (its trainable weights, optimizer and counters); "
+                                "not a model file: continue the run with --resume {run} (or the tab's Resume a run)",
+    ("state", "config.json"): "the training settings of a run's resume state; the run {run} resumes with them",
+    ("", "settings.json"): "what the training run {run} was started with (settings, model, output folder)",
+    ("", "request.json"): "the request the training run {run} was started with; --resume rebuilds the run from it",
+    ("", "loss.csv"): "the loss log of the training run {run} (step, epoch, epoch_step, loss, learn_rate)",
+}
+
+
+def _run_file(source: Path) -> str | None:
+    """What a file of a training run's folder is, told by its name and place (a run folder holds request.json)."""
+    for (parent, name), text in _RUN_FILES.items():
+        run = source.parent.parent if parent else source.parent
+        if source.name == name and (not parent or source.parent.name == parent) and (run / "request.json").is_file():
+            return text.format(run=run)
+    return None
+
+
+def _from_image(source: Path) -> ArtifactInfo:
+    """An image embedding, or a picture without one said plainly (a run's preview, a WebUI image)."""
+    try:
+        return _from_embedding(source, embedding.embedding_from_obj(read_image_data(source), source))
+    except ArtifactError as exc:
+        from PIL import Image
+
+        try:
+            with Image.open(source) as image:
+                parameters = getattr(image, "text", {}).get("parameters", "")
+        except OSError:
+            raise exc from None
+    if (source.parent.name == "images" and (source.parent.parent / "request.json").is_file()) or \
+            "Fine-tune:" in parameters:
+        return ArtifactInfo(path=source, kind="run file", details=(
+            f"a preview image of the training run {source.parent.parent}, not an embedding (its generation "
+            f"parameters are in the PNG: the WebUI's PNG Info reads them)"))
+    what = "an image with generation parameters (PNG Info reads them)" if parameters else "an image"
+    return ArtifactInfo(path=source, kind="unknown", details=f"it is {what}, without an embedding inside")
 
 
 def tensors_of(path: str | os.PathLike[str]) -> list[tuple[str, torch.Tensor]]:
@@ -160,6 +211,8 @@ def _load_torch(source: Path) -> Any:
         return load_pt(source)
     except ArtifactError:
         raise
+    except pickle.UnpicklingError as exc:
+        raise refused_pickle(source, exc) from exc
     except Exception as exc:  # torch's safe unpickler raises assorted errors on garbage; all mean "unreadable"
         raise ArtifactError(f"{source} is not a readable or safe torch file: {exc}") from exc
 

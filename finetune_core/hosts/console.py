@@ -22,6 +22,8 @@ class ConsoleProgress:
         self.desc = desc
         self.echo = echo
         self.bar: Any = None
+        self.phase_bar: Any = None  # work before step 1 (class images, latents): its own bar, count and ETA
+        self.phase = ""
 
     def __enter__(self) -> ConsoleProgress:
         return self
@@ -30,12 +32,29 @@ class ConsoleProgress:
         self.close()
 
     def close(self) -> None:
+        self._close_phase()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
+    def _close_phase(self) -> None:
+        if self.phase_bar is not None:
+            self.phase_bar.close()
+            self.phase_bar = None
+            self.phase = ""
+
+    def _on_phase(self, event: events.Phase) -> None:
+        if event.what != self.phase or self.phase_bar is None:
+            self._close_phase()
+            self.phase = event.what
+            self.phase_bar = self.tqdm(total=event.total, file=self.stream, unit="item", dynamic_ncols=True,
+                                       desc=f"{self.desc + ': ' if self.desc else ''}{event.what}", mininterval=0.2)
+        self.phase_bar.update(event.done - self.phase_bar.n)
+
     def __call__(self, event: Any) -> None:
-        if isinstance(event, events.Started):
+        if isinstance(event, events.Phase):
+            self._on_phase(event)
+        elif isinstance(event, events.Started):
             self.close()
             self.bar = self.tqdm(total=event.total_steps, initial=event.start_step, file=self.stream, unit="step",
                                  desc=self.desc, dynamic_ncols=True, mininterval=0.2)
@@ -47,7 +66,7 @@ class ConsoleProgress:
         elif isinstance(event, events.ArtifactChecked) and self.echo:
             self.tqdm.write(f"checked {event.line}", file=self.stream)
         elif isinstance(event, events.Warning_) and self.echo:
-            self.tqdm.write(f"warning: {event.message}", file=self.stream)
+            self.tqdm.write(f"{'note' if event.note else 'warning'}: {event.message}", file=self.stream)
         elif isinstance(event, events.ValidationEvent):  # the WebUI's console shows it too: it is not logged
             self.tqdm.write(f"validation loss at step {event.step}: {event.loss:.6g} (best {event.best_loss:.6g} at "
                             f"step {event.best_step})", file=self.stream)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finetune_core.errors import FinetuneError, JobBusy
+from finetune_core.hosts.console import format_seconds
 from finetune_core.hosts.host import Host
 from finetune_core.jobs import best_step, compare, service
 from finetune_core.jobs.service import JobResult, TrainRequest
@@ -53,7 +54,8 @@ class JobState:
     total: int = 0
     start_step: int = 0
     epoch: int = 0
-    phase: str = ""  # work before step 1, e.g. "latents 3/10"; empty once training runs
+    phase: str = ""  # work before step 1, e.g. "latents 3/10, ETA 4s"; empty once training runs
+    phase_started: float | None = None  # when the current phase began (its ETA)
     losses: list[tuple[int, float]] = field(default_factory=list)
     learning_rates: list[tuple[int, float]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
@@ -61,6 +63,7 @@ class JobState:
     seconds_per_step: float | None = None
     previews: list[tuple[Path, int, str]] = field(default_factory=list)  # (path, step, prompt)
     artifacts: list[Path] = field(default_factory=list)
+    copies: list[Path] = field(default_factory=list)  # intermediate copies saved in the run folder so far
     messages: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)  # the host's loader on each saved file ("N of N modules applied")
     error: str = ""
@@ -83,10 +86,17 @@ class JobState:
                 "learning_rates": [list(p) for p in thin(self.learning_rates, history)],
                 "validation_losses": [list(p) for p in thin(self.validation_losses, history)],
                 "previews": [{"path": str(p), "step": s, "prompt": t} for p, s, t in self.previews],
-                "artifacts": [str(p) for p in self.artifacts], "messages": list(self.messages),
-                "checks": list(self.checks),
+                "artifacts": [str(p) for p in self.artifacts], "copies": [str(p) for p in self.copies],
+                "messages": list(self.messages), "checks": list(self.checks),
                 "error": self.error, "run_dir": None if self.run_dir is None else str(self.run_dir),
                 "started_at": self.started_at, "finished_at": self.finished_at, "version": self.version}
+
+
+def where_job_is(state: JobState) -> str:
+    """'step 3/10', or what it does before its first step ('preparing latents 2/5', 'starting')."""
+    if state.total:
+        return f"step {state.step}/{state.total}"
+    return f"preparing {state.phase}" if state.phase else "starting"
 
 
 def thin(points: list[tuple[int, float]], limit: int) -> list[tuple[int, float]]:
@@ -210,8 +220,8 @@ class JobRunner:
     def _refuse_if_busy(self, what: str) -> None:
         """Under self._lock: JobBusy naming the running job."""
         if self._state.active:
-            raise JobBusy(f"{what} ({self._state.method} '{self._state.name}', step {self._state.step}/"
-                          f"{self._state.total}); wait for it to finish or press Interrupt, then try again.")
+            raise JobBusy(f"{what} ({self._state.method} '{self._state.name}', {where_job_is(self._state)}); wait "
+                          f"for it to finish or press Interrupt, then try again.")
 
     def interrupt(self) -> bool:
         """Ask the running job to save and stop at the next step; False when nothing runs."""
@@ -309,7 +319,13 @@ def record_event(state: JobState, event: Event) -> None:
         state.run_dir, state.total, state.start_step, state.step = (event.run_dir, event.total_steps,
                                                                     event.start_step, event.start_step)
     elif isinstance(event, Phase):
+        now = time.time()
+        if event.done == 0 or state.phase_started is None or not state.phase.startswith(f"{event.what} "):
+            state.phase_started = now
         state.phase = f"{event.what} {event.done}/{event.total}"
+        if 0 < event.done < event.total:
+            left = (now - state.phase_started) / event.done * (event.total - event.done)
+            state.phase += f", ETA {format_seconds(left)}"
     elif isinstance(event, StepEvent):
         state.phase = ""
         state.step, state.total, state.epoch = event.step, event.total_steps, event.epoch
@@ -323,6 +339,8 @@ def record_event(state: JobState, event: Event) -> None:
     elif isinstance(event, ArtifactSaved):
         if event.final:
             state.artifacts = _unique(state.artifacts + [Path(p) for p in event.paths])
+        else:
+            state.copies = _unique(state.copies + [Path(p) for p in event.paths])
     elif isinstance(event, ArtifactChecked):
         state.checks.append(event.line)
     elif isinstance(event, Warning_):

@@ -242,8 +242,9 @@ class WebUIHost:
         and the outcome in one line."""
         from modules import shared
 
-        if isinstance(event, Started) and not getattr(shared.cmd_opts, "disable_console_progressbars", False):
-            self._console = ConsoleProgress(shared.progress_print_out, desc="Fine-tune", echo=False)
+        starts = isinstance(event, Started) or (isinstance(event, Phase) and self._console is None)  # preparing
+        if starts and not getattr(shared.cmd_opts, "disable_console_progressbars", False):
+            self._console = self._console or ConsoleProgress(shared.progress_print_out, desc="Fine-tune", echo=False)
         if self._console is not None:
             self._console(event)
         if isinstance(event, Failed):

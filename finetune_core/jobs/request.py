@@ -156,6 +156,8 @@ class Plan:
     overwrite: bool  # asked for, or continuing a file in place
     run_dir: Path | None  # the run folder when resuming
     logs: Path  # where new run folders go
+    resume_changes: dict[str, Any] = field(default_factory=dict)  # training settings a resume changes
+    notes: list[str] = field(default_factory=list)  # one line per change, for the host to show
 
 
 def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = ()) -> Plan:
@@ -165,14 +167,20 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
     """
     request = _typed_request(request)
     run_dir = Path(request.resume_run) if request.resume_run else None
+    changes: dict[str, Any] = {}
+    notes: list[str] = []
     if run_dir is not None:
-        request = _saved_request(run_dir, request)
+        saved = _saved_request(run_dir, request)
+        changes = resume_changes(saved, request)
+        started = {**form_defaults(saved.method)["train"], **saved.train_settings}
+        notes = [_change_note(key, value, started.get(key)) for key, value in changes.items()]
+        request = dataclasses.replace(saved, train_settings={**saved.train_settings, **changes})
     spec = method_spec(request.method)
     name = sanitize_name(request.name)
     configs = _configs(spec, request, name, template_dirs)
     if spec.resolve is not None:
         configs["method"] = spec.resolve(configs["method"], configs["data"], folders.logs / spec.log_folder)
-    final_dir = folders.for_kind(spec.output_kind)
+    final_dir = (run_output_dir(run_dir) if run_dir is not None else None) or folders.for_kind(spec.output_kind)
     continue_from = getattr(configs["method"], "continue_from", "")
     continued_step = _check_continue_from(continue_from, final_dir, spec.output_kind) if continue_from else 0
     overwrite = request.overwrite or (bool(continue_from) and _same_stem(continue_from, final_dir, name))
@@ -185,7 +193,56 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
     check_writable(run_dir or folders.logs, "run folder")
     if configs["data"].cache_dir.strip():
         check_writable(Path(configs["data"].cache_dir).expanduser(), "latent cache folder (cache_dir)")
-    return Plan(request, spec, name, configs, final_dir, overwrite, run_dir, folders.logs)
+    return Plan(request, spec, name, configs, final_dir, overwrite, run_dir, folders.logs, changes, notes)
+
+
+# Training settings a resume may change: they decide when the run stops and what it writes, not the maths of the
+# steps it has already taken (an exact resume stays exact up to the step it was saved at).
+CHANGEABLE_ON_RESUME = ("steps", "save_every", "save_keep_last", "preview_every", "csv_every", "preview_prompt",
+                        "preview_negative_prompt", "preview_steps", "preview_sampler", "preview_cfg_scale",
+                        "preview_seed", "preview_width", "preview_height")
+
+
+def resume_changes(saved: TrainRequest, given: TrainRequest) -> dict[str, Any]:
+    """The training settings `given` changes in the run `saved` describes; a ConfigError for any other setting
+    given with a value other than the run's own (the name, the method's and the dataset's settings, the maths)."""
+    defaults = form_defaults(saved.method)
+    problems: list[str] = []
+    changes: dict[str, Any] = {}
+    if given.name and given.name != saved.name:
+        problems.append(f"the name is {saved.name!r} in this run, not {given.name!r}")
+    for section, key in (("method", "method_settings"), ("data", "data_settings"), ("train", "train_settings")):
+        old_values = {**defaults[section], **getattr(saved, key)}
+        for name, value in getattr(given, key).items():
+            old = old_values.get(name)
+            if value == old:
+                continue
+            if section == "train" and name in CHANGEABLE_ON_RESUME:
+                changes[name] = value
+            else:
+                problems.append(f"{name} is {old!r} in this run, not {value!r}")
+    if problems:
+        raise ConfigError(f"a resumed run keeps its own settings (only max steps, saving, the loss CSV and previews "
+                          f"can change): {'; '.join(problems)}; leave these out to resume {saved.resume_run}, or "
+                          f"start a new run to change them")
+    return changes
+
+
+def _change_note(name: str, value: Any, old: Any) -> str:
+    """The one line a host shows for a setting a resume changes."""
+    if name == "steps":
+        return f"resuming with max steps {value} (the run was started with {old}): it now stops at step {value}"
+    return f"resuming with {name} {value!r} (the run was started with {old!r})"
+
+
+def run_output_dir(run_dir: Path) -> Path | None:
+    """The folder a run writes its final artefact into, as its settings.json records it (None when unrecorded)."""
+    import json
+    try:
+        recorded = json.loads((run_dir / "settings.json").read_text(encoding="utf-8"))["output"]["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(recorded) if isinstance(recorded, str) and recorded else None
 
 
 def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: Sequence[Path]) -> dict[str, Any]:

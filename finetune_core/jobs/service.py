@@ -42,6 +42,7 @@ from finetune_core.train.loop import OutputSpec, resume_training, run_training
 from finetune_core.train.lr_schedule import parse_schedule
 from finetune_core.train.randomness import resolve_seed
 from finetune_core.train.run_folder import RunFolder
+from finetune_core.train.train_config import config_from_dict
 
 __all__ = ["JobResult", "OutputFolders", "TrainRequest", "build_config", "create", "form_defaults", "inspect", "lint",
            "load", "method_spec", "request_from_json", "train", "validate_create", "validate_request"]
@@ -134,6 +135,8 @@ def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, 
     if plan.run_dir is not None:
         _require_same_family(plan.run_dir, model)
     job = _prepare_job(plan, model, processes)
+    for note in plan.notes:
+        emit(Warning_(note, note=True))
     for message in job.warnings:
         emit(Warning_(message))
     return _run(plan, job, model, folders, emit, control, processes)
@@ -222,8 +225,10 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
             if main:
                 preflight.remove_stale_temporaries(run_dir, recursive=True, older_than=0.0)
             processes.barrier()
-            result = resume_training(model, job.method, job.data, RunFolder(run_dir), output, on_event=emit,
-                                     control=control, processes=processes, validation=job.validation)
+            run = RunFolder(run_dir)
+            config = dataclasses.replace(config_from_dict(run.load_config()), **plan.resume_changes)
+            result = resume_training(model, job.method, job.data, run, output, on_event=emit, control=control,
+                                     config=config, processes=processes, validation=job.validation)
     except OSError as exc:
         if preflight.is_network_error(exc):
             raise preflight.network_error(exc, run_dir) from exc
@@ -232,10 +237,19 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
         if not _out_of_memory(exc):
             raise
         raise preflight.out_of_memory(exc, model, run_dir) from exc
-    verb = "interrupted at" if result.interrupted else "finished at"
-    written = ", ".join(str(p) for p in result.artifacts)
-    message = f"Training {verb} step {result.step}. Wrote {written}. Run folder: {result.run_dir}"
+    message = outcome_message(result.step, result.interrupted, list(result.artifacts), result.run_dir)
     return JobResult(list(result.artifacts), result.run_dir, result.step, result.interrupted, message)
+
+
+def outcome_message(step: int, interrupted: bool, artifacts: Sequence[Path], run_dir: Path | None) -> str:
+    """The one line a host shows when a job ends: what it wrote, or that it wrote nothing."""
+    verb = "interrupted at" if interrupted else "finished at"
+    if artifacts:
+        written = f"Wrote {', '.join(str(p) for p in artifacts)}."
+    else:
+        written = "Nothing was written (it stopped before its first step)." if step == 0 else "Nothing was written."
+    where = f" Run folder: {run_dir}" if run_dir is not None else ""
+    return f"Training {verb} step {step}. {written}{where}"
 
 
 def _out_of_memory(exc: BaseException) -> bool:

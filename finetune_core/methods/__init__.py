@@ -47,6 +47,7 @@ class MethodSpec:
     data: Data = image_dataset  # the images of a run (DreamBooth, LoRA: instance and class images in pairs)
     resolve: Resolve | None = None
     usual_max_lr: float = 0.0  # a learning rate above this gets a warning (the method's usual rates are far lower)
+    name_help: str = "The file name of the artefact."  # what the name is for this method (the tab, --name)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -56,34 +57,39 @@ METHODS: dict[str, MethodSpec] = {
         "Learn a new word (an embedding) for a subject or style; the model stays unchanged.",
         textual_inversion.build, textual_inversion.create_file, textual_inversion.memory_needs,
         data_defaults={"template": "style_filewords.txt"},
-        train_defaults={"learning_rate": "0.005"}),
+        train_defaults={"learning_rate": "0.005"},
+        name_help="The embedding's file name, and the word you write in prompts."),
     "hypernetwork": MethodSpec(
         "hypernetwork", "Hypernetwork", hypernetwork.HypernetworkConfig, hypernetwork.HypernetworkCreate,
         "hypernetworks", "hypernetwork",
         "Small networks on every attention layer's keys and values; good for styles.",
         hypernetwork.build, hypernetwork.create_file, hypernetwork.memory_needs,
         data_defaults={"template": "hypernetwork.txt"},
-        train_defaults={"learning_rate": "0.00001"}),
+        train_defaults={"learning_rate": "0.00001"},
+        name_help="The hypernetwork's file name; the WebUI applies it with <hypernet:NAME:1> in a prompt."),
     "dreambooth": MethodSpec(
         "dreambooth", "DreamBooth", dreambooth.DreamBoothConfig, None, "checkpoints", "dreambooth",
         "Fine-tune the model itself on your subject, optionally with prior preservation; writes a checkpoint.",
         dreambooth.build, None, dreambooth.memory_needs,
         train_defaults={"learning_rate": "0.000005", "steps": 800, "save_every": 0, "preview_every": 200,
                         "csv_every": 50},
-        data=dreambooth.training_data, resolve=resolve_class_folder, usual_max_lr=1e-3),
+        data=dreambooth.training_data, resolve=resolve_class_folder, usual_max_lr=1e-3,
+        name_help="The new checkpoint's file name; in prompts your subject is the instance token (e.g. sks)."),
     "dreamartist": MethodSpec(
         "dreamartist", "DreamArtist (APT)", dreamartist.DreamArtistConfig, dreamartist.DreamArtistCreate,
-        "embeddings", "dream_artist",
+        "embeddings", "dreamartist",
         "A word NAME and its negative NAME-neg learned together under guidance, often from one image; use NAME in "
         "the prompt and NAME-neg in the negative prompt.",
         dreamartist.build, dreamartist.create_file, dreamartist.memory_needs,
         data_defaults={"template": "subject.txt", "attention_masks": True},
-        train_defaults={"learning_rate": "0.003", "steps": 8000}),
+        train_defaults={"learning_rate": "0.003", "steps": 8000},
+        name_help="The embeddings' file name: write NAME in the prompt and NAME-neg in the negative prompt."),
     "lora": MethodSpec(
         "lora", "LoRA", lora.LoraConfig, None, "loras", "lora",
         "Low-rank adapters on the UNet (and optionally the text encoders); the file <lora:NAME:1> loads.",
         lora.build, None, lora.memory_needs,
         data_defaults={"template": "filewords.txt"},
         train_defaults={"learning_rate": "0.0001"},
-        data=lora.training_data, resolve=resolve_class_folder),
+        data=lora.training_data, resolve=resolve_class_folder,
+        name_help="The LoRA's file name; the WebUI applies it with <lora:NAME:1> in a prompt."),
 }

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_core.errors import ArtifactError, ConfigError
+from finetune_core.formats.atomic import load_pt
 
 INPUT_SIZE = 384
 NUM_CLASSES = 3
@@ -52,7 +53,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             data: Any = load_file(str(path))
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_pt(path)  # its refusal of an unsafe pickle never suggests loading it unsafely
     except Exception as exc:  # any unreadable or unsafe file: one sentence, whatever the reader raised
         raise ArtifactError(f"the discriminator file {path} could not be read as a state dict ({exc}); give a "
                             f"ConvNeXt-Tiny state dict (.pth, .pt or .safetensors)") from None

@@ -162,7 +162,8 @@ def generate_class_images(context: PrepareContext, settings: PriorPreservationSe
     made: list[Path] = []
     taken = set(folder.generated(request))
     free = [i for i in range(settings.class_images + len(taken)) if i not in taken][:max(0, missing)]
-    context.progress("class images", 0, max(0, missing))
+    what = f"class images into {folder.folder}"  # where they go, said in every host's progress line
+    context.progress(what, 0, max(0, missing))
     for start in range(0, len(free), settings.class_batch_size):
         indices = free[start:start + settings.class_batch_size]
         images = context.sample(SampleRequest(
@@ -171,7 +172,7 @@ def generate_class_images(context: PrepareContext, settings: PriorPreservationSe
             seed=request.seed + indices[0], sampler=request.sampler))
         for index, image in zip(indices, images):
             made += folder.save(request, [image], index)
-        context.progress("class images", len(made), len(free))
+        context.progress(what, len(made), len(free))
     return made
 
 

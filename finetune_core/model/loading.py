@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from finetune_core.errors import FinetuneError, ModelMismatchError
+from finetune_core.errors import ArtifactError, FinetuneError, ModelMismatchError
 from finetune_core.formats.checkpoint import read_state_dict
 from finetune_core.formats.hash_cache import cached_sha256
 from finetune_core.model.diffusers_backend import DiffusersModel
@@ -84,9 +84,25 @@ def _require_standalone_packages() -> None:
 def _load_single_file(path: Path, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:
     from finetune_core.model.single_file import load_single_file
 
-    c = load_single_file(path)
+    try:
+        c = load_single_file(path)
+    except ArtifactError as exc:  # not full-size: one trained from a built-in tiny model loads back with its configs
+        c = _tiny_single_file(path, exc)
     return DiffusersModel(c.unet, c.vae, c.text_encoder, c.text_encoder_2, family=c.family,
                           prediction_type=c.prediction_type, identity=c.identity, device=device, dtype=dtype)
+
+
+def _tiny_single_file(path: Path, failed: ArtifactError) -> Any:
+    """A checkpoint with the architecture of a built-in tiny model (one we wrote from it), or the first error."""
+    from finetune_core.model.single_file import load_single_file
+    from finetune_core.model.tiny import tiny_configs, tiny_spec
+
+    for name in TINY_MODELS:
+        try:
+            return load_single_file(path, configs=tiny_configs(tiny_spec(name)))
+        except ArtifactError:
+            continue
+    raise failed
 
 
 def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch.dtype) -> DiffusionModel:

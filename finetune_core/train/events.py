@@ -83,6 +83,7 @@ class ArtifactChecked:
 @dataclass(frozen=True)
 class Warning_:
     message: str
+    note: bool = False  # a change the user asked for (a resume's new last step), not a problem
 
 
 @dataclass(frozen=True)

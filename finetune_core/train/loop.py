@@ -102,6 +102,7 @@ class Trainer:
         self.counters = Counters(step=0, attempt=0, seed=0)
         self.previews_failed = False
         self.stopped_early = False  # the validation loss stopped improving for `early_stop_patience` evaluations
+        self._last_rate = 0.0  # the learning rate of the last step, for the CSV row written at the end
         self._dataset: DatasetSummary | None = None  # the same for the whole run once the data is prepared
 
     def run(self) -> TrainResult:
@@ -131,7 +132,7 @@ class Trainer:
                 guard = NanGuard(self.counters.guard, config.nan_guard_bad_steps, config.nan_guard_max_rollbacks,
                                  config.nan_guard_lr_factor, snapshots=job.method.state_policy.rollback_snapshots)
                 guard.take_snapshot(self.counters.step, _kept(ctx), ctx.optimizer, ctx.scaler)
-                if self.writes:
+                if self.writes and not self.resume:  # settings.json says what the run was started with
                     job.run.write_settings(self._settings())
                 self.emit(Started(job.run.path, total, self.counters.step))
                 interrupted = self._loop(ctx, guard, schedule, total)
@@ -141,6 +142,10 @@ class Trainer:
 
     def _check_steps_left(self, total: int) -> None:
         """A file continued from at or past the run's last step would be written back unchanged: say so instead."""
+        if self.resume and self.counters.step >= total:
+            raise ConfigError(f"the run {self.job.run.path} is already at step {self.counters.step} and stops at step "
+                              f"{total} (max steps or the end of the learning-rate schedule), so there is nothing "
+                              f"left to train; resume with max steps above {self.counters.step}")
         problem = None if self.resume else nothing_to_train(self.counters.step, total)
         if problem:
             raise ConfigError(problem)
@@ -330,17 +335,15 @@ class Trainer:
                     per_step: float) -> None:
         """Events, CSV, saves, snapshots and previews after a good step."""
         c, config, control = self.counters, self.job.config, self.control
-        epoch, epoch_step = self._epoch()
+        epoch = self._epoch()[0]
         self.emit(StepEvent(c.step, total, outcome.loss, lr, epoch, per_step, per_step * (total - c.step),
                             outcome.prompt))
         c.csv_losses.append(outcome.loss)
+        self._last_rate = lr
         saving = bool(config.save_every and c.step % config.save_every == 0) or control.save_requested
         validation = self._validate(ctx, saving)
         if (config.csv_every and c.step % config.csv_every == 0) or validation is not None:
-            mean = sum(c.csv_losses) / len(c.csv_losses)
-            if self.writes:
-                self.job.run.append_loss_row(LossRow(c.step, epoch, epoch_step, mean, lr, validation))
-            c.csv_losses.clear()
+            self._write_loss_row(validation)
         if saving:
             control.save_requested = False
             self._save_intermediate(ctx)
@@ -426,6 +429,8 @@ class Trainer:
         # The run claims its final file in the resume state before writing it: killed between the two, a resume
         # then rewrites the file as its own instead of refusing it as someone else's.
         c.final_written = True
+        if self.job.config.csv_every and not interrupted:  # the steps since the last row (a run shorter than
+            self._write_loss_row()  # csv_every has its CSV too); an interrupted run keeps them for its resume
         self._save_state(ctx)
         with ctx.averages.swapped_in():
             paths = method.write_artifact(Path(out.final_dir), out.name, self._meta(), True)
@@ -448,6 +453,18 @@ class Trainer:
                 shown = ", ".join(check.unmatched[:8]) + (", ..." if len(check.unmatched) > 8 else "")
                 self.emit(Warning_(f"{path.name}: {len(check.unmatched)} of {check.total} modules not applied by "
                                    f"{check.loader} (keys {shown}); the model does not have those layers"))
+
+    def _write_loss_row(self, validation: float | None = None) -> None:
+        """One CSV row: the mean loss of the steps since the last row (the WebUI's `textual_inversion_loss.csv`),
+        with the validation loss evaluated at this step, if any."""
+        c = self.counters
+        if not c.csv_losses:
+            return
+        epoch, epoch_step = self._epoch()
+        mean = sum(c.csv_losses) / len(c.csv_losses)
+        if self.writes:
+            self.job.run.append_loss_row(LossRow(c.step, epoch, epoch_step, mean, self._last_rate, validation))
+        c.csv_losses.clear()
 
     def _sidecars(self, paths: list[Path], ctx: StepContext) -> list[Path]:
         """The WebUI's `.pt.optim` files, where the method says the WebUI can load this optimizer's state."""

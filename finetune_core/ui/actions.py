@@ -67,8 +67,10 @@ class MethodActions:
 
     def request(self, name: str, values: Values, overwrite: bool = False, resume_run: str = "") -> TrainRequest:
         """The TrainRequest the form describes."""
+        if resume_run.strip():  # the run's own name and settings (the form is for new runs)
+            return TrainRequest(method=self.method, name="", overwrite=overwrite, resume_run=resume_run.strip())
         typed = self.typed(values)
-        if not name.strip() and not resume_run.strip():
+        if not name.strip():
             raise ConfigError("the name is empty; type the name the new file should have")
         return TrainRequest(method=self.method, name=name.strip(), method_settings=typed["method"],
                             data_settings=typed["data"], train_settings=typed["train"], overwrite=overwrite,

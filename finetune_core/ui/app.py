@@ -16,7 +16,7 @@ from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.hosts.standalone import StandaloneHost
 from finetune_core.settings import add_threads_flag
 from finetune_core.ui.api import mount_api
-from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs
+from finetune_core.ui.compat import fix_gradio4_templates, gradio_major, js_kwargs, offline_theme
 from finetune_core.ui.tab import build_tab
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def build_app(host: StandaloneHost, runner: JobRunner | None = None, gr: Any = N
     if gradio_major(gr) >= 4:
         fix_gradio4_templates()
         extra["head"] = f"<script>\n{js}\n</script>"
+        extra["theme"] = offline_theme(gr)
     demo = build_tab(host, gr, runner=runner, blocks_kwargs=extra)
     if gradio_major(gr) < 4 and js:
         with demo:  # Gradio 3 has no head=: run the script through a load event

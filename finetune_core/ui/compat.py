@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,27 +44,55 @@ def gallery_value(items: list[tuple[Path, str]]) -> list[tuple[str, str]]:
 
 
 def fix_gradio4_templates() -> None:
-    """Let Gradio 4's page template work under Starlette >= 1, which dropped `TemplateResponse(name, context)`.
+    """Gradio 4's page template, made to work offline and under Starlette >= 1.
 
-    Gradio 4.44 still calls the old form; Starlette 1.x reads the name as the request and fails on every page
-    load. Only Gradio's own template object is wrapped (an instance attribute), and only when it needs it.
+    Starlette 1.x dropped `TemplateResponse(name, context)`, which Gradio 4.44 still calls (it read the name as the
+    request and failed on every page load). The page also loads a script from cdnjs (iframe-resizer, for embedding
+    in another page): offline the page would wait on it, so it is taken out. Only Gradio's own template object is
+    wrapped (an instance attribute), once.
     """
     import inspect
 
     from gradio import routes
 
     templates = routes.templates
-    original = type(templates).TemplateResponse
-    if next(iter(list(inspect.signature(original).parameters)[1:]), "") != "request":
-        return
     if getattr(templates, "_finetune_wrapped", False):
         return
+    original = type(templates).TemplateResponse
+    new_form = next(iter(list(inspect.signature(original).parameters)[1:]), "") == "request"
 
     def template_response(*args: Any, **kwargs: Any) -> Any:
-        if args and isinstance(args[0], str):  # the pre-1.0 form: (name, context, ...)
+        if new_form and args and isinstance(args[0], str):  # the pre-1.0 form: (name, context, ...)
             name, context, *rest = args
-            return original(templates, context["request"], name, context, *rest, **kwargs)
-        return original(templates, *args, **kwargs)
+            response = original(templates, context["request"], name, context, *rest, **kwargs)
+        else:
+            response = original(templates, *args, **kwargs)
+        return without_remote_scripts(response)
 
     templates.TemplateResponse = template_response  # type: ignore[method-assign]
     templates._finetune_wrapped = True  # type: ignore[attr-defined]
+
+
+REMOTE_SCRIPT = re.compile(rb"<script[^>]*\ssrc=\"https?://[^\"]*\"[^>]*>\s*</script>"
+                           rb"|<link[^>]*rel=\"preconnect\"[^>]*href=\"https?://[^\"]*\"[^>]*/?>", re.IGNORECASE)
+
+
+def without_remote_scripts(response: Any) -> Any:
+    """The rendered page without <script src="http..."> and preconnect tags (it must not wait on the internet)."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, bytes) or b"<script" not in body:
+        return response
+    cleaned = REMOTE_SCRIPT.sub(b"", body)
+    if cleaned != body:
+        response.body = cleaned
+        response.headers["content-length"] = str(len(cleaned))
+    return response
+
+
+OFFLINE_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the machine's own: no Google Fonts request
+OFFLINE_MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
+
+
+def offline_theme(gr: Any) -> Any:
+    """Gradio 4's default theme with the machine's fonts (the default loads two fonts from Google)."""
+    return gr.themes.Default(font=OFFLINE_FONTS, font_mono=OFFLINE_MONO_FONTS)

@@ -48,9 +48,18 @@ def build_section(gr: Any, specs: list[FieldSpec], elem_prefix: str,
     return components
 
 
+PER_ROW = 3  # short fields (numbers, choices, checkboxes) side by side, as the WebUI's own tabs place them
+
+
 def _render(gr: Any, specs: list[FieldSpec], elem_prefix: str, dynamic: dict[str, ChoicesFn],
             out: dict[str, Any]) -> None:
-    for spec in specs:
+    for group in _rows(specs, dynamic):
+        if len(group) > 1:
+            with gr.Row(elem_classes=["finetune-field-row"]):
+                for spec in group:
+                    out[spec.name] = component_for(gr, spec, f"{elem_prefix}_{spec.name}")
+            continue
+        spec = group[0]
         elem_id = f"{elem_prefix}_{spec.name}"
         if spec.name in dynamic:
             with gr.Row(elem_classes=["finetune-refresh-row"]):
@@ -58,6 +67,22 @@ def _render(gr: Any, specs: list[FieldSpec], elem_prefix: str, dynamic: dict[str
                 refresh_button(gr, out[spec.name], dynamic[spec.name], f"{elem_id}_refresh")
         else:
             out[spec.name] = component_for(gr, spec, elem_id)
+
+
+def _rows(specs: list[FieldSpec], dynamic: dict[str, ChoicesFn]) -> list[list[FieldSpec]]:
+    """Consecutive short fields in rows of up to PER_ROW (width beside height, steps beside batch size); a text
+    field or one with a refresh button gets a row of its own."""
+    rows: list[list[FieldSpec]] = []
+    for spec in specs:
+        if _short(spec, dynamic) and rows and len(rows[-1]) < PER_ROW and all(_short(s, dynamic) for s in rows[-1]):
+            rows[-1].append(spec)
+        else:
+            rows.append([spec])
+    return rows
+
+
+def _short(spec: FieldSpec, dynamic: dict[str, ChoicesFn]) -> bool:
+    return spec.name not in dynamic and (spec.kind in ("int", "float", "bool") or bool(spec.choices))
 
 
 def refresh_button(gr: Any, target: Any, choices: ChoicesFn, elem_id: str) -> Any:

@@ -19,8 +19,8 @@ def wire(tab: MethodTab) -> None:
 
     def on_train(task: Any, name: str, overwrite: bool, resume_run: str, *values: Any) -> tuple:
         task_id = task if isinstance(task, str) and task.startswith("task(") else None
-        message = actions.train(name or "", tab.collect(list(values)), overwrite, resume_run or "", task_id)
-        return (message, *_status(actions, None)[:-1], None)
+        actions.train(name or "", tab.collect(list(values)), overwrite, resume_run or "", task_id)
+        return ("", *_status(actions, None)[:-1], None)  # the progress panel says it started; no line to go stale
 
     c["train"].click(fn=guarded(gr, on_train, 6, 0),
                      inputs=[c["task"], c["name"], c["overwrite"], c["resume_run"], *fields],

@@ -28,6 +28,7 @@ TRAIN_ADVANCED = {"weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "m
                   "noise_offset", "nan_guard_bad_steps", "nan_guard_max_rollbacks", "nan_guard_snapshot_every",
                   "nan_guard_lr_factor", "csv_every", "save_optimizer_state", "clip_grad_value"}
 OUTPUT_PREFIXES = ("preview_", "save_")  # TrainConfig fields shown under "Output & previews"
+KEPT_OPEN = ("learning_rate", "steps")  # TrainConfig fields shown outside the folded Training section
 
 
 @dataclass
@@ -75,7 +76,7 @@ class MethodTab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 self._settings_column()
-            with gr.Column(scale=2):
+            with gr.Column(scale=2, elem_classes=["finetune-output-column"]):  # kept in view (style.css)
                 self._output_column()
         self._wire()
 
@@ -83,7 +84,7 @@ class MethodTab:
         gr, host = self.gr, self.ctx.host
         with gr.Row():
             self.c["name"] = gr.Textbox(label="Name", elem_id=self.eid("name"), scale=3,
-                                        info="File name of the artefact, and the word you will write in prompts.")
+                                        info=getattr(self.spec, "name_help", "The file name of the artefact."))
             self.c["overwrite"] = gr.Checkbox(label="Overwrite an existing file", value=False,
                                               elem_id=self.eid("overwrite"))
         if self.create_specs:
@@ -98,15 +99,19 @@ class MethodTab:
             self._add("method", self.sections["method"],
                       {"continue_from": lambda: [""] + host.list_existing(self.spec.output_kind)})
         train = self.sections["train"]
-        with gr.Accordion("Training", open=True, elem_id=self.eid("train_section")):
-            self._add("train", [s for s in train if not s.name.startswith(OUTPUT_PREFIXES)], {})
-        with gr.Accordion("Output & previews", open=True, elem_id=self.eid("output_section")):
+        with gr.Row():  # the training settings people change most stay open; the rest is folded
+            self._add("train", [s for s in train if s.name in KEPT_OPEN], {})
+        with gr.Accordion("Training", open=False, elem_id=self.eid("train_section")):
+            self._add("train", [s for s in train if not s.name.startswith(OUTPUT_PREFIXES) and
+                                s.name not in KEPT_OPEN], {})
+        with gr.Accordion("Output & previews", open=False, elem_id=self.eid("output_section")):
             self._add("train", [s for s in train if s.name.startswith(OUTPUT_PREFIXES)], {})
         self._presets_section()
         with gr.Accordion("Resume a run", open=False, elem_id=self.eid("resume_section")):
             self.c["resume_run"] = gr.Textbox(label="Run folder", elem_id=self.eid("resume_run"),
                                               info="A run folder written by an earlier job (see the result panel); "
-                                                   "training continues exactly where it stopped.")
+                                                   "Train continues it exactly where it stopped, with the run's own "
+                                                   "name, settings and output folder (the form above is not used).")
 
     def _add(self, section: str, specs: list[FieldSpec], dynamic: dict[str, Callable[[], list[str]]]) -> None:
         taken = {name for _, name, _ in self.fields} | {"name", "overwrite", "resume_run"}

@@ -116,7 +116,16 @@ def result_html(state: JobState) -> str:
                     f"{' ' + _size(p) if Path(p).exists() else ' (missing)'}</li>" for p in state.artifacts)
     run = "" if state.run_dir is None else (f"<div>Run folder (resume from here): "
                                             f"<code>{html.escape(str(state.run_dir))}</code></div>")
-    head = "Files written:" if state.artifacts else "No files written yet."
+    copies = [p for p in state.copies if Path(p).exists()]
+    if state.artifacts:
+        head = "Files written:"
+    elif copies:
+        head = (f"{len(copies)} cop{'y' if len(copies) == 1 else 'ies'} saved in the run folder so far, the latest "
+                f"<code>{html.escape(Path(copies[-1]).name)}</code>; the final file is written when the job ends.")
+    elif state.active:
+        head = "No files written yet."
+    else:
+        head = "No files were written."
     return f"<div class='finetune-result'><div>{head}</div><ul>{items}</ul>{run}</div>"
 
 

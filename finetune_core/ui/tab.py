@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -46,7 +47,8 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
             for key, spec in methods.items():
                 with gr.Tab(spec.label, elem_id=f"finetune_{key.replace('-', '_')}_tab"):
                     if getattr(spec, "description", ""):
-                        gr.Markdown(spec.description, elem_classes=["finetune-description"])
+                        # escaped: Markdown would take <lora:NAME:1> for an HTML tag and drop it
+                        gr.Markdown(html.escape(spec.description), elem_classes=["finetune-description"])
                     MethodTab(ctx, spec).build()
             with gr.Tab("Aesthetic Gradients", elem_id="finetune_aesthetic_tab"):
                 AestheticTab(gr, AestheticJobs(host, ctx.runner)).build()

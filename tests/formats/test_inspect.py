@@ -96,7 +96,7 @@ def test_garbage_is_unknown_with_a_reason(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     info = inspect_file(tmp_path / name)
     assert info.kind == "unknown" and info.details
-    assert "not a file this extension knows" in info.describe()
+    assert "is not an artefact" in info.describe()
 
 
 def test_truncated_safetensors_is_unknown(tmp_path):
@@ -116,3 +116,31 @@ def test_other_dict_is_unknown(tmp_path):
 def test_missing_file_raises(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         inspect_file(tmp_path / "nope.pt")
+
+
+def test_a_text_file_is_said_plainly_and_no_message_advises_unsafe_loading(tmp_path):
+    import pickle
+
+    (tmp_path / "README.md").write_text("# A readme\n\nNot a model.\n")
+    text = inspect_file(tmp_path / "README.md").describe()
+    assert text == ("README.md is not an artefact (an embedding, hypernetwork, checkpoint, LoRA or aesthetic "
+                    "embedding): it is a text file")
+    with open(tmp_path / "evil.pt", "wb") as handle:  # a real pickle that imports os.system
+        pickle.dump({"x": __import__("os").system}, handle, protocol=2)
+    text = inspect_file(tmp_path / "evil.pt").describe()
+    assert "refused" in text and "weights_only" not in text and ("os.system" in text or "posix.system" in text)
+
+
+def test_a_run_folders_own_files_are_named(tmp_path):
+    from PIL import Image
+
+    from finetune_core.train.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    run.save_state({"counters": {}}, {"steps": 2})
+    (run.path / "request.json").write_text("{}")
+    preview = run.save_image(Image.new("RGB", (8, 8)), "emb-2", "a prompt\nSteps: 20, Fine-tune: x emb step 2")
+    assert "the resume state of a training run" in inspect_file(run.state_dir / "checkpoint.pt").describe()
+    assert "--resume" in inspect_file(run.state_dir / "checkpoint.pt").describe()
+    assert "a preview image of the training run" in inspect_file(preview).describe()
+    assert "the request the training run" in inspect_file(run.path / "request.json").describe()

@@ -126,7 +126,8 @@ def _method(case: tuple) -> str:
 
 
 def _argv(world: Path, flags: list[str], method: str = "textual-inversion") -> list[str]:
-    base = {"--name": "fresh", "--data": str(world / "data"), "--template": str(world / "name_only.txt"),
+    base = {"--model": "tiny-sd1", "--name": "fresh", "--data": str(world / "data"),
+            "--template": str(world / "name_only.txt"),
             "--width": "64", "--height": "64", "--steps": "2", "--preview-every": "0", "--save-every": "0",
             "--output-dir": str(world / "out")}
     base.update({flags[i]: _fill(flags[i + 1], world) for i in range(0, len(flags), 2)})
@@ -164,7 +165,7 @@ def test_cli_bad_input_exits_2_with_one_sentence_and_changes_nothing(case, world
 ], ids=["create zero vectors", "create over a file", "unknown device", "lint a missing folder"])
 def test_cli_create_and_lint_bad_input(argv, message, world, capsys, no_model):
     before = _snapshot(world)
-    code = main([*argv, *(["--output-dir", str(world / "out")] if argv[0] == "create" else [])])
+    code = main([*argv, *(["--model", "tiny-sd1", "--output-dir", str(world / "out")] if argv[0] == "create" else [])])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert _snapshot(world) == before

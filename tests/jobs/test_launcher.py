@@ -28,7 +28,8 @@ def test_a_bad_request_is_one_sentence_and_nothing_is_launched(tmp_path, monkeyp
     def refuse(*args, **kwargs):
         raise AssertionError("nothing may be launched for a bad request")
     monkeypatch.setattr(subprocess, "call", refuse)
-    code = cli.main(["train", "textual-inversion", "--name", "w", "--data", str(tmp_path / "missing"),
+    code = cli.main(["train", "textual-inversion", "--model", "tiny-sd1", "--name", "w",
+                     "--data", str(tmp_path / "missing"),
                      "--output-dir", str(tmp_path / "out"), "--num-processes", "2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -67,6 +68,7 @@ def test_num_processes_2_trains_through_accelerate_launch(tmp_path, one_image_da
     """The real thing, end to end (about 25 s on 2 busy cores): two processes, one progress bar, one result line."""
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "finetune_core", "train", "textual-inversion", "--name", "w",
+                           "--model", "tiny-sd1",
                            "--data", str(one_image_dataset), "--template", str(one_image_dataset.parent /
                                                                                  "name_only.txt"),
                            "--width", "64", "--height", "64", "--steps", "3", "--batch-size", "1", "--preview-every",

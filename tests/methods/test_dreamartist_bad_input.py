@@ -101,7 +101,8 @@ def test_cli_exits_2_with_one_sentence(case, world, capsys, monkeypatch):
 
     monkeypatch.setattr(tiny, "build_tiny", _never)
     _, name, settings, data, message = case
-    argv = ["train", "dreamartist", "--name", name, "--data", str(world / data), "--width", "64", "--height", "64",
+    argv = ["train", "dreamartist", "--model", "tiny-sd1", "--name", name,
+            "--data", str(world / data), "--width", "64", "--height", "64",
             "--template", str(world / "name_only.txt"), "--steps", "2", "--preview-every", "0", "--save-every", "0",
             "--output-dir", str(world / "out")]
     for key, value in _fill(settings, world).items():
@@ -134,7 +135,8 @@ def test_create_refuses_a_neg_name_and_an_existing_negative_half(world, capsys, 
     monkeypatch.setattr(tiny, "build_tiny", _never)
     before = _snapshot(world)
     for name, message in (("style-neg", "ends in '-neg'"), ("taken", "taken-neg.pt already exists")):
-        code = main(["create", "dreamartist", "--name", name, "--output-dir", str(world / "out")])
+        code = main(["create", "dreamartist", "--model", "tiny-sd1", "--name", name,
+                     "--output-dir", str(world / "out")])
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert _snapshot(world) == before

@@ -211,7 +211,7 @@ def test_class_images_are_reused_when_their_settings_match_and_made_again_when_n
         return PrepareContext(model, tmp_path, sampler, lambda what, done, total: phases.append((what, done, total)))
 
     assert len(generate_class_images(context(), settings)) == 3 and sampler.made == 3
-    assert phases[-1] == ("class images", 3, 3)
+    assert phases[-1] == (f"class images into {folder}", 3, 3)  # says where they go
     assert generate_class_images(context(), settings) == [] and sampler.made == 3  # the manifest matches
     other = dataclasses.replace(settings, class_cfg_scale=5.0)
     assert len(generate_class_images(context(), other)) == 3 and sampler.made == 6  # new settings, new images

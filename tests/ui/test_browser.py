@@ -105,6 +105,7 @@ def test_train_textual_inversion_in_the_browser(app_url, tmp_path: Path) -> None
         page = browser.new_page(viewport={"width": 1400, "height": 2200})
         page.goto(url)
         page.locator("[role=tab], .tab-nav button").filter(has_text="Textual Inversion").first.click()
+        page.locator(f"#{slug}_output_section .label-wrap").first.click()  # folded by default
         for name, value in (("name", "ball"), ("data_dir", _dataset(tmp_path)), ("width", 64), ("height", 64),
                             ("steps", STEPS), ("preview_every", 3), ("save_every", 3), ("preview_steps", 2)):
             _fill(page, f"{slug}_{name}", value)
@@ -117,6 +118,10 @@ def test_train_textual_inversion_in_the_browser(app_url, tmp_path: Path) -> None
         result = page.locator(f"#{slug}_result .finetune-artifact").first
         expect(result).to_contain_text("ball")
         artefact = Path(result.inner_text().strip())
+        page.mouse.wheel(0, 20000)  # the Train / status column stays in view at the bottom of the form
+        page.wait_for_timeout(1000)
+        box = page.locator(f"#{slug}_train").bounding_box()
+        assert box is not None and 0 <= box["y"] <= 2200
         shot = tmp_path / "finetune-browser.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
@@ -124,3 +129,48 @@ def test_train_textual_inversion_in_the_browser(app_url, tmp_path: Path) -> None
     artifacts = REPO / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     shutil.copy(shot, artifacts / shot.name)
+
+
+def _post(url: str, body: dict) -> dict:
+    import json
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_a_page_opened_after_a_finished_job_shows_it(app_url, tmp_path: Path) -> None:
+    """A job trained through REST, then the page (re)loaded: it shows the finished job and its file, not the state
+    the page had when it was built."""
+    import json
+
+    from playwright.sync_api import expect, sync_playwright
+
+    url, output = app_url
+    slug = "finetune_textual_inversion"
+    with sync_playwright() as play:
+        browser = play.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)  # built and shown before the job: "No training job yet"
+        _post(url + "finetune/v1/train", {
+            "method": "textual-inversion", "name": "reloaded",
+            "data_settings": {"data_dir": str(_dataset(tmp_path)), "width": 64, "height": 64},
+            "train_settings": {"steps": 2, "preview_every": 0, "save_every": 0}})
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            with urllib.request.urlopen(url + "finetune/v1/status", timeout=5) as response:
+                status = json.loads(response.read())
+            if status["status"] in ("finished", "failed"):
+                break
+            time.sleep(1)
+        assert status["status"] == "finished", status
+        page.reload()
+        page.locator("[role=tab], .tab-nav button").filter(has_text="Textual Inversion").first.click()
+        finished = page.locator(f"#{slug}_progress .finetune-status[data-status='finished']")
+        expect(finished).to_be_visible(timeout=30_000)
+        expect(finished).to_contain_text("2/2")
+        expect(page.locator(f"#{slug}_result .finetune-artifact").first).to_contain_text("reloaded")
+        expect(page.locator(f"#{slug}_train")).to_have_text("Train")
+        browser.close()

@@ -55,3 +55,20 @@ def test_steps_arithmetic_counts_accumulation() -> None:
     assert text.startswith("10 images × 2 repeats × 20.00 epochs / batch 2 × accumulation 2 = 100 steps")
     assert "(5 steps per epoch)" in text
     assert "No images" in steps_arithmetic(0, 1, 1, 1, 10)
+
+
+def test_only_true_lines_about_files_and_a_busy_job(tmp_path: Path) -> None:
+    from finetune_core.hosts.job_runner import record_event, where_job_is
+    from finetune_core.jobs.service import outcome_message
+    from finetune_core.train.events import ArtifactSaved
+
+    copy = tmp_path / "ball-3.pt"
+    copy.write_bytes(b"x")
+    state = JobState(job_id="j", method="m", status="running", step=3, total=6, run_dir=tmp_path)
+    record_event(state, ArtifactSaved(3, (copy,), final=False))
+    html = result_html(state)
+    assert "No files written" not in html and "1 copy saved in the run folder" in html and "ball-3.pt" in html
+    preparing = JobState(job_id="j", method="m", status="running", phase="latents 2/5")
+    assert where_job_is(preparing) == "preparing latents 2/5" and "0/0" not in where_job_is(JobState(status="running"))
+    message = outcome_message(0, True, [], tmp_path)
+    assert "Wrote ." not in message and "Nothing was written" in message

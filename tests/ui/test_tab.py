@@ -109,3 +109,17 @@ def test_the_memory_estimate_says_which_cards_hold_full_size_models(host: Any, t
     text = actions.estimate(values)
     assert text.startswith("Estimated peak memory") and "With these settings, the full-size models: SD1.5 ≈" in text
     assert "SDXL ≈" in text and "fits" in text
+
+
+def test_texts_are_true_for_each_method(host: Any) -> None:
+    from finetune_core.methods import METHODS
+
+    blocks = build_tab(host, gr)
+    markdown = [b.value for b in blocks.blocks.values() if isinstance(b, gr.Markdown) and "lora:NAME" in str(b.value)]
+    assert markdown and all("&lt;lora:NAME:1&gt;" in text for text in markdown)  # shown with its brackets
+    infos = {b.elem_id: b.info for b in blocks.blocks.values() if getattr(b, "elem_id", "") and
+             str(b.elem_id).endswith("_name") and isinstance(b, gr.Textbox)}
+    assert "instance token" in infos["finetune_dreambooth_name"] and "prompts" not in infos["finetune_lora_name"]
+    assert "<lora:NAME:1>" in infos["finetune_lora_name"] and "NAME-neg" in infos["finetune_dreamartist_name"]
+    assert "the word you write in prompts" in infos["finetune_textual_inversion_name"]
+    assert len({infos[f"finetune_{key.replace('-', '_')}_name"] for key in METHODS}) == len(METHODS)

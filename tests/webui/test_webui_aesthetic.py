@@ -155,6 +155,9 @@ def test_bad_settings_fail_the_generation_with_one_sentence(section, sd1, webui,
     with pytest.raises(Exception, match=message) as error:
         generate(runners[False], sd1, **{**ON, **changes})
     assert str(error.value).startswith("Aesthetic Gradients: ") and "\n" not in str(error.value)
+    # The WebUI's API answers `JSONResponse(status_code=vars(e).get('status_code', 500), {"detail": vars(e).get(
+    # 'detail', ''), ...})` (modules/api/api.py, handle_exception): a 400 whose detail is the sentence, not a 500.
+    assert vars(error.value).get("status_code", 500) == 400 and vars(error.value).get("detail") == str(error.value)
     assert not hooks_left(sd1)
 
 
