@@ -119,8 +119,8 @@ def test_bad_validation_settings_are_refused_before_anything_starts(dataset, tmp
 
 def test_the_cli_says_a_bad_validation_setting_and_exits_2(dataset, tmp_path, capsys):
     from finetune_core.cli import main
-    code = main(["train", "textual-inversion", "--name", "w", "--data-dir", str(dataset), "--output-dir",
-                 str(tmp_path / "out"), "--validation-every", "0"])
+    code = main(["train", "textual-inversion", "--model", "tiny-sd1", "--name", "w", "--data-dir", str(dataset),
+                 "--output-dir", str(tmp_path / "out"), "--validation-every", "0"])
     assert code == 2
     assert "validation_every must be 1 or more" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
