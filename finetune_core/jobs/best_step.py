@@ -134,6 +134,9 @@ def use_copy(run_dir: str | Path, step: int | None = None) -> tuple[int, list[Pa
         target = info.final_dir / (info.name + source.name[len(prefix):])
         if target.exists():
             backups.append(_backup(target))
+        sidecar = target.with_name(target.name + ".optim")  # the WebUI's optimizer state of the replaced file
+        if sidecar.exists():
+            backups.append(_backup(sidecar))
         try:
             shutil.copy2(source, target)
         except OSError as exc:
