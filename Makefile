@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 WEBUI_TORCH ?= torch==2.13.0
 OUT ?= outputs
 
-.PHONY: setup demo ui test test-webui-pins lint bench clean
+.PHONY: setup demo ui test test-webui-pins lint bench clean gpu-proof
 
 setup: $(VENV)/.installed
 
@@ -64,3 +64,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) $(WEBUI_VENV) $(OUT)
+
+# The no-GPU memory measurement against a real GPU (README "Memory: will it fit"): on a CUDA machine.
+gpu-proof:
+	python3 -m finetune_core.bench.gpu_proof --device cuda --models sd15-full,sdxl-full --steps 3 --json gpu-proof.json

@@ -1,4 +1,4 @@
-"""`python -m finetune_core`: train / create / lint / inspect / bench / aesthetic / ui.
+"""`python -m finetune_core`: train / create / lint / inspect / bench / aesthetic / estimate / ui.
 
 Flags are generated from the settings dataclasses (the same fields the tab shows), so the CLI, the tab and the REST
 API accept the same settings under the same names (`learning_rate` -> `--learning-rate`).
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_flag(bench)
     from finetune_core.aesthetic.aesthetic_cli import add_parser as add_aesthetic
     add_aesthetic(commands)
+    from finetune_core.jobs.estimate_cli import add_parser as add_estimate
+    add_estimate(commands, add_settings_flags, _setting_types())
     _add_pick_parsers(commands)
     ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
     ui.add_argument("rest", nargs=argparse.REMAINDER, help="options of the app (see `ui --help`)")
@@ -155,6 +157,9 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.command != "train":
         set_threads(getattr(args, "threads", None))
     settings = _settings_from_args(args, _section_types(args))
+    if args.command == "estimate":
+        from finetune_core.jobs.estimate_cli import run as run_estimate
+        return run_estimate(args, settings)
     if args.command == "lint":
         model = service.load(args.model) if args.model else None
         print(service.lint(settings["data"], args.method, model).format())
@@ -215,7 +220,7 @@ def _output_folders(output_dir: str | None, resume: str | None, method: str) -> 
 def _section_types(args: argparse.Namespace) -> dict[str, type]:
     from finetune_core.methods import METHODS
     types = dict(_setting_types())
-    if getattr(args, "method", None) in METHODS and args.command in ("train", "create"):
+    if getattr(args, "method", None) in METHODS and args.command in ("train", "create", "estimate"):
         spec = METHODS[args.method]
         types["method"] = spec.config_type if args.command == "train" else (spec.create_type or spec.config_type)
     return types

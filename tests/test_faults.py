@@ -208,12 +208,13 @@ def test_an_impossible_size_is_refused_with_a_sentence(tiny_model, one_image_dat
     assert not folders.logs.exists()
 
 
-def test_a_run_far_beyond_the_device_memory_is_refused_before_step_1(tiny_model, one_image_dataset, tmp_path,
-                                                                      monkeypatch):
+def test_a_run_beyond_the_device_memory_is_refused_before_step_1(tiny_model, one_image_dataset, tmp_path,
+                                                                 monkeypatch):
     from finetune_core.train import memory
-    monkeypatch.setattr(memory, "device_memory", lambda device: 1 << 20)  # a 1 MiB device
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: 1 << 20)  # a device with 1 MiB free
     folders = service.OutputFolders.standalone(tmp_path / "out")
-    with pytest.raises(OutOfMemory, match="cannot fit on cpu: Estimated peak memory"):
+    with pytest.raises(OutOfMemory, match=r"needs 0\.\d\d GiB on cpu, which has 0\.00 GiB free.*cannot fit.*smallest "
+                                          r"peak reachable"):
         service.train(_request(one_image_dataset), tiny_model("tiny-sd1"), folders)
     assert not _runs(folders) and not (folders.embeddings / "word.pt").exists()
 

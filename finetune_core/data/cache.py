@@ -106,3 +106,7 @@ class TextCache:
 
     def __len__(self) -> int:
         return len(self._memory)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The cached conditioning tensors (kept in RAM)."""
+        return [t for cond in self._memory.values() for t in (cond.context, cond.pooled) if t is not None]

@@ -1,6 +1,6 @@
 """Checks a job passes before it starts, each answering with one sentence that names the folder or setting:
-output folders that can be written with room to spare, no second file of the same name, a memory estimate that
-fits the device. Also clears the hidden temporary files a killed run leaves behind.
+output folders that can be written with room to spare, no second file of the same name (the memory check, a
+measurement, is `finetune_core.jobs.fit.check_fits`). Also clears the hidden temporary files a killed run leaves behind.
 
 None of these checks creates anything: a refused request leaves the disk as it was.
 """
@@ -13,13 +13,12 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from finetune_core.errors import NetworkError, OutOfMemory, StorageError
 from finetune_core.formats.atomic import finish_interrupted_groups
-from finetune_core.train.memory import MemoryPlan, estimate_memory
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +26,6 @@ MIN_FREE_BYTES = 32 << 20  # below this a disk is full for any run: state, CSV a
 # `formats.atomic.atomic_write` names its temporary files `.<target name>.<8 random characters>.tmp`.
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 STALE_AFTER_SECONDS = 60.0  # an atomic write takes seconds; an older temporary file belongs to no live write
-REFUSE_ABOVE = 2.0  # refuse when the estimate is this many times the device's memory (it is only an estimate)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -118,14 +116,6 @@ def remove_stale_temporaries(folder: Path, recursive: bool = False, older_than: 
     return removed
 
 
-def memory_plan(data: Mapping[str, Any], train: Mapping[str, Any]) -> Any:
-    """The MemoryPlan for typed dataset and training settings (as forms and requests hold them)."""
-    return MemoryPlan(batch_size=int(data.get("batch_size", 1)), width=int(data.get("width", 512)),
-                      height=int(data.get("height", 512)), precision=str(train.get("precision", "fp32")),
-                      gradient_checkpointing=bool(train.get("gradient_checkpointing", True)),
-                      optimizer=str(train.get("optimizer", "adamw")), momentum=float(train.get("momentum") or 0.0))
-
-
 def disk_needs(needs: Any, saves_copies: bool, resume_state: bool) -> tuple[int, int]:
     """(bytes for the output folder, bytes for the run folder): the final artefact; an intermediate copy when
     copies are saved, and the resume state (weights plus two Adam moments) when the method keeps one."""
@@ -134,19 +124,12 @@ def disk_needs(needs: Any, saves_copies: bool, resume_state: bool) -> tuple[int,
     return MIN_FREE_BYTES + needs.file_bytes, MIN_FREE_BYTES + copy + state
 
 
-def check_resources(model: Any, needs: Any, plan: Any, folders: Sequence[tuple[Path, str, int]]) -> list[str]:
-    """Memory and disk before step 1: refuse a run whose memory estimate is far beyond the device's and folders
-    without room for what they will get (`(folder, what, bytes)`, see `disk_needs`; folders on one disk need the
-    sum); a warning when memory is close. Returns the warnings."""
-    estimate = estimate_memory(model, needs, plan)
+def check_disks(folders: Sequence[tuple[Path, str, int]]) -> None:
+    """Refuse folders without room for what they will get (`(folder, what, bytes)`, see `disk_needs`; folders on
+    one disk need the sum)."""
     for folder, what, needed in folders:
         shared = sum(n for f, _, n in folders if _same_disk(f, folder))
         check_writable(folder, what, max(needed, shared))
-    if estimate.device_total is None or estimate.total <= estimate.device_total:
-        return []
-    if estimate.total > REFUSE_ABOVE * estimate.device_total:
-        raise OutOfMemory(f"this run cannot fit on {model.device}: {estimate.describe()}")
-    return [f"this run may not fit on {model.device}: {estimate.describe()}"]
 
 
 def _same_disk(a: Path, b: Path) -> bool:

@@ -21,7 +21,7 @@ from finetune_core.data.scan import caption_warnings, image_files
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.inspect import inspect_file
 from finetune_core.formats.names import refuse_same_name, sanitize_name
-from finetune_core.jobs import preflight
+from finetune_core.jobs import fit, preflight
 from finetune_core.jobs.preflight import check_writable, storage_error
 from finetune_core.jobs.request import (
     OutputFolders,
@@ -36,6 +36,7 @@ from finetune_core.jobs.request import (
 )
 from finetune_core.model.loading import load_model
 from finetune_core.settings import coerce_value
+from finetune_core.train import memory
 from finetune_core.train.distributed import Processes
 from finetune_core.train.events import Warning_, ignore_events
 from finetune_core.train.loop import OutputSpec, resume_training, run_training
@@ -168,13 +169,11 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
     warnings += caption_warnings(getattr(data, "records", []))
     warnings += small_image_warnings(getattr(data, "records", []), configs["data"])
     needs = plan.spec.memory(model, configs["method"])
-    per_process = processes.largest_share(configs["data"].batch_size)  # each process holds its slice of a batch
-    memory_plan = preflight.memory_plan({**dataclasses.asdict(configs["data"]), "batch_size": per_process},
-                                        dataclasses.asdict(train_config))
     final_bytes, run_bytes = preflight.disk_needs(needs, train_config.save_every > 0,
                                                   method.state_policy.resume_state)
     folders = [(plan.final_dir, "output folder", final_bytes), (plan.run_dir or plan.logs, "run folder", run_bytes)]
-    warnings += preflight.check_resources(model, needs, memory_plan, folders)
+    preflight.check_disks(folders)
+    _check_memory(plan, model, processes)
     validation = _validation_data(plan) if train_config.validation_every else None
     return _Job(method, data, dataclasses.replace(configs["train"], seed=seed), warnings, validation)
 
@@ -192,6 +191,18 @@ def _validation_data(plan: Plan) -> Any:
         count, config = data.batch_size, data
     config = dataclasses.replace(config, repeats=1, batch_size=min(data.batch_size, count))
     return plan.spec.data(plan.configs["method"], config, plan.name)
+
+
+def _check_memory(plan: Plan, model: DiffusionModel, processes: Processes) -> None:
+    """Refuse a run that will not fit the CUDA device's free memory, with the plan that fits (measured,
+    `finetune_core.jobs.fit`); other devices, and hosts without diffusers (the WebUI), are not measured."""
+    free = memory.free_device_memory(model.device)  # through the module: tests give it a device
+    if free is None or not fit.can_measure():
+        return
+    # the file to continue from changes no shape; the measurement starts the artefact afresh
+    settings = {key: {k: v for k, v in dataclasses.asdict(plan.configs[key]).items() if k != "continue_from"}
+                for key in ("method", "data", "train")}
+    fit.check_fits(fit.request_for(plan.request.method, model, settings, processes.world), model.device, free)
 
 
 def _unusual_rate(spec: Any, train: Any) -> list[str]:

@@ -46,7 +46,6 @@ from finetune_core.train.train_batch import TrainBatch
 
 NEGATIVE_SUFFIX = "-neg"
 NEGATIVE_INIT_NOISE = 1e-3  # the original adds N(0, 1e-3^2) to a new negative embedding (breaks the symmetry)
-DISCRIMINATOR_VALUES = 27_822_435  # ConvNeXt-Tiny with 3 classes (for the memory estimate)
 
 
 def _f(default: Any, label: str, help: str, **extra: Any) -> Any:
@@ -321,12 +320,6 @@ def create_file(model: DiffusionModel, name: str, config: DreamArtistCreate, dir
 
 
 def memory_needs(model: DiffusionModel, config: DreamArtistCreate) -> MemoryNeeds:
-    """Both embeddings' vectors; the discriminator's weights and the EMA copies when they are on."""
+    """Both embeddings' vectors (the disk checks; device memory is measured, `finetune_core.jobs.fit`)."""
     width = sum(t.width for t in model.text_encoders)
-    trainable = (config.num_vectors + config.neg_num_vectors) * width
-    extra = 0
-    if isinstance(config, DreamArtistConfig):
-        extra += 4 * DISCRIMINATOR_VALUES if config.discriminator_path else 0
-        extra += 4 * width * sum(n for n, decay in ((config.num_vectors, config.ema_decay),
-                                                    (config.neg_num_vectors, config.neg_ema_decay)) if decay < 1)
-    return MemoryNeeds(trainable, extra_bytes=extra)
+    return MemoryNeeds((config.num_vectors + config.neg_num_vectors) * width)

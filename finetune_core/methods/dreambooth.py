@@ -238,17 +238,14 @@ def training_data(config: DreamBoothConfig, data: DatasetConfig, name: str) -> A
 
 
 def memory_needs(model: DiffusionModel, config: DreamBoothConfig) -> MemoryNeeds:
-    """The UNet (and text encoders) as float32 masters, an EMA copy on the device, paired class images, and the
-    checkpoint file's size for the disk checks."""
+    """The trained weights and the checkpoint file's size, for the disk checks (device memory is measured,
+    `finetune_core.jobs.fit`)."""
     modules = model.trainable_modules()
     unet = sum(p.numel() for p in modules["unet"].parameters())
     encoders = sum(p.numel() for n, m in modules.items() if n != "unet" for p in m.parameters())
     trainable = unet + (encoders if config.train_text_encoder else 0)
-    ema = 4 * unet if config.ema_decay and not config.ema_on_cpu else 0
     saved = 2 if config.save_precision == "fp16" else 4
     source = _source_file(model)
     carried = source.stat().st_size if source is not None else 4 * (model_parameters(model) - trainable)
-    return MemoryNeeds(trainable, replaces_model_weights=True, extra_bytes=ema,
-                       batch_factor=2 if config.prior_preservation else 1,
-                       artifact_bytes=carried + saved * trainable)
+    return MemoryNeeds(trainable, artifact_bytes=carried + saved * trainable)
 

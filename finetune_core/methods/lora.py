@@ -382,11 +382,11 @@ def training_data(config: LoraConfig, data: DatasetConfig, name: str) -> Any:
 
 def memory_needs(model: DiffusionModel, config: LoraConfig) -> MemoryNeeds:
     """The values of every module the settings make (the type's shapes; DoRA adds a magnitude per input column);
-    class images double the batch."""
+    for the disk checks."""
     kind = NETWORK_TYPES[config.network]
     total = 0
     for target, shape, _ in requested_targets(model.adapter_targets(), config):
         layer = layer_of(target)
         total += sum(math.prod(size) for size in kind.shapes(layer, shape).values())
         total += layer.in_features if config.dora else 0
-    return MemoryNeeds(total, batch_factor=2 if config.prior_preservation else 1)
+    return MemoryNeeds(total)

@@ -6,11 +6,12 @@ from typing import Any
 
 import torch
 
+from finetune_core.errors import ConfigError
 from finetune_core.model.configs import available_components, load_config
 from finetune_core.model.diffusers_backend import DiffusersModel
 from finetune_core.model.interface import ModelIdentity
 from finetune_core.model.single_file import build_component
-from finetune_core.model.tiny import randomize_weights
+from finetune_core.model.tiny import TINY_MODELS, randomize_weights, tiny_configs, tiny_spec
 
 
 def full_size_random(family: str, seed: int = 0, device: str | torch.device = "cpu") -> Any:
@@ -39,3 +40,28 @@ def full_size_meta(family: str, dtype: torch.dtype = torch.float16) -> Any:
     return DiffusersModel(modules["unet"], modules["vae"], modules["text_encoder"], modules.get("text_encoder_2"),
                           family=family, prediction_type=prediction,
                           identity=ModelIdentity(f"{family}-full-size", "0" * 10), device="meta", dtype=dtype)
+
+
+# architecture name -> family, for the memory measurement (`python -m finetune_core estimate --model ...`)
+FULL_SIZE = {"sd15-full": "sd1", "sd2-full": "sd2", "sdxl-full": "sdxl"}
+
+
+def fake_model(name: str, dtype: torch.dtype = torch.float16) -> Any:
+    """A `DiffusersModel` of architecture `name` (a FULL_SIZE name or a tiny model's) built on fake tensors: call it
+    inside a `FakeTensorMode` (`train.memory.fake_device`). Shapes and dtypes only: no weights, no memory."""
+
+    if name in FULL_SIZE:
+        family = FULL_SIZE[name]
+        names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in available_components(family)]
+        configs: dict[str, dict[str, Any]] = {n: load_config(family, n) for n in names}
+        prediction = load_config(family, "scheduler").get("prediction_type", "epsilon")
+    elif name in TINY_MODELS:
+        spec = tiny_spec(name)
+        family, prediction, configs = spec.family, spec.prediction_type, tiny_configs(spec)
+    else:
+        known = ", ".join([*FULL_SIZE, *TINY_MODELS])
+        raise ConfigError(f"model architecture {name!r} is not known; choose one of {known}")
+    modules = {n: build_component(n, config).to(dtype) for n, config in configs.items()}
+    return DiffusersModel(modules["unet"], modules["vae"], modules["text_encoder"], modules.get("text_encoder_2"),
+                          family=family, prediction_type=prediction, identity=ModelIdentity(name, "0" * 10),
+                          device="cpu", dtype=dtype)

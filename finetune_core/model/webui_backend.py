@@ -149,14 +149,20 @@ class WebUIModel:
 
     def encode_prompts(self, prompts: list[str],
                        embeddings: Mapping[str, TrainableEmbedding] | None = None) -> TextConditioning:
-        """Through the WebUI's wrappers (chunks, emphasis, clip skip), with `embeddings` spliced in differentiably."""
+        """Through the WebUI's wrappers (chunks, emphasis, clip skip), with `embeddings` spliced in differentiably.
+        Under --medvram/--lowvram an encode without gradients (the text cache's) sends the encoder back to the CPU
+        afterwards: steps on cached text then hold no text encoder on the device (1.5 GiB for SDXL's two)."""
         self._residency.need("text")
-        with self._spliced(embeddings or {}), self._devices.autocast():
-            if self.family == SDXL:
-                with _trainable(self._wrappers()):
-                    out = self.sd_model.get_learned_conditioning(list(prompts))
-                return TextConditioning(out["crossattn"].float(), out["vector"][:, :1280].float())
-            return TextConditioning(self.sd_model.cond_stage_model(list(prompts)).float())
+        try:
+            with self._spliced(embeddings or {}), self._devices.autocast():
+                if self.family == SDXL:
+                    with _trainable(self._wrappers()):
+                        out = self.sd_model.get_learned_conditioning(list(prompts))
+                    return TextConditioning(out["crossattn"].float(), out["vector"][:, :1280].float())
+                return TextConditioning(self.sd_model.cond_stage_model(list(prompts)).float())
+        finally:
+            if not torch.is_grad_enabled():
+                self._residency.release("text")
 
     @contextmanager
     def _spliced(self, embeddings: Mapping[str, TrainableEmbedding]) -> Iterator[None]:

@@ -41,6 +41,10 @@ class ParameterAverages:
         """The live average tensors (for snapshots: restoring them in place restores the averages)."""
         return [a for group in self._groups for a in group.averages]
 
+    def host_tensors(self) -> list[torch.Tensor]:
+        """The averages kept in RAM (`on_cpu`), off the device's memory."""
+        return [a for group in self._groups if group.how.on_cpu for a in group.averages]
+
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold the parameters in after good step number `step` (1-based); replace them every `replace_every`."""

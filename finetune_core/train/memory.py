@@ -1,52 +1,59 @@
-"""A rough peak-memory estimate for a training run, shown before Train, with a suggestion when it will not fit.
+"""Peak device memory of training, measured: two real training steps (`train.step.train_step`: forward, backward,
+optimizer step; the second is the steady state) of the method on the model, counted op by op by
+`train.memory_tracker.LiveBytes`.
 
-It is an estimate, not a measurement: weights and optimizer state are counted exactly from the model, activations
-use a rule of thumb (see `ACTIVATION_VALUES_PER_CELL`) that scales with batch × latent pixels × UNet channels.
+On fake tensors (`FakeTensorMode`: shapes and dtypes, no data and no memory) this measures a full-size model on any
+machine in seconds. It counts what CUDA would allocate, not what the CPU path does:
+- the model's weights in the dtype a GPU user loads them in, and autocast's cache of the trained weights' casts;
+- attention through `scaled_dot_product_attention` with the kernel CUDA would pick: "flash" (flash or
+  memory-efficient attention: memory linear in tokens; the CPU's flash kernel keeps the same tensors) or "math"
+  (the attention matrix, quadratic in tokens: `--opt-sdp-no-mem-attention`, or torch without fused kernels);
+- the optimizer as CUDA runs it: torch's foreach implementation (one temporary the size of the state), 8-bit
+  AdamW's one-byte moments with a float32 scale per 256 values (bitsandbytes' blockwise states; tensors under
+  4096 values keep float32 states, as bitsandbytes does);
+- tensors that live in host memory on a GPU machine are off the count: the text cache, frozen originals a
+  session sets aside, EMA kept on the CPU, and under `medvram` the modules a step does not use.
+A GradScaler adds no device memory worth counting (it unscales gradients in place); the fake steps run without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
+from finetune_core.data.cache import TextCache
+from finetune_core.data.data_batch import DataBatch
+from finetune_core.data.summary import DatasetSummary
 from finetune_core.errors import ConfigError
-from finetune_core.model.full_size import full_size_meta
-from finetune_core.model.interface import DiffusionModel
-from finetune_core.model.session import PRECISIONS, compute_dtype
+from finetune_core.model.interface import DiffusionModel, TrainingSetup
+from finetune_core.train import optim
+from finetune_core.train.ema import ParameterAverages
+from finetune_core.train.memory_tracker import LiveBytes, module_tensors
+from finetune_core.train.step import StepContext, make_grad_scaler, train_step
+from finetune_core.train.train_config import TrainConfig
 
-# Values the UNet keeps for backward per latent cell per base channel, at batch 1, without gradient checkpointing.
-# Calibrated so SD1 at 512x512, batch 1, fp16 lands near the ~6 GB the WebUI's TI training is known to take.
-ACTIVATION_VALUES_PER_CELL = 1500
-CHECKPOINTING_FACTOR = 0.2  # gradient checkpointing keeps roughly a fifth of the activations
-# Optimizer state bytes per trained value: Adam's two float32 moments; bitsandbytes' 8-bit AdamW keeps them in one
-# byte each (plus block scales, negligible); Lion one momentum; Prodigy two moments plus its s and p0 copies.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "lion": 4, "prodigy": 16, "sgd": 0}
 GIB = 1024 ** 3
-_DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
+ATTENTION = ("flash", "math")
+RESIDENCY = ("full", "medvram")  # lowvram trains like medvram: the hooks are off and a step's modules resident
+BLOCKWISE = 256  # bitsandbytes' block of values per 8-bit state scale
+MIN_8BIT_SIZE = 4096  # bitsandbytes keeps float32 states for smaller tensors
 
 
 @dataclass(frozen=True)
 class MemoryNeeds:
-    """What a method adds to the loaded model, as the method itself counts it (`MethodSpec.memory`).
+    """What a method's files need on disk (`MethodSpec.memory`): the values it trains and one artefact's size.
 
-    trainable: values it trains; each costs a float32 master, a float32 gradient and the optimizer's state.
-    replaces_model_weights: the trained values are the model's own weights (DreamBooth), so they are not also
-        counted among the frozen weights; under fp16/bf16 autocast each also has a half-precision copy (autocast
-        caches the cast of every trained weight for the forward and backward).
-    extra_bytes: anything else it keeps on the device (an EMA copy, a discriminator, decoded images, ...).
-    batch_factor: samples per dataset image in one forward (2 with prior preservation: each instance image has a
-        class image beside it in the same UNet pass).
-    artifact_bytes: size of one artefact file, for the disk checks (0: the trainable values in float32).
+    trainable: values it trains (the resume state keeps them with two Adam moments).
+    artifact_bytes: size of one artefact file (0: the trainable values in float32).
     """
 
     trainable: int
-    replaces_model_weights: bool = False
-    extra_bytes: int = 0
-    batch_factor: int = 1
     artifact_bytes: int = 0
 
     @property
@@ -56,48 +63,44 @@ class MemoryNeeds:
 
 
 @dataclass(frozen=True)
-class MemoryPlan:
-    """The run settings that drive memory, whatever the method."""
+class Hardware:
+    """How the steps run on the GPU: the attention kernel, which modules stay on the device, processes sharing
+    a batch (each process holds the whole model and its share of the batch)."""
 
-    batch_size: int = 1
-    width: int = 512
-    height: int = 512
-    precision: str = "fp16"  # the asked autocast: fp32 / fp16 / bf16
-    gradient_checkpointing: bool = False
-    optimizer: str = "adamw"
-    momentum: float = 0.0  # sgd keeps a momentum buffer only when this is set
+    attention: str = "flash"
+    residency: str = "full"
+    processes: int = 1
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.attention not in ATTENTION:
+            out.append(f"attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
+        if self.residency not in RESIDENCY:
+            out.append(f"residency {self.residency!r} is not one of {', '.join(RESIDENCY)} (lowvram trains as "
+                       f"medvram)")
+        if self.processes < 1:
+            out.append(f"processes {self.processes} must be 1 or more")
+        return out
 
 
 @dataclass(frozen=True)
-class MemoryEstimate:
-    """Estimated peak bytes by kind; `device_total` is the device's memory (None when unknown)."""
+class Measurement:
+    """The peak bytes of the steps and what was live at that moment, by category."""
 
-    parameters_bytes: int
-    gradients_bytes: int
-    optimizer_bytes: int
-    activations_bytes: int
-    total: int
-    device_total: int | None
-    suggestion: str
+    peak_bytes: int
+    by_category: dict[str, int]
 
     def describe(self) -> str:
-        """One paragraph for the tab: the parts, the total against the device, and the suggestion."""
-        parts = (f"weights {_gib(self.parameters_bytes)}, gradients {_gib(self.gradients_bytes)}, optimizer "
-                 f"{_gib(self.optimizer_bytes)}, activations ≈{_gib(self.activations_bytes)}")
-        device = "" if self.device_total is None else f" of {_gib(self.device_total)} available"
-        text = f"Estimated peak memory ≈{_gib(self.total)}{device} ({parts}). This is an estimate, not a measurement."
-        return f"{text} {self.suggestion}".strip()
+        parts = ", ".join(f"{name} {gib(n)}" for name, n in self.by_category.items() if n)
+        return f"peak {gib(self.peak_bytes)} ({parts})"
+
+    @property
+    def dominant(self) -> str:
+        return max(self.by_category, key=lambda name: self.by_category[name])
 
 
-def _gib(n: int) -> str:
+def gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
-
-
-def dtype_bytes(precision: str) -> int:
-    """Bytes per value of a precision name; ConfigError for an unknown one."""
-    if precision not in _DTYPE_BYTES:
-        raise ConfigError(f"precision '{precision}' is unknown; use one of fp32, fp16 or bf16")
-    return _DTYPE_BYTES[precision]
 
 
 def model_parameters(model: DiffusionModel) -> int:
@@ -106,10 +109,6 @@ def model_parameters(model: DiffusionModel) -> int:
     vae = getattr(model, "vae", None)
     if isinstance(vae, torch.nn.Module):
         modules.append(vae)
-    return _count(modules)
-
-
-def _count(modules: list[torch.nn.Module]) -> int:
     seen: set[int] = set()
     total = 0
     for module in modules:
@@ -130,126 +129,234 @@ def hypernetwork_parameters(widths: set[int], layers: tuple[float, ...]) -> int:
     return total
 
 
-def unet_base_channels(model: DiffusionModel) -> int:
-    """Channels of the UNet's first convolution (320 for SD1/SD2/SDXL), found by module inspection."""
-    unet = model.trainable_modules().get("unet")
-    if unet is not None:
-        for module in unet.modules():
-            if isinstance(module, torch.nn.Conv2d) and module.in_channels == model.latent_channels:
-                return int(module.out_channels)
-    return 320
-
-
-def activation_bytes(plan: MemoryPlan, base_channels: int, vae_scale: int = 8,
-                     compute: torch.dtype | None = None, batch_factor: int = 1) -> int:
-    """Rule of thumb: batch × latent cells × base channels × ACTIVATION_VALUES_PER_CELL values of the compute dtype."""
-    cells = (plan.width // vae_scale) * (plan.height // vae_scale)
-    values = plan.batch_size * batch_factor * cells * base_channels * ACTIVATION_VALUES_PER_CELL
-    if plan.gradient_checkpointing:
-        values = int(values * CHECKPOINTING_FACTOR)
-    itemsize = dtype_bytes(plan.precision) if compute is None else torch.empty((), dtype=compute).element_size()
-    return values * itemsize
-
-
-def device_memory(device: torch.device | str) -> int | None:
-    """Total memory of `device`: CUDA from torch, CPU from /proc/meminfo; None when unknown."""
+def free_device_memory(device: torch.device | str) -> int | None:
+    """Free memory of a CUDA device (what a run can still take); None for other devices."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    if device.type == "cpu":
-        meminfo = Path("/proc/meminfo")
-        if meminfo.is_file():
-            for line in meminfo.read_text().splitlines():
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
     return None
 
 
-def estimate_memory(model: DiffusionModel, needs: MemoryNeeds, plan: MemoryPlan,
-                    device_total: int | None = -1) -> MemoryEstimate:
-    """Peak memory of training with `needs` and `plan` on `model`; `device_total=-1` asks the model's device.
+# --- the data of the measured steps ---------------------------------------------------------------------------------
+@dataclass
+class ShapeData:
+    """Batches of the run's shapes with random values (the values do not change the memory a step takes).
 
-    Frozen weights count in the dtype the model holds them in; activations in the dtype the forward computes in.
+    paired: prior preservation's batches (as many class samples as instance samples in one UNet pass).
+    keep_pixels: the images beside the latents (DreamArtist's reconstruction loss).
     """
-    dtype_bytes(plan.precision)  # a ConfigError for an unknown precision
-    stored = model.dtype
-    compute = compute_dtype(plan.precision, stored)
-    frozen = model_parameters(model) - (needs.trainable if needs.replaces_model_weights else 0)
-    params = frozen * torch.empty((), dtype=stored).element_size() + needs.trainable * 4
-    if needs.replaces_model_weights and compute != torch.float32:
-        params += needs.trainable * torch.empty((), dtype=compute).element_size()  # autocast's cast cache
-    grads = needs.trainable * 4
-    optimizer = needs.trainable * optimizer_state_bytes(plan)
-    activations = activation_bytes(plan, unet_base_channels(model), model.vae_scale, compute, needs.batch_factor)
-    activations += needs.extra_bytes
-    total = params + grads + optimizer + activations
-    if device_total == -1:
-        device_total = device_memory(model.device)
-    return MemoryEstimate(params, grads, optimizer, activations, total, device_total,
-                          suggest(plan, total, device_total, optimizer))
+
+    batch_size: int
+    width: int
+    height: int
+    prompt: str
+    latent_channels: int = 4
+    vae_scale: int = 8
+    paired: bool = False
+    keep_pixels: bool = False
+
+    def prepare(self, model: DiffusionModel, on_progress: Any = None) -> None:
+        return None
+
+    def batches_per_epoch(self) -> int:
+        return 1
+
+    def summary(self) -> DatasetSummary:
+        return DatasetSummary({}, {}, {}, (self.width, self.height))
+
+    def get_batch(self, index: int, seed: int) -> DataBatch:
+        n = self.batch_size * (2 if self.paired else 1)
+        h, w = self.height // self.vae_scale, self.width // self.vae_scale
+        size = torch.tensor([[self.height, self.width, 0, 0, self.height, self.width]] * n, dtype=torch.float32)
+        pixels = torch.randn(n, 3, self.height, self.width) if self.keep_pixels else None
+        extras: dict[str, Any] = {"is_class": [False] * self.batch_size + [True] * self.batch_size} \
+            if self.paired else {}
+        return DataBatch(torch.randn(n, self.latent_channels, h, w), [self.prompt] * n, size, pixels=pixels,
+                         extras=extras)
 
 
-def optimizer_state_bytes(plan: MemoryPlan) -> int:
-    """Bytes of optimizer state per trained value for the plan's optimizer (ConfigError for an unknown one)."""
-    if plan.optimizer not in OPTIMIZER_STATE_BYTES:
-        raise ConfigError(f"optimizer '{plan.optimizer}' is unknown; use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
-    if plan.optimizer == "sgd":
-        return 4 if plan.momentum else 0
-    return OPTIMIZER_STATE_BYTES[plan.optimizer]
+# --- 8-bit AdamW's states, as bitsandbytes keeps them ---------------------------------------------------------------
+class BlockwiseAdamState(torch.optim.Optimizer):
+    """AdamW with bitsandbytes' 8-bit blockwise state layout (two uint8 moments and a float32 scale per 256 values;
+    float32 moments for tensors under 4096 values). It steps like AdamW without dequantizing: the measurement needs
+    its sizes, and bitsandbytes' fused CUDA kernel makes no full-size temporaries."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, **defaults: Any) -> None:
+        super().__init__(params, {"lr": lr, **defaults})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    if p.numel() < MIN_8BIT_SIZE:
+                        state["state1"] = torch.zeros_like(p, dtype=torch.float32)
+                        state["state2"] = torch.zeros_like(p, dtype=torch.float32)
+                    else:
+                        blocks = math.ceil(p.numel() / BLOCKWISE)
+                        state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
+                        state["state2"] = torch.zeros_like(p, dtype=torch.uint8)
+                        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                state["step"] += 1
+                p.add_(p.grad, alpha=-group["lr"])
 
 
-def suggest(plan: MemoryPlan, total: int, device_total: int | None, optimizer_bytes: int = 0) -> str:
-    """What to change when `total` will not fit (or barely fits) in `device_total`."""
-    if device_total is None or total <= 0.9 * device_total:
-        return ""
-    steps = []
-    if not plan.gradient_checkpointing:
-        steps.append("turn on gradient checkpointing")
-    if plan.optimizer in ("adamw", "adam") and optimizer_bytes > total // 10:
-        steps.append("use the adamw8bit optimizer (needs the bitsandbytes package)")
-    if plan.precision in ("fp32", "float32"):
-        steps.append("train in fp16 or bf16")
-    if plan.batch_size > 1:
-        steps.append(f"lower the batch size (e.g. {max(1, plan.batch_size // 2)}) and use gradient accumulation")
-    if plan.width * plan.height > 512 * 512:
-        steps.append("train at a smaller size")
-    if not steps:
-        steps.append("use --medvram in the WebUI or a smaller model")
-    verdict = "exceeds" if total > device_total else "is close to"
-    return f"This {verdict} the device's memory: " + "; ".join(steps) + "."
+# --- the measured steps ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def fake_device() -> Iterator[LiveBytes]:
+    """Fake tensors with the tracker on top: build the model and the method inside, then `measure_steps`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tracker = LiveBytes(scalar=1.0)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, _swaps_by_data(), tracker:
+        yield tracker
 
 
-FIT_GIB = (8, 12, 16, 24)  # the usual consumer cards
-FULL_SIZE = (("sd1", "SD1.5"), ("sdxl", "SDXL"))
+@contextlib.contextmanager
+def real_device(track: bool = True) -> Iterator[LiveBytes]:
+    """The same tracker over real tensors (tests compare it with the fake measurement); `track=False` leaves it
+    off (a GPU counts its own peak, without the tracker's cost per operator)."""
+    tracker = LiveBytes()
+    with tracker if track else contextlib.nullcontext():
+        yield tracker
 
 
-def full_size_fits(needs_for: Callable[[DiffusionModel], MemoryNeeds], plan: MemoryPlan) -> dict[str, MemoryEstimate]:
-    """The estimate for the full-size SD1.5 and SDXL architectures (built on the meta device: shapes, no memory),
-    with frozen weights stored in the precision the plan computes in, as a GPU user loads them. Empty where
-    diffusers, which builds them, is missing: inside the WebUI, whose loaded model is itself full size."""
-    import importlib.util
+@contextlib.contextmanager
+def _swaps_by_data() -> Iterator[None]:
+    """`Module.to` swaps a fake parameter for its converted copy, and the swap fails when fake-tensor bookkeeping holds
+    a weak reference to it; meanwhile such a swap sets the parameter's data instead (what it does for real
+    tensors). Undone on exit."""
+    import torch.utils
 
-    if importlib.util.find_spec("diffusers") is None:
-        return {}
+    swap = torch.utils.swap_tensors
 
-    out = {}
-    for family, label in FULL_SIZE:
-        model = full_size_meta(family, PRECISIONS.get(plan.precision, torch.float32))
-        out[label] = estimate_memory(model, needs_for(model), plan, device_total=None)
-    return out
+    def swap_or_set(t1: torch.Tensor, t2: torch.Tensor) -> None:
+        try:
+            swap(t1, t2)
+        except RuntimeError:
+            t1.data = t2.data  # Module._apply keeps t1, which now holds the converted value
+
+    torch.utils.swap_tensors = swap_or_set  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = swap
 
 
-def describe_fits(estimates: dict[str, MemoryEstimate]) -> str:
-    """'SD1.5 ≈9.1 GiB: fits 12, 16, 24 GB (not 8 GB). SDXL ≈27.9 GiB: fits none of 8, 12, 16, 24 GB.'"""
-    parts = []
-    for label, estimate in estimates.items():
-        fits = [size for size in FIT_GIB if estimate.total <= size * GIB * 0.95]  # the driver keeps a little
-        if len(fits) == len(FIT_GIB):
-            verdict = f"fits {', '.join(map(str, FIT_GIB))} GB"
-        elif fits:
-            misses = [size for size in FIT_GIB if size not in fits]
-            verdict = f"fits {', '.join(map(str, fits))} GB (not {', '.join(map(str, misses))} GB)"
-        else:
-            verdict = f"fits none of {', '.join(map(str, FIT_GIB))} GB"
-        parts.append(f"{label} ≈{_gib(estimate.total)}: {verdict}")
-    return "With these settings, the full-size models: " + "; ".join(parts) + "."
+def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: ShapeData, config: TrainConfig,
+                  hardware: Hardware, steps: int = 2, after_step: Any = None) -> Measurement:
+    """Run `steps` steps of `method` on `model` under the run's settings and return the peak the tracker saw
+    (`after_step(i)` after each: the GPU proof times them)."""
+    problems = hardware.problems()
+    if problems:
+        raise ConfigError(problems)
+    modules = [*model.trainable_modules().values(), *([model.vae] if hasattr(model, "vae") else [])]
+    before = module_tensors(modules)
+    tracker.file_as(before, "weights")
+    originals = {id(t.untyped_storage()) for t in before}  # a session may swap a parameter's data for a master
+    setup = TrainingSetup(method.trains, config.precision, config.gradient_checkpointing,
+                          vae_gradient_checkpointing=config.gradient_checkpointing and method.decodes_latents)
+    known = set(tracker.live)
+    with model.training_session(setup) as session:
+        resident = module_tensors(modules)
+        tracker.file_as(resident, "weights")
+        kept = {id(t.untyped_storage()) for t in resident}
+        # what the session set aside (the trained modules' original values) goes to RAM on a GPU machine
+        tracker.host_keys([key for key in originals if key not in kept])
+        tracker.host_keys([key for key in tracker.live if key not in known and key not in kept])
+        if hardware.residency == "medvram":
+            tracker.host(module_tensors(_unused_modules(model, method)))
+        with model.placement(), method.training_context(model), attention_kernel(hardware.attention):
+            ctx = _context(tracker, model, method, data, config, session)
+            tracker.reset_peak()
+            first = Measurement(0, {})
+            for step in range(steps):
+                if step == 1:  # the steady state from here: the optimizer state exists and is filed as such
+                    first = Measurement(tracker.peak, dict(tracker.peak_by_category))
+                    tracker.reset_peak()
+                _measured_step(tracker, ctx, step)
+                if after_step is not None:
+                    after_step(step)
+    steady = dict(tracker.peak_by_category)
+    # the breakdown is the steady step's (the first files the optimizer state it creates as temporaries); where the
+    # first step went higher (by what it made once: the state, the text cache), the excess counts as temporaries
+    steady["temporaries"] += max(0, first.peak_bytes - tracker.peak)
+    return Measurement(max(first.peak_bytes, tracker.peak), steady)
+
+
+def _unused_modules(model: DiffusionModel, method: Any) -> list[torch.nn.Module]:
+    """What a step does not touch: the VAE unless the loss decodes, the text encoders when their output is cached."""
+    unused = [] if method.decodes_latents else [model.vae]  # type: ignore[attr-defined]
+    if method.caches_text:
+        unused += [m for name, m in model.trainable_modules().items() if name.startswith("text_encoder")]
+    return unused
+
+
+@contextlib.contextmanager
+def attention_kernel(kernel: str) -> Iterator[None]:
+    """SDPA as CUDA would run it: "flash" (flash or memory-efficient: linear in tokens) or "math" (quadratic)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # flash first; a masked attention (CLIP's causal mask) falls back to math on the CPU as CUDA falls back to
+    # memory-efficient: at 77 tokens the two differ by kilobytes
+    backends = [SDPBackend.MATH] if kernel == "math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                           SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        yield
+
+
+def _context(tracker: LiveBytes, model: DiffusionModel, method: Any, data: ShapeData, config: TrainConfig,
+             session: Any) -> Any:
+
+    groups = method.trainable_parameters(model)
+    params = [p for g in groups for p in g.params]
+    for p in params:
+        p.requires_grad_(True)
+        p.register_post_accumulate_grad_hook(lambda p: tracker.file_as([p.grad], "gradients"))
+    tracker.file_as(params, "weights")
+    optimizer = _optimizer(groups, config)
+    optimizer.register_step_pre_hook(lambda *_: setattr(tracker, "phase", "temporaries"))
+    optimizer.register_step_post_hook(lambda *_: _after_optimizer(tracker, optimizer))
+    averages = ParameterAverages(groups)
+    tracker.file_as(averages.tensors(), "ema")
+    tracker.host(averages.host_tensors())
+    return StepContext(model, method, data, optimizer, make_grad_scaler(model.device, session.compute_dtype), params,
+                       0, config.gradient_accumulation, session.autocast, config.min_snr_gamma, config.noise_offset,
+                       config.clip_grad_mode, [(float(config.clip_grad_value), 0)] if config.clip_grad_mode !=
+                       "disabled" else [], model.alphas_cumprod().float(),
+                       TextCache() if method.caches_text else None, averages)
+
+
+def _optimizer(groups: list[Any], config: TrainConfig) -> torch.optim.Optimizer:
+    from dataclasses import replace
+
+
+    if config.optimizer == "adamw8bit":  # bitsandbytes needs CUDA: its state layout, not its kernel
+        optimizer: torch.optim.Optimizer = BlockwiseAdamState([{"params": list(g.params)} for g in groups], lr=1e-4)
+        return optimizer
+    optimizer = optim.build_optimizer(groups, replace(config, learning_rate="0.0001"), 1e-4)
+    for group in optimizer.param_groups:
+        if "foreach" in group:
+            group["foreach"] = True  # CUDA's default: a full-size temporary per state tensor group
+    return optimizer
+
+
+def _after_optimizer(tracker: LiveBytes, optimizer: torch.optim.Optimizer) -> None:
+    tracker.file_as((t for state in optimizer.state.values() for t in state.values()
+                     if isinstance(t, torch.Tensor)), "optimizer")
+    tracker.phase = "activations"
+
+
+def _measured_step(tracker: LiveBytes, ctx: Any, step: int) -> None:
+
+    tracker.phase = "activations"
+    train_step(ctx, step, step)
+    if ctx.text_cache is not None:
+        tracker.host(ctx.text_cache.tensors())

@@ -12,10 +12,9 @@ from typing import Any
 from finetune_core.errors import ConfigError, FinetuneError
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobRunner, JobState
-from finetune_core.jobs.preflight import memory_plan
-from finetune_core.jobs.request import build_config, form_defaults, method_spec
+from finetune_core.jobs import fit
 from finetune_core.jobs.service import TrainRequest
-from finetune_core.train.memory import describe_fits, estimate_memory, full_size_fits
+from finetune_core.train.memory import free_device_memory
 from finetune_core.ui import presets
 from finetune_core.ui.dataset_view import lint_html, steps_arithmetic
 from finetune_core.ui.panels import gallery_items, loss_svg, progress_html, result_html
@@ -97,16 +96,23 @@ class MethodActions:
             log.info("lint without token counts: %s", exc)
             return None
 
-    def estimate(self, values: Values) -> str:
-        """The memory estimate for the form's settings, as a sentence; the method counts what it adds."""
+    def estimate(self, values: Values, size: str = "") -> tuple[str, Values]:
+        """The measured peak memory of the form's settings on the loaded model's architecture and, for `size` (like
+        8GB; empty: the CUDA device's free memory), the plan that fits; (sentence, the plan's settings to apply)."""
+
+        if not fit.can_measure():
+            return ("Measuring memory builds the model's architecture with diffusers, which this install lacks (the "
+                    "WebUI has none): run `python -m finetune_core estimate` in the standalone install.", {})
         typed = self.typed(values)
-        spec = method_spec(self.method)
-        config = build_config(spec.config_type, form_defaults(self.method)["method"], typed["method"], spec.label)
         model = self.host.get_model()
-        plan = memory_plan(typed["data"], typed["train"])
-        here = estimate_memory(model, spec.memory(model, config), plan).describe()
-        full_size = full_size_fits(lambda m: spec.memory(m, config), plan)
-        return f"{here} {describe_fits(full_size)}" if full_size else here
+        target = fit.parse_size(size) - fit.CARD_RESERVE if size.strip() else free_device_memory(model.device)
+        request = fit.request_for(self.method, model, typed)
+        measured = fit.measure(request)
+        text = f"Measured without a GPU on {request.model} in {request.weights}: {measured.describe()}."
+        if target is None:
+            return f"{text} Give a card size (like 8GB) for a plan that fits it.", {}
+        plan = fit.plan_fit(request, target, measured)
+        return f"{text} {plan.describe()}", plan.settings()
 
     def create(self, name: str, settings: dict[str, Any], create_specs: list[FieldSpec], overwrite: bool) -> str:
         """Create an empty artefact; returns a message naming the files."""

@@ -12,7 +12,7 @@ from typing import Any
 from finetune_core.errors import ConfigError, FinetuneError
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobBusy, JobRunner
-from finetune_core.jobs import best_step
+from finetune_core.jobs import best_step, fit
 from finetune_core.methods import METHODS
 from finetune_core.ui.aesthetic_tab import AestheticJobs
 from finetune_core.ui.aesthetic_tab import routes as aesthetic_routes
@@ -61,6 +61,7 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     post("/create", routes.create)
     post("/lint", routes.lint)
     post("/inspect", routes.inspect)
+    post("/estimate", routes.estimate)
     post("/compare", routes.compare)
     post("/suggest", routes.suggest)
     post("/use", routes.use)
@@ -183,6 +184,17 @@ class _Routes:
         report = self.service.lint(settings, method, None)
         return {"summary": report.format(), "n_images": len(report.rows),
                 "rows": [_row(r) for r in report.rows]}
+
+    def estimate(self, body: dict) -> dict[str, Any]:
+        """The measured peak memory of a run (`model`: an architecture name, by default the loaded model's) and
+        the plan that fits `fit` (like "8GB"; by default the CUDA device's free memory)."""
+        refuse_unknown_fields(body, {"method", "model", "method_settings", "data_settings", "train_settings", "fit"},
+                              "estimate")
+        settings = {section: object_field(body, f"{section}_settings") for section in ("method", "data", "train")
+                    if f"{section}_settings" in body}
+        method = required_text(body, "method")
+        model = required_text(body, "model") if "model" in body else fit.architecture_of(self.host.get_model())
+        return fit.report(fit.Request(method, model, settings), body.get("fit") or None)
 
     def inspect(self, body: dict) -> dict[str, Any]:
         refuse_unknown_fields(body, {"path"}, "inspect")

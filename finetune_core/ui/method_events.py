@@ -38,8 +38,20 @@ def wire(tab: MethodTab) -> None:
 
     c["lint"].click(fn=guarded(gr, on_lint, 3, 2), inputs=fields,
                     outputs=[c["lint_html"], c["arithmetic"], c["status"]], **NO_API)
-    c["estimate"].click(fn=guarded(gr, lambda *v: (message_html(actions.estimate(tab.collect(list(v)))),), 1, 0),
-                        inputs=fields, outputs=[c["memory"]], **NO_API)
+    def on_estimate(size: str, *values: Any) -> tuple:
+        text, plan = actions.estimate(tab.collect(list(values)), size or "")
+        return message_html(text), plan
+
+    def on_apply(plan: dict[str, dict[str, Any]]) -> tuple:
+        updates = [gr.update(value=plan[section][field]) if field in (plan or {}).get(section, {}) else gr.update()
+                   for section, field, _ in tab.fields]
+        text = "Applied the plan: Estimate memory again to check it." if plan else "No plan to apply: Estimate first."
+        return (message_html(text), *updates)
+
+    c["estimate"].click(fn=guarded(gr, on_estimate, 2, 0), inputs=[c["fit_size"], *fields],
+                        outputs=[c["memory"], c["plan"]], **NO_API)
+    c["apply_plan"].click(fn=guarded(gr, on_apply, 1 + len(fields), 0), inputs=[c["plan"]],
+                          outputs=[c["memory"], *fields], **NO_API)
     _wire_create(tab)
     _wire_presets(tab)
 

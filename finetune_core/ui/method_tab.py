@@ -149,6 +149,10 @@ class MethodTab:
             self.c["interrupt"] = gr.Button("Interrupt", elem_id=self.eid("interrupt"))
         with gr.Row():
             self.c["estimate"] = gr.Button("Estimate memory", elem_id=self.eid("estimate"), size="sm")
+            self.c["fit_size"] = gr.Textbox("", label="Card memory", placeholder="8GB (empty: this GPU's free memory)",
+                                            elem_id=self.eid("fit_size"))
+            self.c["apply_plan"] = gr.Button("Apply plan", elem_id=self.eid("apply_plan"), size="sm")
+        self.c["plan"] = gr.State({})
         self.c["memory"] = gr.HTML("", elem_id=self.eid("memory"))
         self.c["status"] = gr.HTML("", elem_id=self.eid("status"))
         view = self.actions.status()

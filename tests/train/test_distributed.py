@@ -200,9 +200,10 @@ def test_the_slices_of_a_prior_preservation_batch_weighted_by_share_add_up_to_it
     torch.testing.assert_close(sum(parts), whole)
 
 
-def test_the_memory_estimate_counts_the_largest_slice_each_process_holds(tmp_path, monkeypatch):
-    """Batch 3 over 2 processes: each holds at most 2 samples, so the estimate is for 2; one process holds 3."""
-    from finetune_core.jobs import preflight
+def test_the_memory_check_counts_the_largest_slice_each_process_holds(tmp_path, monkeypatch):
+    """Batch 3 over 2 processes: each holds at most 2 samples, so the measurement is for 2; one process holds 3."""
+    from finetune_core.jobs import fit
+    from finetune_core.train import memory
 
     class Checked(Exception):
         pass
@@ -212,11 +213,13 @@ def test_the_memory_estimate_counts_the_largest_slice_each_process_holds(tmp_pat
 
     seen: list[int] = []
 
-    def capture(model: Any, needs: Any, plan: Any, folders: Any) -> list[str]:
-        seen.append(plan.batch_size)
+    def capture(request: Any, device: Any, free: Any) -> None:
+        batch = request.settings["data"]["batch_size"]
+        seen.append(-(-batch // request.hardware.processes))  # the share `fit.run_steps` measures
         raise Checked
 
-    monkeypatch.setattr(preflight, "check_resources", capture)
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: 1 << 40)  # as if on a GPU: the check runs
+    monkeypatch.setattr(fit, "check_fits", capture)
     data = tmp_path / "data"
     shutil.copytree(EXAMPLES, data)
     job = {**_jobs(data)[0], "train": {**TRAIN, "save_every": 0}}

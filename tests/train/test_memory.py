@@ -1,145 +1,131 @@
+"""The peak-memory measurement (fake tensors, the real step code) and the fit planner, on tiny models."""
+
 from __future__ import annotations
 
-from contextlib import nullcontext
+import dataclasses
+import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finetune_core.errors import ConfigError
-from finetune_core.methods import hypernetwork, textual_inversion
-from finetune_core.methods.hypernetwork import HypernetworkConfig
-from finetune_core.methods.textual_inversion import TextualInversionCreate
-from finetune_core.model.interface import TextEncoderSpec
-from finetune_core.train.memory import (
-    ACTIVATION_VALUES_PER_CELL,
-    GIB,
-    MemoryNeeds,
-    MemoryPlan,
-    activation_bytes,
-    estimate_memory,
-    hypernetwork_parameters,
-    model_parameters,
-    unet_base_channels,
-)
+from finetune_core.jobs.fit import Request, measure, parse_size, plan_fit
+from finetune_core.train.memory import BlockwiseAdamState, Hardware, attention_kernel, fake_device
+
+SMALL = {"data": {"width": 128, "height": 128}}
 
 
-class TinyModel:
-    """Just what the estimate reads: modules, text encoder widths, attention widths, latent layout, device."""
-
-    latent_channels = 4
-    vae_scale = 8
-    text_encoders = (TextEncoderSpec("clip_l", 8),)
-    device = torch.device("cpu")
-    dtype = torch.float32
-    context_width = 8
-
-    def __init__(self) -> None:
-        self.unet = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3), torch.nn.Linear(16, 16))  # 592 + 272
-        self.text = torch.nn.Linear(8, 8)  # 72
-        self.vae = torch.nn.Linear(4, 4)  # 20
-
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet, "text_encoder": self.text}
-
-    def attention_context_widths(self) -> dict[str, set[int]]:
-        return {"cross": {8}, "self": {16}}
-
-    def placement(self):
-        return nullcontext()
+@pytest.mark.parametrize("method", ["textual-inversion", "dreambooth"])
+def test_the_fake_measurement_equals_the_real_steps_count(method: str) -> None:
+    request = Request(method, "tiny-sd1", SMALL, weights="fp32")
+    fake = measure(request)
+    real = measure(request, fake=False)
+    assert fake.peak_bytes == pytest.approx(real.peak_bytes, rel=0.05)
+    assert fake.by_category["weights"] == pytest.approx(real.by_category["weights"], rel=0.05)
 
 
-def test_weights_are_counted_from_the_modules() -> None:
-    model = TinyModel()
-    assert model_parameters(model) == 592 + 272 + 72 + 20
-    assert unet_base_channels(model) == 16
+def _attention_peak(kernel: str, tokens: int) -> int:
+    """Peak bytes of one attention's forward and backward (8 heads of 64) on `tokens` tokens, fake fp16 tensors."""
+    with fake_device() as tracker, attention_kernel(kernel):
+        q = torch.randn(1, 8, tokens, 64, dtype=torch.float16, requires_grad=True)
+        k = torch.randn(1, 8, tokens, 64, dtype=torch.float16, requires_grad=True)
+        v = torch.randn(1, 8, tokens, 64, dtype=torch.float16, requires_grad=True)
+        F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+        return tracker.peak
 
 
-def test_textual_inversion_trains_only_its_vectors() -> None:
-    model = TinyModel()
-    needs = textual_inversion.memory_needs(model, TextualInversionCreate(num_vectors=3))  # type: ignore[arg-type]
-    plan = MemoryPlan(batch_size=2, width=64, height=32, precision="fp16")
-    est = estimate_memory(model, needs, plan, device_total=None)  # type: ignore[arg-type]
-    trainable = 3 * 8
-    assert needs == MemoryNeeds(trainable)
-    assert est.parameters_bytes == 956 * 4 + trainable * 4  # frozen weights in the dtype the model holds (fp32)
-    assert est.gradients_bytes == trainable * 4 and est.optimizer_bytes == trainable * 8
-    assert est.activations_bytes == 2 * (8 * 4) * 16 * ACTIVATION_VALUES_PER_CELL * 2  # computed in fp16
-    assert est.total == est.parameters_bytes + est.gradients_bytes + est.optimizer_bytes + est.activations_bytes
-    assert est.suggestion == "" and "estimate" in est.describe()
+def test_attention_memory_is_linear_in_tokens_under_flash_and_quadratic_under_math() -> None:
+    for kernel, growth in (("flash", 2.0), ("math", 4.0)):
+        peaks = [_attention_peak(kernel, n) for n in (1024, 2048, 4096)]
+        # doubling the tokens doubles what a linear kernel adds and quadruples what a quadratic one adds
+        assert (peaks[2] - peaks[1]) / (peaks[1] - peaks[0]) == pytest.approx(growth, rel=0.1), kernel
+    assert _attention_peak("math", 4096) > 8 * _attention_peak("flash", 4096)
 
 
-def test_model_weights_that_train_count_once_in_fp32_and_hypernetwork_sizes() -> None:
-    model = TinyModel()
-    unet = 864
-    est = estimate_memory(model, MemoryNeeds(unet, replaces_model_weights=True, extra_bytes=100),  # type: ignore[arg-type]
-                          MemoryPlan(precision="bf16", width=64, height=64), device_total=None)
-    # fp32 masters, plus the bf16 copy autocast caches of each trained weight for the forward and backward
-    assert est.parameters_bytes == (956 - unet) * 4 + unet * 4 + unet * 2 and est.optimizer_bytes == unet * 8
-    assert est.activations_bytes == 64 * 16 * ACTIVATION_VALUES_PER_CELL * 2 + 100
-    fp32 = estimate_memory(model, MemoryNeeds(unet, replaces_model_weights=True),  # type: ignore[arg-type]
-                           MemoryPlan(precision="fp32", width=64, height=64), device_total=None)
-    assert fp32.parameters_bytes == 956 * 4  # no cast, so no copy
-    # (1, 2, 1) on width 8: Linear(8,16) + Linear(16,8) = 144 + 136, for k and v.
-    assert hypernetwork_parameters({8}, (1, 2, 1)) == 2 * (144 + 136)
-    config = HypernetworkConfig(sizes="8, 16, 99")  # 99 matches no attention layer: it would never train
-    assert hypernetwork.memory_needs(model, config).trainable == (  # type: ignore[arg-type]
-        hypernetwork_parameters({8, 16}, (1, 2, 1)))
+def test_the_model_under_math_attention_takes_more_than_under_flash() -> None:
+    request = Request("hypernetwork", "tiny-sd1", {"data": {"width": 256, "height": 256},
+                                                   "train": {"gradient_checkpointing": False}})
+    flash = measure(request).peak_bytes
+    math = measure(dataclasses.replace(request, hardware=Hardware("math"))).peak_bytes
+    assert math > 1.2 * flash
 
 
-def test_a_plan_that_does_not_fit_gets_a_suggestion() -> None:
-    model = TinyModel()
-    plan = MemoryPlan(batch_size=4, width=1024, height=1024, precision="fp32")
-    est = estimate_memory(model, MemoryNeeds(8), plan, device_total=GIB // 4)  # type: ignore[arg-type]
-    assert est.total > GIB // 4
-    assert "exceeds" in est.suggestion and "gradient checkpointing" in est.suggestion
-    assert "fp16" in est.suggestion and "batch size" in est.suggestion
-    checkpointed = activation_bytes(MemoryPlan(gradient_checkpointing=True), 320)
-    assert checkpointed < activation_bytes(MemoryPlan(), 320)
+def test_gradient_checkpointing_lowers_activation_bytes() -> None:
+    on = measure(Request("lora", "tiny-sd1", {**SMALL, "train": {"gradient_checkpointing": True}}))
+    off = measure(Request("lora", "tiny-sd1", {**SMALL, "train": {"gradient_checkpointing": False}}))
+    assert on.by_category["activations"] < 0.8 * off.by_category["activations"]
 
 
-def test_unknown_precision_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="precision"):
-        estimate_memory(TinyModel(), MemoryNeeds(8), MemoryPlan(precision="fp8"), device_total=None)  # type: ignore[arg-type]
+def test_8bit_adamw_keeps_a_quarter_of_adamws_state() -> None:
+    params = [torch.nn.Parameter(torch.zeros(512, 512))]
+    params[0].grad = torch.ones_like(params[0])
+    adam = torch.optim.AdamW(params)
+    adam.step()
+    eight = BlockwiseAdamState(params)
+    eight.step()
+
+    def nbytes(opt: torch.optim.Optimizer) -> int:
+        return sum(t.nbytes for s in opt.state.values() for t in s.values() if t.ndim)
+    assert nbytes(eight) / nbytes(adam) == pytest.approx(0.25, rel=0.03)  # one byte per moment, plus block scales
+    dreambooth = measure(Request("dreambooth", "tiny-sd1", {**SMALL, "train": {"optimizer": "adamw"}}))
+    small = measure(Request("dreambooth", "tiny-sd1", {**SMALL, "train": {"optimizer": "adamw8bit"}}))
+    assert small.by_category["optimizer"] < 0.35 * dreambooth.by_category["optimizer"]
 
 
-def test_cpu_device_total_comes_from_meminfo() -> None:
-    est = estimate_memory(TinyModel(), MemoryNeeds(8), MemoryPlan(width=64, height=64))  # type: ignore[arg-type]
-    assert est.device_total is None or est.device_total > 0
+def test_the_plan_for_a_run_that_does_not_fit_fits_by_the_same_measurement() -> None:
+    request = Request("dreambooth", "tiny-sd1", {"data": {"width": 256, "height": 256, "batch_size": 2},
+                                                 "train": {"gradient_checkpointing": False}})
+    start = measure(request)
+    target = int(start.peak_bytes * 0.7)
+    plan = plan_fit(request, target, start)
+    assert plan.changes and plan.peak_bytes <= target
+    assert measure(plan.request).peak_bytes == plan.peak_bytes
+    assert plan.changes[-1].peak_bytes == plan.peak_bytes
 
 
-def test_optimizer_state_and_paired_batches() -> None:
-    model = TinyModel()
-    needs = MemoryNeeds(1000)
-    sizes = {name: estimate_memory(model, needs, MemoryPlan(optimizer=name, momentum=momentum),  # type: ignore[arg-type]
-                                   device_total=None).optimizer_bytes
-             for name, momentum in (("adamw", 0), ("adamw8bit", 0), ("sgd", 0), ("lion", 0))}
-    assert sizes == {"adamw": 8000, "adamw8bit": 2000, "sgd": 0, "lion": 4000}
-    sgd = estimate_memory(model, needs, MemoryPlan(optimizer="sgd", momentum=0.9), device_total=None)  # type: ignore[arg-type]
-    assert sgd.optimizer_bytes == 4000
-    single = estimate_memory(model, needs, MemoryPlan(), device_total=None)  # type: ignore[arg-type]
-    paired = estimate_memory(model, MemoryNeeds(1000, batch_factor=2), MemoryPlan(), device_total=None)  # type: ignore[arg-type]
-    assert paired.activations_bytes == 2 * single.activations_bytes
-    with pytest.raises(ConfigError, match="optimizer 'nope'"):
-        estimate_memory(model, needs, MemoryPlan(optimizer="nope"), device_total=None)  # type: ignore[arg-type]
-    big = MemoryNeeds(GIB, replaces_model_weights=True)
-    tight = estimate_memory(model, big, MemoryPlan(), device_total=8 * GIB)  # type: ignore[arg-type]
-    assert "adamw8bit" in tight.suggestion
+def test_a_plan_that_cannot_fit_says_the_smallest_peak_and_what_dominates() -> None:
+    with pytest.raises(ConfigError, match=r"smallest peak reachable is .* GiB .*dominated by weights"):
+        plan_fit(Request("textual-inversion", "tiny-sd1", SMALL), 1 << 20)
 
 
-def test_full_size_fits_say_which_cards_hold_a_run() -> None:
-    """The full-size architectures counted on the meta device: a UNet-training run (batch 1, 512 px) in fp16 with
-    8-bit AdamW and checkpointing fits SD1.5 on a 12 GB card but not on 8 GB, and SDXL on none below 24 GB."""
-    from finetune_core.train.memory import describe_fits, full_size_fits
+@pytest.mark.parametrize("text", ["8", "-1GB", "eight", "0GB", "8 parsecs"])
+def test_a_size_without_a_unit_or_below_zero_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="is not a size"):
+        parse_size(text)
 
-    def unet_needs(model) -> MemoryNeeds:
-        unet = sum(p.numel() for p in model.trainable_modules()["unet"].parameters())
-        return MemoryNeeds(unet, replaces_model_weights=True)
 
-    plan = MemoryPlan(precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit")
-    estimates = full_size_fits(unet_needs, plan)
-    unet15 = 859_520_964  # SD1.5's UNet, the figure every DreamBooth guide quotes as ~860M
-    assert estimates["SD1.5"].gradients_bytes == unet15 * 4
-    assert 8 * GIB < estimates["SD1.5"].total < 12 * GIB * 0.95
-    assert estimates["SDXL"].total > 16 * GIB
-    text = describe_fits(estimates)
-    assert "SD1.5" in text and "fits 12, 16, 24 GB (not 8 GB)" in text and "SDXL" in text
+def test_sizes() -> None:
+    assert parse_size("8GB") == 8 << 30
+    assert parse_size("7.5 GiB") == int(7.5 * (1 << 30))
+    assert parse_size("6000MB") == 6000 << 20
+
+
+def test_an_unknown_architecture_or_setting_is_refused() -> None:
+    with pytest.raises(ConfigError, match="architecture 'sd3-full' is not known"):
+        measure(Request("lora", "sd3-full"))
+    with pytest.raises(ConfigError, match="num_vectors"):
+        measure(Request("lora", "tiny-sd1", {"method": {"num_vectors": 4}}))
+
+
+def test_the_cli_prints_the_measurement_and_the_plan_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune_core.cli import main
+
+    assert main(["estimate", "textual-inversion", "--model", "tiny-sd1", "--width", "128", "--height", "128",
+                 "--fit", "1GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_bytes"] == sum(out["by_category"].values())
+    assert out["plan"] == [] and out["plan_peak_bytes"] == out["peak_bytes"]
+    assert main(["estimate", "lora", "--model", "sd3-full"]) == 2
+    assert "sd3-full" in capsys.readouterr().err
+    assert main(["estimate", "lora", "--model", "tiny-sd1", "--fit", "eight"]) == 2
+
+
+def test_a_half_model_trained_as_float32_masters_counts_the_masters_not_the_half_originals() -> None:
+    from finetune_core.model.tiny import build_tiny
+
+    unet = sum(p.numel() for p in build_tiny("tiny-sd1").unet.parameters())
+    frozen = measure(Request("textual-inversion", "tiny-sd1", SMALL)).by_category["weights"]
+    trained = measure(Request("dreambooth", "tiny-sd1", SMALL)).by_category["weights"]
+    # fp16 -> float32 master: 2 more bytes per UNet value (4 more if the fp16 originals stayed on the device)
+    assert (trained - frozen) / unet == pytest.approx(2.0, abs=0.2)

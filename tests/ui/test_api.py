@@ -125,3 +125,14 @@ def test_create_takes_method_settings_and_refuses_unknown_fields(host: Any, tmp_
     assert Path(created.json()["paths"][0]).read_text() == "[('num_vectors', 2)]"
     typo = client.post("/finetune/v1/create", json={"method": "fake-method", "name": "x", "vectors": 2})
     assert typo.status_code == 400 and "vectors" in typo.json()["detail"]
+
+
+def test_estimate_measures_an_architecture_and_refuses_a_size_without_a_unit(host: Any, tmp_path: Path,
+                                                                            fake_methods: dict) -> None:
+    client, _ = _client(host, tmp_path, fake_methods, _gated_train(threading.Event()))
+    body = {"method": "textual-inversion", "model": "tiny-sd1", "data_settings": {"width": 64, "height": 64}}
+    bad = client.post("/finetune/v1/estimate", json={**body, "fit": "8"})
+    assert bad.status_code == 400 and "memory size '8' is not a size" in bad.json()["detail"]
+    out = client.post("/finetune/v1/estimate", json={**body, "fit": "1GB"}).json()
+    assert out["peak_bytes"] == sum(out["by_category"].values()) > 0
+    assert out["plan"] == [] and out["plan_peak_bytes"] == out["peak_bytes"]

@@ -95,7 +95,7 @@ def test_presets_round_trip_through_the_logs_folder(host: Any, fake_methods: dic
         actions.load_preset("other")
 
 
-def test_the_memory_estimate_says_which_cards_hold_full_size_models(host: Any, tiny_model: Any) -> None:
+def test_the_memory_estimate_measures_and_plans_a_fit_that_applies(host: Any, tiny_model: Any) -> None:
     from finetune_core.jobs import service
     from finetune_core.methods import METHODS
 
@@ -104,11 +104,15 @@ def test_the_memory_estimate_says_which_cards_hold_full_size_models(host: Any, t
     actions = MethodActions(host, JobRunner(host), service, spec.key, spec.output_kind,
                             method_sections(spec, service))
     values = {"method": {"prior_preservation": True, "class_prompt": "a dog"},
-              "data": {"data_dir": "d", "width": 512, "height": 512},
-              "train": {"precision": "fp16", "optimizer": "adamw8bit", "gradient_checkpointing": True}}
-    text = actions.estimate(values)
-    assert text.startswith("Estimated peak memory") and "With these settings, the full-size models: SD1.5 ≈" in text
-    assert "SDXL ≈" in text and "fits" in text
+              "data": {"data_dir": "d", "width": 128, "height": 128},
+              "train": {"precision": "fp32", "gradient_checkpointing": False}}
+    text, none = actions.estimate(values)
+    assert text.startswith("Measured without a GPU on tiny-sd1 in fp32: peak ") and "Give a card size" in text
+    assert none == {}
+    peak = float(text.split("peak ")[1].split(" GiB")[0])
+    size = f"{int((peak * 0.8) * 1024 + 512)}MB"  # 80% of the peak, plus the card's reserve for CUDA
+    text, plan = actions.estimate(values, size)
+    assert "Plan: 8-bit AdamW" in text and plan["train"]["optimizer"] == "adamw8bit"
 
 
 def test_texts_are_true_for_each_method(host: Any) -> None:
