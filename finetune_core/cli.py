@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_aesthetic(commands)
     from finetune_core.jobs.estimate_cli import add_parser as add_estimate
     add_estimate(commands, add_settings_flags, _setting_types())
+    _add_pick_parsers(commands)
     ui = commands.add_parser("ui", help="serve the Fine-tune tab as its own app on localhost")
     ui.add_argument("rest", nargs=argparse.REMAINDER, help="options of the app (see `ui --help`)")
     return parser
@@ -151,6 +152,8 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.command == "aesthetic":
         from finetune_core.aesthetic.aesthetic_cli import run as run_aesthetic
         return run_aesthetic(args)
+    if args.command in ("use", "compare"):
+        return _pick(args)
     if args.command != "train":
         set_threads(getattr(args, "threads", None))
     settings = _settings_from_args(args, _section_types(args))
@@ -279,6 +282,46 @@ def _interrupt_on_signals(control: Any, received: list[int], launched: bool = Fa
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
+
+
+def _add_pick_parsers(commands: Any) -> None:
+    """`use` and `compare`: picking a step of a run (issue 23)."""
+    use = commands.add_parser("use", help="make a saved copy of a run the artefact (the old file kept as .N.bak)")
+    use.add_argument("run", metavar="RUN_FOLDER")
+    use.add_argument("--step", type=int, default=None, help="the copy's step (default: the suggested step, the "
+                     "lowest smoothed validation loss)")
+    compare = commands.add_parser("compare", help="a grid of a run's saved copies x prompts x seeds (prints the PNG)")
+    compare.add_argument("run", metavar="RUN_FOLDER")
+    compare.add_argument("--prompts", nargs="+", default=None, help="default: the run's preview prompt and two "
+                         "from its captions")
+    compare.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the run's preview seed")
+    compare.add_argument("--model", default=None, help="the model the run trained on (default: its name, when it "
+                         "is a built-in tiny model)")
+    compare.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    compare.add_argument("--out", default=None, help="the PNG to write (default: images/compare-N.png in the run)")
+    add_threads_flag(compare)
+
+
+def _pick(args: argparse.Namespace) -> int:
+    from finetune_core.jobs import best_step
+    if args.command == "use":
+        step, written, backups = best_step.use_copy(args.run, args.step)
+        for path in backups:
+            print(f"kept the previous file as {path}")
+        print(f"step {step}: wrote {', '.join(str(p) for p in written)}")
+        return 0
+    from finetune_core.cpu import set_threads
+    from finetune_core.jobs import compare, service
+    set_threads(args.threads)
+    info, _copies = compare.check_compare(args.run, args.prompts, args.seeds)  # before the model loads
+    model_name = args.model or str(info.settings.get("model", {}).get("name", ""))
+    if not args.model and not model_name.startswith("tiny-"):
+        raise ConfigError(f"pass --model with the model the run trained on ({model_name or 'see settings.json'})")
+    grid = compare.compare(args.run, service.load(model_name, args.device), args.prompts, args.seeds, args.out)
+    if grid.suggested is not None:
+        print(f"suggested step: {grid.suggested} ({best_step.SMOOTHING}), marked * in the grid", file=sys.stderr)
+    print(grid.path)
+    return 0
 
 
 if __name__ == "__main__":

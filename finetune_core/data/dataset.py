@@ -59,6 +59,18 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def split_records(records: list[ImageRecord], held: int, held_out: bool) -> list[ImageRecord]:
+    """The training part of a folder (all but `held` images) or, `held_out`, the `held` images kept for the
+    validation loss: those with the lowest content hashes, so the same images whatever their names or order."""
+    if held <= 0:
+        return records
+    if held >= len(records):
+        raise DatasetError(f"validation_split {held} leaves no image to train on: the dataset has {len(records)} "
+                           f"readable image(s); hold out fewer")
+    chosen = {id(r) for r in sorted(records, key=lambda r: (r.content_hash, str(r.path)))[:held]}
+    return [r for r in records if (id(r) in chosen) == held_out]
+
+
 class ImageDataset:
     """Implements TrainingData over a folder; `get_batch(index, seed)` is a pure function of its arguments.
 
@@ -77,6 +89,7 @@ class ImageDataset:
             scan = scan_dataset(Path(config.data_dir), config.recursive, config.filename_word_regex,
                                 config.filename_join_string)
             records, self.unreadable = scan.records, scan.unreadable
+            records = split_records(records, config.validation_split, config.held_out)
         else:
             self.unreadable = []
         self.records: list[ImageRecord] = list(records)

@@ -69,6 +69,15 @@ class DatasetConfig:
     cache_dir: str = _setting("", "Latent cache directory", "Folder to keep encoded latents in between runs; "
                               "empty keeps them in memory only.")
     crop_seed: int = _setting(0, "Crop seed", "Seed of the random crop boxes.")
+    validation_dir: str = _setting("", "Validation folder", "Images (with captions) for the validation loss, "
+                                   "never trained on; empty: the held-out images, else the training images.")
+    validation_split: int = _setting(0, "Hold out N images for validation", "This many images of the dataset "
+                                     "(chosen by their content, so the same ones whatever their names) are never "
+                                     "trained on and make the validation set; 0 = none.")
+    # Not a form field: the service sets it on the validation set's copy of the config (the held-out images only).
+    held_out: bool = field(default=False, metadata={
+        "label": "Held-out part", "hidden": True,
+        "help": "True: this dataset is the validation_split images held out of the folder, not the others."})
 
     def validate(self) -> None:
         """Raise one ConfigError listing every invalid setting; changes nothing."""
@@ -117,6 +126,11 @@ def _range_problems(config: DatasetConfig) -> list[str]:
         problems.append(f"repeats is {config.repeats}; use 1 or more")
     if config.keep_tags < 0:
         problems.append(f"keep_tags is {config.keep_tags}; use 0 or more")
+    if config.validation_split < 0:
+        problems.append(f"validation_split is {config.validation_split}; use 0 (none) or a number of images")
+    if config.validation_split > 0 and config.validation_dir.strip():
+        problems.append("validation_dir and validation_split are both set; the validation set is one or the other: "
+                        "clear one of them")
     for name in ("flip_p", "tag_dropout"):
         value = getattr(config, name)
         if not 0.0 <= value <= 1.0:

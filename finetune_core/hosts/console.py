@@ -67,6 +67,9 @@ class ConsoleProgress:
             self.tqdm.write(f"checked {event.line}", file=self.stream)
         elif isinstance(event, events.Warning_) and self.echo:
             self.tqdm.write(f"{'note' if event.note else 'warning'}: {event.message}", file=self.stream)
+        elif isinstance(event, events.ValidationEvent):  # the WebUI's console shows it too: it is not logged
+            self.tqdm.write(f"validation loss at step {event.step}: {event.loss:.6g} (best {event.best_loss:.6g} at "
+                            f"step {event.best_step})", file=self.stream)
         elif isinstance(event, events.PreviewEvent) and self.echo:
             self.tqdm.write(f"preview at step {event.step}: {event.path}", file=self.stream)
 

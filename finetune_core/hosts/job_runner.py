@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from finetune_core.errors import FinetuneError, JobBusy
 from finetune_core.hosts.console import format_seconds
 from finetune_core.hosts.host import Host
-from finetune_core.jobs import service
+from finetune_core.jobs import best_step, compare, service
 from finetune_core.jobs.service import JobResult, TrainRequest
 from finetune_core.methods import METHODS
 from finetune_core.train.control import Control
@@ -30,6 +30,7 @@ from finetune_core.train.events import (
     PreviewEvent,
     Started,
     StepEvent,
+    ValidationEvent,
     Warning_,
 )
 
@@ -57,6 +58,7 @@ class JobState:
     phase_started: float | None = None  # when the current phase began (its ETA)
     losses: list[tuple[int, float]] = field(default_factory=list)
     learning_rates: list[tuple[int, float]] = field(default_factory=list)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     eta_seconds: float | None = None
     seconds_per_step: float | None = None
     previews: list[tuple[Path, int, str]] = field(default_factory=list)  # (path, step, prompt)
@@ -82,6 +84,7 @@ class JobState:
                 "seconds_per_step": self.seconds_per_step,
                 "losses": [list(p) for p in thin(self.losses, history)],
                 "learning_rates": [list(p) for p in thin(self.learning_rates, history)],
+                "validation_losses": [list(p) for p in thin(self.validation_losses, history)],
                 "previews": [{"path": str(p), "step": s, "prompt": t} for p, s, t in self.previews],
                 "artifacts": [str(p) for p in self.artifacts], "copies": [str(p) for p in self.copies],
                 "messages": list(self.messages), "checks": list(self.checks),
@@ -175,6 +178,44 @@ class JobRunner:
                                                            overwrite))
         self.host.artifacts_written(self._output_kind(method), list(paths))
         return list(paths)
+
+    def compare(self, run_dir: str, prompts: list[str] | None = None, seeds: list[int] | None = None) -> Any:
+        """The comparison grid of a run's saved copies (issue 23): checked without the model, then made under the
+        model lock; refused (JobBusy) while a job trains or is paused, never interleaved with its steps."""
+        compare.check_compare(run_dir, prompts, seeds)
+        return self.run_with_model(lambda: compare.compare(run_dir, self.host.get_model(), prompts, seeds))
+
+    def use_copy(self, run_dir: str, step: int | None = None) -> tuple[int, list[Path], list[Path]]:
+        """Make a saved copy of a run the artefact (issue 23); refused for the run of the active job (its end would
+        write the file again)."""
+        info = best_step.run_info(run_dir)
+        with self._lock:
+            if self._state.active and self._state.run_dir is not None and \
+                    Path(self._state.run_dir).resolve() == info.path.resolve():
+                self._refuse_if_busy("This run is still training")
+        chosen, written, backups = best_step.use_copy(run_dir, step)
+        self.host.artifacts_written(self._output_kind(info.method), written)
+        return chosen, written, backups
+
+    def generate_paused(self, prompt: str, negative_prompt: str = "", seed: int = -1,
+                        timeout: float | None = 600.0) -> Path:
+        """A picture with the paused job's state as it is (issue 23): the loop makes it on its own thread at the
+        preview's settings (seed -1: the preview seed) and saves it in the run's images; JobBusy unless paused."""
+        with self._lock:
+            control = self._control
+            if self._state.status != "paused" or control is None:
+                raise JobBusy("pictures with the state of a job can be made only while it is paused; press Pause "
+                              "and try again")
+        switched = getattr(self.host, "model_switched", None)
+        if switched is not None and switched():
+            raise JobBusy("the loaded model was switched while the job was paused, so its state no longer belongs to "
+                          "the model: load the model the job trains on again, or interrupt the job")
+        answer = control.ask_sample({"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed})
+        path = Path(answer.result(timeout))
+        with self._lock:
+            self._state.messages.append(f"Made {path} with the state of step {self._state.step} (paused).")
+            self._state.version += 1
+        return path
 
     def _refuse_if_busy(self, what: str) -> None:
         """Under self._lock: JobBusy naming the running job."""
@@ -291,6 +332,8 @@ def record_event(state: JobState, event: Event) -> None:
         state.losses.append((event.step, float(event.loss)))
         state.learning_rates.append((event.step, float(event.learning_rate)))
         state.eta_seconds, state.seconds_per_step = event.eta_seconds, event.seconds_per_step
+    elif isinstance(event, ValidationEvent):
+        state.validation_losses.append((event.step, float(event.loss)))
     elif isinstance(event, PreviewEvent):
         state.previews.append((Path(event.path), event.step, event.prompt))
     elif isinstance(event, ArtifactSaved):

@@ -153,6 +153,12 @@ class WebUIHost:
             self._model = WebUIModel(sd_model)
         return self._model
 
+    def model_switched(self) -> bool:
+        """True when the WebUI's loaded model is no longer the one the current job uses (switched while it paused)."""
+        from modules import shared
+
+        return self._model is not None and self._model.sd_model is not shared.sd_model
+
     def folders(self) -> OutputFolders:
         from modules import paths, shared
 

@@ -273,7 +273,25 @@ def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: 
     if data.batch_size > len(images):
         raise DatasetError(f"the batch size {data.batch_size} is larger than the dataset: {data.data_dir} has "
                            f"{len(images)} image(s); lower the batch size to {len(images)} or add images")
+    check_validation(data, configs["train"], len(images))
     return configs
+
+
+def check_validation(data: Any, train: Any, images: int) -> None:
+    """The validation set (issue 23): asked for only with the validation loss on, a folder with images, a split
+    that leaves a batch to train on."""
+    if (data.validation_dir.strip() or data.validation_split) and not train.validation_every:
+        raise ConfigError("a validation set is given (validation_dir or validation_split) but the validation loss is "
+                          "off; set validation_every (e.g. --validation-every 50), or clear the validation set")
+    if data.validation_dir.strip():
+        folder = Path(data.validation_dir)
+        if not folder.is_dir():
+            raise DatasetError(f"the validation folder {folder} does not exist; choose a folder of images")
+        image_files(folder, data.recursive)  # a DatasetError saying what the folder holds when it has no image
+    if data.validation_split and images - data.validation_split < data.batch_size:
+        raise DatasetError(f"validation_split {data.validation_split} is too large: {data.data_dir} has {images} "
+                           f"image(s), so {max(0, images - data.validation_split)} would be left to train on with "
+                           f"a batch size of {data.batch_size}; hold out at most {max(0, images - data.batch_size)}")
 
 
 def _require_a_readable_image(images: Sequence[Path], folder: Path) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from finetune_core.cpu import autocast_problem
 from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.lint import lint_dataset, small_image_warnings
-from finetune_core.data.scan import caption_warnings
+from finetune_core.data.scan import caption_warnings, image_files
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.inspect import inspect_file
 from finetune_core.formats.names import refuse_same_name, sanitize_name
@@ -149,6 +149,7 @@ class _Job:
     data: Any
     train_config: Any
     warnings: list[str]
+    validation: Any = None  # the validation set, when the validation loss is on
 
 
 def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Job:
@@ -173,7 +174,23 @@ def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Jo
     folders = [(plan.final_dir, "output folder", final_bytes), (plan.run_dir or plan.logs, "run folder", run_bytes)]
     preflight.check_disks(folders)
     _check_memory(plan, model, processes)
-    return _Job(method, data, dataclasses.replace(configs["train"], seed=seed), warnings)
+    validation = _validation_data(plan) if train_config.validation_every else None
+    return _Job(method, data, dataclasses.replace(configs["train"], seed=seed), warnings, validation)
+
+
+def _validation_data(plan: Plan) -> Any:
+    """The validation set through the method's own data builder: the validation folder, the held-out images, or the
+    training images; one pass over each image (no repeats), batches no larger than the set."""
+    data = plan.configs["data"]
+    if data.validation_dir.strip():
+        count = len(image_files(Path(data.validation_dir), data.recursive)[0])
+        config = dataclasses.replace(data, data_dir=data.validation_dir, validation_dir="")
+    elif data.validation_split:
+        count, config = data.validation_split, dataclasses.replace(data, held_out=True)
+    else:
+        count, config = data.batch_size, data
+    config = dataclasses.replace(config, repeats=1, batch_size=min(data.batch_size, count))
+    return plan.spec.data(plan.configs["method"], config, plan.name)
 
 
 def _check_memory(plan: Plan, model: DiffusionModel, processes: Processes) -> None:
@@ -214,7 +231,7 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
             made = _start_run_dir(folders, plan.spec.log_folder, plan.name, plan.request) if main else None
             run_dir = cast(Path, processes.share(made))  # the main process made it
             result = run_training(model, job.method, job.data, job.train_config, RunFolder(run_dir), output,
-                                  on_event=emit, control=control, processes=processes)
+                                  on_event=emit, control=control, processes=processes, validation=job.validation)
         else:
             if main:
                 preflight.remove_stale_temporaries(run_dir, recursive=True, older_than=0.0)
@@ -222,7 +239,7 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
             run = RunFolder(run_dir)
             config = dataclasses.replace(config_from_dict(run.load_config()), **plan.resume_changes)
             result = resume_training(model, job.method, job.data, run, output, on_event=emit, control=control,
-                                     config=config, processes=processes)
+                                     config=config, processes=processes, validation=job.validation)
     except OSError as exc:
         if preflight.is_network_error(exc):
             raise preflight.network_error(exc, run_dir) from exc

@@ -55,6 +55,16 @@ class ArtifactSaved:
 
 
 @dataclass(frozen=True)
+class ValidationEvent:
+    """The validation loss at `step` (fixed timesteps and noise), and the lowest so far with its step."""
+
+    step: int
+    loss: float
+    best_loss: float
+    best_step: int
+
+
+@dataclass(frozen=True)
 class ArtifactChecked:
     """The host's own loader took a file just saved: "N of N modules applied" (a LoRA), the unmatched keys."""
 
@@ -91,7 +101,8 @@ class Failed:
     error: BaseException | None = field(default=None, compare=False)
 
 
-Event = Started | Phase | StepEvent | PreviewEvent | ArtifactSaved | ArtifactChecked | Warning_ | Finished | Failed
+Event = (Started | Phase | StepEvent | PreviewEvent | ArtifactSaved | ArtifactChecked | ValidationEvent | Warning_ |
+         Finished | Failed)
 EventSink = Callable[[Event], None]
 
 

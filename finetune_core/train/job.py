@@ -47,17 +47,25 @@ class Counters:
     guard: GuardState = field(default_factory=GuardState)
     final_written: bool = False
     csv_losses: list[float] = field(default_factory=list)
+    # the validation loss's early stop: the lowest loss so far, its step, and evaluations since (issue 23)
+    best_validation: float | None = None
+    best_validation_step: int = 0
+    evaluations_since_best: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "attempt": self.attempt, "seed": self.seed, "final_written": self.final_written,
                 "csv_losses": list(self.csv_losses), "bad_streak": self.guard.bad_streak,
-                "rollbacks": self.guard.rollbacks, "lr_factor": self.guard.lr_factor}
+                "rollbacks": self.guard.rollbacks, "lr_factor": self.guard.lr_factor,
+                "best_validation": self.best_validation, "best_validation_step": self.best_validation_step,
+                "evaluations_since_best": self.evaluations_since_best}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> Counters:
         guard = GuardState(int(d["bad_streak"]), int(d["rollbacks"]), float(d["lr_factor"]))
+        best = d.get("best_validation")  # absent in states saved before the validation loss
         return Counters(int(d["step"]), int(d["attempt"]), int(d["seed"]), guard, bool(d["final_written"]),
-                        [float(x) for x in d["csv_losses"]])
+                        [float(x) for x in d["csv_losses"]], None if best is None else float(best),
+                        int(d.get("best_validation_step", 0)), int(d.get("evaluations_since_best", 0)))
 
 
 @dataclass
@@ -70,3 +78,4 @@ class TrainJob:
     config: TrainConfig
     run: RunFolder
     output: OutputSpec
+    validation: TrainingData | None = None  # the validation set (None: the training images, when asked for)

@@ -32,17 +32,19 @@ from finetune_core.train.events import (
     PreviewEvent,
     Started,
     StepEvent,
+    ValidationEvent,
     Warning_,
     ignore_events,
 )
 from finetune_core.train.guard import NanGuard
 from finetune_core.train.job import Counters, OutputSpec, TrainJob, TrainResult
 from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, rate_at, run_length
-from finetune_core.train.method import ArtifactMeta, PrepareContext
+from finetune_core.train.method import ArtifactMeta, InferenceExtras, PrepareContext
 from finetune_core.train.optim import build_optimizer, set_learning_rate
 from finetune_core.train.run_folder import LossRow, RunFolder
 from finetune_core.train.step import OVERFLOW, StepContext, StepOutcome, make_grad_scaler, train_step
 from finetune_core.train.train_config import TrainConfig, config_from_dict
+from finetune_core.train.validation import record_validation, validation_loss
 
 if TYPE_CHECKING:
     from finetune_core.data.summary import DatasetSummary
@@ -57,17 +59,20 @@ class _Interrupted(Exception):
 
 def run_training(model: DiffusionModel, method: Method, data: TrainingData, config: TrainConfig, run: RunFolder,
                  output: OutputSpec, *, on_event: EventSink = ignore_events,
-                 control: Control | None = None, processes: Processes | None = None) -> TrainResult:
-    """Train `method` on `data` from its current state; writes the final artefact into `output.final_dir`."""
-    return Trainer(TrainJob(model, method, data, config, run, output), on_event, control,
+                 control: Control | None = None, processes: Processes | None = None,
+                 validation: TrainingData | None = None) -> TrainResult:
+    """Train `method` on `data` from its current state; writes the final artefact into `output.final_dir`.
+    `validation`: the validation set of `config.validation_every` (None: the training data itself)."""
+    return Trainer(TrainJob(model, method, data, config, run, output, validation), on_event, control,
                    processes=processes).run()
 
 
 def resume_training(model: DiffusionModel, method: Method, data: TrainingData, run: RunFolder, output: OutputSpec,
                     *, on_event: EventSink = ignore_events, control: Control | None = None,
-                    config: TrainConfig | None = None, processes: Processes | None = None) -> TrainResult:
+                    config: TrainConfig | None = None, processes: Processes | None = None,
+                    validation: TrainingData | None = None) -> TrainResult:
     """Continue the run saved in `run` exactly where it stopped (same config unless one is given)."""
-    job = TrainJob(model, method, data, config or config_from_dict(run.load_config()), run, output)
+    job = TrainJob(model, method, data, config or config_from_dict(run.load_config()), run, output, validation)
     return Trainer(job, on_event, control, resume=True, processes=processes).run()
 
 
@@ -96,6 +101,7 @@ class Trainer:
             self.emit = ignore_events
         self.counters = Counters(step=0, attempt=0, seed=0)
         self.previews_failed = False
+        self.stopped_early = False  # the validation loss stopped improving for `early_stop_patience` evaluations
         self._last_rate = 0.0  # the learning rate of the last step, for the CSV row written at the end
         self._dataset: DatasetSummary | None = None  # the same for the whole run once the data is prepared
 
@@ -155,6 +161,9 @@ class Trainer:
         try:
             job.method.prepare(context)
             job.data.prepare(job.model, on_progress=lambda done, total: self._phase_progress("latents", done, total))
+            if job.validation is not None and job.config.validation_every:
+                job.validation.prepare(job.model, on_progress=lambda done, total: self._phase_progress(
+                    "validation latents", done, total))
         except _Interrupted:
             interrupted = True  # still meet the others below, so that every process stops here together
         if self.writes:
@@ -237,9 +246,10 @@ class Trainer:
     def _loop(self, ctx: StepContext, guard: NanGuard, schedule: list[tuple[float, int]], total: int) -> bool:
         """Run steps until the schedule or max steps ends (False) or an interrupt (True)."""
         c, started, paused, session_steps = self.counters, time.monotonic(), 0.0, 0
+        last = StepOutcome(True, 0.0, "", (0, 0))  # the latest step's prompt and image size (pictures while paused)
         while True:
             before = time.monotonic()
-            self.control.wait_while_paused()
+            self._wait_while_paused(ctx, last)
             paused += time.monotonic() - before
             self._agree_on_requests()
             if self.control.interrupted:
@@ -259,6 +269,42 @@ class Trainer:
             session_steps += 1
             per_step = (time.monotonic() - started - paused) / session_steps
             self._after_step(ctx, guard, outcome, lr, total, per_step)
+            last = outcome
+            if self.stopped_early:
+                return False
+
+    def _wait_while_paused(self, ctx: StepContext, last: StepOutcome) -> None:
+        """Wait while paused, making the pictures asked for meanwhile (issue 23) with the state as it is: on this
+        thread, between steps, so a paused and resumed run trains exactly what an unpaused one does."""
+        control = self.control
+        while control.paused and not control.interrupted:
+            control.wait_while_paused(0.05)
+            for ask, answer in control.take_asks():
+                try:
+                    answer.set_result(self._paused_picture(ctx, ask, last))
+                except Exception as exc:  # noqa: BLE001  (the sampler's error goes to the asker; training waits on)
+                    answer.set_exception(exc)
+        control.refuse_asks("the job resumed before the picture was made; pause it again and ask again")
+
+    def _paused_picture(self, ctx: StepContext, ask: Any, last: StepOutcome) -> Path:
+        """A picture of `ask` (prompt, negative_prompt, seed: -1 the preview seed) with the trained state as the
+        artefact would be written now, at the preview's settings; saved as images/<name>-<step>-paused-<n>.png."""
+        prompt = str(ask.get("prompt") or "").strip()
+        if not prompt:
+            raise ConfigError("the prompt is empty; type what to draw (the artefact's word in it, e.g. its name)")
+        seed = int(ask.get("seed", -1))
+        request, extras = self._sample_request(prompt, last, seed if seed >= 0 else None,
+                                               str(ask.get("negative_prompt") or ""))
+        model = self.job.model
+        with torch.no_grad(), ctx.averages.swapped_in(), randomness.seeded_global_rng(request.seed, model.device):
+            images = model.sample(request, extras.embeddings or None, extras.context_transform,
+                                  extras.adapters or None)
+        step, n = self.counters.step, 1
+        while (self.job.run.images_dir / f"{self.job.output.name}-{step}-paused-{n}.png").exists():
+            n += 1
+        parameters = request.infotext(model.identity, f"Fine-tune: {self.job.method.name} {self.job.output.name} "
+                                                      f"step {step} (paused)")
+        return self.job.run.save_image(images[0], f"{self.job.output.name}-{step}-paused-{n}", parameters)
 
     def _agree_on_requests(self) -> None:
         """An interrupt, save or preview asked of any process holds for all, so they stop and snapshot together."""
@@ -294,9 +340,11 @@ class Trainer:
                             outcome.prompt))
         c.csv_losses.append(outcome.loss)
         self._last_rate = lr
-        if config.csv_every and c.step % config.csv_every == 0:
-            self._write_loss_row()
-        if (config.save_every and c.step % config.save_every == 0) or control.save_requested:
+        saving = bool(config.save_every and c.step % config.save_every == 0) or control.save_requested
+        validation = self._validate(ctx, saving)
+        if (config.csv_every and c.step % config.csv_every == 0) or validation is not None:
+            self._write_loss_row(validation)
+        if saving:
             control.save_requested = False
             self._save_intermediate(ctx)
             guard.take_snapshot(c.step, _kept(ctx), ctx.optimizer, ctx.scaler)
@@ -306,6 +354,24 @@ class Trainer:
             control.preview_requested = False
             if self.writes and not self.previews_failed:
                 self._preview(outcome)
+
+    def _validate(self, ctx: StepContext, saving: bool) -> float | None:
+        """The validation loss every `validation_every` steps and at every save (of the weights the copy holds: the
+        moving averages when they are on); counts it for the early stop. None when not evaluated at this step."""
+        config, c = self.job.config, self.counters
+        if not config.validation_every or not (saving or c.step % config.validation_every == 0):
+            return None
+        with ctx.averages.swapped_in():
+            loss = validation_loss(ctx, self.job.validation or self.job.data)
+        stop = record_validation(c, c.step, loss, config.early_stop_patience)
+        best = c.best_validation if c.best_validation is not None else loss
+        self.emit(ValidationEvent(c.step, loss, best, c.best_validation_step))
+        if stop:
+            self.stopped_early = True
+            self.emit(Warning_(f"stopped early at step {c.step}: the validation loss has not gone below its best "
+                               f"({best:.6g} at step {c.best_validation_step}) for {config.early_stop_patience} "
+                               f"evaluations"))
+        return loss
 
     def _epoch(self) -> tuple[int, int]:
         """(epoch, 1-based step within the epoch) of the step just done, from its first micro-batch number."""
@@ -388,15 +454,16 @@ class Trainer:
                 self.emit(Warning_(f"{path.name}: {len(check.unmatched)} of {check.total} modules not applied by "
                                    f"{check.loader} (keys {shown}); the model does not have those layers"))
 
-    def _write_loss_row(self) -> None:
-        """One CSV row: the mean loss of the steps since the last row (the WebUI's `textual_inversion_loss.csv`)."""
+    def _write_loss_row(self, validation: float | None = None) -> None:
+        """One CSV row: the mean loss of the steps since the last row (the WebUI's `textual_inversion_loss.csv`),
+        with the validation loss evaluated at this step, if any."""
         c = self.counters
         if not c.csv_losses:
             return
         epoch, epoch_step = self._epoch()
         mean = sum(c.csv_losses) / len(c.csv_losses)
         if self.writes:
-            self.job.run.append_loss_row(LossRow(c.step, epoch, epoch_step, mean, self._last_rate))
+            self.job.run.append_loss_row(LossRow(c.step, epoch, epoch_step, mean, self._last_rate, validation))
         c.csv_losses.clear()
 
     def _sidecars(self, paths: list[Path], ctx: StepContext) -> list[Path]:
@@ -421,20 +488,36 @@ class Trainer:
             self.emit(Warning_(f"the preview at step {self.counters.step} failed ({type(exc).__name__}: {exc}); "
                                f"training goes on without previews for the rest of this run"))
 
+    def _sample_request(self, prompt: str, outcome: StepOutcome, seed: int | None = None,
+                        negative: str | None = None) -> tuple[SampleRequest, InferenceExtras]:
+        """The preview's txt2img request for `prompt` (the run's preview seed unless one is given) and the method's
+        extras (its negative-prompt suffix joined in)."""
+        config, c = self.job.config, self.counters
+        extras = self.job.method.inference_extras()
+        negative = config.preview_negative_prompt if negative is None else negative
+        negative = ", ".join(p for p in (negative, extras.negative_prompt_suffix.strip()) if p)
+        # One seed for every preview of a run, so saved steps compare side by side.
+        if seed is None:
+            seed = config.preview_seed if config.preview_seed >= 0 else \
+                randomness.stream_seed(c.seed, randomness.PREVIEW, 0) & 0x7FFFFFFF
+        request = SampleRequest((prompt,), (negative,), steps=config.preview_steps,
+                                cfg_scale=config.preview_cfg_scale,
+                                width=config.preview_width or outcome.pixel_size[1] or self._data_size()[1],
+                                height=config.preview_height or outcome.pixel_size[0] or self._data_size()[0],
+                                seed=seed, sampler=config.preview_sampler)
+        return request, extras
+
+    def _data_size(self) -> tuple[int, int]:
+        """(height, width) of a training batch, for a picture asked before any step of this session."""
+        latents = self.job.data.get_batch(0, self.counters.seed).latents
+        scale = self.job.model.vae_scale
+        return latents.shape[-2] * scale, latents.shape[-1] * scale
+
     def _sample_preview(self, outcome: StepOutcome) -> None:
         """Sample a preview image with the method's extras through the host's sampler; one seed per run."""
         config, model, c = self.job.config, self.job.model, self.counters
-        extras = self.job.method.inference_extras()
-        prompt = config.preview_prompt or outcome.prompt
-        negative = ", ".join(p for p in (config.preview_negative_prompt, extras.negative_prompt_suffix.strip()) if p)
-        # One seed for every preview of a run, so saved steps compare side by side.
-        seed = config.preview_seed if config.preview_seed >= 0 else \
-            randomness.stream_seed(c.seed, randomness.PREVIEW, 0) & 0x7FFFFFFF
-        request = SampleRequest((prompt,), (negative,), steps=config.preview_steps,
-                                cfg_scale=config.preview_cfg_scale,
-                                width=config.preview_width or outcome.pixel_size[1],
-                                height=config.preview_height or outcome.pixel_size[0], seed=seed,
-                                sampler=config.preview_sampler)
+        request, extras = self._sample_request(config.preview_prompt or outcome.prompt, outcome)
+        prompt, seed = request.prompts[0], request.seed
         with torch.no_grad(), randomness.seeded_global_rng(seed, model.device):
             images = model.sample(request, extras.embeddings or None, extras.context_transform, extras.adapters or None)
         stem = f"{self.job.output.name}-{c.step}"

@@ -5,7 +5,8 @@ Layout (the WebUI's log folder, `<log>/<date>/<name>/`, has the same roles):
     state/config.json     the TrainConfig the run used
     artifacts/            intermediate artefacts `<name>-<step>.*`
     images/               previews `<name>-<step>.png`
-    loss.csv              step, epoch, epoch_step, loss, learn_rate (the WebUI's `textual_inversion_loss.csv`)
+    loss.csv              step, epoch, epoch_step, loss, learn_rate (the WebUI's `textual_inversion_loss.csv`),
+                          and validation_loss when the run evaluates one (blank at steps without an evaluation)
     settings.json         everything the run was started with
 Every file is written atomically.
 """
@@ -22,7 +23,7 @@ from typing import Any
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import atomic_write, load_pt, save_pt
 
-CSV_COLUMNS = ("step", "epoch", "epoch_step", "loss", "learn_rate")
+CSV_COLUMNS = ("step", "epoch", "epoch_step", "loss", "learn_rate", "validation_loss")
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,9 @@ class LossRow:
     step: int
     epoch: int
     epoch_step: int
-    loss: float
+    loss: float  # the mean training loss of the steps since the previous row
     learn_rate: float
+    validation_loss: float | None = None  # evaluated at this step (`validation_every` and every save), else None
 
 
 class RunFolder:
@@ -99,7 +101,8 @@ class RunFolder:
             return []
         with self.csv_path.open(newline="", encoding="utf-8") as handle:
             return [LossRow(int(r["step"]), int(r["epoch"]), int(r["epoch_step"]), float(r["loss"]),
-                            float(r["learn_rate"])) for r in csv.DictReader(handle)]
+                            float(r["learn_rate"]), _optional_float(r.get("validation_loss")))
+                    for r in csv.DictReader(handle)]
 
     def append_loss_row(self, row: LossRow) -> None:
         """Add a row (the file is small: rewritten atomically)."""
@@ -126,11 +129,20 @@ class RunFolder:
     def _write_rows(self, rows: list[LossRow]) -> None:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
+        validated = any(r.validation_loss is not None for r in rows)  # else the WebUI's five columns exactly
+        writer.writerow(CSV_COLUMNS if validated else CSV_COLUMNS[:5])
         for r in rows:
-            writer.writerow([r.step, r.epoch, r.epoch_step, f"{r.loss:.7f}", f"{r.learn_rate:.10g}"])
+            cells = [r.step, r.epoch, r.epoch_step, f"{r.loss:.7f}", f"{r.learn_rate:.10g}"]
+            if validated:
+                cells.append("" if r.validation_loss is None else f"{r.validation_loss:.9g}")
+            writer.writerow(cells)
         text = buffer.getvalue()
         atomic_write(self.csv_path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
+
+
+def _optional_float(text: str | None) -> float | None:
+    """A blank cell (no evaluation at that step, or a CSV written before the column existed) is None."""
+    return float(text) if text else None
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:

@@ -86,18 +86,23 @@ def to_device(batch: DataBatch, device: torch.device) -> DataBatch:
                                extras={k: move(v) for k, v in batch.extras.items()})
 
 
-def build_train_batch(ctx: StepContext, data: DataBatch, first: int) -> TrainBatch:
-    """Draw noise and timesteps for samples `first`... of the run and assemble the noisy latents and the target."""
+def build_train_batch(ctx: StepContext, data: DataBatch, first: int, noise: torch.Tensor | None = None,
+                      timesteps: torch.Tensor | None = None) -> TrainBatch:
+    """Draw noise and timesteps for samples `first`... of the run (or take the given ones: the validation loss's
+    fixed draws) and assemble the noisy latents and the target."""
     device = ctx.model.device
     data = to_device(data, device)
     latents = data.latents
     # one generator per sample, keyed by the global sample number: batch 2 x accumulation 1, batch 1 x
     # accumulation 2 and two processes of batch 1 each draw the same noise for the same samples
     samples = range(first, first + len(data))
-    noise = objective.sample_noise(tuple(latents.shape), randomness.generators(ctx.seed, randomness.NOISE, samples),
-                                   ctx.noise_offset).to(device)
-    timesteps = objective.sample_timesteps(randomness.generators(ctx.seed, randomness.TIMESTEPS, samples),
-                                           ctx.alphas_cumprod.shape[0]).to(device)
+    if noise is None:
+        noise = objective.sample_noise(tuple(latents.shape), randomness.generators(ctx.seed, randomness.NOISE,
+                                                                                   samples), ctx.noise_offset)
+    if timesteps is None:
+        timesteps = objective.sample_timesteps(randomness.generators(ctx.seed, randomness.TIMESTEPS, samples),
+                                               ctx.alphas_cumprod.shape[0])
+    noise, timesteps = noise.to(device), timesteps.to(device)
     alphas = ctx.alphas_cumprod.to(device)
     noisy = objective.add_noise(latents, noise, timesteps, alphas)
     target = objective.training_target(ctx.model.prediction_type, latents, noise, timesteps, alphas)

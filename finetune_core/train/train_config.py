@@ -103,6 +103,12 @@ class TrainConfig:
                                        "In-memory copy of the trainable state for rollback (also at every save).")
     nan_guard_lr_factor: float = _f(0.5, "Learning-rate factor on rollback", "")
     csv_every: int = _f(500, "Write loss CSV every N steps", "0 = off.")
+    validation_every: int | None = _f(None, "Validation loss every N steps",
+                                      "The loss on the validation set (the dataset's validation folder or held-out "
+                                      "images, else the training images) at fixed timesteps and noise, every N "
+                                      "steps and at every save; empty = off.")
+    early_stop_patience: int = _f(0, "Early stop after K evaluations", "Stop when the validation loss has not gone "
+                                  "below its best for K evaluations in a row (needs the validation loss); 0 = off.")
     save_optimizer_state: bool = _f(False, "Save optimizer state with the artefact",
                                     "The run folder always keeps it for resuming.")
 
@@ -139,6 +145,14 @@ def _counts(c: TrainConfig) -> list[str]:
         value = getattr(c, name)
         if _is_int(value) and (value % 8 or value > MAX_PREVIEW_SIZE):
             out.append(f"{name} must be a multiple of 8 up to {MAX_PREVIEW_SIZE}, not {value}")
+    if isinstance(c.validation_every, int) and not isinstance(c.validation_every, bool) and c.validation_every < 1:
+        out.append(f"validation_every must be 1 or more (a number of steps), or empty for no validation loss, "
+                   f"not {c.validation_every}")
+    if _is_int(c.early_stop_patience) and c.early_stop_patience < 0:
+        out.append(f"early_stop_patience must be 0 (off) or more, not {c.early_stop_patience}")
+    elif _is_int(c.early_stop_patience) and c.early_stop_patience > 0 and c.validation_every is None:
+        out.append(f"early_stop_patience {c.early_stop_patience} needs the validation loss: set validation_every "
+                   f"too (e.g. --validation-every 50)")
     if _is_int(c.preview_steps) and c.preview_steps > MAX_PREVIEW_STEPS:
         out.append(f"preview_steps must be at most {MAX_PREVIEW_STEPS}, not {c.preview_steps}")
     for name in ("seed", "preview_seed"):

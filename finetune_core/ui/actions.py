@@ -127,7 +127,8 @@ class MethodActions:
         state = state or self.runner.state()
         mine = state.method == self.method
         return StatusView(progress_html(state, self.method),
-                          loss_svg(state.losses, state.learning_rates) if mine else loss_svg([], []),
+                          loss_svg(state.losses, state.learning_rates, validation=state.validation_losses)
+                          if mine else loss_svg([], []),
                           gallery_items(state, self.method),
                           result_html(state) if mine else result_html(JobState()))
 

@@ -12,7 +12,7 @@ from typing import Any
 from finetune_core.errors import ConfigError, FinetuneError
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobBusy, JobRunner
-from finetune_core.jobs import fit
+from finetune_core.jobs import best_step, fit
 from finetune_core.methods import METHODS
 from finetune_core.ui.aesthetic_tab import AestheticJobs
 from finetune_core.ui.aesthetic_tab import routes as aesthetic_routes
@@ -62,6 +62,10 @@ def mount_api(app: Any, host: Host, runner: JobRunner, dependencies: Sequence[An
     post("/lint", routes.lint)
     post("/inspect", routes.inspect)
     post("/estimate", routes.estimate)
+    post("/compare", routes.compare)
+    post("/suggest", routes.suggest)
+    post("/use", routes.use)
+    post("/paused/generate", routes.generate_paused)
     for command in ("interrupt", "pause", "resume"):
         router.add_api_route(f"/{command}", getattr(routes, command), methods=["POST"])
 
@@ -201,6 +205,45 @@ class _Routes:
         return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()},
                 "description": info.describe()}
 
+    def compare(self, body: dict) -> dict[str, Any]:
+        """The comparison grid of a run's saved copies (issue 23); 409 while a job holds the model."""
+        refuse_unknown_fields(body, {"run_dir", "prompts", "seeds"}, "compare")
+        prompts, seeds = _text_list(body, "prompts"), _seed_list(body)
+        grid = self.runner.compare(required_text(body, "run_dir"), prompts, seeds)
+        return {"path": str(grid.path), "steps": grid.steps, "prompts": grid.prompts, "seeds": grid.seeds,
+                "suggested_step": grid.suggested}
+
+    def suggest(self, body: dict) -> dict[str, Any]:
+        """The run's saved steps, its validation losses and the suggested step (how it is smoothed)."""
+        refuse_unknown_fields(body, {"run_dir"}, "suggest")
+        info = best_step.run_info(required_text(body, "run_dir"))
+        copies = best_step.require_copies(info)
+        suggestion = best_step.suggest_step(info, copies)
+        return {"steps": [c.step for c in copies], "validation_losses": [list(p) for p in
+                                                                         best_step.validation_series(info)],
+                "suggested_step": suggestion.step if suggestion else None, "smoothing": best_step.SMOOTHING}
+
+    def use(self, body: dict) -> dict[str, Any]:
+        """Make a saved copy the artefact (the previous file kept as <file>.N.bak)."""
+        refuse_unknown_fields(body, {"run_dir", "step"}, "use")
+        step = body.get("step")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise ConfigError(f"step must be a whole number (a saved step of the run), not {step!r}")
+        chosen, written, backups = self.runner.use_copy(required_text(body, "run_dir"), step)
+        return {"step": chosen, "paths": [str(p) for p in written], "backups": [str(p) for p in backups]}
+
+    def generate_paused(self, body: dict) -> dict[str, Any]:
+        """A picture with the paused job's current state (its word, adapters or hypernetwork); 409 unless paused."""
+        refuse_unknown_fields(body, {"prompt", "negative_prompt", "seed"}, "paused/generate")
+        seed = body.get("seed", -1)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < -1:
+            raise ConfigError(f"seed must be a whole number, -1 for the run's preview seed, not {seed!r}")
+        negative = body.get("negative_prompt", "")
+        if not isinstance(negative, str):
+            raise ConfigError(f"negative_prompt must be a text, not {negative!r}")
+        path = self.runner.generate_paused(required_text(body, "prompt"), negative, seed)
+        return {"path": str(path)}
+
     def interrupt(self) -> dict[str, bool]:
         return {"interrupted": self.runner.interrupt()}
 
@@ -209,6 +252,24 @@ class _Routes:
 
     def resume(self) -> dict[str, bool]:
         return {"resumed": self.runner.resume()}
+
+
+def _text_list(body: dict, key: str) -> list[str] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} must be a list of texts, not {value!r}")
+    return value
+
+
+def _seed_list(body: dict) -> list[int] | None:
+    value = body.get("seeds")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"seeds must be a list of whole numbers, not {value!r}")
+    return value
 
 
 def _row(row: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.train.train_config import TrainConfig
+from finetune_core.ui import pick_step
 from finetune_core.ui.actions import SECTIONS, MethodActions, Values
 from finetune_core.ui.compat import gallery_value
 from finetune_core.ui.forms import build_section, refresh_button
@@ -160,6 +161,7 @@ class MethodTab:
         self.c["gallery"] = gr.Gallery(value=gallery_value(view.gallery), label="Previews (one per preview step)",
                                        columns=4, height=320, elem_id=self.eid("gallery"))
         self.c["result"] = gr.HTML(view.result, elem_id=self.eid("result"))
+        pick_step.build(gr, self.ctx.runner, self.spec.key, self.eid)
         self.c["refresh"] = gr.Button("refresh", elem_id=self.eid("refresh"), elem_classes=["finetune-hidden"])
         self.c["task"] = gr.Textbox(value=self.slug, visible=False, elem_id=self.eid("task_id"))
         self.c["poll"] = gr.State(None)

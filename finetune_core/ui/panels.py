@@ -53,17 +53,20 @@ def _wrap(method: str, running: bool, body: str, status: str = "idle") -> str:
 
 
 def loss_svg(losses: list[tuple[int, float]], learning_rates: list[tuple[int, float]],
-             width: int = 560, height: int = 180, limit: int = 400) -> str:
-    """Loss (points + line) and learning rate (dashed, own scale) against step, as one inline SVG."""
+             width: int = 560, height: int = 180, limit: int = 400,
+             validation: list[tuple[int, float]] | None = None) -> str:
+    """Loss (points + line), the validation loss (its own line, the same scale) and learning rate (dashed, own
+    scale) against step, as one inline SVG."""
     if not losses:
         return "<div class='finetune-plot finetune-plot-empty'>The loss curve appears after the first step.</div>"
     points = [(s, v) for s, v in thin(losses, limit) if math.isfinite(v)]
     rates = [(s, v) for s, v in thin(learning_rates, limit) if math.isfinite(v)]
+    checks = [(s, v) for s, v in thin(validation or [], limit) if math.isfinite(v)]
     pad = 36
-    steps = [s for s, _ in points] + [s for s, _ in rates]
+    steps = [s for s, _ in points] + [s for s, _ in rates] + [s for s, _ in checks]
     x0, x1 = min(steps), max(steps)
     scale_x = _scaler(x0, x1, pad, width - pad)
-    values = [v for _, v in points] or [0.0]
+    values = [v for _, v in points + checks] or [0.0]
     scale_y = _scaler(min(values), max(values), height - pad, pad)
     dots = "".join(f"<circle class='finetune-loss-point' cx='{scale_x(s):.1f}' cy='{scale_y(v):.1f}' r='2'/>"
                    for s, v in points)
@@ -74,6 +77,12 @@ def loss_svg(losses: list[tuple[int, float]], learning_rates: list[tuple[int, fl
              f"<line class='finetune-axis' x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}'/>",
              f"<line class='finetune-axis' x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}'/>",
              f"<polyline class='finetune-loss-line' fill='none' points='{line}'/>", dots]
+    if checks:
+        check_line = " ".join(f"{scale_x(s):.1f},{scale_y(v):.1f}" for s, v in checks)
+        parts.append(f"<polyline class='finetune-validation-line' fill='none' points='{check_line}'/>")
+        parts += [f"<rect class='finetune-validation-point' x='{scale_x(s) - 2.5:.1f}' y='{scale_y(v) - 2.5:.1f}' "
+                  f"width='5' height='5'/>" for s, v in checks]
+        parts.append(_label(width / 2, pad - 8, f"validation {checks[-1][1]:.4g}", "middle"))
     if rates:
         lr_values = [v for _, v in rates]
         scale_lr = _scaler(min(lr_values), max(lr_values), height - pad, pad)

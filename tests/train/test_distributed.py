@@ -61,6 +61,10 @@ def _jobs(data: Path) -> list[dict[str, Any]]:
     lora = next(j for j in jobs if j["key"] == "lora")
     jobs.append({**lora, "key": "lora-accumulated", "name": "dplora-acc",
                  "train": {**lora["train"], "gradient_accumulation": 2}})
+    # the validation loss (issue 23) on 2 held-out images: each process evaluates its slice of each batch
+    ti = next(j for j in jobs if j["key"] == "ti")
+    jobs.append({**ti, "key": "ti-validated", "name": "dpword-val", "data": {**ti["data"], "validation_split": 2},
+                 "train": {**ti["train"], "validation_every": 1}})
     return jobs
 
 
@@ -131,6 +135,20 @@ def test_two_processes_interrupted_and_resumed_equal_two_processes_uninterrupted
         assert torch.equal(value, uninterrupted[name]), name
     rows = (Path(resumed["run_dir"]) / "loss.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(1, STEPS + 1)]  # one writer, no gaps
+
+
+def test_two_processes_evaluate_the_validation_loss_one_process_evaluates(two_processes, tmp_path):
+    """Batch 3 over 2 held-out images: one batch of 2, a slice of 1 per process, weighted by its share; equal to the
+    one-process loss up to the order of the float additions."""
+    from finetune_core.train.run_folder import RunFolder
+    results, jobs = two_processes
+    job = next(j for j in jobs if j["key"] == "ti-validated")
+    one_run = service.train(request_of(job), build_tiny("tiny-sd1"), service.OutputFolders.standalone(tmp_path),
+                            processes=Processes()).run_dir
+    two = [r.validation_loss for r in RunFolder(results["ti-validated"]["run_dir"]).loss_rows()]
+    one = [r.validation_loss for r in RunFolder(one_run).loss_rows()]
+    assert len(one) == STEPS and None not in one and len(set(one)) == STEPS
+    assert two == pytest.approx(one, rel=1e-6)
 
 
 def test_slices_cover_the_batch_once_in_order():
