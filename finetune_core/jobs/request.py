@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.masks import check_mask
@@ -23,14 +23,11 @@ from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.inspect import inspect_file, tensors_of
 from finetune_core.formats.names import ARTIFACT_SUFFIXES, find_artifact, refuse_same_name, sanitize_name
 from finetune_core.jobs.preflight import check_writable
-from finetune_core.methods import METHODS
+from finetune_core.methods import METHODS, MethodSpec
 from finetune_core.settings import Kind, coerce_settings, coerce_value
 from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, run_length
 from finetune_core.train.run_folder import RunFolder
 from finetune_core.train.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from finetune_core.methods import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -178,15 +175,14 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
     spec = method_spec(request.method)
     name = sanitize_name(request.name)
     configs = _configs(spec, request, name, template_dirs)
-    if spec.resolve is not None:
-        configs["method"] = spec.resolve(configs["method"], configs["data"], folders.logs / spec.log_folder)
+    configs["method"] = spec.resolve(configs["method"], configs["data"], folders.logs / spec.log_folder)
     final_dir = (run_output_dir(run_dir) if run_dir is not None else None) or folders.for_kind(spec.output_kind)
-    continue_from = getattr(configs["method"], "continue_from", "")
+    continue_from = spec.continue_from(configs["method"])
     continued_step = _check_continue_from(continue_from, final_dir, spec.output_kind) if continue_from else 0
     overwrite = request.overwrite or (bool(continue_from) and _same_stem(continue_from, final_dir, name))
     if run_dir is None and not overwrite:
         refuse_same_name(final_dir, name, spec.output_kind)
-    method_checks(configs["method"], name, final_dir, overwrite or run_dir is not None)
+    spec.check_request(configs["method"], name, final_dir, overwrite or run_dir is not None)
     if run_dir is None:
         _check_steps_left(continued_step, configs["train"])
     check_writable(final_dir, "output folder")
@@ -260,11 +256,9 @@ def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: 
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
-    needs = getattr(configs["method"], "dataset_needs", None)
-    if needs is not None:  # settings the method cannot work without (DreamArtist's reconstruction: the pixels)
-        configs["data"] = dataclasses.replace(configs["data"], **needs())
+    configs["data"] = dataclasses.replace(configs["data"], **spec.dataset_needs(configs["method"]))
     data = configs["data"] = _with_template_path(configs["data"], template_dirs)
-    if getattr(spec.config_type, "needs_name_in_prompt", False):
+    if spec.needs_name_in_prompt:
         _require_name_in_template(data)
     images, _ = image_files(Path(data.data_dir), data.recursive)
     _require_a_readable_image(images, Path(data.data_dir))
@@ -289,14 +283,6 @@ def _require_a_readable_image(images: Sequence[Path], folder: Path) -> None:
     raise DatasetError(f"none of the {len(images)} images in the dataset folder {folder} could be read: "
                        f"{', '.join(reasons[:5])}{' ...' if len(reasons) > 5 else ''}; replace them with valid "
                        f"image files")
-
-
-def method_checks(config: Any, name: str, folder: Path, overwrite: bool) -> None:
-    """A method's own checks that need files but no model (`check_request` on its settings class, when it has one):
-    e.g. DreamArtist's second file and its discriminator file."""
-    check = getattr(config, "check_request", None)
-    if check is not None:
-        check(name, folder, overwrite)
 
 
 def _check_masks(data: Any) -> None:

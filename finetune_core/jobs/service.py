@@ -29,11 +29,11 @@ from finetune_core.jobs.request import (
     TrainRequest,
     build_config,
     form_defaults,
-    method_checks,
     method_spec,
     plan_request,
     request_from_json,
 )
+from finetune_core.methods import MethodSpec
 from finetune_core.model.loading import load_model
 from finetune_core.settings import coerce_value
 from finetune_core.train import memory
@@ -51,7 +51,6 @@ __all__ = ["JobResult", "OutputFolders", "TrainRequest", "build_config", "create
 if TYPE_CHECKING:
     from finetune_core.data.lint import LintReport
     from finetune_core.formats.inspect import ArtifactInfo
-    from finetune_core.methods import Create
     from finetune_core.model.interface import DiffusionModel
     from finetune_core.train.control import Control
     from finetune_core.train.events import EventSink
@@ -82,11 +81,11 @@ def validate_request(request: TrainRequest, folders: OutputFolders, template_dir
 
 
 def validate_create(method: str, name: str, settings: Mapping[str, Any], folders: OutputFolders,
-                    overwrite: bool = False) -> tuple[Create, str, Any, Path]:
-    """Check a create request without a model: (create function, clean name, config, folder), or the sentence
-    saying what is wrong."""
+                    overwrite: bool = False) -> tuple[MethodSpec, str, Any, Path]:
+    """Check a create request without a model: (the method, clean name, config, folder), or the sentence saying
+    what is wrong."""
     spec = method_spec(coerce_value(method, "str", False, "method"))
-    if spec.create_type is None or spec.create is None:
+    if spec.create_type is None:
         raise ConfigError(f"{spec.label} has no separate create step; train it directly")
     clean = sanitize_name(coerce_value(name, "str", False, "name"))
     config = build_config(spec.create_type, form_defaults(method)["method"], settings, spec.label)
@@ -94,17 +93,17 @@ def validate_create(method: str, name: str, settings: Mapping[str, Any], folders
     overwrite = coerce_value(overwrite, "bool", False, "overwrite")
     if not overwrite:
         refuse_same_name(folder, clean, spec.output_kind)
-    method_checks(config, clean, folder, overwrite)
+    spec.check_request(config, clean, folder, overwrite)
     check_writable(folder, "output folder")
-    return spec.create, clean, config, folder
+    return spec, clean, config, folder
 
 
 def create(method: str, name: str, settings: Mapping[str, Any], model: DiffusionModel, folders: OutputFolders,
            overwrite: bool = False) -> list[Path]:
     """Create a new, untrained artefact file (the WebUI's Create embedding / Create hypernetwork)."""
-    make, clean, config, folder = validate_create(method, name, settings, folders, overwrite)
+    spec, clean, config, folder = validate_create(method, name, settings, folders, overwrite)
     try:
-        return make(model, clean, config, folder, overwrite)
+        return spec.create(model, clean, config, folder, overwrite)
     except OSError as exc:
         raise storage_error(exc, None) from exc
 
@@ -188,7 +187,7 @@ def _check_memory(plan: Plan, model: DiffusionModel, processes: Processes) -> No
     fit.check_fits(fit.request_for(plan.request.method, model, settings, processes.world), model.device, free)
 
 
-def _unusual_rate(spec: Any, train: Any) -> list[str]:
+def _unusual_rate(spec: MethodSpec, train: Any) -> list[str]:
     """A warning when the schedule's highest rate is far above what the method is usually trained with."""
     if not spec.usual_max_lr:
         return []
