@@ -15,8 +15,7 @@ import torch
 
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.atomic import require_finite
-from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
-from finetune_core.formats.image_embedding import write_embedding_png
+from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding, write_embedding_png
 from finetune_core.formats.names import find_artifact
 from finetune_core.formats.optim_sidecar import OptimizerSidecar, embedding_checksum, write_optimizer_sidecar
 from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, MethodSpec, ParamGroup
