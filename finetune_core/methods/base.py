@@ -6,7 +6,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from finetune_core.data.data_batch import TrainingData
 from finetune_core.data.dataset import ImageDataset
@@ -23,8 +23,16 @@ from finetune_core.train.method import (
 )
 from finetune_core.train.param_group import ParamGroup
 
-__all__ = ["ArtifactMeta", "ArtifactMethod", "InferenceExtras", "Method", "MethodSpec", "ParamGroup",
+__all__ = ["ArtifactMeta", "ArtifactMethod", "InferenceExtras", "Method", "MethodConfig", "MethodSpec", "ParamGroup",
            "PrepareContext", "StatePolicy"]
+
+
+class MethodConfig(Protocol):
+    """A method's settings dataclass (a `MethodSpec.config_type` or `create_type` instance)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def validate(self) -> None: ...
 
 
 class MethodSpec(ABC):
