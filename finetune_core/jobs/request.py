@@ -21,7 +21,8 @@ from finetune_core.data.transforms import probe_image
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError
 from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.inspect import inspect_file, tensors_of
-from finetune_core.formats.names import ARTIFACT_SUFFIXES, find_artifact, refuse_same_name, sanitize_name
+from finetune_core.formats.kinds import KIND_OF_FOLDER
+from finetune_core.formats.names import find_artifact, refuse_same_name, sanitize_name
 from finetune_core.jobs.preflight import check_writable
 from finetune_core.methods import METHODS, MethodConfig, MethodSpec
 from finetune_core.settings import Kind, coerce_settings, coerce_value
@@ -305,14 +306,12 @@ def _check_masks(data: DatasetConfig) -> None:
 
 def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
     """The file to continue from exists, is of the right kind and holds only finite numbers; returns its step."""
-    expected = {"embeddings": "embedding", "hypernetworks": "hypernetwork", "checkpoints": "checkpoint",
-                "aesthetic_embeddings": "aesthetic embedding", "loras": "lora"}.get(kind, kind)
-    path = find_artifact(reference, final_dir, ARTIFACT_SUFFIXES.get(kind, ()), expected)
+    expected = KIND_OF_FOLDER[kind]
+    path = find_artifact(reference, final_dir, expected.suffixes, expected.name)
     info = inspect_file(path)
-    if info.kind != expected:
-        raise ArtifactError(f"{path} cannot be continued from: it is not a{'n' if expected[0] in 'ae' else ''} "
-                            f"{expected} ({info.describe()})")
-    if info.kind == "embedding" and not info.vectors:
+    if info.kind != expected.name:
+        raise ArtifactError(f"{path} cannot be continued from: it is not {expected.a_name} ({info.describe()})")
+    if info.vectors == 0:  # an embedding of no vectors (other kinds leave `vectors` unset or hold one)
         raise ArtifactError(f"{path} cannot be continued from: it holds 0 vectors, so there is nothing to train; "
                             f"start a new embedding or continue from another file")
     require_finite(tensors_of(path), path)

@@ -52,7 +52,7 @@ __all__ = ["JobResult", "OutputFolders", "Plan", "TrainRequest", "build_config",
 if TYPE_CHECKING:
     from finetune_core.data.data_batch import TrainingData
     from finetune_core.data.lint import LintReport
-    from finetune_core.formats.inspect import ArtifactInfo
+    from finetune_core.formats.kinds import ArtifactInfo
     from finetune_core.model.interface import DiffusionModel
     from finetune_core.train.control import Control
     from finetune_core.train.events import EventSink
