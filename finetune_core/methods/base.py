@@ -81,6 +81,15 @@ class MethodSpec(ABC):
         default."""
         return {}
 
+    def pairs_class_images(self, config: Any) -> bool:
+        """Each training image goes through the UNet with a class image (prior preservation). False by default."""
+        return False
+
+    def trains_text_encoders(self, config: Any) -> bool:
+        """The run trains the text encoders' own weights, and the `train_text_encoder` setting turns that off (the
+        memory plan offers it). False by default."""
+        return False
+
     def continue_from(self, config: Any) -> str:
         """The existing artefact a run continues from (a path or a name in the output folder); "" starts anew."""
         return ""

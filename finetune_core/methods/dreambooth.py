@@ -280,5 +280,11 @@ class DreamBoothSpec(MethodSpec):
     def resolve(self, config: DreamBoothConfig, data: DatasetConfig, method_folder: Path) -> DreamBoothConfig:
         return resolve_class_folder(config, data, method_folder)
 
+    def pairs_class_images(self, config: DreamBoothConfig) -> bool:
+        return config.prior_preservation
+
+    def trains_text_encoders(self, config: DreamBoothConfig) -> bool:
+        return config.train_text_encoder
+
 
 METHOD = DreamBoothSpec()

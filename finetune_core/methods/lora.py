@@ -419,6 +419,9 @@ class LoraSpec(MethodSpec):
     def resolve(self, config: LoraConfig, data: DatasetConfig, method_folder: Path) -> LoraConfig:
         return resolve_class_folder(config, data, method_folder)
 
+    def pairs_class_images(self, config: LoraConfig) -> bool:
+        return config.prior_preservation
+
     def continue_from(self, config: LoraConfig) -> str:
         return config.continue_from
 
