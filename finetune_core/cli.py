@@ -177,11 +177,11 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     request = service.TrainRequest(args.method, args.name or "", settings["method"], settings["data"],
                                    settings["train"], overwrite=args.overwrite, resume_run=resume)
-    service.validate_request(request, folders)  # every setting and path before the model loads
-    return _train_processes(args, argv, request, folders)
+    plan = service.plan(request, folders)  # every setting and path before the model loads
+    return _train_processes(args, argv, plan, folders)
 
 
-def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any, folders: Any) -> int:
+def _train_processes(args: argparse.Namespace, argv: Sequence[str], plan: Any, folders: Any) -> int:
     """Train in this process, or start N data-parallel ones (`--num-processes`), or be one of them."""
     from finetune_core.cpu import set_threads
     from finetune_core.jobs import service
@@ -196,7 +196,7 @@ def _train_processes(args: argparse.Namespace, argv: Sequence[str], request: Any
     device = args.device or (str(processes.device) if processes.world > 1 else None)
     if processes.is_main:  # a full-size checkpoint takes a while to load: say what the wait is
         print(f"loading the model {args.model} ...", file=sys.stderr)
-    return _train(request, service.load(args.model, device), folders, processes)
+    return _train(plan, service.load(args.model, device), processes)
 
 
 def _output_folders(output_dir: str | None, resume: str | None, method: str) -> Any:
@@ -226,7 +226,7 @@ def _section_types(args: argparse.Namespace) -> dict[str, type]:
     return types
 
 
-def _train(request: Any, model: Any, folders: Any, processes: Any) -> int:
+def _train(plan: Any, model: Any, processes: Any) -> int:
     """Run the job with a progress bar; Ctrl-C or SIGTERM asks the loop to save and stop (a second one stops at
     once). In a data-parallel run only the main process shows progress and the result."""
     from finetune_core.hosts.console import ConsoleProgress
@@ -235,7 +235,7 @@ def _train(request: Any, model: Any, folders: Any, processes: Any) -> int:
     control = Control()
     received: list[int] = []
     with ConsoleProgress() as progress, _interrupt_on_signals(control, received, processes.world > 1):
-        result = service.train(request, model, folders, on_event=progress, control=control, processes=processes)
+        result = service.train_plan(plan, model, on_event=progress, control=control, processes=processes)
     code = 128 + (received[0] if received else signal.SIGINT)  # the shell's code for a process a signal ended
     if not processes.is_main:
         return code if result.interrupted else 0

@@ -159,11 +159,12 @@ def test_rooms_import_only_rooms_below_them():
 
 
 def test_no_import_circle_among_the_modules():
-    """Module-level imports (those that run when a module is imported) form no circle."""
+    """Module-level imports, those that run when a module is imported and those for type hints only, form no
+    circle (a type-hint circle is still two modules that need each other)."""
     graph: dict[str, set[str]] = {}
     for path in _files():
-        graph[_module_name(path)] = {name for name, where in _imports(path)
-                                     if where == "top" and name.startswith("finetune_core") and _module_file(name)}
+        graph[_module_name(path)] = {name for name, where in _imports(path) if where in ("top", "typing")
+                                     and name.startswith("finetune_core") and _module_file(name)}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     circles: list[list[str]] = []
 

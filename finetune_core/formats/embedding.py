@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import atomic_write, load_pt, save_pt
 from finetune_core.formats.describe import describe_object
-from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
+from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, WRITABLE_SUFFIXES, read_image_data, write_image_data
 
 logger = logging.getLogger(__name__)
 
@@ -201,3 +202,34 @@ def _text(value: Any) -> str | None:
 
 def _shape_text(value: Any) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def write_embedding_png(embedding_file: EmbeddingFile, preview_image: Image.Image, path: str | os.PathLike[str],
+                        overwrite: bool = False, caption: bool = True) -> Path:
+    """Save `preview_image` with the embedding inside, as the WebUI trainer does for `image_embeddings/`.
+
+    A .png carries both the text chunk and the pixel data; a .webp (lossless) only the pixel data.
+    """
+    target = Path(path)
+    if target.suffix.lower() not in WRITABLE_SUFFIXES:
+        raise ArtifactError(f"{target}: image embeddings are written as .png or .webp, not '{target.suffix}'")
+    data = embedding_file.to_webui_dict()  # raises for SDXL, which has no image form
+    picture = _caption(preview_image, embedding_file) if caption else preview_image.convert("RGB")
+    return write_image_data(data, picture, target, overwrite)
+
+
+def _caption(image: Image.Image, embedding_file: EmbeddingFile) -> Image.Image:
+    """The preview with the name on top and model, hash, vectors and steps at the bottom (Pillow's built-in font)."""
+    picture = image.convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    model = embedding_file.sd_checkpoint_name or ""
+    short_hash = f"[{embedding_file.sd_checkpoint}]" if embedding_file.sd_checkpoint else ""
+    footer = " ".join(part for part in (model, short_hash, f"{embedding_file.num_vectors}v",
+                                        f"{embedding_file.step or 0}s") if part)
+    for text, y in ((embedding_file.name, 2), (footer, max(2, picture.height - 14))):
+        # A dark band behind the text keeps it readable on any picture (bitmap fonts have no outline).
+        left, top, right, bottom = draw.textbbox((4, y), text, font=font)
+        draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
+        draw.text((4, y), text, fill=(255, 255, 255), font=font)
+    return picture

@@ -14,17 +14,14 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, PngImagePlugin
 
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.atomic import atomic_write
-
-if TYPE_CHECKING:
-    from finetune_core.formats.embedding import EmbeddingFile
 
 TEXT_CHUNK_KEY = "sd-ti-embedding"
 TENSOR_TAG = "TORCHTENSOR"
@@ -118,9 +115,9 @@ def read_image_data(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def write_embedding_png(embedding_file: EmbeddingFile, preview_image: Image.Image, path: str | os.PathLike[str],
-                        overwrite: bool = False, caption: bool = True) -> Path:
-    """Save `preview_image` with the embedding inside, as the WebUI trainer does for `image_embeddings/`.
+def write_image_data(data: dict[str, Any], picture: Image.Image, path: str | os.PathLike[str],
+                     overwrite: bool = False) -> Path:
+    """Save `picture` with the WebUI embedding dict `data` inside, as the WebUI trainer does for `image_embeddings/`.
 
     A .png carries both the text chunk and the pixel data; a .webp (lossless) only the pixel data.
     """
@@ -128,8 +125,6 @@ def write_embedding_png(embedding_file: EmbeddingFile, preview_image: Image.Imag
     suffix = target.suffix.lower()
     if suffix not in WRITABLE_SUFFIXES:
         raise ArtifactError(f"{target}: image embeddings are written as .png or .webp, not '{target.suffix}'")
-    data = embedding_file.to_webui_dict()  # raises for SDXL, which has no image form
-    picture = _caption(preview_image, embedding_file) if caption else preview_image.convert("RGB")
     combined = embed_in_pixels(picture, data)
     if suffix == ".webp":
         return atomic_write(target, lambda tmp: combined.save(tmp, format="WEBP", lossless=True, quality=100),
@@ -173,21 +168,3 @@ def _crop_black(pixels: np.ndarray) -> np.ndarray:
     if rows.size == 0 or cols.size == 0:
         return pixels[:0, :0]
     return pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-
-
-def _caption(image: Image.Image, embedding_file: EmbeddingFile) -> Image.Image:
-    """The preview with the name on top and model, hash, vectors and steps at the bottom (Pillow's built-in font)."""
-    picture = image.convert("RGB")
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default()
-    model = embedding_file.sd_checkpoint_name or ""
-    short_hash = f"[{embedding_file.sd_checkpoint}]" if embedding_file.sd_checkpoint else ""
-    footer = " ".join(part for part in (model, short_hash, f"{embedding_file.num_vectors}v",
-                                        f"{embedding_file.step or 0}s") if part)
-    for text, y in ((embedding_file.name, 2), (footer, max(2, picture.height - 14))):
-        # A dark band behind the text keeps it readable on any picture (bitmap fonts have no outline).
-        left, top, right, bottom = draw.textbbox((4, y), text, font=font)
-        draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
-        draw.text((4, y), text, fill=(255, 255, 255), font=font)
-    return picture
-

@@ -8,7 +8,6 @@ import pickle
 import struct
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from finetune_core.formats import hypernetwork_file as hypernetwork
 from finetune_core.formats.atomic import OTHER_BINARY, file_kind, is_torch_file, load_pt, refused_pickle
 from finetune_core.formats.describe import describe_object, is_embedding, is_hypernetwork
 from finetune_core.formats.image_embedding import IMAGE_SUFFIXES, read_image_data
+from finetune_core.formats.kinds import RUN_FILE, UNKNOWN, ArtifactInfo
 from finetune_core.formats.networks import type_of
 
 # Above this size a zip-format torch file is memory-mapped rather than read into RAM.
@@ -31,57 +31,6 @@ _LORA_DOWN_MARKERS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight"
 Shapes = dict[str, tuple[int, ...]]
 
 
-@dataclass
-class ArtifactInfo:
-    """What `inspect_file` found.
-
-    `kind` is embedding, hypernetwork, checkpoint, aesthetic embedding, lora, run file (a file of a training run's
-    folder: resume state, settings, loss CSV, preview image) or unknown.
-    """
-
-    path: Path
-    kind: str
-    family: str | None = None
-    name: str | None = None
-    width: int | None = None
-    vectors: int | None = None
-    step: int | None = None
-    sizes: list[int] = field(default_factory=list)
-    sd_checkpoint: str | None = None
-    sd_checkpoint_name: str | None = None
-    tensor_count: int | None = None
-    details: str = ""
-
-    def describe(self) -> str:
-        """One plain sentence for the CLI and the UI."""
-        fam = f" ({self.family})" if self.family else ""
-        if self.kind == "embedding":
-            plural = "vector" if self.vectors == 1 else "vectors"
-            text = f"Textual-inversion embedding '{self.name}': {self.vectors} {plural} of width {self.width}{fam}"
-        elif self.kind == "hypernetwork":
-            text = (f"Hypernetwork '{self.name}': modules for sizes {', '.join(map(str, self.sizes))}{fam}"
-                    + (f", {self.details}" if self.details else ""))
-        elif self.kind == "aesthetic embedding":
-            text = f"Aesthetic embedding: one CLIP image vector of width {self.width}{fam}" + (
-                f", {self.details}" if self.details else "")
-        elif self.kind == "lora":
-            text = f"LoRA{fam}: {self.details}"
-        elif self.kind == "checkpoint":
-            text = f"Stable Diffusion checkpoint{fam}: {self.tensor_count} tensors" + (
-                f", {self.details}" if self.details else "")
-        elif self.kind == "run file":
-            return f"{self.path.name}: {self.details}"
-        else:
-            return (f"{self.path.name} is not an artefact (an embedding, hypernetwork, checkpoint, LoRA or aesthetic "
-                    f"embedding): {self.details}")
-        if self.step is not None and self.kind in ("embedding", "hypernetwork"):
-            text += f", step {self.step}"
-        if self.sd_checkpoint_name or self.sd_checkpoint:
-            tag = f"[{self.sd_checkpoint}]" if self.sd_checkpoint else None
-            text += ", trained on " + " ".join(part for part in (self.sd_checkpoint_name, tag) if part)
-        return text
-
-
 def inspect_file(path: str | os.PathLike[str]) -> ArtifactInfo:
     """Identify an artefact by its content; unreadable or foreign files come back as kind "unknown" with a reason."""
     source = Path(path)
@@ -90,7 +39,7 @@ def inspect_file(path: str | os.PathLike[str]) -> ArtifactInfo:
     suffix = source.suffix.lower()
     run_file = _run_file(source)
     if run_file is not None:
-        return ArtifactInfo(path=source, kind="run file", details=run_file)
+        return ArtifactInfo(path=source, kind=RUN_FILE, details=run_file)
     try:
         if suffix == ".safetensors":
             shapes, metadata = read_safetensors_header(source)
@@ -98,10 +47,10 @@ def inspect_file(path: str | os.PathLike[str]) -> ArtifactInfo:
         if suffix in IMAGE_SUFFIXES:
             return _from_image(source)
         if not is_torch_file(source) and file_kind(source) != OTHER_BINARY:  # a text file, an image: said plainly
-            return ArtifactInfo(path=source, kind="unknown", details=f"it is {file_kind(source)}")
+            return ArtifactInfo(path=source, kind=UNKNOWN, details=f"it is {file_kind(source)}")
         return _from_object(source, _load_torch(source))
     except ArtifactError as exc:
-        return ArtifactInfo(path=source, kind="unknown", details=str(exc))
+        return ArtifactInfo(path=source, kind=UNKNOWN, details=str(exc))
 
 
 # The files of a training run's folder (`train/run_folder.py` writes them), by their place in it.
@@ -138,11 +87,11 @@ def _from_image(source: Path) -> ArtifactInfo:
             raise exc from None
     if (source.parent.name == "images" and (source.parent.parent / "request.json").is_file()) or \
             "Fine-tune:" in parameters:
-        return ArtifactInfo(path=source, kind="run file", details=(
+        return ArtifactInfo(path=source, kind=RUN_FILE, details=(
             f"a preview image of the training run {source.parent.parent}, not an embedding (its generation "
             f"parameters are in the PNG: the WebUI's PNG Info reads them)"))
     what = "an image with generation parameters (PNG Info reads them)" if parameters else "an image"
-    return ArtifactInfo(path=source, kind="unknown", details=f"it is {what}, without an embedding inside")
+    return ArtifactInfo(path=source, kind=UNKNOWN, details=f"it is {what}, without an embedding inside")
 
 
 def tensors_of(path: str | os.PathLike[str]) -> list[tuple[str, torch.Tensor]]:
@@ -230,7 +179,7 @@ def _from_object(source: Path, obj: Any) -> ArtifactInfo:
         obj = obj["state_dict"]
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _from_shapes(source, {str(k): tuple(v.shape) for k, v in obj.items()}, {})
-    return ArtifactInfo(path=source, kind="unknown", details=describe_object(obj))
+    return ArtifactInfo(path=source, kind=UNKNOWN, details=describe_object(obj))
 
 
 def _from_embedding(source: Path, emb: embedding.EmbeddingFile) -> ArtifactInfo:
@@ -280,7 +229,7 @@ def _from_shapes(source: Path, shapes: Shapes, metadata: Mapping[str, str]) -> A
                             sd_checkpoint=metadata.get("sd_checkpoint"),
                             sd_checkpoint_name=metadata.get("sd_checkpoint_name"), tensor_count=len(shapes))
     keys = ", ".join(list(shapes)[:5]) + (", ..." if len(shapes) > 5 else "")
-    return ArtifactInfo(path=source, kind="unknown", tensor_count=len(shapes),
+    return ArtifactInfo(path=source, kind=UNKNOWN, tensor_count=len(shapes),
                         details=f"{len(shapes)} tensors with names such as {keys or '(none)'}")
 
 

@@ -1,21 +1,18 @@
 """Artefact names: the WebUI's sanitising rule, refusals for names that would escape the folder, and the refusal of a
-second file of the same name (the suffixes the WebUI loads for each kind of artefact)."""
+second file of the same name (the suffixes the WebUI loads for each kind of artefact, from `formats.kinds`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from finetune_core.errors import ArtifactError, ConfigError
+from finetune_core.formats.kinds import KIND_OF_FOLDER
 
 _ALLOWED_PUNCTUATION = "._- "
 # Names Windows reserves for devices, with or without an extension ("nul.pt" cannot be created there).
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 # File systems allow 255 bytes per name; the run adds "-<step>.safetensors" and a temporary ".<8>.tmp" around it.
 MAX_NAME_BYTES = 200
-# What the WebUI loads from each output folder: a second file of the same stem and one of these is the same artefact.
-ARTIFACT_SUFFIXES = {"embeddings": (".pt", ".bin", ".safetensors", ".png", ".webp"), "hypernetworks": (".pt",),
-                     "checkpoints": (".safetensors", ".ckpt"), "aesthetic_embeddings": (".pt", ".safetensors"),
-                     "loras": (".safetensors", ".pt", ".ckpt")}
 
 
 def sanitize_name(name: str, what: str = "name") -> str:
@@ -66,7 +63,7 @@ def find_artifact(reference: str, folder: Path, suffixes: tuple[str, ...], what:
 
 def same_name_files(folder: Path, name: str, kind: str) -> list[Path]:
     """Files in `folder` the WebUI would load under `name` (any of its formats for that kind of artefact)."""
-    suffixes = ARTIFACT_SUFFIXES.get(kind, ())
+    suffixes = KIND_OF_FOLDER[kind].suffixes if kind in KIND_OF_FOLDER else ()
     if not Path(folder).is_dir():
         return []
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.stem == name

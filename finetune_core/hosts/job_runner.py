@@ -17,7 +17,7 @@ from finetune_core.errors import FinetuneError, JobBusy
 from finetune_core.hosts.console import format_seconds
 from finetune_core.hosts.host import Host
 from finetune_core.jobs import best_step, compare, service
-from finetune_core.jobs.service import JobResult, TrainRequest
+from finetune_core.jobs.service import JobResult, Plan, TrainRequest
 from finetune_core.methods import METHODS
 from finetune_core.train.control import Control
 from finetune_core.train.events import (
@@ -36,7 +36,7 @@ from finetune_core.train.events import (
 
 log = logging.getLogger(__name__)
 
-TrainFn = Callable[..., JobResult]
+TrainFn = Callable[[Plan, Any, Callable[[Event], None], Control], JobResult]  # service.train_plan's shape
 T = TypeVar("T")
 ACTIVE = ("waiting", "running", "paused")
 
@@ -108,13 +108,13 @@ def thin(points: list[tuple[int, float]], limit: int) -> list[tuple[int, float]]
     return kept if kept[-1] == points[-1] else kept + [points[-1]]
 
 
-def _default_train(*args: Any, **kwargs: Any) -> JobResult:
-    return service.train(*args, **kwargs)
+def _default_train(plan: Plan, model: Any, on_event: Callable[[Event], None], control: Control) -> JobResult:
+    return service.train_plan(plan, model, on_event, control)
 
 
-def _default_check(host: Host) -> Callable[[TrainRequest], TrainRequest]:
-    def check(request: TrainRequest) -> TrainRequest:
-        return service.validate_request(request, host.folders(), host.template_dirs())
+def _default_check(host: Host) -> Callable[[TrainRequest], Plan]:
+    def check(request: TrainRequest) -> Plan:
+        return service.plan(request, host.folders(), host.template_dirs())
 
     return check
 
@@ -128,7 +128,7 @@ class JobRunner:
 
     def __init__(self, host: Host, train_fn: TrainFn | None = None,
                  output_kind: Callable[[str], str] | None = None,
-                 check: Callable[[TrainRequest], TrainRequest] | None = None) -> None:
+                 check: Callable[[TrainRequest], Plan] | None = None) -> None:
         self.host = host
         self._train_fn = train_fn or _default_train
         self._output_kind = output_kind or _default_output_kind
@@ -141,13 +141,14 @@ class JobRunner:
 
     # --- commands -----------------------------------------------------------------------------------------
     def start(self, request: TrainRequest, task_id: str | None = None) -> str:
-        """Check `request`, start it in the background and return its job id.
+        """Check `request` (plan it, once), start the plan in the background and return its job id.
 
         JobBusy when a job is already running; the check's FinetuneError when the request cannot run.
         """
         with self._lock:
             self._refuse_if_busy("A training job is already running")
-        request = self._check(request)
+        plan = self._check(request)
+        request = plan.request  # as it will run (a resume: the run's saved request)
         with self._lock:
             self._refuse_if_busy("A training job is already running")
             job_id = uuid.uuid4().hex[:12]
@@ -155,7 +156,7 @@ class JobRunner:
             self._state = JobState(job_id=job_id, method=request.method, name=request.name, task_id=task_id or "",
                                    status="waiting", started_at=time.time(), version=self._state.version + 1)
             control = self._control
-        self._thread = threading.Thread(target=self._run, args=(request, control, job_id, task_id),
+        self._thread = threading.Thread(target=self._run, args=(plan, control, job_id, task_id),
                                         name=f"finetune-job-{job_id}", daemon=True)
         self._thread.start()
         return job_id
@@ -266,9 +267,9 @@ class JobRunner:
         return not self.busy
 
     # --- the job ------------------------------------------------------------------------------------------
-    def _run(self, request: TrainRequest, control: Control, job_id: str, task_id: str | None) -> None:
+    def _run(self, plan: Plan, control: Control, job_id: str, task_id: str | None) -> None:
         try:
-            result = run_exclusive(self.host, lambda: self._train(request, control), task_id)
+            result = run_exclusive(self.host, lambda: self._train(plan, control), task_id)
             self._finish(result)
         except FinetuneError as exc:
             self._fail(str(exc))
@@ -276,15 +277,14 @@ class JobRunner:
             log.exception("training job %s failed with an unexpected error", job_id)
             self._fail(f"Internal error ({type(exc).__name__}: {exc}); the console log has the details.")
 
-    def _train(self, request: TrainRequest, control: Control) -> JobResult:
+    def _train(self, plan: Plan, control: Control) -> JobResult:
         with self._lock:
             self._state.status = "paused" if control.paused else "running"
             self._state.version += 1
         model = self.host.get_model()
-        result = self._train_fn(request, model, self.host.folders(), self._on_event, control,
-                                template_dirs=list(self.host.template_dirs()))
+        result = self._train_fn(plan, model, self._on_event, control)
         if result.artifacts:
-            self.host.artifacts_written(self._output_kind(request.method), list(result.artifacts))
+            self.host.artifacts_written(self._output_kind(plan.request.method), list(result.artifacts))
         return result
 
     def _finish(self, result: JobResult) -> None:

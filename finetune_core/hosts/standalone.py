@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from finetune_core.data.templates import available_templates
 from finetune_core.errors import ConfigError
-from finetune_core.formats.names import ARTIFACT_SUFFIXES as KIND_SUFFIXES
+from finetune_core.formats.kinds import KIND_OF_FOLDER
 from finetune_core.jobs import service
 from finetune_core.jobs.service import OutputFolders
 from finetune_core.model.interface import DiffusionModel
@@ -103,6 +103,7 @@ class StandaloneHost:
         folder = self._folders.for_kind(kind)
         if not folder.is_dir():
             return []
-        suffixes = KIND_SUFFIXES[kind] if kind == "loras" else ARTIFACT_SUFFIXES  # NAME.preview.png is no LoRA
+        # NAME.preview.png beside a LoRA is no LoRA; the other folders list every suffix (as before the kinds table)
+        suffixes = KIND_OF_FOLDER[kind].suffixes if kind == "loras" else ARTIFACT_SUFFIXES
         return sorted({p.stem for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes})
 

@@ -266,39 +266,69 @@ class WebUIHost:
         """Make new files visible now: the embedding database only notices a changed top folder, so force it."""
         if not setting("finetune_refresh_after_training"):
             return
-        from modules import shared
-
-        if kind == "embeddings":
-            from modules import sd_hijack
-
-            sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-        elif kind == "hypernetworks":
-            shared.reload_hypernetworks()
-        elif kind == "checkpoints":
-            shared.refresh_checkpoints()
-        elif kind == "loras" and _lora_extension() is not None:
-            _lora_extension().list_available_networks()  # what its Refresh button and /sdapi/v1/refresh-loras do
+        if kind in _REFRESH:
+            _REFRESH[kind]()
         logger.info("made %d new %s file(s) visible", len(paths), kind)
 
     def list_existing(self, kind: str) -> list[str]:
         """Names for the dropdowns."""
-        from modules import shared
-
-        if kind == "embeddings":
-            from modules import sd_hijack
-
-            return sorted(sd_hijack.model_hijack.embedding_db.word_embeddings)
-        if kind == "hypernetworks":
-            return sorted(shared.hypernetworks)
-        if kind == "checkpoints":
-            from modules import sd_models
-
-            return list(sd_models.checkpoint_tiles())
         if kind == "templates":
             return sorted({f for d in self.template_dirs() if d.is_dir() for f in _text_files(d)})
-        if kind == "loras" and _lora_extension() is not None:
-            return sorted(_lora_extension().available_networks)
-        return []
+        return _NAMES[kind]() if kind in _NAMES else []
+
+
+def _refresh_embeddings() -> None:
+    from modules import sd_hijack
+
+    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+
+
+def _refresh_hypernetworks() -> None:
+    from modules import shared
+
+    shared.reload_hypernetworks()
+
+
+def _refresh_checkpoints() -> None:
+    from modules import shared
+
+    shared.refresh_checkpoints()
+
+
+def _refresh_loras() -> None:
+    networks = _lora_extension()
+    if networks is not None:
+        networks.list_available_networks()  # what its Refresh button and /sdapi/v1/refresh-loras do
+
+
+def _embedding_names() -> list[str]:
+    from modules import sd_hijack
+
+    return sorted(sd_hijack.model_hijack.embedding_db.word_embeddings)
+
+
+def _hypernetwork_names() -> list[str]:
+    from modules import shared
+
+    return sorted(shared.hypernetworks)
+
+
+def _checkpoint_names() -> list[str]:
+    from modules import sd_models
+
+    return list(sd_models.checkpoint_tiles())
+
+
+def _lora_names() -> list[str]:
+    networks = _lora_extension()
+    return sorted(networks.available_networks) if networks is not None else []
+
+
+# How the WebUI is told of new files, and where its lists of names are, per artefact kind (`formats.kinds` folders).
+_REFRESH: dict[str, Callable[[], None]] = {"embeddings": _refresh_embeddings, "hypernetworks": _refresh_hypernetworks,
+                                           "checkpoints": _refresh_checkpoints, "loras": _refresh_loras}
+_NAMES: dict[str, Callable[[], list[str]]] = {"embeddings": _embedding_names, "hypernetworks": _hypernetwork_names,
+                                              "checkpoints": _checkpoint_names, "loras": _lora_names}
 
 
 def _text_files(folder: Path) -> list[str]:

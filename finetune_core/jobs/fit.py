@@ -125,15 +125,9 @@ def run_steps(request: Request, device: contextlib.AbstractContextManager[Any], 
         method = spec.build(model, "measured", configs["method"], Path(folder), 0)
         shapes = ShapeData(per_process, data.width, data.height, f"a photo of {method.placeholder}",
                            model.latent_channels, model.vae_scale,
-                           paired=bool(getattr(configs["method"], "prior_preservation", False)),
-                           keep_pixels=_keeps_pixels(configs["method"]))
+                           paired=spec.pairs_class_images(configs["method"]),
+                           keep_pixels=bool(spec.dataset_needs(configs["method"]).get("keep_pixels")))
         return measure_steps(tracker, model, method, shapes, train, request.hardware, steps, after_step)
-
-
-def _keeps_pixels(method_config: Any) -> bool:
-    """The method's loss needs the images beside the latents (DreamArtist's reconstruction)."""
-    needs = getattr(method_config, "dataset_needs", None)
-    return bool(needs is not None and needs().get("keep_pixels"))
 
 
 # --- the planner ------------------------------------------------------------------------------------------------------
@@ -199,7 +193,7 @@ def _candidates(request: Request, configs: Mapping[str, Any]) -> list[tuple[str,
         out.append(("fp16 weights and autocast", ("--precision", "fp16"),
                     lambda r: dataclasses.replace(r.with_settings("train", precision="fp16"), weights="fp16"),
                     "load the model in fp16"))
-    if getattr(method, "train_text_encoder", False):
+    if method_spec(request.method).trains_text_encoders(method):
         out.append(("frozen text encoders (outputs cached)", ("--no-train-text-encoder",),
                     lambda r: r.with_settings("method", train_text_encoder=False), "the text encoders no longer train"))
     if request.hardware.residency != "medvram":

@@ -1,8 +1,8 @@
 """A training request: its fields, and every check of it that needs no model (types, ranges, names, the dataset
 folder, the template, the file to continue from, existing files, the output folders).
 
-Hosts call `plan_request` before they load a model or accept a job, so a bad request is answered at once and leaves
-nothing on disk; `service.train` plans again (cheaply) before it builds anything.
+Hosts call `plan_request` once, before they load a model or accept a job, so a bad request is answered at once and
+leaves nothing on disk; they pass the Plan on to `service.train_plan`, which builds from it without checking again.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.masks import check_mask
@@ -21,16 +21,14 @@ from finetune_core.data.transforms import probe_image
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError
 from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.inspect import inspect_file, tensors_of
-from finetune_core.formats.names import ARTIFACT_SUFFIXES, find_artifact, refuse_same_name, sanitize_name
+from finetune_core.formats.kinds import KIND_OF_FOLDER
+from finetune_core.formats.names import find_artifact, refuse_same_name, sanitize_name
 from finetune_core.jobs.preflight import check_writable
-from finetune_core.methods import METHODS
+from finetune_core.methods import METHODS, MethodConfig, MethodSpec
 from finetune_core.settings import Kind, coerce_settings, coerce_value
-from finetune_core.train.lr_schedule import nothing_to_train, parse_schedule, run_length
+from finetune_core.train.lr_schedule import Schedule, nothing_to_train, parse_schedule, run_length
 from finetune_core.train.run_folder import RunFolder
 from finetune_core.train.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from finetune_core.methods import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -144,6 +142,15 @@ def _typed_request(request: TrainRequest) -> TrainRequest:
                                                                      "train_settings")}})
 
 
+@dataclass(frozen=True)
+class RunConfigs:
+    """The validated settings of a run, one dataclass per form section."""
+
+    method: MethodConfig  # an instance of the method's `config_type`
+    data: DatasetConfig
+    train: TrainConfig
+
+
 @dataclass
 class Plan:
     """A checked request: what will run, where it writes, and the validated settings."""
@@ -151,7 +158,8 @@ class Plan:
     request: TrainRequest  # as it will run (a resume's saved request, with this request's overwrite)
     spec: MethodSpec
     name: str
-    configs: dict[str, Any]  # "method" / "data" / "train" -> validated settings dataclass
+    configs: RunConfigs
+    schedule: Schedule  # the learning-rate schedule of `configs.train`, parsed once
     final_dir: Path
     overwrite: bool  # asked for, or continuing a file in place
     run_dir: Path | None  # the run folder when resuming
@@ -178,22 +186,23 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
     spec = method_spec(request.method)
     name = sanitize_name(request.name)
     configs = _configs(spec, request, name, template_dirs)
-    if spec.resolve is not None:
-        configs["method"] = spec.resolve(configs["method"], configs["data"], folders.logs / spec.log_folder)
+    configs = dataclasses.replace(configs, method=spec.resolve(configs.method, configs.data,
+                                                               folders.logs / spec.log_folder))
+    schedule = parse_schedule(configs.train.learning_rate, configs.train.steps)
     final_dir = (run_output_dir(run_dir) if run_dir is not None else None) or folders.for_kind(spec.output_kind)
-    continue_from = getattr(configs["method"], "continue_from", "")
+    continue_from = spec.continue_from(configs.method)
     continued_step = _check_continue_from(continue_from, final_dir, spec.output_kind) if continue_from else 0
     overwrite = request.overwrite or (bool(continue_from) and _same_stem(continue_from, final_dir, name))
     if run_dir is None and not overwrite:
         refuse_same_name(final_dir, name, spec.output_kind)
-    method_checks(configs["method"], name, final_dir, overwrite or run_dir is not None)
+    spec.check_request(configs.method, name, final_dir, overwrite or run_dir is not None)
     if run_dir is None:
-        _check_steps_left(continued_step, configs["train"])
+        _check_steps_left(continued_step, schedule, configs.train.steps)
     check_writable(final_dir, "output folder")
     check_writable(run_dir or folders.logs, "run folder")
-    if configs["data"].cache_dir.strip():
-        check_writable(Path(configs["data"].cache_dir).expanduser(), "latent cache folder (cache_dir)")
-    return Plan(request, spec, name, configs, final_dir, overwrite, run_dir, folders.logs, changes, notes)
+    if configs.data.cache_dir.strip():
+        check_writable(Path(configs.data.cache_dir).expanduser(), "latent cache folder (cache_dir)")
+    return Plan(request, spec, name, configs, schedule, final_dir, overwrite, run_dir, folders.logs, changes, notes)
 
 
 # Training settings a resume may change: they decide when the run stops and what it writes, not the maths of the
@@ -245,11 +254,11 @@ def run_output_dir(run_dir: Path) -> Path | None:
     return Path(recorded) if isinstance(recorded, str) and recorded else None
 
 
-def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: Sequence[Path]) -> dict[str, Any]:
+def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: Sequence[Path]) -> RunConfigs:
     """The three settings dataclasses, every problem at once; then the template and the dataset folder."""
     defaults = form_defaults(request.method)
     problems: list[str] = []
-    configs = {}
+    configs: dict[str, Any] = {}
     for key, config_type, settings, what in (
             ("method", spec.config_type, request.method_settings, spec.label),
             ("data", DatasetConfig, {**request.data_settings, "placeholder": name}, "dataset"),
@@ -260,11 +269,9 @@ def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: 
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
-    needs = getattr(configs["method"], "dataset_needs", None)
-    if needs is not None:  # settings the method cannot work without (DreamArtist's reconstruction: the pixels)
-        configs["data"] = dataclasses.replace(configs["data"], **needs())
-    data = configs["data"] = _with_template_path(configs["data"], template_dirs)
-    if getattr(spec.config_type, "needs_name_in_prompt", False):
+    data = dataclasses.replace(configs["data"], **spec.dataset_needs(configs["method"]))
+    data = _with_template_path(data, template_dirs)
+    if spec.needs_name_in_prompt:
         _require_name_in_template(data)
     images, _ = image_files(Path(data.data_dir), data.recursive)
     _require_a_readable_image(images, Path(data.data_dir))
@@ -274,7 +281,7 @@ def _configs(spec: MethodSpec, request: TrainRequest, name: str, template_dirs: 
         raise DatasetError(f"the batch size {data.batch_size} is larger than the dataset: {data.data_dir} has "
                            f"{len(images)} image(s); lower the batch size to {len(images)} or add images")
     check_validation(data, configs["train"], len(images))
-    return configs
+    return RunConfigs(configs["method"], data, configs["train"])
 
 
 def check_validation(data: Any, train: Any, images: int) -> None:
@@ -309,15 +316,7 @@ def _require_a_readable_image(images: Sequence[Path], folder: Path) -> None:
                        f"image files")
 
 
-def method_checks(config: Any, name: str, folder: Path, overwrite: bool) -> None:
-    """A method's own checks that need files but no model (`check_request` on its settings class, when it has one):
-    e.g. DreamArtist's second file and its discriminator file."""
-    check = getattr(config, "check_request", None)
-    if check is not None:
-        check(name, folder, overwrite)
-
-
-def _check_masks(data: Any) -> None:
+def _check_masks(data: DatasetConfig) -> None:
     """Every attention mask is a grayscale picture of its image's size (reads the masks)."""
     for image, mask in sorted(attention_masks(Path(data.data_dir), data.recursive).items()):
         check_mask(mask, image)
@@ -325,28 +324,26 @@ def _check_masks(data: Any) -> None:
 
 def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
     """The file to continue from exists, is of the right kind and holds only finite numbers; returns its step."""
-    expected = {"embeddings": "embedding", "hypernetworks": "hypernetwork", "checkpoints": "checkpoint",
-                "aesthetic_embeddings": "aesthetic embedding", "loras": "lora"}.get(kind, kind)
-    path = find_artifact(reference, final_dir, ARTIFACT_SUFFIXES.get(kind, ()), expected)
+    expected = KIND_OF_FOLDER[kind]
+    path = find_artifact(reference, final_dir, expected.suffixes, expected.name)
     info = inspect_file(path)
-    if info.kind != expected:
-        raise ArtifactError(f"{path} cannot be continued from: it is not a{'n' if expected[0] in 'ae' else ''} "
-                            f"{expected} ({info.describe()})")
-    if info.kind == "embedding" and not info.vectors:
+    if info.kind != expected.name:
+        raise ArtifactError(f"{path} cannot be continued from: it is not {expected.a_name} ({info.describe()})")
+    if info.vectors == 0:  # an embedding of no vectors (other kinds leave `vectors` unset or hold one)
         raise ArtifactError(f"{path} cannot be continued from: it holds 0 vectors, so there is nothing to train; "
                             f"start a new embedding or continue from another file")
     require_finite(tensors_of(path), path)
     return info.step or 0
 
 
-def _check_steps_left(step: int, train: Any) -> None:
+def _check_steps_left(step: int, schedule: Schedule, steps: int) -> None:
     """A file continued from at or past the step this run stops at would be written back unchanged."""
-    problem = nothing_to_train(step, run_length(parse_schedule(train.learning_rate, train.steps), train.steps))
+    problem = nothing_to_train(step, run_length(schedule, steps))
     if problem:
         raise ConfigError(problem)
 
 
-def _with_template_path(config: Any, template_dirs: Sequence[Path]) -> Any:
+def _with_template_path(config: DatasetConfig, template_dirs: Sequence[Path]) -> DatasetConfig:
     """A template named like the WebUI's (a basename) is looked up in the host's template folders first."""
     for folder in template_dirs:
         matches = sorted(Path(folder).rglob(config.template)) if Path(folder).is_dir() else []
@@ -355,7 +352,7 @@ def _with_template_path(config: Any, template_dirs: Sequence[Path]) -> Any:
     return config
 
 
-def _require_name_in_template(config: Any) -> None:
+def _require_name_in_template(config: DatasetConfig) -> None:
     """A method that trains the word `[name]` learns nothing from a template that never says it."""
     lines = load_template(config.template)
     if not any("[name]" in line for line in lines):
@@ -391,5 +388,3 @@ def _saved_request(run_dir: Path, request: TrainRequest) -> TrainRequest:
     if not RunFolder(run_dir).has_state():
         raise ConfigError(f"{run_dir} has no resume state yet (it stopped before its first save); start a new run")
     return dataclasses.replace(old, resume_run=str(run_dir), overwrite=old.overwrite or request.overwrite)
-
-

@@ -2,8 +2,8 @@
 
 A host supplies the loaded model and the folders; this module builds the dataset, the method and the loop from plain
 settings dicts (what a form, a JSON body or argparse produces), so every host validates and fails the same way.
-Requests are checked without a model first (`validate_request`, `validate_create`; see `finetune_core.jobs.request`),
-so a host can refuse a bad one before it loads anything or accepts a job.
+Requests are checked without a model first (`plan`, `validate_create`; see `finetune_core.jobs.request`), so a host
+can refuse a bad one before it loads anything or accepts a job; it then hands the checked Plan to `train_plan`.
 """
 
 from __future__ import annotations
@@ -29,32 +29,34 @@ from finetune_core.jobs.request import (
     TrainRequest,
     build_config,
     form_defaults,
-    method_checks,
     method_spec,
     plan_request,
     request_from_json,
 )
+from finetune_core.methods import MethodSpec
 from finetune_core.model.loading import load_model
 from finetune_core.settings import coerce_value
 from finetune_core.train import memory
 from finetune_core.train.distributed import Processes
 from finetune_core.train.events import Warning_, ignore_events
 from finetune_core.train.loop import OutputSpec, resume_training, run_training
-from finetune_core.train.lr_schedule import parse_schedule
+from finetune_core.train.lr_schedule import Schedule
 from finetune_core.train.randomness import resolve_seed
 from finetune_core.train.run_folder import RunFolder
-from finetune_core.train.train_config import config_from_dict
+from finetune_core.train.train_config import TrainConfig, config_from_dict
 
-__all__ = ["JobResult", "OutputFolders", "TrainRequest", "build_config", "create", "form_defaults", "inspect", "lint",
-           "load", "method_spec", "request_from_json", "train", "validate_create", "validate_request"]
+__all__ = ["JobResult", "OutputFolders", "Plan", "TrainRequest", "build_config", "create", "form_defaults", "inspect",
+           "lint", "load", "method_spec", "plan", "request_from_json", "train", "train_plan", "validate_create",
+           "validate_request"]
 
 if TYPE_CHECKING:
+    from finetune_core.data.data_batch import TrainingData
     from finetune_core.data.lint import LintReport
-    from finetune_core.formats.inspect import ArtifactInfo
-    from finetune_core.methods import Create
+    from finetune_core.formats.kinds import ArtifactInfo
     from finetune_core.model.interface import DiffusionModel
     from finetune_core.train.control import Control
     from finetune_core.train.events import EventSink
+    from finetune_core.train.method import Method
 
 
 @dataclass
@@ -76,17 +78,23 @@ def load(spec: str, device: str | None = None) -> DiffusionModel:
     return load_model(spec, device=chosen)
 
 
+def plan(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = ()) -> Plan:
+    """Check a training request without a model; the Plan says what will run (a resume: the run's saved request)
+    and is what `train_plan` runs."""
+    return plan_request(request, folders, template_dirs)
+
+
 def validate_request(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = ()) -> TrainRequest:
     """Check a training request without a model; returns it as it will run (a resume: the run's saved request)."""
     return plan_request(request, folders, template_dirs).request
 
 
 def validate_create(method: str, name: str, settings: Mapping[str, Any], folders: OutputFolders,
-                    overwrite: bool = False) -> tuple[Create, str, Any, Path]:
-    """Check a create request without a model: (create function, clean name, config, folder), or the sentence
-    saying what is wrong."""
+                    overwrite: bool = False) -> tuple[MethodSpec, str, Any, Path]:
+    """Check a create request without a model: (the method, clean name, config, folder), or the sentence saying
+    what is wrong."""
     spec = method_spec(coerce_value(method, "str", False, "method"))
-    if spec.create_type is None or spec.create is None:
+    if spec.create_type is None:
         raise ConfigError(f"{spec.label} has no separate create step; train it directly")
     clean = sanitize_name(coerce_value(name, "str", False, "name"))
     config = build_config(spec.create_type, form_defaults(method)["method"], settings, spec.label)
@@ -94,17 +102,17 @@ def validate_create(method: str, name: str, settings: Mapping[str, Any], folders
     overwrite = coerce_value(overwrite, "bool", False, "overwrite")
     if not overwrite:
         refuse_same_name(folder, clean, spec.output_kind)
-    method_checks(config, clean, folder, overwrite)
+    spec.check_request(config, clean, folder, overwrite)
     check_writable(folder, "output folder")
-    return spec.create, clean, config, folder
+    return spec, clean, config, folder
 
 
 def create(method: str, name: str, settings: Mapping[str, Any], model: DiffusionModel, folders: OutputFolders,
            overwrite: bool = False) -> list[Path]:
     """Create a new, untrained artefact file (the WebUI's Create embedding / Create hypernetwork)."""
-    make, clean, config, folder = validate_create(method, name, settings, folders, overwrite)
+    spec, clean, config, folder = validate_create(method, name, settings, folders, overwrite)
     try:
-        return make(model, clean, config, folder, overwrite)
+        return spec.create(model, clean, config, folder, overwrite)
     except OSError as exc:
         raise storage_error(exc, None) from exc
 
@@ -124,15 +132,20 @@ def inspect(path: str | Path) -> ArtifactInfo:
 def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, on_event: EventSink | None = None,
           control: Control | None = None, template_dirs: Sequence[Path] = (),
           processes: Processes | None = None) -> JobResult:
-    """Run one training job to the end (or to an interrupt) and say what it wrote.
+    """Plan a request and run it (`train_plan`): settings are validated before any work."""
+    return train_plan(plan_request(request, folders, template_dirs), model, on_event, control, processes)
 
-    Settings are validated before any work; an existing artefact is never replaced unless `overwrite` is set
-    (continuing an embedding or hypernetwork in place counts as asked). `processes`: the processes of a
-    data-parallel run (the standalone CLI under `accelerate launch`); by default this one process.
+
+def train_plan(plan: Plan, model: DiffusionModel, on_event: EventSink | None = None, control: Control | None = None,
+               processes: Processes | None = None) -> JobResult:
+    """Run one planned job to the end (or to an interrupt) and say what it wrote.
+
+    An existing artefact is never replaced unless `overwrite` is set (continuing an embedding or hypernetwork in
+    place counts as asked). `processes`: the processes of a data-parallel run (the standalone CLI under
+    `accelerate launch`); by default this one process.
     """
     processes = processes or Processes()
     emit = on_event if on_event is not None and processes.is_main else ignore_events
-    plan = plan_request(request, folders, template_dirs)
     if plan.run_dir is not None:
         _require_same_family(plan.run_dir, model)
     job = _prepare_job(plan, model, processes)
@@ -140,14 +153,14 @@ def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, 
         emit(Warning_(note, note=True))
     for message in job.warnings:
         emit(Warning_(message))
-    return _run(plan, job, model, folders, emit, control, processes)
+    return _run(plan, job, model, emit, control, processes)
 
 
 @dataclass
 class _Job:
-    method: Any
-    data: Any
-    train_config: Any
+    method: Method
+    data: TrainingData
+    train_config: TrainConfig
     warnings: list[str]
     validation: Any = None  # the validation set, when the validation loss is on
 
@@ -155,33 +168,33 @@ class _Job:
 def _prepare_job(plan: Plan, model: DiffusionModel, processes: Processes) -> _Job:
     """Build the dataset and the method (reading the file to continue from), then check memory and disk space."""
     configs = plan.configs
-    data = plan.spec.data(configs["method"], configs["data"], plan.name)
-    seed = processes.share(resolve_seed(configs["train"].seed))  # -1 draws once, in the main process
-    train_config = configs["train"]
+    data = plan.spec.data(configs.method, configs.data, plan.name)
+    seed = processes.share(resolve_seed(configs.train.seed))  # -1 draws once, in the main process
+    train_config = configs.train
     slow = autocast_problem(model.device, train_config.precision)
     if slow:
         raise ConfigError(slow)
     if train_config.preview_every and train_config.preview_sampler not in model.sampler_names():
         raise ConfigError(f"the preview sampler {train_config.preview_sampler!r} is not available here; choose one "
                           f"of {', '.join(model.sampler_names())}")
-    method = plan.spec.build(model, plan.name, configs["method"], plan.final_dir, seed)
-    warnings = list(method.check(model)) + _unusual_rate(plan.spec, train_config)
+    method = plan.spec.build(model, plan.name, configs.method, plan.final_dir, seed)
+    warnings = list(method.check(model)) + _unusual_rate(plan.spec, plan.schedule)
     warnings += caption_warnings(getattr(data, "records", []))
-    warnings += small_image_warnings(getattr(data, "records", []), configs["data"])
-    needs = plan.spec.memory(model, configs["method"])
+    warnings += small_image_warnings(getattr(data, "records", []), configs.data)
+    needs = plan.spec.memory(model, configs.method)
     final_bytes, run_bytes = preflight.disk_needs(needs, train_config.save_every > 0,
                                                   method.state_policy.resume_state)
     folders = [(plan.final_dir, "output folder", final_bytes), (plan.run_dir or plan.logs, "run folder", run_bytes)]
     preflight.check_disks(folders)
     _check_memory(plan, model, processes)
     validation = _validation_data(plan) if train_config.validation_every else None
-    return _Job(method, data, dataclasses.replace(configs["train"], seed=seed), warnings, validation)
+    return _Job(method, data, dataclasses.replace(configs.train, seed=seed), warnings, validation)
 
 
 def _validation_data(plan: Plan) -> Any:
     """The validation set through the method's own data builder: the validation folder, the held-out images, or the
     training images; one pass over each image (no repeats), batches no larger than the set."""
-    data = plan.configs["data"]
+    data = plan.configs.data
     if data.validation_dir.strip():
         count = len(image_files(Path(data.validation_dir), data.recursive)[0])
         config = dataclasses.replace(data, data_dir=data.validation_dir, validation_dir="")
@@ -190,7 +203,7 @@ def _validation_data(plan: Plan) -> Any:
     else:
         count, config = data.batch_size, data
     config = dataclasses.replace(config, repeats=1, batch_size=min(data.batch_size, count))
-    return plan.spec.data(plan.configs["method"], config, plan.name)
+    return plan.spec.data(plan.configs.method, config, plan.name)
 
 
 def _check_memory(plan: Plan, model: DiffusionModel, processes: Processes) -> None:
@@ -200,27 +213,28 @@ def _check_memory(plan: Plan, model: DiffusionModel, processes: Processes) -> No
     if free is None or not fit.can_measure():
         return
     # the file to continue from changes no shape; the measurement starts the artefact afresh
-    settings = {key: {k: v for k, v in dataclasses.asdict(plan.configs[key]).items() if k != "continue_from"}
-                for key in ("method", "data", "train")}
+    configs = {"method": plan.configs.method, "data": plan.configs.data, "train": plan.configs.train}
+    settings = {key: {k: v for k, v in dataclasses.asdict(config).items() if k != "continue_from"}
+                for key, config in configs.items()}
     fit.check_fits(fit.request_for(plan.request.method, model, settings, processes.world), model.device, free)
 
 
-def _unusual_rate(spec: Any, train: Any) -> list[str]:
+def _unusual_rate(spec: MethodSpec, schedule: Schedule) -> list[str]:
     """A warning when the schedule's highest rate is far above what the method is usually trained with."""
     if not spec.usual_max_lr:
         return []
-    highest = max(rate for rate, _ in parse_schedule(train.learning_rate, train.steps))
+    highest = max(rate for rate, _ in schedule)
     if highest <= spec.usual_max_lr:
         return []
     return [f"the learning rate {highest:g} is above {spec.usual_max_lr:g}; {spec.label} is usually trained at "
             f"far lower rates and a rate this high tends to destroy the model within a few steps"]
 
 
-def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, emit: EventSink,
-         control: Control | None, processes: Processes) -> JobResult:
+def _run(plan: Plan, job: _Job, model: DiffusionModel, emit: EventSink, control: Control | None,
+         processes: Processes) -> JobResult:
     """Start or resume the loop; operating-system errors and running out of memory become one sentence."""
     output = OutputSpec(plan.final_dir, plan.name, overwrite=plan.overwrite,
-                        settings={"method": plan.request.method, **dataclasses.asdict(plan.configs["method"])})
+                        settings={"method": plan.request.method, **dataclasses.asdict(plan.configs.method)})
     main = processes.is_main  # the main process alone tidies and creates folders; the others get its run folder
     if main:
         preflight.remove_stale_temporaries(plan.final_dir)
@@ -228,7 +242,7 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, folders: OutputFolders, e
     run_dir = plan.run_dir
     try:
         if run_dir is None:
-            made = _start_run_dir(folders, plan.spec.log_folder, plan.name, plan.request) if main else None
+            made = _start_run_dir(plan.logs, plan.spec.log_folder, plan.name, plan.request) if main else None
             run_dir = cast(Path, processes.share(made))  # the main process made it
             result = run_training(model, job.method, job.data, job.train_config, RunFolder(run_dir), output,
                                   on_event=emit, control=control, processes=processes, validation=job.validation)
@@ -270,7 +284,7 @@ def _out_of_memory(exc: BaseException) -> bool:
         "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
-def _start_run_dir(folders: OutputFolders, log_folder: str, name: str, request: TrainRequest) -> Path:
+def _start_run_dir(logs: Path, log_folder: str, name: str, request: TrainRequest) -> Path:
     """Create a new run folder holding request.json; a failed write removes the folder again."""
     import datetime
     import json
@@ -278,7 +292,7 @@ def _start_run_dir(folders: OutputFolders, log_folder: str, name: str, request: 
 
     from finetune_core.formats.atomic import atomic_write
     now = datetime.datetime.now()
-    base = folders.logs / log_folder / now.strftime("%Y-%m-%d") / f"{name}-{now.strftime('%H%M%S')}"
+    base = logs / log_folder / now.strftime("%Y-%m-%d") / f"{name}-{now.strftime('%H%M%S')}"
     run_dir, n = base, 1
     while run_dir.exists():
         n += 1

@@ -26,7 +26,7 @@ from finetune_core.errors import ArtifactError, ConfigError
 from finetune_core.formats.atomic import require_finite, written_together
 from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
 from finetune_core.formats.names import refuse_same_name
-from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
+from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, MethodSpec, ParamGroup
 from finetune_core.methods.discriminator import Discriminator, check_discriminator_file, load_discriminator
 from finetune_core.methods.guidance import GuidanceScale, guide, parse_guidance
 from finetune_core.methods.textual_inversion import (
@@ -83,8 +83,6 @@ class DreamArtistCreate:
 class DreamArtistConfig(DreamArtistCreate):
     """Settings of a DreamArtist run (the original's Train tab, with our names)."""
 
-    needs_name_in_prompt = True  # class attribute, not a setting: [name] must appear in the prompts
-
     continue_from: str = _f("", "Continue from embedding", "An existing positive embedding (path, or name in the "
                             "embeddings folder); its NAME-neg next to it continues too. Empty starts a new pair.")
     cfg_scale: str = _f("3.0", "CFG scale (training)", "Guidance between NAME and NAME-neg while training: a number "
@@ -116,10 +114,6 @@ class DreamArtistConfig(DreamArtistCreate):
             problems.extend(exc.problems)
         if problems:
             raise ConfigError(problems)
-
-    def dataset_needs(self) -> dict[str, Any]:
-        """The reconstruction loss compares with the training images: the dataset keeps them."""
-        return {"keep_pixels": True} if self.reconstruction else {}
 
     def check_request(self, name: str, folder: Path, overwrite: bool) -> None:
         super().check_request(name, folder, overwrite)
@@ -323,3 +317,44 @@ def memory_needs(model: DiffusionModel, config: DreamArtistCreate) -> MemoryNeed
     """Both embeddings' vectors (the disk checks; device memory is measured, `finetune_core.jobs.fit`)."""
     width = sum(t.width for t in model.text_encoders)
     return MemoryNeeds((config.num_vectors + config.neg_num_vectors) * width)
+
+
+class DreamArtistSpec(MethodSpec):
+    """DreamArtist as hosts see it."""
+
+    key = DreamArtist.name
+    label = "DreamArtist (APT)"
+    description = ("A word NAME and its negative NAME-neg learned together under guidance, often from one image; use "
+                   "NAME in the prompt and NAME-neg in the negative prompt.")
+    config_type = DreamArtistConfig
+    create_type = DreamArtistCreate
+    output_kind = "embeddings"
+    log_folder = "dreamartist"
+    data_defaults = {"template": "subject.txt", "attention_masks": True}
+    train_defaults = {"learning_rate": "0.003", "steps": 8000}
+    needs_name_in_prompt = True  # [name] must appear in the prompts
+    name_help = "The embeddings' file name: write NAME in the prompt and NAME-neg in the negative prompt."
+
+    def build(self, model: DiffusionModel, name: str, config: DreamArtistConfig, directory: Path,
+              seed: int) -> DreamArtist:
+        return build(model, name, config, directory, seed)
+
+    def memory(self, model: DiffusionModel, config: DreamArtistCreate) -> MemoryNeeds:
+        return memory_needs(model, config)
+
+    def create(self, model: DiffusionModel, name: str, config: DreamArtistCreate, directory: Path,
+               overwrite: bool) -> list[Path]:
+        return create_file(model, name, config, directory, overwrite)
+
+    def dataset_needs(self, config: DreamArtistConfig) -> dict[str, Any]:
+        """The reconstruction loss compares with the training images: the dataset keeps them."""
+        return {"keep_pixels": True} if config.reconstruction else {}
+
+    def continue_from(self, config: DreamArtistConfig) -> str:
+        return config.continue_from
+
+    def check_request(self, config: DreamArtistCreate, name: str, folder: Path, overwrite: bool) -> None:
+        config.check_request(name, folder, overwrite)
+
+
+METHOD = DreamArtistSpec()

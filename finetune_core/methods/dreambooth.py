@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
+from finetune_core.data.data_batch import TrainingData
 from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.atomic import atomic_write
 from finetune_core.formats.checkpoint import detect_family, over_source, tensor_shapes, write_checkpoint
-from finetune_core.methods.base import ArtifactMeta, Method, ParamGroup, PrepareContext, StatePolicy
+from finetune_core.methods.base import ArtifactMeta, Method, MethodSpec, ParamGroup, PrepareContext, StatePolicy
 from finetune_core.methods.prior_preservation import (
     PriorPreservationSettings,
     check_class_sampler,
@@ -32,6 +33,7 @@ from finetune_core.methods.prior_preservation import (
     instance_token_field,
     paired_images,
     prior_loss,
+    resolve_class_folder,
 )
 from finetune_core.model.interface import V_PREDICTION, DiffusionModel
 from finetune_core.settings import type_problems
@@ -249,3 +251,40 @@ def memory_needs(model: DiffusionModel, config: DreamBoothConfig) -> MemoryNeeds
     carried = source.stat().st_size if source is not None else 4 * (model_parameters(model) - trainable)
     return MemoryNeeds(trainable, artifact_bytes=carried + saved * trainable)
 
+
+class DreamBoothSpec(MethodSpec):
+    """DreamBooth as hosts see it."""
+
+    key = DreamBooth.name
+    label = "DreamBooth"
+    description = ("Fine-tune the model itself on your subject, optionally with prior preservation; writes a "
+                   "checkpoint.")
+    config_type = DreamBoothConfig
+    output_kind = "checkpoints"
+    log_folder = "dreambooth"
+    train_defaults = {"learning_rate": "0.000005", "steps": 800, "save_every": 0, "preview_every": 200,
+                      "csv_every": 50}
+    usual_max_lr = 1e-3
+    name_help = "The new checkpoint's file name; in prompts your subject is the instance token (e.g. sks)."
+
+    def build(self, model: DiffusionModel, name: str, config: DreamBoothConfig, directory: Path,
+              seed: int) -> DreamBooth:
+        return build(model, name, config, directory, seed)
+
+    def memory(self, model: DiffusionModel, config: DreamBoothConfig) -> MemoryNeeds:
+        return memory_needs(model, config)
+
+    def data(self, config: DreamBoothConfig, data: DatasetConfig, name: str) -> TrainingData:
+        return training_data(config, data, name)
+
+    def resolve(self, config: DreamBoothConfig, data: DatasetConfig, method_folder: Path) -> DreamBoothConfig:
+        return resolve_class_folder(config, data, method_folder)
+
+    def pairs_class_images(self, config: DreamBoothConfig) -> bool:
+        return config.prior_preservation
+
+    def trains_text_encoders(self, config: DreamBoothConfig) -> bool:
+        return config.train_text_encoder
+
+
+METHOD = DreamBoothSpec()

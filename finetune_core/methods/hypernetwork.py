@@ -30,7 +30,7 @@ from finetune_core.formats.optim_sidecar import (
     webui_optimizer_name,
     write_optimizer_sidecar,
 )
-from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
+from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, MethodSpec, ParamGroup
 from finetune_core.methods.hypernetwork_net import (
     WEIGHT_INITS,
     HypernetworkModule,
@@ -320,3 +320,35 @@ def memory_needs(model: DiffusionModel, config: HypernetworkConfig) -> MemoryNee
     sizes, layers, _ = for_model(model, config).shape()
     available = set().union(*model.attention_context_widths().values())
     return MemoryNeeds(hypernetwork_parameters({s for s in sizes if s in available}, tuple(layers)))
+
+
+class HypernetworkSpec(MethodSpec):
+    """Hypernetworks as hosts see them."""
+
+    key = Hypernetwork.name
+    label = "Hypernetwork"
+    description = "Small networks on every attention layer's keys and values; good for styles."
+    config_type = HypernetworkConfig
+    create_type = HypernetworkCreate
+    output_kind = "hypernetworks"
+    log_folder = "hypernetwork"
+    data_defaults = {"template": "hypernetwork.txt"}
+    train_defaults = {"learning_rate": "0.00001"}
+    name_help = "The hypernetwork's file name; the WebUI applies it with <hypernet:NAME:1> in a prompt."
+
+    def build(self, model: DiffusionModel, name: str, config: HypernetworkConfig, directory: Path,
+              seed: int) -> Hypernetwork:
+        return build(model, name, config, directory, seed)
+
+    def memory(self, model: DiffusionModel, config: HypernetworkConfig) -> MemoryNeeds:
+        return memory_needs(model, config)
+
+    def create(self, model: DiffusionModel, name: str, config: HypernetworkCreate, directory: Path,
+               overwrite: bool) -> list[Path]:
+        return create_file(model, name, config, directory, overwrite)
+
+    def continue_from(self, config: HypernetworkConfig) -> str:
+        return config.continue_from
+
+
+METHOD = HypernetworkSpec()

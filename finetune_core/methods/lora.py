@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 
+from finetune_core.data.data_batch import TrainingData
 from finetune_core.data.dataset_config import DatasetConfig
 from finetune_core.data.summary import DatasetSummary
 from finetune_core.errors import ConfigError
 from finetune_core.formats.atomic import atomic_write
 from finetune_core.formats.lora_file import SAVE_DTYPES, NetworkFile, base_version, write_lora
 from finetune_core.formats.networks import NETWORK_TYPES
-from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, ParamGroup, PrepareContext
+from finetune_core.methods.base import ArtifactMeta, InferenceExtras, Method, MethodSpec, ParamGroup, PrepareContext
 from finetune_core.methods.lora_net import LoraNetwork, NetworkAdapter, layer_of
 from finetune_core.methods.lora_setup import build_network, requested_targets
 from finetune_core.methods.prior_preservation import (
@@ -41,6 +42,7 @@ from finetune_core.methods.prior_preservation import (
     instance_token_field,
     paired_images,
     prior_loss,
+    resolve_class_folder,
 )
 from finetune_core.model.interface import V_PREDICTION, DiffusionModel, NetworkCheck, WeightAdapter
 from finetune_core.train.memory import MemoryNeeds
@@ -391,3 +393,38 @@ def memory_needs(model: DiffusionModel, config: LoraConfig) -> MemoryNeeds:
         total += sum(math.prod(size) for size in kind.shapes(layer, shape).values())
         total += layer.in_features if config.dora else 0
     return MemoryNeeds(total)
+
+
+class LoraSpec(MethodSpec):
+    """LoRA as hosts see it."""
+
+    key = Lora.name
+    label = "LoRA"
+    description = "Low-rank adapters on the UNet (and optionally the text encoders); the file <lora:NAME:1> loads."
+    config_type = LoraConfig
+    output_kind = "loras"
+    log_folder = "lora"
+    data_defaults = {"template": "filewords.txt"}
+    train_defaults = {"learning_rate": "0.0001"}
+    name_help = "The LoRA's file name; the WebUI applies it with <lora:NAME:1> in a prompt."
+
+    def build(self, model: DiffusionModel, name: str, config: LoraConfig, directory: Path, seed: int) -> Lora:
+        return build(model, name, config, directory, seed)
+
+    def memory(self, model: DiffusionModel, config: LoraConfig) -> MemoryNeeds:
+        return memory_needs(model, config)
+
+    def data(self, config: LoraConfig, data: DatasetConfig, name: str) -> TrainingData:
+        return training_data(config, data, name)
+
+    def resolve(self, config: LoraConfig, data: DatasetConfig, method_folder: Path) -> LoraConfig:
+        return resolve_class_folder(config, data, method_folder)
+
+    def pairs_class_images(self, config: LoraConfig) -> bool:
+        return config.prior_preservation
+
+    def continue_from(self, config: LoraConfig) -> str:
+        return config.continue_from
+
+
+METHOD = LoraSpec()

@@ -7,8 +7,8 @@ How a method uses it (DreamBooth and LoRA do exactly this):
   first among the bases so the method's own fields come first in forms:
   `class MyConfig(PriorPreservationSettings, MySettings)`; its own settings declare the instance prompt and token
   with `instance_prompt_field` / `instance_token_field` (one wording everywhere, each method its own default);
-- its registry line sets `resolve=resolve_class_folder` (the default class folder and the class image size filled
-  in, the user's own class images checked, all before any model loads) and a `data` builder that returns
+- its `MethodSpec`'s `resolve` returns `resolve_class_folder(...)` (the default class folder and the class image
+  size filled in, the user's own class images checked, all before any model loads) and its `data` returns
   `paired_images(config, dataset_config, instance_lines(config), placeholder)` (instance images alone when it is
   off);
 - its `check(model)` calls `check_class_sampler(settings, model)` (the sampler exists in this host);
@@ -132,8 +132,9 @@ def class_request(settings: PriorPreservationSettings, model: DiffusionModel) ->
 
 
 def resolve_class_folder(settings: Any, data: DatasetConfig, method_folder: Path) -> Any:
-    """`MethodSpec.resolve`: the class folder (default: `<method logs>/class_images/<class prompt>`) and the class
-    image size (the training size) filled in; the user's own class images checked. Changes nothing on disk."""
+    """`MethodSpec.resolve` of DreamBooth and LoRA: the class folder (default:
+    `<method logs>/class_images/<class prompt>`) and the class image size (the training size) filled in; the user's
+    own class images checked. Changes nothing on disk."""
     if not settings.prior_preservation:
         return settings
     folder = Path(settings.class_data_dir) if settings.class_data_dir.strip() else \

@@ -15,11 +15,10 @@ import torch
 
 from finetune_core.errors import ConfigError, ModelMismatchError
 from finetune_core.formats.atomic import require_finite
-from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding
-from finetune_core.formats.image_embedding import write_embedding_png
+from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding, write_embedding_png
 from finetune_core.formats.names import find_artifact
 from finetune_core.formats.optim_sidecar import OptimizerSidecar, embedding_checksum, write_optimizer_sidecar
-from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, ParamGroup
+from finetune_core.methods.base import ArtifactMeta, ArtifactMethod, InferenceExtras, MethodSpec, ParamGroup
 from finetune_core.model.interface import DiffusionModel, TrainableEmbedding
 from finetune_core.train.memory import MemoryNeeds
 from finetune_core.train.objective import weighted_mse
@@ -49,8 +48,6 @@ class TextualInversionCreate:
 @dataclass(frozen=True)
 class TextualInversionConfig(TextualInversionCreate):
     """Settings of a Textual Inversion run."""
-
-    needs_name_in_prompt = True  # class attribute, not a setting: the trained word must appear in the prompts
 
     continue_from: str = field(default="", metadata={
         "label": "Continue from embedding",
@@ -220,3 +217,36 @@ def build(model: DiffusionModel, name: str, config: TextualInversionConfig, dire
 def memory_needs(model: DiffusionModel, config: TextualInversionCreate) -> MemoryNeeds:
     """The embedding's vectors: one row per vector for each text encoder."""
     return MemoryNeeds(config.num_vectors * sum(t.width for t in model.text_encoders))
+
+
+class TextualInversionSpec(MethodSpec):
+    """Textual Inversion as hosts see it."""
+
+    key = TextualInversion.name
+    label = "Textual Inversion"
+    description = "Learn a new word (an embedding) for a subject or style; the model stays unchanged."
+    config_type = TextualInversionConfig
+    create_type = TextualInversionCreate
+    output_kind = "embeddings"
+    log_folder = "textual_inversion"
+    data_defaults = {"template": "style_filewords.txt"}
+    train_defaults = {"learning_rate": "0.005"}
+    needs_name_in_prompt = True  # the trained word must appear in the prompts
+    name_help = "The embedding's file name, and the word you write in prompts."
+
+    def build(self, model: DiffusionModel, name: str, config: TextualInversionConfig, directory: Path,
+              seed: int) -> TextualInversion:
+        return build(model, name, config, directory, seed)
+
+    def memory(self, model: DiffusionModel, config: TextualInversionCreate) -> MemoryNeeds:
+        return memory_needs(model, config)
+
+    def create(self, model: DiffusionModel, name: str, config: TextualInversionCreate, directory: Path,
+               overwrite: bool) -> list[Path]:
+        return create_file(model, name, config, directory, overwrite)
+
+    def continue_from(self, config: TextualInversionConfig) -> str:
+        return config.continue_from
+
+
+METHOD = TextualInversionSpec()

@@ -16,6 +16,8 @@ import math
 
 from finetune_core.errors import ConfigError
 
+Schedule = list[tuple[float, int]]  # (rate, until step) pairs, as `parse_schedule` returns them
+
 _EXAMPLE = ('It should be a number or, for example, "0.005:100, 1e-3:1000, 1e-5" for 0.005 until step 100, '
             '1e-3 until step 1000 and 1e-5 until the last step.')
 

@@ -155,7 +155,7 @@ class _Routes:
         out = {}
         for key, spec in self._registry().items():
             sections = method_sections(spec, self.service)
-            out[key] = {"label": spec.label, "description": getattr(spec, "description", ""),
+            out[key] = {"label": spec.label, "description": spec.description,
                         "output_kind": spec.output_kind,
                         "create": [f.as_dict() for f in field_specs(spec.create_type)] if spec.create_type else None,
                         "sections": {name: [f.as_dict() for f in specs] for name, specs in sections.items()}}

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from finetune_core.ui.actions import guarded, message_html
+from finetune_core.ui.actions import MethodActions, Values, guarded, message_html
 from finetune_core.ui.compat import NO_API, gallery_value, js_kwargs
+from finetune_core.ui.schema import FieldSpec
 
-if TYPE_CHECKING:
-    from finetune_core.ui.method_tab import MethodTab
+
+class MethodTab(Protocol):
+    """What the wiring reads from a method's sub-tab (`finetune_core.ui.method_tab.MethodTab`, which imports this
+    module to wire itself)."""
+
+    gr: Any
+    ctx: Any
+    spec: Any
+    c: dict[str, Any]  # named components
+    fields: list[tuple[str, str, Any]]  # (section, field name, component)
+    create_specs: list[FieldSpec]
+    actions: MethodActions
+
+    def collect(self, values: list[Any]) -> Values: ...
 
 
 def wire(tab: MethodTab) -> None:

@@ -46,7 +46,7 @@ def build_tab(host: Host, gr: Any = None, train_js: str | None = None, runner: J
         with gr.Tabs(elem_id="finetune_tabs"):
             for key, spec in methods.items():
                 with gr.Tab(spec.label, elem_id=f"finetune_{key.replace('-', '_')}_tab"):
-                    if getattr(spec, "description", ""):
+                    if spec.description:
                         # escaped: Markdown would take <lora:NAME:1> for an HTML tag and drop it
                         gr.Markdown(html.escape(spec.description), elem_classes=["finetune-description"])
                     MethodTab(ctx, spec).build()

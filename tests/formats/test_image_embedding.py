@@ -11,14 +11,13 @@ import torch
 from PIL import Image
 
 from finetune_core.errors import ArtifactError
-from finetune_core.formats.embedding import EmbeddingFile, read_embedding
+from finetune_core.formats.embedding import EmbeddingFile, read_embedding, write_embedding_png
 from finetune_core.formats.image_embedding import (
     TEXT_CHUNK_KEY,
     embed_in_pixels,
     extract_from_pixels,
     lcg_nibbles,
     read_image_data,
-    write_embedding_png,
 )
 
 

@@ -13,9 +13,8 @@ from safetensors.torch import save_file
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.aesthetic import write_aesthetic_embedding
 from finetune_core.formats.atomic import save_pt
-from finetune_core.formats.embedding import EmbeddingFile, write_embedding
+from finetune_core.formats.embedding import EmbeddingFile, write_embedding, write_embedding_png
 from finetune_core.formats.hypernetwork_file import HypernetworkFile, write_hypernetwork
-from finetune_core.formats.image_embedding import write_embedding_png
 from finetune_core.formats.inspect import inspect_file, read_safetensors_header
 
 

@@ -10,17 +10,18 @@ from finetune_core.errors import ConfigError
 from finetune_core.hosts.job_runner import JobBusy, JobRunner, thin
 from finetune_core.jobs.service import JobResult, TrainRequest
 from finetune_core.train.events import ArtifactSaved, PreviewEvent, Started, StepEvent, Warning_
+from tests.ui.conftest import planned
 
 
 class ScriptedTrain:
-    """A fake service.train: emits steps, optionally waits on a gate, honours interrupt and pause."""
+    """A fake service.train_plan: emits steps, optionally waits on a gate, honours interrupt and pause."""
 
     def __init__(self, steps: int = 3, gate: threading.Event | None = None, error: Exception | None = None):
         self.steps, self.gate, self.error = steps, gate, error
         self.calls: list[dict[str, Any]] = []
 
-    def __call__(self, request, model, folders, on_event, control, template_dirs=()) -> JobResult:
-        self.calls.append({"request": request, "model": model, "template_dirs": template_dirs})
+    def __call__(self, plan, model, on_event, control) -> JobResult:
+        self.calls.append({"plan": plan, "model": model})
         if self.error is not None:
             raise self.error
         on_event(Started(Path("run"), self.steps, 0))
@@ -39,7 +40,7 @@ class ScriptedTrain:
 
 
 def _runner(host: Any, train: ScriptedTrain) -> JobRunner:
-    return JobRunner(host, train_fn=train, output_kind=lambda method: "embeddings", check=lambda r: r)
+    return JobRunner(host, train_fn=train, output_kind=lambda method: "embeddings", check=planned)
 
 
 def test_a_job_runs_to_the_end_and_records_events(host: Any) -> None:

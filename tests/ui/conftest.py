@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -81,6 +82,11 @@ class FakeSpec:
 
 FAKE_METHODS = {"fake-method": FakeSpec("fake-method", "Fake Method", FakeMethodConfig, FakeCreate, "embeddings",
                                         "A method for tests.")}
+
+
+def planned(request: Any) -> Any:
+    """What a fake check hands the job runner in place of a Plan: the request as it will run."""
+    return SimpleNamespace(request=request)
 
 
 @pytest.fixture

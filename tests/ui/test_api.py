@@ -14,6 +14,7 @@ from finetune_core.jobs import service
 from finetune_core.jobs.service import JobResult
 from finetune_core.train.events import StepEvent
 from finetune_core.ui.api import mount_api
+from tests.ui.conftest import planned
 
 
 def _service(tmp_path: Path) -> Any:
@@ -44,7 +45,7 @@ def _known_method(methods: dict):
     def check(request):
         if request.method not in methods:
             raise ConfigError(f"unknown method {request.method!r}")
-        return request
+        return planned(request)
 
     return check
 
@@ -57,7 +58,7 @@ def _client(host: Any, tmp_path: Path, methods: dict, train, dependencies=None) 
 
 
 def _gated_train(gate: threading.Event):
-    def train(request, model, folders, on_event, control, template_dirs=()):
+    def train(plan, model, on_event, control):
         gate.wait(5)
         on_event(StepEvent(1, 1, 0.5, 0.01, 0, 0.1, 0.0))
         return JobResult([Path("e.pt")], None, 1, False, "done")

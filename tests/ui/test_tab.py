@@ -13,6 +13,7 @@ from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.ui.actions import MethodActions
 from finetune_core.ui.method_tab import method_sections
 from finetune_core.ui.tab import build_tab
+from tests.ui.conftest import planned
 
 REQUIRED = ("train", "status", "progress", "loss_plot", "gallery", "result", "data_dir", "steps", "name", "refresh")
 
@@ -50,7 +51,7 @@ def test_a_fake_method_gets_its_own_fields_and_create_section(host: Any, fake_me
 def _actions(host: Any, fake_methods: dict, service: Any) -> MethodActions:
     spec = fake_methods["fake-method"]
     return MethodActions(host, JobRunner(host, train_fn=lambda *a, **k: None, output_kind=lambda m: "embeddings",
-                                         check=lambda r: r),
+                                         check=planned),
                          service, spec.key, spec.output_kind, method_sections(spec, service))
 
 
