@@ -142,7 +142,8 @@ class Trainer:
 
     def _check_steps_left(self, total: int) -> None:
         """A file continued from at or past the run's last step would be written back unchanged: say so instead."""
-        if self.resume and self.counters.step >= total:
+        # at its last step exactly, a resume writes the final file (a run killed while writing it finishes)
+        if self.resume and self.counters.step > total:
             raise ConfigError(f"the run {self.job.run.path} is already at step {self.counters.step} and stops at step "
                               f"{total} (max steps or the end of the learning-rate schedule), so there is nothing "
                               f"left to train; resume with max steps above {self.counters.step}")
