@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,19 +69,27 @@ def launch(argv: Sequence[str], processes: int, device: str | None, runs: Path) 
     if not cpu and torch.cuda.device_count() < processes:
         raise ConfigError(f"--num-processes {processes} needs {processes} GPUs, and this machine has "
                           f"{torch.cuda.device_count()}; ask for at most that many")
-    started = time.time()
+    before = _run_stamps(runs)
     status = subprocess.call(launch_command(argv, processes, cpu))
     if status in (0, 130):
         return status
-    run = newest_run(runs, started)
+    run = newest_run(runs, before)
     where = f"; resume it with --resume {run}" if run is not None else ""
     raise ProcessesFailed(f"a training process stopped with an error (exit status {status}; the report is above) "
                           f"and the others were ended. Every file saved so far is complete{where}")
 
 
-def newest_run(runs: Path, since: float) -> Path | None:
-    """The run folder this launch created (the newest request.json written after `since`), if any."""
-    found = [p for p in Path(runs).glob("*/*/*/request.json") if p.stat().st_mtime >= since]
+def _run_stamps(runs: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in Path(runs).glob("*/*/*/request.json")}
+
+
+def newest_run(runs: Path, before: dict[Path, int]) -> Path | None:
+    """The run folder this launch wrote (a request.json new or rewritten since `before`), if any.
+
+    Compared with the files as they were, not with the clock: a file's time is coarser than time.time() and can
+    read as a few milliseconds before the launch that wrote it."""
+    now = _run_stamps(runs)
+    found = [p for p, stamp in now.items() if before.get(p) != stamp]
     if not found:
         return None
-    return max(found, key=lambda p: p.stat().st_mtime).parent
+    return max(found, key=lambda p: now[p]).parent
