@@ -24,6 +24,9 @@ def component_for(gr: Any, spec: FieldSpec, elem_id: str, choices: list[str] | N
         return gr.Checkbox(value=bool(spec.default), **common)
     if spec.choices:
         return gr.Dropdown(choices=list(spec.choices), value=spec.default, **common)
+    if spec.optional and spec.kind in ("int", "float"):
+        # A Gradio number box cannot be empty (Gradio 4 sends 0 for it), and empty means "none" here.
+        return gr.Textbox(value="" if spec.default is None else str(spec.default), lines=1, **common)
     if spec.kind == "int":
         return gr.Number(value=spec.default, precision=0, **common)
     if spec.kind == "float":

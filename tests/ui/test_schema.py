@@ -55,3 +55,18 @@ def test_defaults_and_advanced_overrides() -> None:
     assert {s.name for s in with_advanced(specs, {"flag"}) if s.advanced} == {"rate"}
     plain = [s for s in specs if s.name != "rate"]
     assert {s.name for s in with_advanced(plain, {"flag"}) if s.advanced} == {"flag"}
+
+
+def test_an_optional_number_is_a_text_box_that_can_be_left_empty() -> None:
+    """A Gradio number box cannot be empty (Gradio 4 sends 0 from it), and for an optional number empty means none:
+    `validation_every` 0 was refused and `weight_decay` 0 would have replaced the method's default."""
+    gr = pytest.importorskip("gradio")
+    from finetune_core.ui.forms import component_for
+
+    specs = {s.name: s for s in field_specs(Settings)}
+    with gr.Blocks():
+        optional = [component_for(gr, specs[name], name) for name in ("decay", "other")]
+        required = component_for(gr, specs["steps"], "steps")
+    assert all(isinstance(c, gr.Textbox) and c.value == "" for c in optional)
+    assert isinstance(required, gr.Number) and required.value == 10
+    assert coerce_all([specs["decay"], specs["other"]], {"decay": "", "other": " 3 "}) == {"decay": None, "other": 3}
