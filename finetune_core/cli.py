@@ -177,7 +177,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     request = service.TrainRequest(args.method, args.name or "", settings["method"], settings["data"],
                                    settings["train"], overwrite=args.overwrite, resume_run=resume)
-    plan = service.plan(request, folders)  # every setting and path before the model loads
+    plan = service.plan(request, folders, family=service.model_family(args.model))  # all but the model's weights
     return _train_processes(args, argv, plan, folders)
 
 

@@ -36,6 +36,11 @@ class Host(Protocol):
         """The loaded model (WebUI: `shared.sd_model` wrapped; standalone: the model picked in the app)."""
         ...
 
+    def model_family(self) -> str | None:
+        """The family of the model a job would train on, where known without loading one (a request is checked
+        against it: a file to continue from must be of it); None: checked once the model loads."""
+        ...
+
     def model_picker(self) -> ModelPicker | None:
         """What the tab's Base model row drives (standalone: the host itself); None where the host picks the model
         (the WebUI's own checkpoint dropdown)."""

@@ -114,7 +114,7 @@ def _default_train(plan: Plan, model: Any, on_event: Callable[[Event], None], co
 
 def _default_check(host: Host) -> Callable[[TrainRequest], Plan]:
     def check(request: TrainRequest) -> Plan:
-        return service.plan(request, host.folders(), host.template_dirs())
+        return service.plan(request, host.folders(), host.template_dirs(), host.model_family())
 
     return check
 

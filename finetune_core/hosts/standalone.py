@@ -61,6 +61,10 @@ class StandaloneHost:
             self._model, self.model_spec = model, spec
         return self.model_status()
 
+    def model_family(self) -> str | None:
+        model = self._model
+        return model.family if model is not None else service.model_family(self.model_spec)
+
     def model_status(self) -> str:
         """A line saying which model is picked and whether it is loaded."""
         model = self._model

@@ -14,7 +14,7 @@ from finetune_core.aesthetic.webui_script import CLIP_SETTING, webui_folders
 from finetune_core.hosts.console import ConsoleProgress, format_seconds
 from finetune_core.hosts.job_runner import JobRunner
 from finetune_core.jobs.service import OutputFolders
-from finetune_core.model.webui_backend import WebUIModel
+from finetune_core.model.webui_backend import WebUIModel, detect_family
 from finetune_core.train.events import (
     ArtifactChecked,
     ArtifactSaved,
@@ -152,6 +152,11 @@ class WebUIHost:
         if self._model is None or self._model.sd_model is not sd_model:
             self._model = WebUIModel(sd_model)
         return self._model
+
+    def model_family(self) -> str | None:
+        from modules import shared
+
+        return detect_family(shared.sd_model) if shared.sd_model is not None else None
 
     def model_switched(self) -> bool:
         """True when the WebUI's loaded model is no longer the one the current job uses (switched while it paused)."""

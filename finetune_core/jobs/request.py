@@ -18,7 +18,7 @@ from finetune_core.data.masks import check_mask
 from finetune_core.data.scan import attention_masks, image_files
 from finetune_core.data.templates import load_template
 from finetune_core.data.transforms import probe_image
-from finetune_core.errors import ArtifactError, ConfigError, DatasetError
+from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError
 from finetune_core.formats.atomic import require_finite
 from finetune_core.formats.inspect import inspect_file, tensors_of
 from finetune_core.formats.kinds import KIND_OF_FOLDER
@@ -168,10 +168,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # one line per change, for the host to show
 
 
-def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = ()) -> Plan:
+def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = (),
+                 family: str | None = None) -> Plan:
     """Check everything about a training request that needs no model; the Plan says what will run and where.
 
-    A resume plans the run's saved request (this request's `overwrite` counts too). Creates nothing.
+    `family` is the family of the model the job will train on where the host knows it before loading (the WebUI's
+    loaded model, a built-in name): a file to continue from must be of it. A resume plans the run's saved request
+    (this request's `overwrite` counts too). Creates nothing.
     """
     request = _typed_request(request)
     run_dir = Path(request.resume_run) if request.resume_run else None
@@ -191,7 +194,7 @@ def plan_request(request: TrainRequest, folders: OutputFolders, template_dirs: S
     schedule = parse_schedule(configs.train.learning_rate, configs.train.steps)
     final_dir = (run_output_dir(run_dir) if run_dir is not None else None) or folders.for_kind(spec.output_kind)
     continue_from = spec.continue_from(configs.method)
-    continued_step = _check_continue_from(continue_from, final_dir, spec.output_kind) if continue_from else 0
+    continued_step = _check_continue_from(continue_from, final_dir, spec.output_kind, family) if continue_from else 0
     overwrite = request.overwrite or (bool(continue_from) and _same_stem(continue_from, final_dir, name))
     if run_dir is None and not overwrite:
         refuse_same_name(final_dir, name, spec.output_kind)
@@ -322,13 +325,18 @@ def _check_masks(data: DatasetConfig) -> None:
         check_mask(mask, image)
 
 
-def _check_continue_from(reference: str, final_dir: Path, kind: str) -> int:
-    """The file to continue from exists, is of the right kind and holds only finite numbers; returns its step."""
+def _check_continue_from(reference: str, final_dir: Path, kind: str, family: str | None) -> int:
+    """The file to continue from exists, is of the right kind and model family (where both are known) and holds
+    only finite numbers; returns its step."""
     expected = KIND_OF_FOLDER[kind]
     path = find_artifact(reference, final_dir, expected.suffixes, expected.name)
     info = inspect_file(path)
     if info.kind != expected.name:
         raise ArtifactError(f"{path} cannot be continued from: it is not {expected.a_name} ({info.describe()})")
+    if family and info.family and info.family.lower() != family.lower():
+        raise ModelMismatchError(f"{path} cannot be continued from: it was made for {info.family} models and the "
+                                 f"model to train on is {family.upper()}; continue from a file made for "
+                                 f"{family.upper()}, or load an {info.family} model")
     if info.vectors == 0:  # an embedding of no vectors (other kinds leave `vectors` unset or hold one)
         raise ArtifactError(f"{path} cannot be continued from: it holds 0 vectors, so there is nothing to train; "
                             f"start a new embedding or continue from another file")

@@ -34,7 +34,7 @@ from finetune_core.jobs.request import (
     request_from_json,
 )
 from finetune_core.methods import MethodSpec
-from finetune_core.model.loading import load_model
+from finetune_core.model.loading import family_before_loading, load_model
 from finetune_core.settings import coerce_value
 from finetune_core.train import memory
 from finetune_core.train.distributed import Processes
@@ -78,10 +78,16 @@ def load(spec: str, device: str | None = None) -> DiffusionModel:
     return load_model(spec, device=chosen)
 
 
-def plan(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = ()) -> Plan:
-    """Check a training request without a model; the Plan says what will run (a resume: the run's saved request)
-    and is what `train_plan` runs."""
-    return plan_request(request, folders, template_dirs)
+def plan(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = (),
+         family: str | None = None) -> Plan:
+    """Check a training request without a model (`family`: the family of the one it will train on, where known);
+    the Plan says what will run (a resume: the run's saved request) and is what `train_plan` runs."""
+    return plan_request(request, folders, template_dirs, family)
+
+
+def model_family(spec: str) -> str | None:
+    """The family of the model `spec` names, where it shows before loading (see `family_before_loading`)."""
+    return family_before_loading(spec)
 
 
 def validate_request(request: TrainRequest, folders: OutputFolders, template_dirs: Sequence[Path] = ()) -> TrainRequest:
@@ -133,7 +139,8 @@ def train(request: TrainRequest, model: DiffusionModel, folders: OutputFolders, 
           control: Control | None = None, template_dirs: Sequence[Path] = (),
           processes: Processes | None = None) -> JobResult:
     """Plan a request and run it (`train_plan`): settings are validated before any work."""
-    return train_plan(plan_request(request, folders, template_dirs), model, on_event, control, processes)
+    return train_plan(plan_request(request, folders, template_dirs, model.family), model, on_event, control,
+                      processes)
 
 
 def train_plan(plan: Plan, model: DiffusionModel, on_event: EventSink | None = None, control: Control | None = None,

@@ -10,12 +10,13 @@ from typing import Any
 import torch
 
 from finetune_core.errors import ArtifactError, FinetuneError, ModelMismatchError
-from finetune_core.formats.checkpoint import read_state_dict
+from finetune_core.formats.checkpoint import detect_family, read_state_dict
 from finetune_core.formats.hash_cache import cached_sha256
+from finetune_core.formats.inspect import read_safetensors_header
 from finetune_core.model.diffusers_backend import DiffusersModel
 from finetune_core.model.interface import EPSILON, SD1, SD2, SDXL, V_PREDICTION, DiffusionModel, ModelIdentity
 from finetune_core.model.single_file import build_with_weights
-from finetune_core.model.tiny import TINY_MODELS
+from finetune_core.model.tiny import TINY_MODELS, tiny_spec
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,20 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if path.exists():
         raise FinetuneError(f"{path} is not a model file this trainer reads; give {_ACCEPTED}.")
     raise FinetuneError(f"There is no model {spec!r}: give {_ACCEPTED}.")
+
+
+def family_before_loading(spec: str) -> str | None:
+    """The family ("sd1", "sd2", "sdxl") of the model `spec` names where it shows without reading weights (a
+    built-in name, a .safetensors header); None otherwise, and the family is checked when the model loads."""
+    if spec in TINY_MODELS:
+        return tiny_spec(spec).family
+    path = Path(spec).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".safetensors"):
+        return None  # a diffusers folder or a pickled .ckpt: known once loaded
+    try:
+        return detect_family(read_safetensors_header(path)[0])
+    except (ArtifactError, OSError):
+        return None  # loading it says what is wrong with it
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -30,6 +30,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     embeddings = root / "out" / "embeddings"
     embeddings.mkdir(parents=True)
     write_embedding(EmbeddingFile("keep", {"clip_l": torch.ones(1, 768)}, step=5), embeddings / "keep.pt")
+    write_embedding(EmbeddingFile("sd2word", {"clip_l": torch.ones(1, 1024)}, step=5), embeddings / "sd2word.pt")
     write_embedding(EmbeddingFile("nan", {"clip_l": torch.full((1, 768), float("nan"))}, step=5), embeddings / "nan.pt")
     (embeddings / "dup.safetensors").write_bytes(b"not even a real file")
     (embeddings / "noise.pt").write_bytes(bytes([7]) + random.Random(0).randbytes(4095))
@@ -101,6 +102,8 @@ TRAIN_CASES = [
      "'glu' cannot be used in a hypernetwork", "hypernetwork"),
     ("only unreadable images", ("data", "data_dir", "{root}/unreadable"), ["--data", "{root}/unreadable"],
      "none of the 1 images in the dataset folder .*unreadable could be read: broken.png", "dreamartist"),
+    ("SD2 file on an SD1 model", ("method", "continue_from", "sd2word"), ["--continue-from", "sd2word"],
+     "sd2word.pt cannot be continued from: it was made for SD2 models and the model to train on is SD1"),
     ("cache folder is a file", ("data", "cache_dir", "{root}/a-file"), ["--cache-dir", "{root}/a-file"],
      "latent cache folder \\(cache_dir\\) .*a-file cannot be created because .*a-file is a file"),
 ]

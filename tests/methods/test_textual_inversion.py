@@ -164,8 +164,10 @@ def test_embedding_for_another_family_is_refused(tiny_model, one_image_dataset, 
     folders = service.OutputFolders.standalone(tmp_path / "out")
     service.create("textual-inversion", "sd2word", {}, tiny_model("tiny-sd2"), folders)
     request = _request(one_image_dataset, tmp_path / "name_only.txt", 2, continue_from="sd2word")
-    with pytest.raises(ModelMismatchError, match="1024"):
-        service.train(request, tiny_model("tiny-sd1"), folders)
+    with pytest.raises(ModelMismatchError, match="made for SD2 models and the model to train on is SD1"):
+        service.plan(request, folders, family="sd1")  # with the request, before a model loads
+    with pytest.raises(ModelMismatchError, match="1024"):  # a host that cannot tell: the model's own check
+        service.train_plan(service.plan(request, folders), tiny_model("tiny-sd1"))
 
 
 def _bad(tmp_path: Path, model, data=None, name="ballword", method=None, train=None, overwrite=False,

@@ -165,3 +165,21 @@ def test_an_unusable_device_is_refused_before_loading(device: str, message: str)
 def test_cuda_without_cuda_says_so() -> None:
     with pytest.raises(FinetuneError, match="use --device cpu"):
         load_model("tiny-sd1", device="cuda")
+
+
+def test_the_family_shows_before_loading_where_it_can(tmp_path: Path) -> None:
+    """A request is checked against the family of the model it will train on (issue 25.15): a built-in name and a
+    .safetensors header tell it without reading weights; anything else is checked when it loads."""
+    from safetensors.torch import save_file
+
+    from finetune_core.model.loading import family_before_loading
+
+    for family, key in (("sd1", "cond_stage_model.transformer.text_model.x"), ("sd2", "cond_stage_model.model.x"),
+                        ("sdxl", "conditioner.embedders.1.model.x")):
+        save_file({key: torch.zeros(1), "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)},
+                  str(tmp_path / f"{family}.safetensors"))
+        assert family_before_loading(str(tmp_path / f"{family}.safetensors")) == family
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a header")
+    assert [family_before_loading(n) for n in TINY_MODELS] == ["sd1", "sd2", "sdxl"]
+    assert family_before_loading(str(tmp_path / "garbage.safetensors")) is None  # its load says what is wrong
+    assert family_before_loading(str(tmp_path)) is None  # a folder: known once loaded

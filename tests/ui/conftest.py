@@ -35,6 +35,9 @@ class FakeHost:
     def template_dirs(self) -> list[Path]:
         return []
 
+    def model_family(self) -> str | None:
+        return None  # the fake model's family is unknown: nothing to check a request against
+
     def model_picker(self) -> None:
         return None
 

@@ -163,3 +163,24 @@ def test_list_existing(extension, sd1, kind, tmp_path):
     expected = {"embeddings": [], "hypernetworks": [], "checkpoints": ["base.safetensors [0123456789]"],
                 "templates": ["mine.txt"]}[kind]
     assert names == expected
+
+
+def test_a_file_of_another_family_is_refused_with_the_request(extension, sd1, webui, dataset):
+    """Issue 25.15: the loaded model's family is known before a job starts, so an SD2 embedding to continue on the
+    SD1 model is refused by the check (a 400 over REST), not by the job after it started."""
+    import torch
+    from modules import shared
+
+    from finetune_core.errors import ModelMismatchError
+    from finetune_core.formats.embedding import EmbeddingFile, write_embedding
+    from finetune_core.jobs.service import TrainRequest
+
+    host, runner = extension.EXTENSION.host, extension.EXTENSION.runner
+    assert host.model_family() == "sd1"
+    folder = Path(shared.cmd_opts.embeddings_dir)
+    write_embedding(EmbeddingFile("sd2word", {"clip_l": torch.ones(1, 1024)}, step=1), folder / "sd2word.pt")
+    request = TrainRequest("textual-inversion", "fresh", {"continue_from": "sd2word"},
+                           {"data_dir": str(dataset), "width": 64, "height": 64}, {"steps": 2})
+    with pytest.raises(ModelMismatchError, match="made for SD2 models and the model to train on is SD1"):
+        runner.start(request)
+    assert runner.state().status == "idle"
