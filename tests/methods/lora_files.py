@@ -75,3 +75,19 @@ def outputs(model, prompts=("a cat", "a dog"), size: int = 64) -> tuple[torch.Te
     with torch.no_grad():
         cond = model.encode_prompts(list(prompts))
         return cond.context, model.predict(latents, torch.tensor([10, 700][:len(prompts)]), cond)
+
+
+def fixed_draw_loss(model, latents, adapters=None) -> float:
+    """Mean loss over 16 fixed (timestep, noise) draws: deterministic, so a change is the adapters' doing."""
+    from finetune_core.train import objective
+
+    generator = torch.Generator().manual_seed(1234)
+    timesteps = torch.linspace(50, 950, 16).long()
+    noise = torch.randn((16, *latents.shape[1:]), generator=generator)
+    x0 = latents.expand(16, -1, -1, -1)
+    alphas = model.alphas_cumprod()
+    noisy = objective.add_noise(x0, noise, timesteps, alphas)
+    target = objective.training_target(model.prediction_type, x0, noise, timesteps, alphas)
+    with torch.no_grad(), model.weight_adapters(adapters or {}):
+        pred = model.predict(noisy, timesteps, model.encode_prompts(["a ball"] * 16))
+    return float(objective.weighted_mse(pred, target))

@@ -18,7 +18,7 @@ from finetune_core.model.tiny import build_tiny
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent
 from tests.conftest import data_section_hash
-from tests.methods.lora_files import outputs, random_lora_file
+from tests.methods.lora_files import fixed_draw_loss, outputs, random_lora_file
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "dataset"
 
@@ -87,21 +87,6 @@ def _assert_dataset_metadata(metadata: dict[str, str]) -> None:
     assert json.loads(metadata["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [64, 64], "count": 7}}}
 
 
-def _eval_loss(model, latents, adapters=None) -> float:
-    """Mean loss over 16 fixed (timestep, noise) draws: deterministic, so a change is the adapters' doing."""
-    from finetune_core.train import objective
-
-    generator = torch.Generator().manual_seed(1234)
-    timesteps = torch.linspace(50, 950, 16).long()
-    noise = torch.randn((16, *latents.shape[1:]), generator=generator)
-    x0 = latents.expand(16, -1, -1, -1)
-    alphas = model.alphas_cumprod()
-    noisy = objective.add_noise(x0, noise, timesteps, alphas)
-    target = objective.training_target(model.prediction_type, x0, noise, timesteps, alphas)
-    with torch.no_grad(), model.weight_adapters(adapters or {}):
-        pred = model.predict(noisy, timesteps, model.encode_prompts(["a ball"] * 16))
-    return float(objective.weighted_mse(pred, target))
-
 
 def test_training_overfits_one_image_and_leaves_the_base_bit_identical(sd1, one_image_dataset, tmp_path):
     from finetune_core.data.dataset import ImageDataset
@@ -119,7 +104,7 @@ def test_training_overfits_one_image_and_leaves_the_base_bit_identical(sd1, one_
     result = service.train(request, sd1, service.OutputFolders.standalone(tmp_path))
     trained = build(sd1, "fit", LoraConfig(continue_from=str(result.artifacts[0]), train_text_encoder=True),
                     tmp_path, 0).network.eval()
-    loss_before, loss_after = _eval_loss(sd1, latents), _eval_loss(sd1, latents, trained.by_name())
+    loss_before, loss_after = fixed_draw_loss(sd1, latents), fixed_draw_loss(sd1, latents, trained.by_name())
     # fixed draws: the drop is the LoRA's; 40 steps on one image roughly halve it on the tiny model
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
     assert weights_checksum(sd1) == before  # the base, bit for bit (values and dtypes)

@@ -19,7 +19,7 @@ from finetune_core.model.tiny import build_tiny
 from finetune_core.train.control import Control
 from finetune_core.train.events import StepEvent
 from tests.conftest import weights_checksum
-from tests.methods.lora_files import CASES, TYPE_SETTINGS, config_for, outputs, random_lora_file
+from tests.methods.lora_files import CASES, TYPE_SETTINGS, config_for, fixed_draw_loss, outputs, random_lora_file
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "dataset"
 IDS = [f"{n}{'-dora' if d else ''}" for n, d in CASES]
@@ -40,21 +40,6 @@ def _request(name, network, dora=False, steps=4, method=None, train=None, data=N
                                 train_settings={"steps": steps, "save_every": 0, "preview_every": 0, "csv_every": 0,
                                                 "learning_rate": RATES[network], **(train or {})})
 
-
-def _eval_loss(model, latents, adapters=None) -> float:
-    """Mean loss over 16 fixed (timestep, noise) draws: deterministic, so a change is the network's doing."""
-    from finetune_core.train import objective
-
-    generator = torch.Generator().manual_seed(1234)
-    timesteps = torch.linspace(50, 950, 16).long()
-    noise = torch.randn((16, *latents.shape[1:]), generator=generator)
-    x0 = latents.expand(16, -1, -1, -1)
-    alphas = model.alphas_cumprod()
-    noisy = objective.add_noise(x0, noise, timesteps, alphas)
-    target = objective.training_target(model.prediction_type, x0, noise, timesteps, alphas)
-    with torch.no_grad(), model.weight_adapters(adapters or {}):
-        pred = model.predict(noisy, timesteps, model.encode_prompts(["a ball"] * 16))
-    return float(objective.weighted_mse(pred, target))
 
 
 @pytest.mark.parametrize("family", ["tiny-sd1", "tiny-sd2", "tiny-sdxl"])
@@ -98,7 +83,7 @@ def test_a_few_steps_overfit_one_image_and_the_base_stays_bit_identical(sd1, one
     config = LoraConfig(continue_from=str(result.artifacts[0]), network=network, dora=dora,
                         train_text_encoder=network != "norm")
     trained = build(model, "fit", config, tmp_path, 0).network.eval()
-    loss_before, loss_after = _eval_loss(model, latents), _eval_loss(model, latents, trained.by_name())
+    loss_before, loss_after = fixed_draw_loss(model, latents), fixed_draw_loss(model, latents, trained.by_name())
     assert loss_after < 0.95 * loss_before, (loss_before, loss_after)
     assert weights_checksum(model) == before  # the base, bit for bit (values and dtypes)
 
