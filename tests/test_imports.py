@@ -53,6 +53,9 @@ LATE_IMPORTS = {
     ("aesthetic/aesthetic_service.py", "finetune_core.formats.atomic"),
     ("jobs/service.py", "finetune_core.formats.atomic"),
     ("aesthetic/bench.py", "finetune_core.model.tiny"),
+    # the WebUI's txt2img section imports the aesthetic room: the built-in CLIPs' weights bring the tiny models only
+    # when one is built
+    ("aesthetic/tiny_clip.py", "finetune_core.model.tiny"),
     ("model/loading.py", "finetune_core.model.tiny"),
     ("model/loading.py", "finetune_core.model.single_file"),
     # `import finetune_core.model` stays the interface only: loading brings every backend and the tiny models

@@ -12,6 +12,7 @@ from finetune_core.aesthetic import aesthetic_service
 from finetune_core.aesthetic.aesthetic_service import AestheticPreviewConfig
 from finetune_core.aesthetic.bench import add_arguments, run_bench
 from finetune_core.aesthetic.gradients import AestheticApplyConfig, AestheticCreateConfig
+from finetune_core.aesthetic.tiny_clip import is_tiny_clip
 from finetune_core.cpu import set_threads
 from finetune_core.jobs import service
 from finetune_core.jobs.service import OutputFolders
@@ -103,6 +104,10 @@ def _create(args: argparse.Namespace, settings: dict[str, Any]) -> int:
             bar.close()
     for path in paths:
         print(f"wrote {path}")
+    clip = str(settings.get("clip_model", "")).strip()
+    if is_tiny_clip(clip):
+        print(f"{clip} is a built-in CLIP with random weights: this embedding is for trying the commands; it says "
+              f"nothing about the images' style")
     return 0
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune_core.aesthetic.clip_vision import find_clip
 from finetune_core.aesthetic.gradients import (
     AestheticApplyConfig,
     AestheticCreateConfig,
@@ -20,7 +21,6 @@ from finetune_core.aesthetic.gradients import (
     image_files,
 )
 from finetune_core.errors import ConfigError
-from finetune_core.formats.clip_weights import find_clip_files
 from finetune_core.formats.names import refuse_same_name, sanitize_name
 from finetune_core.jobs.preflight import check_writable, storage_error
 from finetune_core.jobs.request import OutputFolders, build_config
@@ -79,7 +79,7 @@ def validate_create(name: str, settings: Mapping[str, Any], folders: OutputFolde
         refuse_same_name(folder, clean, KIND)
     check_writable(folder, "aesthetic embeddings folder")
     image_files(config.data_dir)
-    find_clip_files(config.clip_model)  # where it is and its layout; the weights are read when it is made
+    find_clip(config.clip_model)  # where it is and its layout; the weights are read when it is made
     return clean, config, folder
 
 

@@ -1,6 +1,7 @@
 """The CLIP model the user names, as aesthetic embeddings need it: the image tower with its projection (image
 features in CLIP's joint space) and the text projection into that space. transformers is imported when a model is
-loaded, never at import time; only the parts needed are read (no text tower)."""
+loaded, never at import time; only the parts needed are read (no text tower). The built-in names (`tiny_clip`) are
+built in code instead of read."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune_core.aesthetic.tiny_clip import is_tiny_clip, tiny_clip_parts, tiny_clip_projection, tiny_clip_spec
 from finetune_core.errors import ArtifactError
 from finetune_core.formats.clip_weights import (
     WHAT_TO_PUT,
@@ -52,9 +54,23 @@ class ClipImageTower:
         return out.image_embeds.float().cpu()
 
 
+def find_clip(path: str | Path) -> ClipFiles:
+    """Where the CLIP model `path` is and its layout ("built-in" for a tiny CLIP's name), or a sentence saying what
+    to put there; reads no weights."""
+    name = str(path).strip()
+    if is_tiny_clip(name):
+        return ClipFiles(Path(name), "built-in", [])
+    if name.lower().startswith("tiny-") and not Path(name).expanduser().exists():
+        tiny_clip_spec(name)  # raises: a mistyped built-in name gets the list of built-in ones
+    return find_clip_files(path)
+
+
 def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ClipImageTower:
     """The image tower and projections of the CLIP model at `path`; a sentence saying what to put where if none."""
-    files = find_clip_files(path)
+    files = find_clip(path)
+    if files.layout == "built-in":
+        vision, projection, preprocess = tiny_clip_parts(files.name, device)
+        return ClipImageTower(files, vision, projection, preprocess)
     sd = read_clip_tensors(files, {"vision", "text_projection"})
     if not any(k.startswith("vision_model.") for k in sd) or "visual_projection.weight" not in sd:
         raise ArtifactError(f"{files.source} has no CLIP image tower with its projection: name {WHAT_TO_PUT}")
@@ -68,7 +84,9 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ClipImage
 
 def load_text_projection(path: str | Path) -> torch.Tensor:
     """(C, D) float32: only the text projection of the CLIP model at `path` (enough to apply an embedding)."""
-    files = find_clip_files(path)
+    files = find_clip(path)
+    if files.layout == "built-in":
+        return tiny_clip_projection(files.name)
     return _text_projection(files, read_clip_tensors(files, {"text_projection"}))
 
 

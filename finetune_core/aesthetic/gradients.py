@@ -25,6 +25,7 @@ from finetune_core.aesthetic.personalized_text import (
     Personalization,
     PersonalizedText,
 )
+from finetune_core.aesthetic.tiny_clip import BUILT_IN
 from finetune_core.errors import ArtifactError, ConfigError, DatasetError, ModelMismatchError
 from finetune_core.formats.aesthetic import (
     AestheticFiles,
@@ -33,6 +34,7 @@ from finetune_core.formats.aesthetic import (
     read_aesthetic_sidecar,
     write_aesthetic_files,
 )
+from finetune_core.formats.clip_weights import TRY_TINY
 from finetune_core.model.interface import DiffusionModel
 from finetune_core.settings import type_problems
 
@@ -61,7 +63,9 @@ class AestheticCreateConfig:
     clip_model: str = field(default="", metadata={
         "label": "CLIP model", "help": "A local CLIP with its image tower: a transformers CLIP folder "
         "(openai/clip-vit-large-patch14 for SD1, laion/CLIP-ViT-H-14-laion2B-s32B-b79K for SD2, "
-        "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k for SDXL) or an open_clip model file. Nothing is downloaded."})
+        "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k for SDXL) or an open_clip model file. Nothing is downloaded. "
+        "To try things out on a tiny model: tiny-clip (tiny-sd1, tiny-sdxl) or tiny-clip-h (tiny-sd2), built-in "
+        "CLIPs with random weights (their embeddings mean nothing about style)."})
     batch_size: int = field(default=256, metadata={
         "label": "Batch size", "help": "Images per CLIP forward pass (1-1024).", "minimum": 1, "maximum": 1024})
 
@@ -73,7 +77,8 @@ class AestheticCreateConfig:
         if not problems and not self.data_dir.strip():
             problems.append("the source directory is empty: name a folder of images")
         if not problems and not self.clip_model.strip():
-            problems.append("no CLIP model is set: name a local CLIP folder or open_clip file (see its help)")
+            problems.append(f"no CLIP model is set: name a local CLIP folder or open_clip file (see its help)"
+                            f"{TRY_TINY}")
         if problems:
             raise ConfigError(problems)
 
@@ -107,7 +112,7 @@ class AestheticApplyConfig:
     clip_model: str = field(default="", metadata={
         "label": "CLIP model", "advanced": True,
         "help": "For embeddings without our .safetensors copy (e.g. downloaded .pt files): the CLIP folder or file "
-                "they were made with, whose text projection is read."})
+                "they were made with, whose text projection is read (tiny-clip, tiny-clip-h: the built-in ones)."})
 
     @property
     def active(self) -> bool:
@@ -251,7 +256,8 @@ class AestheticLibrary:
                 f"the aesthetic embedding {target.name!r} was made with a CLIP whose text width is "
                 f"{target.text_width}, but this {model.family.upper()} model's text encoders are "
                 f"{' and '.join(map(str, sorted(widths)))} wide: make it with the CLIP of this model family "
-                f"(ViT-L/14 for SD1 and SDXL, ViT-H/14 for SD2, ViT-bigG/14 for SDXL)")
+                f"(ViT-L/14 for SD1 and SDXL, ViT-H/14 for SD2, ViT-bigG/14 for SDXL; on the tiny models the "
+                f"built-in {BUILT_IN})")
         return PersonalizedText(target, config.personalization(), self.cache, context)
 
 

@@ -43,6 +43,9 @@ _VISION_GLOBALS = {"visual.conv1.weight": "vision_model.embeddings.patch_embeddi
 WHAT_TO_PUT = ("a transformers CLIP folder (config.json and model.safetensors: openai/clip-vit-large-patch14 for SD1, "
                "laion/CLIP-ViT-H-14-laion2B-s32B-b79K for SD2, laion/CLIP-ViT-bigG-14-laion2B-39B-b160k for SDXL) "
                "or an open_clip model file of the same CLIP")
+# Where no CLIP is named or found: the built-in ones (aesthetic/tiny_clip.py) are there to try things out.
+TRY_TINY = ("; to try things out on a tiny model, name a built-in CLIP with random weights: tiny-clip (tiny-sd1, "
+            "tiny-sdxl) or tiny-clip-h (tiny-sd2)")
 
 
 @dataclass
@@ -64,9 +67,10 @@ def find_clip_files(path: str | Path) -> ClipFiles:
     """The CLIP model at `path` (a folder or a weights file), or a sentence saying what to put there."""
     source = Path(path).expanduser()
     if not str(path).strip():
-        raise ArtifactError(f"no CLIP model is set: name {WHAT_TO_PUT}")
+        raise ArtifactError(f"no CLIP model is set: name {WHAT_TO_PUT}{TRY_TINY}")
     if not source.exists():
-        raise ArtifactError(f"there is no CLIP model at {source}: put {WHAT_TO_PUT} there, or name where it is")
+        raise ArtifactError(f"there is no CLIP model at {source}: put {WHAT_TO_PUT} there, or name where it "
+                            f"is{TRY_TINY}")
     if source.is_file():
         return _single_file(source)
     if (source / "config.json").is_file() and _hf_weights(source):

@@ -438,3 +438,22 @@ def test_infotext_has_the_original_keys():
         "Aesthetic LR": 0.0001, "Aesthetic weight": 0.9, "Aesthetic steps": 5, "Aesthetic embedding": "style",
         "Aesthetic slerp": False, "Aesthetic text": "", "Aesthetic text negative": False,
         "Aesthetic slerp angle": 0.1}
+
+
+@pytest.mark.parametrize("name, model", [("tiny-clip", "tiny-sd1"), ("tiny-clip", "tiny-sdxl"),
+                                         ("tiny-clip-h", "tiny-sd2")])
+def test_the_built_in_tiny_clips_fit_the_tiny_models_and_are_the_same_every_time(name, model):
+    from finetune_core.aesthetic.clip_vision import load_clip, load_text_projection
+    from finetune_core.model.tiny import tiny_configs, tiny_spec
+
+    state = torch.random.get_rng_state()
+    clip = load_clip(name)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    encoder = tiny_configs(tiny_spec(model))["text_encoder"]
+    assert clip.text_projection.shape == (encoder["hidden_size"], encoder["projection_dim"]) == (clip.dim, clip.dim)
+    pictures = [Image.new("RGB", (48, 40), (200, 30, 90)), Image.new("L", (20, 64), 77)]
+    features = clip.features(pictures)
+    assert features.shape == (2, clip.dim) and bool(torch.isfinite(features).all())
+    assert not torch.allclose(features[0], features[1])  # the images are told apart
+    assert torch.equal(load_clip(name).features(pictures), features)
+    assert torch.equal(load_text_projection(name), clip.text_projection)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -75,6 +76,48 @@ def test_cli_create_then_apply(world: Path, tmp_path: Path, capsys: pytest.Captu
     assert styled.tobytes() != plain.tobytes()
 
 
+def test_cli_create_then_apply_with_the_built_in_tiny_clip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 24 item 8: Aesthetic Gradients tried on tiny-sd1 with nothing on disk but a few images."""
+    from finetune_core.formats.aesthetic import read_aesthetic_sidecar
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(5)
+    for i, (size, mode) in enumerate((((40, 56), "RGB"), ((64, 48), "RGBA"), ((33, 33), "L"))):
+        pixels = (torch.rand(size[1], size[0], 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).convert(mode).save(images / f"{i}.png")
+    code = main(["aesthetic", "create", "--name", "tried", "--data", str(images), "--clip-model", "tiny-clip",
+                 "--output-dir", str(out), "--threads", "1", "--device", "cpu"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "tiny-clip is a built-in CLIP with random weights" in printed.out
+    folder = out / "models" / "aesthetic_embeddings"
+    vector, projection, meta = read_aesthetic_sidecar(folder / "tried.safetensors")
+    assert vector.shape == (1, 768) and projection.shape == (768, 768)  # tiny-sd1's text width, ViT-L/14's joint
+    assert meta["clip_model"] == "tiny-clip" and meta["image_count"] == "3"
+    apply = ["aesthetic", "apply", "--model", "tiny-sd1", "--aesthetic-embedding", "tried", "--prompt", "a ball",
+             "--steps", "2", "--width", "64", "--height", "64", "--seed", "3", "--aesthetic-lr", "1e-3",
+             "--sampler", "Euler", "--output-dir", str(out), "--threads", "1", "--device", "cpu"]
+    assert main([*apply, "--compare"]) == 0, capsys.readouterr().err
+    styled, plain = (Image.open(out / "aesthetic" / name) for name in ("tried-3.png", "plain-3.png"))
+    assert styled.tobytes() != plain.tobytes()
+    assert "Aesthetic embedding: tried" in styled.info["parameters"]
+    # The .pt alone (as a copy made elsewhere would come) takes its text projection from the named built-in CLIP:
+    # the same weights, so the same image (to a rounding step: a later generation in one process may differ by
+    # one level in a pixel or two; the embedding itself moves thousands by up to 255).
+    (folder / "tried.safetensors").unlink()
+    assert main([*apply, "--clip-model", "tiny-clip"]) == 0, capsys.readouterr().err
+    again, first, without = (np.asarray(image, dtype=np.int16) for image in
+                             (Image.open(out / "aesthetic" / "tried-3-2.png"), styled, plain))
+    assert np.abs(again - first).max() <= 1 and (again != first).sum() <= 8
+    assert (first != without).sum() > 1000
+    capsys.readouterr()
+    assert main([*apply, "--clip-model", "tiny-sd1"]) == 2  # a model's name where the CLIP's goes
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: there is no built-in CLIP called 'tiny-sd1'; the built-in ones") and "\n" not in err
+    assert sorted(p.name for p in (out / "aesthetic").iterdir()) == ["plain-3.png", "tried-3-2.png", "tried-3.png"]
+
+
 # (id, command-line arguments, the sentence)
 CLI_CASES = [
     ("folder without images", ["create", "--name", "x", "--data", "{world}/words", "--clip-model", "{world}/clip"],
@@ -83,7 +126,12 @@ CLI_CASES = [
      "there is no CLIP model at"),
     ("not a CLIP", ["create", "--name", "x", "--data", "{world}/images", "--clip-model", "{world}/not-clip"],
      "holds a t5 model, not CLIP"),
-    ("no CLIP given", ["create", "--name", "x", "--data", "{world}/images"], "no CLIP model is set"),
+    ("no CLIP given", ["create", "--name", "x", "--data", "{world}/images"],
+     "no CLIP model is set: name a local CLIP folder or open_clip file (see its help); to try things out on a tiny "
+     "model, name a built-in CLIP with random weights: tiny-clip (tiny-sd1, tiny-sdxl) or tiny-clip-h (tiny-sd2)"),
+    ("unknown built-in CLIP", ["create", "--name", "x", "--data", "{world}/images", "--clip-model", "tiny-clp"],
+     "there is no built-in CLIP called 'tiny-clp'; the built-in ones (random weights, to try things out) are "
+     "tiny-clip (for tiny-sd1 and tiny-sdxl), tiny-clip-h (for tiny-sd2)"),
     ("same name", ["create", "--name", "sd1-style", "--data", "{world}/images", "--clip-model", "{world}/clip"],
      "already exists"),
     ("steps out of range", ["apply", "--aesthetic-embedding", "sd1-style", "--aesthetic-steps", "60"],
@@ -156,6 +204,9 @@ REST_CASES = [
                                                                   "clip_model": "{world}/clip"}}, "has no images"),
     ("CLIP missing", "create", {"name": "x", "settings": {"data_dir": "{world}/images",
                                                          "clip_model": "{world}/gone"}}, "there is no CLIP model"),
+    ("unknown built-in CLIP", "create", {"name": "x", "settings": {"data_dir": "{world}/images",
+                                                                  "clip_model": "tiny-clip-x"}},
+     "there is no built-in CLIP called 'tiny-clip-x'"),
     ("steps out of range", "apply", {"settings": {"aesthetic_embedding": "sd1-style", "aesthetic_steps": 51}},
      "aesthetic steps must be between 0 and 50"),
     ("weight as text", "apply", {"settings": {"aesthetic_embedding": "sd1-style", "aesthetic_weight": "0.5"}},
