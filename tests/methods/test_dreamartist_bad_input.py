@@ -62,7 +62,7 @@ CASES = [
     ("halves of different widths", "fresh", {"continue_from": "mixed"}, "data",
      r"halves of the pair do not fit together"),
     ("no negative half", "fresh", {"continue_from": "alone"}, "data", r"has no negative half alone-neg"),
-    ("continue from the negative", "fresh", {"continue_from": "mixed-neg"}, "data", r"is a negative embedding"),
+    ("continue from the negative", "fresh", {"continue_from": "taken-neg"}, "data", r"is a negative embedding"),
 ]
 
 
