@@ -281,7 +281,20 @@ def outcome_message(step: int, interrupted: bool, artifacts: Sequence[Path], run
     else:
         written = "Nothing was written (it stopped before its first step)." if step == 0 else "Nothing was written."
     where = f" Run folder: {run_dir}" if run_dir is not None else ""
-    return f"Training {verb} step {step}. {written}{where}"
+    return f"Training {verb} step {step}. {written}{where}{_state_note(run_dir, interrupted)}"
+
+
+def _state_note(run_dir: Path | None, interrupted: bool) -> str:
+    """The resume state a run keeps and its size: a finished run keeps it too, so that it can be trained further
+    exactly (same optimizer moments, data order and noise); the user who will not can delete it."""
+    size = RunFolder(run_dir).state_bytes() if run_dir is not None else 0
+    if not size:
+        return ""
+    megabytes = f"{size / 1e6:.1f} MB"
+    if interrupted:
+        return f" (its resume state, state/checkpoint.pt, is {megabytes})"
+    return (f" (its resume state, state/checkpoint.pt, {megabytes}, lets --resume or the tab's Resume a run train it "
+            f"further with more steps; delete the state folder if you will not)")
 
 
 def _out_of_memory(exc: BaseException) -> bool:
