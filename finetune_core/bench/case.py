@@ -4,8 +4,9 @@ The run trains `1 + steps (+ 1)` steps: the first ends the time to first step, s
 load, setup: the dataset scan, the method's preparation and the training context; latents: VAE encoding; text: text
 encoding; step 1: the rest of the first step, its warm-up), the next `steps` are timed, and when FLOPs are asked for,
 one more step runs under `FlopCounterMode`, so the count is that of a real step of the loop (not a re-built imitation
-of one). The float32 matrix-multiply rate is measured right before and right after, under the run's own threads and
-device.
+of one). An image is VAE-encoded the first time a step draws it, once per run: the timed steps' times, CPU times and
+FLOPs leave that out (it is reported beside them), so they are what every step of a later epoch costs. The float32
+matrix-multiply rate is measured right before and right after, under the run's own threads and device.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class RunResult:
     threads: int
     device: str
     size: str  # "WxH"
+    images_seconds: float = 0.0  # VAE-encoding images first drawn in the timed steps: left out of their times
 
     @property
     def seconds_per_step(self) -> float:
@@ -122,6 +124,8 @@ class EncoderClock:
 
     The loop's Phase events end where the first step begins, but a step encodes too (prompts always, images the
     first time a sample is drawn), so the bench times the two encoders themselves; on exit the model is as before.
+    An image is encoded once per run, so the timed steps leave its time out (wall and CPU) and, while `counting`,
+    its FLOPs (`image_flops`): they are what every later epoch costs.
     """
 
     NAMES = {"encode_images": "latents", "encode_prompts": "text"}
@@ -129,6 +133,9 @@ class EncoderClock:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.seconds = dict.fromkeys(self.NAMES.values(), 0.0)
+        self.image_cpu_seconds = 0.0
+        self.image_flops = 0.0
+        self.counting = False
 
     def __enter__(self) -> EncoderClock:
         import torch
@@ -143,13 +150,20 @@ class EncoderClock:
 
     def _timed(self, encode: Any, what: str, sync: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
+            image = what == "latents"
             try:
-                result = encode(*args, **kwargs)
+                # an inner counter sees the encoder's FLOPs, which the step's counter (outside it) sees too
+                with flop_counter() if image and self.counting else contextlib.nullcontext() as inner:
+                    result = encode(*args, **kwargs)
                 sync()
+                if inner is not None:
+                    self.image_flops += float(inner.get_total_flops())
                 return result
             finally:
                 self.seconds[what] += time.perf_counter() - start
+                if image:
+                    self.image_cpu_seconds += time.process_time() - cpu
         return timed
 
     def snapshot(self) -> dict[str, float]:
@@ -166,6 +180,7 @@ class _Recorder:
         self.encoded_before_start: dict[str, float] = {}  # the clock at Started and at the end of step 1
         self.encoded_by_step_1: dict[str, float] = {}
         self.times: list[float] = []
+        self.image_seconds: list[float] = []  # the clock's image encoding at each step (left out of step times)
         self.faults: list[int] = []
         self.cpu: list[float] = []
         self.flops: float | None = None
@@ -181,11 +196,12 @@ class _Recorder:
         if not isinstance(event, StepEvent):
             return
         self.times.append(time.perf_counter())
+        self.image_seconds.append(self.clock.seconds["latents"])
         if len(self.times) == 1:
             self.encoded_by_step_1 = self.clock.snapshot()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.faults.append(usage.ru_minflt)
-        self.cpu.append(usage.ru_utime + usage.ru_stime)
+        self.cpu.append(usage.ru_utime + usage.ru_stime - self.clock.image_cpu_seconds)  # less the images encoded
         done, timed = len(self.times), self.spec.steps
         if done == 1 and self.spec.profile_path:
             self._profiler = self._modes.enter_context(_profiler())
@@ -193,9 +209,11 @@ class _Recorder:
             self._finish_profile()
             if self.spec.count_flops:
                 self._counter = self._modes.enter_context(flop_counter())
+                self.clock.counting = True
         if done == 2 + timed and self._counter is not None:
             self._modes.close()
-            self.flops = float(self._counter.get_total_flops())
+            self.clock.counting = False
+            self.flops = float(self._counter.get_total_flops()) - self.clock.image_flops
 
     def _finish_profile(self) -> None:
         if self._profiler is None:
@@ -286,7 +304,7 @@ def run(spec: RunSpec, t_start: float) -> RunResult | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     first = recorder.times[0]
-    timed = recorder.times[: spec.steps + 1]
+    timed = [t - encoded for t, encoded in zip(recorder.times, recorder.image_seconds)][: spec.steps + 1]
     phases = first_step_phases((t_start, t_imported, t_loaded), probe, recorder)
     return RunResult(
         step_seconds=[b - a for a, b in zip(timed, timed[1:])], first_step_seconds=first - t_start - probe,
@@ -296,7 +314,8 @@ def run(spec: RunSpec, t_start: float) -> RunResult | None:
         cpu_seconds_per_step=(recorder.cpu[spec.steps] - recorder.cpu[0]) / spec.steps,
         matmul_before=before, matmul_after=matmul_rate(device),
         step_gflop=recorder.flops / 1e9 if recorder.flops is not None else None, threads=threads, device=device,
-        size=f"{settings['data']['width']}x{settings['data']['height']}")
+        size=f"{settings['data']['width']}x{settings['data']['height']}",
+        images_seconds=recorder.image_seconds[spec.steps] - recorder.image_seconds[0])
 
 
 def first_step_phases(times: tuple[float, float, float], probe: float, recorder: _Recorder) -> dict[str, float]:
