@@ -92,6 +92,20 @@ def test_resume_keeps_the_runs_output_folder_and_says_what_a_flag_changes(tmp_pa
     assert json.loads((run / "settings.json").read_text()) == started  # what the run was started with
 
 
+def test_a_finished_run_without_saves_keeps_its_resume_state_names_its_size_and_trains_further(tmp_path, capsys):
+    out = tmp_path / "out"
+    lora = ["train", "lora", "--model", "tiny-sd1", "--data", str(EXAMPLES), "--name", "net", "--width", "64",
+            "--height", "64", "--preview-every", "0", "--save-every", "0", "--output-dir", str(out)]
+    assert main([*lora, "--steps", "2"]) == 0
+    run = next((out / "runs").rglob("request.json")).parent
+    state = run / "state" / "checkpoint.pt"
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"resume state, state/checkpoint.pt, {state.stat().st_size / 1e6:.1f} MB" in last, last
+    assert "train it further with more steps" in last
+    assert main(["train", "lora", "--model", "tiny-sd1", "--resume", str(run), "--steps", "3"]) == 0
+    assert "finished at step 3" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--lr", "0.5"], "learning_rate is '0.005' in this run, not '0.5'"),
     (["--name", "other"], "the name is 'emb' in this run"),

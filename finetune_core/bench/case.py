@@ -1,8 +1,11 @@
 """One benchmark run in its own process: load the model, train a few steps through the service, time every step.
 
-The run trains `1 + steps (+ 1)` steps: the first ends the time to first step (imports, model load, latent and text
-encoding, the first step's warm-up), the next `steps` are timed, and when FLOPs are asked for, one more step runs
-under `FlopCounterMode`, so the count is that of a real step of the loop (not a re-built imitation of one). The float32
+The run trains `1 + steps (+ 1)` steps: the first ends the time to first step, split into phases (imports, model
+load, setup: the dataset scan, the method's preparation and the training context; latents: VAE encoding; text: text
+encoding; step 1: the rest of the first step, its warm-up), the next `steps` are timed, and when FLOPs are asked for,
+one more step runs under `FlopCounterMode`, so the count is that of a real step of the loop (not a re-built imitation
+of one). An image is VAE-encoded the first time a step draws it, once per run: the timed steps' times, CPU times and
+FLOPs leave that out (it is reported beside them), so they are what every step of a later epoch costs. The float32
 matrix-multiply rate is measured right before and right after, under the run's own threads and device.
 """
 
@@ -43,7 +46,7 @@ class RunResult:
 
     step_seconds: list[float]
     first_step_seconds: float  # process start (less the matmul probe) to the end of the first step
-    phases: dict[str, float]  # import, load, prepare (dataset + method + context), first step
+    phases: dict[str, float]  # import, load, setup, latents, text, step 1 (see the module's docstring)
     peak_rss_mib: float
     peak_device_mib: float | None  # CUDA only
     faults_per_step: float  # minor page faults per timed step
@@ -55,6 +58,7 @@ class RunResult:
     threads: int
     device: str
     size: str  # "WxH"
+    images_seconds: float = 0.0  # VAE-encoding images first drawn in the timed steps: left out of their times
 
     @property
     def seconds_per_step(self) -> float:
@@ -115,13 +119,68 @@ def request_settings(spec_model: str, method: str, settings: dict[str, Any], ste
 _SWITCH = {"true": True, "on": True, "false": False, "off": False}
 
 
+class EncoderClock:
+    """The seconds a model spends in `encode_images` (latents) and `encode_prompts` (text) while entered.
+
+    The loop's Phase events end where the first step begins, but a step encodes too (prompts always, images the
+    first time a sample is drawn), so the bench times the two encoders themselves; on exit the model is as before.
+    An image is encoded once per run, so the timed steps leave its time out (wall and CPU) and, while `counting`,
+    its FLOPs (`image_flops`): they are what every later epoch costs.
+    """
+
+    NAMES = {"encode_images": "latents", "encode_prompts": "text"}
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.seconds = dict.fromkeys(self.NAMES.values(), 0.0)
+        self.image_cpu_seconds = 0.0
+        self.image_flops = 0.0
+        self.counting = False
+
+    def __enter__(self) -> EncoderClock:
+        import torch
+        sync = torch.cuda.synchronize if torch.device(self.model.device).type == "cuda" else (lambda: None)
+        for attr, what in self.NAMES.items():
+            setattr(self.model, attr, self._timed(getattr(self.model, attr), what, sync))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for attr in self.NAMES:
+            delattr(self.model, attr)  # the instance attribute goes: the class's method is found again
+
+    def _timed(self, encode: Any, what: str, sync: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start, cpu = time.perf_counter(), time.process_time()
+            image = what == "latents"
+            try:
+                # an inner counter sees the encoder's FLOPs, which the step's counter (outside it) sees too
+                with flop_counter() if image and self.counting else contextlib.nullcontext() as inner:
+                    result = encode(*args, **kwargs)
+                sync()
+                if inner is not None:
+                    self.image_flops += float(inner.get_total_flops())
+                return result
+            finally:
+                self.seconds[what] += time.perf_counter() - start
+                if image:
+                    self.image_cpu_seconds += time.process_time() - cpu
+        return timed
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.seconds)
+
+
 class _Recorder:
     """The loop's event sink: step times, page faults, and the profiler/FLOP counter around chosen steps."""
 
-    def __init__(self, spec: RunSpec) -> None:
+    def __init__(self, spec: RunSpec, clock: EncoderClock) -> None:
         self.spec = spec
+        self.clock = clock
         self.started = 0.0
+        self.encoded_before_start: dict[str, float] = {}  # the clock at Started and at the end of step 1
+        self.encoded_by_step_1: dict[str, float] = {}
         self.times: list[float] = []
+        self.image_seconds: list[float] = []  # the clock's image encoding at each step (left out of step times)
         self.faults: list[int] = []
         self.cpu: list[float] = []
         self.flops: float | None = None
@@ -133,12 +192,16 @@ class _Recorder:
         from finetune_core.train.events import Started, StepEvent
         if isinstance(event, Started):
             self.started = time.perf_counter()
+            self.encoded_before_start = self.clock.snapshot()
         if not isinstance(event, StepEvent):
             return
         self.times.append(time.perf_counter())
+        self.image_seconds.append(self.clock.seconds["latents"])
+        if len(self.times) == 1:
+            self.encoded_by_step_1 = self.clock.snapshot()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.faults.append(usage.ru_minflt)
-        self.cpu.append(usage.ru_utime + usage.ru_stime)
+        self.cpu.append(usage.ru_utime + usage.ru_stime - self.clock.image_cpu_seconds)  # less the images encoded
         done, timed = len(self.times), self.spec.steps
         if done == 1 and self.spec.profile_path:
             self._profiler = self._modes.enter_context(_profiler())
@@ -146,9 +209,11 @@ class _Recorder:
             self._finish_profile()
             if self.spec.count_flops:
                 self._counter = self._modes.enter_context(flop_counter())
+                self.clock.counting = True
         if done == 2 + timed and self._counter is not None:
             self._modes.close()
-            self.flops = float(self._counter.get_total_flops())
+            self.clock.counting = False
+            self.flops = float(self._counter.get_total_flops()) - self.clock.image_flops
 
     def _finish_profile(self) -> None:
         if self._profiler is None:
@@ -230,18 +295,17 @@ def run(spec: RunSpec, t_start: float) -> RunResult | None:
         _emulate_unet_gradients(model)
     t_loaded = time.perf_counter()
     settings = request_settings(spec.model, spec.method, spec.settings, spec.steps + 1 + spec.count_flops)
-    recorder = _Recorder(spec)
+    recorder = _Recorder(spec, EncoderClock(model))
     request = service.TrainRequest(spec.method, "bench", settings["method"], settings["data"], settings["train"])
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, recorder.clock:
         out = processes.share(out)  # one output folder for all processes: the main one writes
         service.train(request, model, service.OutputFolders.standalone(out), on_event=recorder, processes=processes)
     if not processes.is_main:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     first = recorder.times[0]
-    timed = recorder.times[: spec.steps + 1]
-    phases = {"import": t_imported - t_start, "load": t_loaded - t_imported - probe,
-              "prepare": recorder.started - t_loaded, "step 1": first - recorder.started}
+    timed = [t - encoded for t, encoded in zip(recorder.times, recorder.image_seconds)][: spec.steps + 1]
+    phases = first_step_phases((t_start, t_imported, t_loaded), probe, recorder)
     return RunResult(
         step_seconds=[b - a for a, b in zip(timed, timed[1:])], first_step_seconds=first - t_start - probe,
         phases=phases, peak_rss_mib=peak,
@@ -250,7 +314,22 @@ def run(spec: RunSpec, t_start: float) -> RunResult | None:
         cpu_seconds_per_step=(recorder.cpu[spec.steps] - recorder.cpu[0]) / spec.steps,
         matmul_before=before, matmul_after=matmul_rate(device),
         step_gflop=recorder.flops / 1e9 if recorder.flops is not None else None, threads=threads, device=device,
-        size=f"{settings['data']['width']}x{settings['data']['height']}")
+        size=f"{settings['data']['width']}x{settings['data']['height']}",
+        images_seconds=recorder.image_seconds[spec.steps] - recorder.image_seconds[0])
+
+
+def first_step_phases(times: tuple[float, float, float], probe: float, recorder: _Recorder) -> dict[str, float]:
+    """Where the time to the end of the first step went, in seconds (`times`: process start, imports done, model
+    loaded; the matmul probe between the last two is left out). The encoders' time is taken out of the setup
+    (encoded before the loop started) and out of step 1 (encoded inside it) and shown on its own."""
+    t_start, t_imported, t_loaded = times
+    before, by_step_1 = recorder.encoded_before_start, recorder.encoded_by_step_1
+    step_1 = recorder.times[0] - recorder.started
+    return {"import": t_imported - t_start,
+            "load": t_loaded - t_imported - probe,
+            "setup": recorder.started - t_loaded - sum(before.values()),
+            "latents": by_step_1["latents"], "text": by_step_1["text"],
+            "step 1": step_1 - sum(by_step_1[k] - before[k] for k in by_step_1)}
 
 
 def child_main(spec_json: str, t_start: float) -> None:

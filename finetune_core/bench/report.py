@@ -37,6 +37,7 @@ class SideSummary:
     load: float
     others: float | None
     size: str
+    images_seconds: float = 0.0  # median VAE encoding of images first drawn in the timed steps (not in s/step)
 
     @property
     def floor_seconds(self) -> float | None:
@@ -63,10 +64,12 @@ def summarize(records: list[RunRecord]) -> SideSummary | None:
     return SideSummary(
         len(results), middle, (max(per_run) - min(per_run)) / middle if len(results) > 1 else None,
         statistics.median(r.first_step_seconds for r in results),
-        {k: statistics.median(r.phases[k] for r in results) for k in results[0].phases},
+        {k: statistics.median(r.phases.get(k, 0.0) for r in results) for k in dict.fromkeys(
+            k for r in results for k in r.phases)},
         statistics.median(r.faults_per_step for r in results),
         statistics.median(r.cpu_seconds_per_step for r in results), peak, gflop, (min(rates), max(rates)),
-        statistics.median(rates), max(r.load for r in good), max(others) if others else None, results[0].size)
+        statistics.median(rates), max(r.load for r in good), max(others) if others else None, results[0].size,
+        statistics.median(r.images_seconds for r in results))
 
 
 def print_header(options: BenchOptions) -> None:
@@ -94,8 +97,10 @@ def print_case(case: CaseRuns, options: BenchOptions) -> None:
             processes = int(case.sides[label].run.get("processes", 1))
             # with several processes CPU s, faults, memory and GFLOP are the main process's (its share of the batch)
             whose = f" (per-process figures: the main one of {processes})" if processes > 1 else ""
+            later = f"; {summary.images_seconds:.2f} s encoding images first drawn in the timed steps (left out " \
+                "of their times)" if summary.images_seconds >= 0.005 else ""
             print(f"{'':>12}   {1 / summary.seconds_per_step:.2f} steps/s{whose}; first step {summary.first_step:.1f} "
-                  "s = " + " + ".join(f"{k} {v:.1f}" for k, v in summary.phases.items()))
+                  "s = " + " + ".join(f"{k} {v:.2f}" for k, v in summary.phases.items()) + later)
         for index, record in enumerate(case.runs[label], start=1):
             where = f"run {index}{' (' + label + ')' if label else ''}"
             if record.error:

@@ -41,8 +41,9 @@ class DataBatch:
 class TrainingData(Protocol):
     """What the loop needs from a dataset. Deterministic: the same (index, seed) always gives the same batch.
 
-    `prepare` runs once before the autograd phase (it encodes every latent the run can need, so that under
-    medvram the VAE is never needed inside a training step); `get_batch` then needs no model.
+    `prepare` runs once before the first step and gives the data its model; `get_batch` may then use the model's
+    VAE (an image is encoded the first time a batch draws it: the backends keep the VAE usable inside a step, as
+    DreamArtist's decode needs too) and always gives the same latents for the same sample.
     """
 
     batch_size: int

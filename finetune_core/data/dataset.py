@@ -1,4 +1,4 @@
-"""ImageDataset: a folder of captioned images as deterministic, pre-encoded training batches."""
+"""ImageDataset: a folder of captioned images as deterministic training batches, each image encoded on first use."""
 
 from __future__ import annotations
 
@@ -101,7 +101,9 @@ class ImageDataset:
         self.plans = [self._plan(record) for record in self.records]
         self.groups = self._group_by_size()
         self.cache = cache if cache is not None else LatentCache(Path(config.cache_dir) if config.cache_dir else None)
-        self._samples: list[dict[bool, PreparedSample]] | None = None
+        self._samples: list[dict[bool, PreparedSample]] | None = None  # per image, by flip: filled on first use
+        self._model: DiffusionModel | None = None
+        self._vae_id = ""
         self._memo: dict[tuple[int, int], list[list[Entry]]] = {}
 
     def __len__(self) -> int:
@@ -130,26 +132,30 @@ class ImageDataset:
                          cfg.repeats, self._buckets is not None)
 
     def flips(self) -> tuple[bool, ...]:
-        """The orientations `prepare` encodes: both when flipping is on."""
+        """The orientations a batch may draw: both when flipping is on."""
         return (False, True) if self.config.flip_p > 0 else (False,)
 
     # --- prepare ------------------------------------------------------------------------------------------
     def prepare(self, model: DiffusionModel, on_progress: Callable[[int, int], None] | None = None) -> None:
-        """Encode (or fetch from the cache) every latent the run can use, so `get_batch` never needs the model."""
-        vae_id = encoder_identity(model)
-        total, done = len(self.records) * len(self.flips()), 0
-        samples: list[dict[bool, PreparedSample]] = []
-        for index in range(len(self.records)):
-            variants: dict[bool, PreparedSample] = {}
-            for flip in self.flips():
-                variants[flip] = self._prepare_one(model, vae_id, index, flip)
-                done += 1
-                if on_progress is not None:
-                    on_progress(done, total)
-            samples.append(variants)
-        self._samples = samples
-        logger.info("dataset ready: %d images, %d latent cache hits, %d encoded", len(self.records),
-                    self.cache.hits, self.cache.misses)
+        """Make batches drawable with `model`'s VAE. Nothing is encoded here: a sample's latent is encoded (or read
+        from the cache) the first time a batch draws it and kept for the rest of the run, as diffusers' scripts
+        encode one batch per step, so the first step waits for its own images only. A latent is a pure function
+        of the image, its crop, its flip and the VAE, so the order samples are first drawn in changes nothing (a
+        resumed run draws the same latents)."""
+        self._model = model
+        self._vae_id = encoder_identity(model)
+        self._samples = [{} for _ in self.records]
+
+    def _sample(self, index: int, flip: bool) -> PreparedSample:
+        """Image `index` in orientation `flip`, encoded on first use."""
+        if self._samples is None or self._model is None:
+            raise RuntimeError("ImageDataset.prepare(model) must run before get_batch")
+        variants = self._samples[index]
+        if flip not in variants:
+            variants[flip] = self._prepare_one(self._model, self._vae_id, index, flip)
+            logger.debug("encoded %s%s (%d latent cache hits, %d encoded so far)", self.records[index].path,
+                         " flipped" if flip else "", self.cache.hits, self.cache.misses)
+        return variants[flip]
 
     def _prepare_one(self, model: DiffusionModel, vae_id: str, index: int, flip: bool) -> PreparedSample:
         record, plan, cfg = self.records[index], self.plans[index], self.config
@@ -247,7 +253,7 @@ class ImageDataset:
         flip = cfg.flip_p > 0 and rng.random() < cfg.flip_p
         filewords = augment_caption(record.caption, rng, cfg.shuffle_tags, cfg.tag_dropout, cfg.keep_tags)
         prompt = render_prompt(draw_line(self.lines, rng), self.placeholder, filewords)
-        sample = self._samples[record_index][flip]  # type: ignore[index]
+        sample = self._sample(record_index, flip)
         latent = sample.mean
         if sample.std is not None:
             generator = torch.Generator().manual_seed(derived_seed("noise", seed, index, slot))

@@ -2,9 +2,9 @@
 instance batch followed by as many class images of the same size, so one UNet pass serves both loss terms;
 `DataBatch.extras["is_class"]` tells them apart.
 
-The class images are encoded once per instance size (a fixed size, or each aspect bucket), as the instance images
-are, so no step needs the VAE. Which class image a sample gets is a pure function of the run seed and the sample
-number (each class image once per round, in a shuffled order), so a resumed run sees the same pairs.
+The class images are made into a dataset per instance size (a fixed size, or each aspect bucket) and encoded on
+first use, as the instance images are. Which class image a sample gets is a pure function of the run seed and the
+sample number (each class image once per round, in a shuffled order), so a resumed run sees the same pairs.
 """
 
 from __future__ import annotations
@@ -47,31 +47,20 @@ class PairedDataset:
         self._count = 0
 
     def prepare(self, model: DiffusionModel, on_progress: Callable[[int, int], None] | None = None) -> None:
-        """Encode the instance latents, then every class image at every instance size."""
+        """Find the class images and make a dataset of them at every instance size; like the instance images, each
+        is encoded the first time a batch draws it."""
         records = self._class_records(model)
         if not records:
             raise DatasetError("prior preservation has no class images to train with; generate some (a class "
                                "image count above 0) or put images into the class folder")
-        sizes = sorted(self.instances.groups)
-        flips = len(self.instances.flips())
-        total = (len(self.instances) + len(sizes) * len(records)) * flips
-
-        def offset(done: int) -> Callable[[int, int], None]:
-            def report(part: int, _total: int) -> None:
-                if on_progress is not None:
-                    on_progress(done + part, total)
-            return report
-
-        self.instances.prepare(model, offset(0))
-        done = len(self.instances) * flips
+        self.instances.prepare(model)
         base = self.instances.config
-        for width, height in sizes:
+        for width, height in sorted(self.instances.groups):
             config = dataclasses.replace(base, data_dir=str(records[0].path.parent), width=width, height=height,
                                          resize_mode="fixed", batch_size=1, repeats=1, use_alpha_weight=False,
                                          recursive=False)
             dataset = ImageDataset(config, placeholder="", lines=self._class_lines, records=records)
-            dataset.prepare(model, offset(done))
-            done += len(records) * flips
+            dataset.prepare(model)
             self._by_size[(width, height)] = dataset
         self._count = len(records)
 

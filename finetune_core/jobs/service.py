@@ -269,19 +269,36 @@ def _run(plan: Plan, job: _Job, model: DiffusionModel, emit: EventSink, control:
         if not _out_of_memory(exc):
             raise
         raise preflight.out_of_memory(exc, model, run_dir) from exc
-    message = outcome_message(result.step, result.interrupted, list(result.artifacts), result.run_dir)
+    message = outcome_message(result.step, result.interrupted, list(result.artifacts), result.run_dir,
+                              job.method.state_policy.resume_state)
     return JobResult(list(result.artifacts), result.run_dir, result.step, result.interrupted, message)
 
 
-def outcome_message(step: int, interrupted: bool, artifacts: Sequence[Path], run_dir: Path | None) -> str:
-    """The one line a host shows when a job ends: what it wrote, or that it wrote nothing."""
+def outcome_message(step: int, interrupted: bool, artifacts: Sequence[Path], run_dir: Path | None,
+                    resumable: bool = True) -> str:
+    """The one line a host shows when a job ends: what it wrote, or that it wrote nothing; and the size of the resume
+    state where the method keeps one (`resumable`: DreamBooth keeps only its counters unless asked)."""
     verb = "interrupted at" if interrupted else "finished at"
     if artifacts:
         written = f"Wrote {', '.join(str(p) for p in artifacts)}."
     else:
         written = "Nothing was written (it stopped before its first step)." if step == 0 else "Nothing was written."
     where = f" Run folder: {run_dir}" if run_dir is not None else ""
-    return f"Training {verb} step {step}. {written}{where}"
+    note = _state_note(run_dir, interrupted) if resumable else ""
+    return f"Training {verb} step {step}. {written}{where}{note}"
+
+
+def _state_note(run_dir: Path | None, interrupted: bool) -> str:
+    """The resume state a run keeps and its size: a finished run keeps it too, so that it can be trained further
+    exactly (same optimizer moments, data order and noise); the user who will not can delete it."""
+    size = RunFolder(run_dir).state_bytes() if run_dir is not None else 0
+    if not size:
+        return ""
+    megabytes = f"{size / 1e6:.1f} MB"
+    if interrupted:
+        return f" (its resume state, state/checkpoint.pt, is {megabytes})"
+    return (f" (its resume state, state/checkpoint.pt, {megabytes}, lets --resume or the tab's Resume a run train it "
+            f"further with more steps; delete the state folder if you will not)")
 
 
 def _out_of_memory(exc: BaseException) -> bool:

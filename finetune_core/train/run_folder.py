@@ -71,6 +71,11 @@ class RunFolder:
         """True when the folder holds a resume checkpoint."""
         return (self.state_dir / "checkpoint.pt").is_file()
 
+    def state_bytes(self) -> int:
+        """The size of the resume checkpoint on disk (0 when there is none)."""
+        path = self.state_dir / "checkpoint.pt"
+        return path.stat().st_size if path.is_file() else 0
+
     def save_state(self, state: dict[str, Any], config: dict[str, Any]) -> Path:
         """Write the resume checkpoint and the config it belongs to."""
         _write_json(self.state_dir / "config.json", config)

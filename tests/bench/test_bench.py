@@ -139,8 +139,35 @@ def test_one_real_run_measures_steps_flops_and_faults(monkeypatch: pytest.Monkey
     assert result.step_gflop is not None and result.step_gflop > 0
     assert result.size == "64x64" and result.threads == 1 and result.faults_per_step >= 0
     assert result.cpu_seconds_per_step > 0
-    assert set(result.phases) == {"import", "load", "prepare", "step 1"}
-    assert result.first_step_seconds >= result.phases["step 1"] and result.matmul_before > 0
+    assert list(result.phases) == ["import", "load", "setup", "latents", "text", "step 1"]
+    assert result.phases["latents"] > 0 and result.phases["text"] > 0 and result.phases["step 1"] > 0
+    assert sum(result.phases.values()) == pytest.approx(result.first_step_seconds) and result.matmul_before > 0
+    model = tiny_model("tiny-sd1")
+    assert "encode_images" not in vars(model) and "encode_prompts" not in vars(model)  # the clock is off again
+    assert result.images_seconds > 0  # 7 images at batch 2: the timed steps draw images for the first time
+
+
+def test_the_clock_leaves_image_encoding_out_of_the_counted_step() -> None:
+    import torch
+
+    class Model:
+        device = torch.device("cpu")
+
+        def encode_images(self, x):
+            return x @ x
+
+        def encode_prompts(self, x):
+            return x @ x
+
+    x = torch.ones(8, 8)
+    model = Model()
+    with case.EncoderClock(model) as clock, case.flop_counter() as step:
+        clock.counting = True
+        model.encode_images(x)
+        model.encode_prompts(x)  # text encoding stays in the step
+        x @ x
+    assert clock.image_flops == 2 * 8**3 and step.get_total_flops() - clock.image_flops == 2 * 2 * 8**3
+    assert clock.seconds["latents"] > 0 and clock.seconds["text"] > 0 and "encode_images" not in vars(model)
 
 
 def test_a_failing_run_is_reported_not_raised() -> None:

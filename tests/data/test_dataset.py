@@ -25,6 +25,14 @@ def _prepared(config: DatasetConfig, model, cache: LatentCache | None = None) ->
     return dataset
 
 
+def _drawn(config: DatasetConfig, model, cache: LatentCache | None = None, batches: int = 16) -> ImageDataset:
+    """A prepared dataset whose first `batches` batches were drawn (an image is encoded when first drawn)."""
+    dataset = _prepared(config, model, cache)
+    for index in range(batches):
+        dataset.get_batch(index, 0)
+    return dataset
+
+
 def test_defaults_match_webui_and_every_field_has_metadata():
     config = DatasetConfig()
     assert (config.width, config.height, config.template, config.batch_size) == (512, 512, "style_filewords.txt", 1)
@@ -177,19 +185,19 @@ def test_batch_larger_than_dataset(folder: Path):
 def test_cache_hits_and_invalidation(tmp_path: Path, make_image, make_model):
     path = make_image(tmp_path / "a.png")
     cache, model = LatentCache(tmp_path / "cache"), make_model()
-    _prepared(_config(tmp_path), model, cache)
+    _drawn(_config(tmp_path), model, cache)
     assert model.encode_calls == 1
-    _prepared(_config(tmp_path), model, LatentCache(tmp_path / "cache"))  # same inputs, from disk
+    _drawn(_config(tmp_path), model, LatentCache(tmp_path / "cache"))  # same inputs, from disk
     assert model.encode_calls == 1
-    _prepared(_config(tmp_path, width=128), model, cache)  # other resolution
+    _drawn(_config(tmp_path, width=128), model, cache)  # other resolution
     assert model.encode_calls == 2
-    _prepared(_config(tmp_path, flip_p=0.5), model, cache)  # adds the flipped variant only
+    _drawn(_config(tmp_path, flip_p=0.5), model, cache)  # adds the flipped variant only
     assert model.encode_calls == 3
     other_vae = make_model("ffffffffff")
-    _prepared(_config(tmp_path), other_vae, cache)
+    _drawn(_config(tmp_path), other_vae, cache)
     assert other_vae.encode_calls == 1
     make_image(path, seed=99)  # the image is edited in place
-    _prepared(_config(tmp_path), model, cache)
+    _drawn(_config(tmp_path), model, cache)
     assert model.encode_calls == 4
 
 
@@ -216,7 +224,27 @@ def test_own_size_mode_progress_and_prepare_first(tmp_path: Path, make_image, fa
         dataset.get_batch(0, 0)
     calls = []
     dataset.prepare(fake_model, lambda done, total: calls.append((done, total)))
-    assert calls == [(1, 2), (2, 2)]
+    assert calls == [] and fake_model.encode_calls == 0  # nothing is encoded before a batch draws it
+    first = dataset.get_batch(0, 0)
+    assert fake_model.encode_calls == 1 and torch.equal(dataset.get_batch(0, 0).latents, first.latents)
+    assert fake_model.encode_calls == 1  # kept for later draws
     shapes = sorted(tuple(dataset.get_batch(i, 0).latents.shape) for i in range(dataset.batches_per_epoch()))
     assert shapes == [(1, 4, 8, 8), (1, 4, 8, 16)]
     assert dataset.get_batch(0, 0).pixels is None
+
+
+def test_a_batch_is_the_same_whatever_was_drawn_before_it(tmp_path: Path, make_image, make_model):
+    """Encoding on first use must not make a batch depend on the draws before it (a resumed run starts mid-way)."""
+    for i in range(5):
+        make_image(tmp_path / f"{i}.png", (96, 64), seed=i)
+    config = _config(tmp_path, latent_sampling="once", flip_p=0.5, crop="random", batch_size=2, repeats=2)
+    forward = _prepared(config, make_model())
+    straight = [forward.get_batch(index, 3) for index in range(12)]
+    backward, model = _prepared(config, make_model()), make_model()
+    resumed = _prepared(config, model)
+    for index in reversed(range(12)):
+        batch = backward.get_batch(index, 3)
+        assert torch.equal(batch.latents, straight[index].latents) and batch.prompts == straight[index].prompts
+    late = resumed.get_batch(9, 3)  # a run resumed at batch 9 encodes only what batch 9 draws
+    drawn = set(zip(late.image_paths, late.extras["flipped"]))
+    assert torch.equal(late.latents, straight[9].latents) and model.encode_calls == len(drawn)

@@ -51,15 +51,15 @@ def test_the_mask_follows_the_crop_and_the_flip_and_multiplies_the_alpha(tmp_pat
                            template="none.txt")
     data = ImageDataset(config)
     data.prepare(fake_model)
-    sample = data._samples[0]  # sorted: plain.png, wide.png
-    assert torch.equal(sample[False].weight, torch.ones(1, 8, 8))  # no mask: weight 1
-    weight = data._samples[1][False].weight[0]
+    # sorted: plain.png, wide.png
+    assert torch.equal(data._sample(0, False).weight, torch.ones(1, 8, 8))  # no mask: weight 1
+    weight = data._sample(1, False).weight[0]
     # the centre crop keeps columns 32..95: its left half is black (0), its right half white (5)
     assert float(weight[:, :3].max()) == 0.0 and float(weight[:, 5:].min()) > 4.9
     alpha = dict(config.__dict__, use_alpha_weight=True, flip_p=1.0)
     both = ImageDataset(DatasetConfig(**alpha))
     both.prepare(fake_model)
-    unflipped, flipped = both._samples[1][False].weight[0], both._samples[1][True].weight[0]
+    unflipped, flipped = both._sample(1, False).weight[0], both._sample(1, True).weight[0]
     assert float(unflipped[:, :3].max()) == 0.0 and float(flipped[:, -3:].max()) == 0.0  # mirrored with the image
     assert float(unflipped[:, 5:].std()) > 0  # the alpha ramp multiplies the white half
     batch = both.get_batch(0, 0)

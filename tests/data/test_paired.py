@@ -30,11 +30,11 @@ def test_batches_hold_instances_then_as_many_class_images(tmp_path, make_image, 
         make_image(tmp_path / "cls" / f"c{i}.png", (96, 96), seed=10 + i)
         (tmp_path / "cls" / f"c{i}.txt").write_text("ball")
     data = _paired(tmp_path / "inst", tmp_path / "cls", batch_size=2)
-    progress = []
-    data.prepare(fake_model, lambda done, total: progress.append((done, total)))
-    assert progress[-1] == (3 + 5, 8)
+    data.prepare(fake_model)
+    assert fake_model.encode_calls == 0  # each image is encoded when a batch first draws it
     batch = data.get_batch(0, seed=4)
     n = len(batch) // 2
+    assert fake_model.encode_calls == 2 * n
     assert batch.extras[IS_CLASS] == [False] * n + [True] * n and batch.latents.shape == (2 * n, 4, 8, 8)
     assert all(p.startswith("a photo of sks ball") for p in batch.prompts[:n])
     assert batch.prompts[n:] == ["a photo of a ball"] * n

@@ -72,3 +72,8 @@ def test_only_true_lines_about_files_and_a_busy_job(tmp_path: Path) -> None:
     assert where_job_is(preparing) == "preparing latents 2/5" and "0/0" not in where_job_is(JobState(status="running"))
     message = outcome_message(0, True, [], tmp_path)
     assert "Wrote ." not in message and "Nothing was written" in message
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "checkpoint.pt").write_bytes(b"x" * 2_500_000)
+    kept = outcome_message(3, False, [copy], tmp_path)
+    assert "resume state, state/checkpoint.pt, 2.5 MB" in kept and "train it further" in kept
+    assert "resume state" not in outcome_message(3, False, [copy], tmp_path, resumable=False)  # counters only
