@@ -85,7 +85,8 @@ class Trainer:
     """Runs one job; `run()` returns a TrainResult, emits Failed and re-raises on any error.
 
     Phases: the model's training session is entered once (frozen weights, precision, checkpointing, host state set
-    aside); the preparation phase (the method's own, then the latents) runs with the host's usual device handling;
+    aside); the preparation phase (the method's own, then the data's: latents are encoded by the steps that first draw
+    them) runs with the host's usual device handling;
     then all steps run inside one placement (modules resident, no host hook inside a step) and the method's
     training context. With several processes (`finetune_core.train.distributed`) every process runs the same loop
     on its share of each batch; only the main one writes files and emits events.
@@ -152,7 +153,8 @@ class Trainer:
             raise ConfigError(problem)
 
     def _prepare(self) -> None:
-        """The preparation phase: the method's own (class images), then the latents, with progress and interrupt."""
+        """The preparation phase: the method's own (class images), then the data's (a latent is encoded by the step that
+        first draws it, so here only what a data type prepares ahead), with progress and interrupt."""
         job = self.job
         context = PrepareContext(job.model, job.run.path, _without_grad(job.model.sample), self._phase_progress,
                                  self.counters.seed)
