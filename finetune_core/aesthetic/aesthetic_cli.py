@@ -118,6 +118,10 @@ def _apply(args: argparse.Namespace, settings: dict[str, dict[str, Any]]) -> int
     embeddings = aesthetic_service.library(lambda: [folders.aesthetic_embeddings])
     if config.aesthetic_embedding not in ("", "None"):
         embeddings.target(config.aesthetic_embedding, config.clip_model)  # a missing file is named before loading
+        sidecar = embeddings.files()[config.aesthetic_embedding].sidecar
+        if config.clip_model.strip() and sidecar is not None:
+            print(f"note: --clip-model is not used: {sidecar} carries the text projection of the CLIP the "
+                  f"embedding was made with", file=sys.stderr)
     model = service.load(require_model(args.model), args.device)
     runs = [(config, config.aesthetic_embedding)]
     if args.compare:
