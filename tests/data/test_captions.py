@@ -93,13 +93,11 @@ def test_ordinary_word_regexes_pass(pattern):
 
 
 def test_a_backtracking_regex_that_passes_the_check_is_stopped_naming_the_file():
-    """(a|aa)+$ has no nested quantifier but backtracks exponentially; its run is bounded, not endless."""
-    import time
-
+    """(a|aa)+$ has no nested quantifier but backtracks exponentially (about 10^9 steps on this name, minutes
+    unbounded, then no match and no error); the error says the time limit stopped it. No wall-clock assertion: on
+    a loaded machine the limit's own overshoot is not what this tests."""
     from finetune_core.data.captions import WORD_REGEX_SECONDS
     from finetune_core.errors import DatasetError
 
-    started = time.monotonic()
-    with pytest.raises(DatasetError, match="took longer than .* on the file name 'a{44}!'"):
+    with pytest.raises(DatasetError, match=f"took longer than {WORD_REGEX_SECONDS:g} s on the file name 'a{{44}}!'"):
         caption_from_filename("a" * 44 + "!", r"(a|aa)+$")
-    assert time.monotonic() - started < WORD_REGEX_SECONDS + 2.0
