@@ -270,7 +270,8 @@ def test_cli_bench_prints_the_overhead_table(capsys: pytest.CaptureFixture[str])
 
 
 def test_a_long_apply_never_blocks_status_or_interrupt(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While one request generates (held here for 3 s), the status and interrupt routes answer at once."""
+    """While one request generates (held here until the end of the test, at most 60 s), the status and interrupt
+    routes answer meanwhile: had they waited for it, it would have ended before them. No clock is read."""
     import threading
     import time
 
@@ -279,7 +280,7 @@ def test_a_long_apply_never_blocks_status_or_interrupt(world: Path, monkeypatch:
     release = threading.Event()
 
     def slow_preview(self: Any, settings: dict, preview: dict, from_text: bool = False) -> list:
-        release.wait(3.0)
+        release.wait(60.0)
         raise AssertionError("held")
 
     monkeypatch.setattr(AestheticJobs, "preview", slow_preview)
@@ -290,10 +291,8 @@ def test_a_long_apply_never_blocks_status_or_interrupt(world: Path, monkeypatch:
     time.sleep(0.3)
     try:
         for method, path in (("get", "status"), ("post", "interrupt"), ("get", "status")):
-            started = time.monotonic()
             answer = getattr(client, method)(f"/finetune/v1/{path}")
-            assert answer.status_code == 200 and time.monotonic() - started < 1.0
-        assert worker.is_alive()  # the long request was still running meanwhile
+            assert answer.status_code == 200 and worker.is_alive()  # answered while the long request still ran
     finally:
         release.set()
         worker.join()
