@@ -74,7 +74,7 @@ class MethodTab:
     def build(self) -> None:
         gr = self.gr
         with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, elem_classes=["finetune-form"]):  # compact (style.css)
                 self._settings_column()
             with gr.Column(scale=2, elem_classes=["finetune-output-column"]):  # kept in view (style.css)
                 self._output_column()
