@@ -92,19 +92,25 @@ class DreamArtistConfig(DreamArtistCreate):
                               "this, at every step of the schedule.")
     reconstruction: bool = _f(False, "Train with reconstruction", "Also compare the decoded prediction with the "
                               "image in pixels (L1): a full VAE decode and backward per step.")
-    reconstruction_weight: float = _f(1.0, "Reconstruction loss weight", "lambda of the pixel L1 term.")
+    reconstruction_weight: float = _f(1.0, "Reconstruction loss weight", "lambda of the pixel L1 term.",
+                                      advanced=True)
     discriminator_path: str = _f("", "Discriminator file", "A ConvNeXt-Tiny state dict with 3 classes (class 1 = "
                                  "good) that scores the decoded prediction; needs timm. Empty: off.", advanced=True)
     discriminator_weight: float = _f(1.0, "Discriminator loss weight", "lambda of mean(1 - p(good)); it adds to "
                                      "the loss (the original replaced the loss with it).", advanced=True)
     clip_norm: float = _f(1.0, "Gradient norm limit", "Each embedding's gradient norm is clipped to this at every "
-                          "step (the original: 1); 0 turns it off.")
-    ema_decay: float = _f(1.0, "EMA (positive)", "Moving-average decay of NAME (0.97 suggested); 1 = off.")
-    ema_every: int = _f(25, "EMA replace steps (positive)", "Every N steps the average replaces NAME.")
-    neg_ema_decay: float = _f(1.0, "EMA (negative)", "Moving-average decay of NAME-neg; 1 = off.")
-    neg_ema_every: int = _f(25, "EMA replace steps (negative)", "Every N steps the average replaces NAME-neg.")
+                          "step (the original: 1); 0 turns it off.", advanced=True)
+    ema_decay: float = _f(1.0, "EMA (positive)", "Moving-average decay of NAME (0.97 suggested); 1 = off.",
+                          advanced=True)
+    ema_every: int = _f(25, "EMA replace steps (positive)", "Every N steps the average replaces NAME.",
+                       advanced=True)
+    neg_ema_decay: float = _f(1.0, "EMA (negative)", "Moving-average decay of NAME-neg; 1 = off.",
+                              advanced=True)
+    neg_ema_every: int = _f(25, "EMA replace steps (negative)", "Every N steps the average replaces NAME-neg.",
+                           advanced=True)
     save_format: str = _f("pt", "File format", "pt: the WebUI's classic format; safetensors: cannot run code when "
-                          "loaded (SDXL pairs are always safetensors).", choices=list(SAVE_FORMATS))
+                          "loaded (SDXL pairs are always safetensors).", choices=list(SAVE_FORMATS),
+                          advanced=True)
 
     def validate(self) -> None:
         problems = _setting_problems(self)

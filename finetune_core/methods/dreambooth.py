@@ -59,16 +59,18 @@ class DreamBoothSettings:
     train_text_encoder: bool = _f(False, "Train the text encoder(s)", "Also fine-tune the text encoder(s) (both on "
                                   "SDXL): stronger likeness, more memory.")
     text_encoder_lr: str = _f("", "Text encoder learning rate", "A rate or schedule for the text encoder(s); "
-                              "empty: the UNet's.")
-    text_encoder_steps: int = _f(0, "Train the text encoder for N steps", "Then freeze it; 0: all steps.")
+                              "empty: the UNet's.", advanced=True)
+    text_encoder_steps: int = _f(0, "Train the text encoder for N steps", "Then freeze it; 0: all steps.",
+                                 advanced=True)
     ema_decay: float = _f(0.0, "EMA decay", "Keep an exponential moving average of the UNet and save it instead "
                           "(0.9999 is usual; 0: off).", advanced=True)
     ema_on_cpu: bool = _f(False, "EMA on the CPU", "Keep the average in RAM, not on the device (saves the size of "
                           "the UNet in float32, costs a copy per step).", advanced=True)
     save_format: str = _f("safetensors", "Checkpoint format", "safetensors, or ckpt ({'state_dict': ...}).",
-                          choices=list(SAVE_FORMATS))
+                          choices=list(SAVE_FORMATS), advanced=True)
     save_precision: str = _f("fp16", "Trained weights saved in", "fp16 halves the file; the weights carried over "
-                             "from the source keep their own precision.", choices=list(SAVE_PRECISIONS))
+                             "from the source keep their own precision.", choices=list(SAVE_PRECISIONS),
+                             advanced=True)
     keep_resume_state: bool = _f(False, "Keep resume state", "Write the weights and the optimizer into the run "
                                  "folder at every save for an exact resume (3x the UNet in float32 on disk).",
                                  advanced=True)

@@ -67,31 +67,33 @@ class LoraSettings:
                       f"in the WebUI's built-in Lora extension.", choices=tuple(NETWORK_TYPES))
     dora: bool = _f(False, "DoRA", "Weight-decomposed (DoRA): also train each layer's magnitude per input column "
                     "(dora_scale); lora, loha and lokr.", types=tuple(n for n, k in NETWORK_TYPES.items()
-                                                                       if k.has_dora))
+                                                                       if k.has_dora), advanced=True)
     rank: int = _f(16, "Rank", "Rank of every adapter (network_dim): its size and capacity; 4-32 for a subject or "
                    "style, higher for more detail.", types=_RANKED)
     alpha: float = _f(8.0, "Alpha", "Scales the adapters by alpha / rank (network_alpha): alpha = rank gives scale "
                       "1; kohya's default 1 gives 1/rank and needs a higher learning rate. 0 means alpha = rank.",
                       types=_RANKED)
     factor: int = _f(-1, "LoKr factor", "LoKr: the size of the small Kronecker factor (it must divide every adapted "
-                     "layer's widths); -1 picks the most balanced split per layer.", types=("lokr",))
+                     "layer's widths); -1 picks the most balanced split per layer.", types=("lokr",),
+                     advanced=True)
     full_matrix: bool = _f(False, "LoKr full matrix", "LoKr: train the larger factor whole instead of as a "
-                           "low-rank pair (bigger file, no rank).", types=("lokr",))
+                           "low-rank pair (bigger file, no rank).", types=("lokr",), advanced=True)
     blocks: int = _f(64, "OFT blocks", "OFT: rotation blocks per layer; each adapted layer's width must divide by "
-                     "it (more blocks = smaller, cheaper rotations).", types=("oft",))
+                     "it (more blocks = smaller, cheaper rotations).", types=("oft",), advanced=True)
     constraint: float = _f(0.0, "OFT constraint", "OFT: bound on how far each rotation may turn (COFT), times the "
-                           "layer width; 0 = none.", types=("oft",))
-    train_unet: bool = _f(True, "Train the UNet", "Adapters on the UNet's attention and projection layers.")
+                           "layer width; 0 = none.", types=("oft",), advanced=True)
+    train_unet: bool = _f(True, "Train the UNet", "Adapters on the UNet's attention and projection layers.",
+                           advanced=True)
     train_text_encoder: bool = _f(False, "Train the text encoder(s)", "Also adapt the text encoders' attention and "
                                   "MLP layers (both on SDXL); prompts are then encoded at every step.")
     text_encoder_lr_scale: float = _f(0.5, "Text encoder learning rate (x learning rate)", "The text encoder "
                                       "adapters' rate as a share of the learning rate (0.5 = half, kohya's usual "
-                                      "1e-4 against 5e-5); it follows the schedule.")
+                                      "1e-4 against 5e-5); it follows the schedule.", advanced=True)
     conv_rank: int = _f(0, "Conv rank (LoCon)", "Also adapt the UNet's residual blocks and samplers: their 3x3 "
                         "convolutions get this rank (conv_dim), their other layers the rank above; 0 = off.",
-                        types=_CONV)
+                        types=_CONV, advanced=True)
     conv_alpha: float = _f(0.0, "Conv alpha", "Alpha of the 3x3 convolution adapters (conv_alpha); 0 = conv rank.",
-                           types=_CONV)
+                           types=_CONV, advanced=True)
     dropout: float = _f(0.0, "Dropout", "Dropout on each adapter's rank values (network_dropout).", advanced=True,
                         types=("lora",))
     rank_dropout: float = _f(0.0, "Rank dropout", "Chance that a rank is dropped per sample (rank_dropout).",

@@ -71,12 +71,15 @@ class PriorPreservationSettings:
                                   "the class prompt, so the class keeps its look (less overfitting and drift).")
     class_prompt: str = _f("", "Class prompt", "What the class images show, without the instance token, e.g. "
                            "'a photo of a dog'; [filewords] becomes a class image's caption.")
-    class_negative_prompt: str = _f("", "Class negative prompt", "Negative prompt for making class images.")
+    class_negative_prompt: str = _f("", "Class negative prompt", "Negative prompt for making class images.",
+                                    advanced=True)
     class_images: int = _f(100, "Class images", "How many class images to train with (200-300 is common); missing "
                            "ones are made before step 1 and kept for the next run.")
     class_data_dir: str = _f("", "Class image folder", "Where class images are kept; your own images there are "
-                             "used too. Empty: a folder per class prompt in the run logs' class_images/.")
-    prior_loss_weight: float = _f(1.0, "Prior loss weight", "λ in instance loss + λ · class loss.")
+                             "used too. Empty: a folder per class prompt in the run logs' class_images/.",
+                             advanced=True)
+    prior_loss_weight: float = _f(1.0, "Prior loss weight", "λ in instance loss + λ · class loss.",
+                                  advanced=True)
     class_steps: int = _f(30, "Class image sampling steps", "", advanced=True)
     class_cfg_scale: float = _f(7.5, "Class image CFG scale", "", advanced=True)
     class_sampler: str = _f("DPM++ 2M", "Class image sampler", "A sampler name as in the WebUI's txt2img.",

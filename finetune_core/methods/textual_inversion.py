@@ -54,10 +54,10 @@ class TextualInversionConfig(TextualInversionCreate):
         "help": "An existing embedding file (path, or name in the embeddings folder) to keep training from its "
                 "step; empty starts a new embedding from the initialization text."})
     save_format: str = field(default="pt", metadata={
-        "label": "File format", "choices": list(SAVE_FORMATS),
+        "label": "File format", "choices": list(SAVE_FORMATS), "advanced": True,
         "help": "pt: the WebUI's classic format; safetensors: cannot run code when loaded."})
     save_image_with_embedding: bool = field(default=True, metadata={
-        "label": "Save images with embedding in PNG chunks",
+        "label": "Save images with embedding in PNG chunks", "advanced": True,
         "help": "Each preview also goes to image_embeddings/ as a PNG that carries the embedding (SD1/SD2)."})
 
     def validate(self) -> None:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # Used only while the settings dataclasses carry no "advanced" metadata of their own.
 DATA_ADVANCED = {"flip_p", "shuffle_tags", "tag_dropout", "keep_tags", "latent_sampling", "recursive",
                  "use_alpha_weight", "keep_pixels", "filename_word_regex", "filename_join_string", "cache_dir",
-                 "crop_seed"}
+                 "crop_seed", "resize_mode", "crop", "attention_masks", "validation_dir", "validation_split"}
 TRAIN_ADVANCED = {"weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "momentum", "min_snr_gamma",
                   "noise_offset", "nan_guard_bad_steps", "nan_guard_max_rollbacks", "nan_guard_snapshot_every",
                   "nan_guard_lr_factor", "csv_every", "save_optimizer_state", "clip_grad_value"}
