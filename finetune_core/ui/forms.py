@@ -52,6 +52,7 @@ def build_section(gr: Any, specs: list[FieldSpec], elem_prefix: str,
 
 
 PER_ROW = 3  # short fields (numbers, choices, checkboxes) side by side, as the WebUI's own tabs place them
+TEXT_PER_ROW = 2  # a row holding a text field holds two fields at most
 
 
 def _render(gr: Any, specs: list[FieldSpec], elem_prefix: str, dynamic: dict[str, ChoicesFn],
@@ -73,12 +74,15 @@ def _render(gr: Any, specs: list[FieldSpec], elem_prefix: str, dynamic: dict[str
 
 
 def _rows(specs: list[FieldSpec], dynamic: dict[str, ChoicesFn]) -> list[list[FieldSpec]]:
-    """Consecutive short fields in rows of up to PER_ROW (width beside height, steps beside batch size); a text
-    field or one with a refresh button gets a row of its own."""
+    """Consecutive fields side by side (width beside height, steps beside batch size, a text beside its count):
+    up to PER_ROW short fields a row, or TEXT_PER_ROW where one is a text field; a field with a refresh button
+    gets a row of its own."""
     rows: list[list[FieldSpec]] = []
     for spec in specs:
-        if _short(spec, dynamic) and rows and len(rows[-1]) < PER_ROW and all(_short(s, dynamic) for s in rows[-1]):
-            rows[-1].append(spec)
+        row = rows[-1] if rows else []
+        room = PER_ROW if all(_short(s, dynamic) for s in [*row, spec]) else TEXT_PER_ROW
+        if spec.name not in dynamic and row and row[0].name not in dynamic and len(row) < room:
+            row.append(spec)
         else:
             rows.append([spec])
     return rows

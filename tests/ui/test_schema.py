@@ -6,7 +6,7 @@ from typing import Optional
 import pytest
 
 from finetune_core.errors import ConfigError
-from finetune_core.ui.schema import coerce_all, field_specs, with_advanced, with_defaults
+from finetune_core.ui.schema import FieldSpec, coerce_all, field_specs, with_advanced, with_defaults
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,17 @@ def test_an_optional_number_is_a_text_box_that_can_be_left_empty() -> None:
     assert all(isinstance(c, gr.Textbox) and c.value == "" for c in optional)
     assert isinstance(required, gr.Number) and required.value == 10
     assert coerce_all([specs["decay"], specs["other"]], {"decay": "", "other": " 3 "}) == {"decay": None, "other": 3}
+
+
+def test_fields_share_rows_and_a_text_field_takes_one_partner() -> None:
+    from finetune_core.ui.forms import _rows
+
+    def spec(name: str, kind: str) -> FieldSpec:
+        return FieldSpec(name=name, kind=kind, default=None, label=name)  # type: ignore[arg-type]
+
+    specs = [spec("width", "int"), spec("height", "int"), spec("batch", "int"), spec("repeats", "int"),
+             spec("init_text", "str"), spec("vectors", "int"), spec("template", "str"), spec("flag", "bool"),
+             spec("prompt", "str"), spec("negative", "str"), spec("seed", "int")]
+    rows = [[s.name for s in row] for row in _rows(specs, {"template": list})]
+    assert rows == [["width", "height", "batch"], ["repeats", "init_text"], ["vectors"], ["template"],
+                    ["flag", "prompt"], ["negative", "seed"]]
