@@ -41,6 +41,11 @@ class Host(Protocol):
         against it: a file to continue from must be of it); None: checked once the model loads."""
         ...
 
+    def model_title(self) -> str:
+        """The checkpoint a job started now would train on, as the user knows it (WebUI: the loaded checkpoint's
+        title; standalone: the picked model)."""
+        ...
+
     def model_picker(self) -> ModelPicker | None:
         """What the tab's Base model row drives (standalone: the host itself); None where the host picks the model
         (the WebUI's own checkpoint dropdown)."""

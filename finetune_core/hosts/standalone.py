@@ -65,6 +65,9 @@ class StandaloneHost:
         model = self._model
         return model.family if model is not None else service.model_family(self.model_spec)
 
+    def model_title(self) -> str:
+        return self.model_spec
+
     def model_status(self) -> str:
         """A line saying which model is picked and whether it is loaded."""
         model = self._model

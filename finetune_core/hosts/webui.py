@@ -158,6 +158,12 @@ class WebUIHost:
 
         return detect_family(shared.sd_model) if shared.sd_model is not None else None
 
+    def model_title(self) -> str:
+        from modules import shared
+
+        info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        return str(info.title) if info is not None else "no checkpoint loaded"
+
     def model_switched(self) -> bool:
         """True when the WebUI's loaded model is no longer the one the current job uses (switched while it paused)."""
         from modules import shared

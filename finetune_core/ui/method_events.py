@@ -6,6 +6,7 @@ from typing import Any, Protocol
 
 from finetune_core.ui.actions import MethodActions, Values, guarded, message_html
 from finetune_core.ui.compat import NO_API, gallery_value, js_kwargs
+from finetune_core.ui.panels import checkpoint_line
 from finetune_core.ui.schema import FieldSpec
 
 
@@ -28,17 +29,17 @@ def wire(tab: MethodTab) -> None:
     """Attach every button of `tab` to its handler."""
     gr, c, actions = tab.gr, tab.c, tab.actions
     fields = [comp for _, _, comp in tab.fields]
-    status_outputs = [c["progress"], c["plot"], c["gallery"], c["result"], c["poll"]]
+    status_outputs = [c["progress"], c["plot"], c["gallery"], c["result"], c["checkpoint"], c["poll"]]
 
     def on_train(task: Any, name: str, overwrite: bool, resume_run: str, *values: Any) -> tuple:
         task_id = task if isinstance(task, str) and task.startswith("task(") else None
         actions.train(name or "", tab.collect(list(values)), overwrite, resume_run or "", task_id)
         return ("", *_status(actions, None)[:-1], None)  # the progress panel says it started; no line to go stale
 
-    c["train"].click(fn=guarded(gr, on_train, 6, 0),
+    c["train"].click(fn=guarded(gr, on_train, 7, 0),
                      inputs=[c["task"], c["name"], c["overwrite"], c["resume_run"], *fields],
                      outputs=[c["status"], *status_outputs], **js_kwargs(gr, tab.ctx.train_js), **NO_API)
-    c["refresh"].click(fn=guarded(gr, lambda last: _refresh(gr, actions, last), 5, 0), inputs=[c["poll"]],
+    c["refresh"].click(fn=guarded(gr, lambda last: _refresh(gr, actions, last), 6, 0), inputs=[c["poll"]],
                        outputs=status_outputs, **NO_API)
     for key, command in (("pause", actions.runner.pause), ("resume", actions.runner.resume),
                          ("interrupt", actions.runner.interrupt)):
@@ -71,7 +72,7 @@ def wire(tab: MethodTab) -> None:
 
 def _status(actions: Any, last: Any) -> tuple:
     view = actions.status()
-    return view.progress, view.plot, gallery_value(view.gallery), view.result, last
+    return view.progress, view.plot, gallery_value(view.gallery), view.result, checkpoint_line(actions.host), last
 
 
 def _refresh(gr: Any, actions: Any, last: Any) -> tuple:
@@ -79,11 +80,11 @@ def _refresh(gr: Any, actions: Any, last: Any) -> tuple:
     state = actions.runner.state()
     key = [state.job_id, state.version, len(state.previews)]
     if last == key:
-        return gr.update(), gr.update(), gr.update(), gr.update(), last
+        return gr.update(), gr.update(), gr.update(), gr.update(), checkpoint_line(actions.host), last
     view = actions.status(state)
     same_gallery = bool(last) and last[0] == key[0] and last[2] == key[2]
     gallery = gr.update() if same_gallery else gallery_value(view.gallery)
-    return view.progress, view.plot, gallery, view.result, key
+    return view.progress, view.plot, gallery, view.result, checkpoint_line(actions.host), key
 
 
 def _command_handler(actions: Any, key: str, command: Any) -> Any:

@@ -16,6 +16,7 @@ from finetune_core.ui.actions import SECTIONS, MethodActions, Values
 from finetune_core.ui.compat import gallery_value
 from finetune_core.ui.forms import build_section, refresh_button
 from finetune_core.ui.method_events import wire
+from finetune_core.ui.panels import checkpoint_line
 from finetune_core.ui.schema import FieldSpec, field_specs, with_advanced, with_defaults
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,8 @@ class MethodTab:
             self.c["pause"] = gr.Button("Pause", elem_id=self.eid("pause"))
             self.c["resume"] = gr.Button("Resume", elem_id=self.eid("resume"))
             self.c["interrupt"] = gr.Button("Interrupt", elem_id=self.eid("interrupt"))
+        host = self.ctx.host  # the line is redrawn at every page load, Train and status poll
+        self.c["checkpoint"] = gr.HTML(lambda: checkpoint_line(host), elem_id=self.eid("checkpoint"))
         with gr.Row():
             self.c["estimate"] = gr.Button("Estimate memory", elem_id=self.eid("estimate"), size="sm")
             self.c["fit_size"] = gr.Textbox("", label="Card memory", placeholder="8GB (empty: this GPU's free memory)",

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from finetune_core.hosts.console import format_seconds
+from finetune_core.hosts.host import Host
 from finetune_core.hosts.job_runner import JobState, thin
 
 _STATUS_WORDS = {"idle": "Idle", "waiting": "Starting (waits while another task uses the model)",
@@ -45,6 +46,11 @@ def progress_html(state: JobState, method: str) -> str:
     if state.error:
         parts.append(f"<div class='finetune-error'>{html.escape(state.error)}</div>")
     return _wrap(method, state.active, "".join(parts), state.status)
+
+
+def checkpoint_line(host: Host) -> str:
+    """The short line above the status panel naming the checkpoint a job started now would train on."""
+    return f"<div class='finetune-checkpoint'>Trains on: <b>{html.escape(host.model_title())}</b></div>"
 
 
 def _wrap(method: str, running: bool, body: str, status: str = "idle") -> str:

@@ -41,6 +41,9 @@ class FakeHost:
     def model_picker(self) -> None:
         return None
 
+    def model_title(self) -> str:
+        return "fake.safetensors [0123456789]"
+
     def aesthetic_folders(self) -> list[Path]:
         return [self.folders().aesthetic_embeddings]
 

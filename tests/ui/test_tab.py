@@ -128,3 +128,16 @@ def test_texts_are_true_for_each_method(host: Any) -> None:
     assert "<lora:NAME:1>" in infos["finetune_lora_name"] and "NAME-neg" in infos["finetune_dreamartist_name"]
     assert "the word you write in prompts" in infos["finetune_textual_inversion_name"]
     assert len({infos[f"finetune_{key.replace('-', '_')}_name"] for key in METHODS}) == len(METHODS)
+
+
+def test_each_method_tab_names_the_checkpoint_it_will_train_on(host: Any) -> None:
+    from finetune_core.methods import METHODS
+
+    blocks = build_tab(host, gr)
+    lines = {b.elem_id: b for b in blocks.blocks.values() if str(getattr(b, "elem_id", "")).endswith("_checkpoint")}
+    assert set(lines) == {f"finetune_{key.replace('-', '_')}_checkpoint" for key in METHODS}
+    host.model_title = lambda: "switched.safetensors [abc]"  # a checkpoint switched after the page was built
+    for block in lines.values():
+        assert "Trains on: <b>fake.safetensors [0123456789]</b>" in block.value  # drawn when built
+        redraw = block.load_event_to_attach[0]  # ... and again at every page load
+        assert redraw() == "<div class='finetune-checkpoint'>Trains on: <b>switched.safetensors [abc]</b></div>"
