@@ -35,9 +35,14 @@ def db_request(dataset, name="mydb", steps=2, **method) -> service.TrainRequest:
                                  "csv_every": 0})
 
 
-def test_sd1_run_through_the_extension_lists_the_checkpoint_and_leaves_the_model(extension, sd1, dataset, webui):
-    from modules import processing, sd_models
+def test_sd1_run_through_the_extension_lists_the_checkpoint_and_leaves_the_model(extension, sd1, dataset, webui,
+                                                                                  monkeypatch):
+    import io
 
+    from modules import processing, sd_models, shared
+
+    console = io.StringIO()
+    monkeypatch.setattr(shared, "progress_print_out", console)
     source = write_source(sd1)
     before = weights_checksum(sd1)
     state, recorder = run(extension, db_request(dataset, prior_preservation=True, class_prompt="a photo of a thing",
@@ -54,6 +59,7 @@ def test_sd1_run_through_the_extension_lists_the_checkpoint_and_leaves_the_model
     assert not torch.equal(written["model.diffusion_model.out.2.weight"].float(),
                            original["model.diffusion_model.out.2.weight"])
     assert any(r[0] == "Phase" and "class images" in r[3] for r in recorder.rows)  # the WebUI's progress text
+    assert "Fine-tune: class images" in console.getvalue()  # and the preparation's bar in the console
     assert len(list((Path(webui.cmd_opts.data_dir) / "outputs" / "finetune" / "dreambooth" / "class_images")
                     .rglob("*.png"))) == 2
     # generation works at once, with the model as it was
