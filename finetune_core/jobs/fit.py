@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +108,45 @@ def measure(request: Request, fake: bool = True) -> Measurement:
     same steps on a real tiny model, counted by the same tracker; tests compare the two)."""
 
     if fake:
-        return run_steps(request, fake_device(), lambda dtype: fake_model(request.model, dtype))
+        with _FAKE_MODELS.lock:
+            return run_steps(request, fake_device(_FAKE_MODELS.mode),
+                             lambda dtype: _FAKE_MODELS.model(request.model, dtype))
     return run_steps(request, real_device(), lambda dtype: build_tiny(request.model, dtype=dtype))
+
+
+class _FakeModels:
+    """The fake models measured so far, built once and reused (a plan measures one architecture several times):
+    one `FakeTensorMode` for all of them (a fake tensor belongs to the mode that made it), the last two (name,
+    dtype) kept. A measurement leaves a model as it found it (a training session restores its weights, a method's
+    adapters and hooks come off); one measurement at a time uses them."""
+
+    KEPT = 2
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._mode: Any = None
+        self._models: dict[tuple[str, torch.dtype], Any] = {}
+
+    @property
+    def mode(self) -> Any:
+        if self._mode is None:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            self._mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return self._mode
+
+    def model(self, name: str, dtype: torch.dtype) -> Any:
+        """The fake model `name` in `dtype` (call it inside `fake_device(self.mode)`)."""
+        key = (name, dtype)
+        if key not in self._models:
+            model = fake_model(name, dtype)
+            while len(self._models) >= self.KEPT:
+                self._models.pop(next(iter(self._models)))
+            self._models[key] = model
+        return self._models[key]
+
+
+_FAKE_MODELS = _FakeModels()
 
 
 def run_steps(request: Request, device: contextlib.AbstractContextManager[Any], build: Callable[[torch.dtype], Any],

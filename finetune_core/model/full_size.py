@@ -61,7 +61,34 @@ def fake_model(name: str, dtype: torch.dtype = torch.float16) -> Any:
     else:
         known = ", ".join([*FULL_SIZE, *TINY_MODELS])
         raise ConfigError(f"model architecture {name!r} is not known; choose one of {known}")
-    modules = {n: build_component(n, config).to(dtype) for n, config in configs.items()}
+    with torch.device("meta"):  # built without initialising: values are not what is measured
+        modules = {n: build_component(n, config) for n, config in configs.items()}
+    for module in modules.values():
+        _fake_from_meta(module, dtype)
     return DiffusersModel(modules["unet"], modules["vae"], modules["text_encoder"], modules.get("text_encoder_2"),
                           family=family, prediction_type=prediction, identity=ModelIdentity(name, "0" * 10),
                           device="cpu", dtype=dtype)
+
+
+def _fake_from_meta(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give a module built on the meta device empty CPU tensors in place of its own, floating point ones in `dtype`
+    (what `.to(dtype)` would give): inside a `FakeTensorMode` these are fake tensors, made without running the
+    initialisers. A tensor shared by two modules stays shared."""
+
+    made: dict[int, torch.Tensor] = {}
+
+    def empty(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in made:
+            kind = dtype if tensor.is_floating_point() else tensor.dtype
+            new = torch.empty(tensor.shape, dtype=kind, device="cpu")
+            if isinstance(tensor, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
+            made[id(tensor)] = new
+        return made[id(tensor)]
+
+    for owner in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(owner, kind)
+            for name, tensor in table.items():
+                if tensor is not None:
+                    table[name] = empty(tensor)

@@ -209,12 +209,14 @@ class BlockwiseAdamState(torch.optim.Optimizer):
 
 # --- the measured steps ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def fake_device() -> Iterator[LiveBytes]:
-    """Fake tensors with the tracker on top: build the model and the method inside, then `measure_steps`."""
+def fake_device(mode: Any = None) -> Iterator[LiveBytes]:
+    """Fake tensors with the tracker on top: build the model and the method inside, then `measure_steps`. `mode`:
+    the `FakeTensorMode` to enter (one that made a model built before: its fake tensors belong to it), else a new
+    one."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     tracker = LiveBytes(scalar=1.0)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
     with mode, _swaps_by_data(), tracker:
         yield tracker
 
@@ -264,7 +266,8 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
     setup = TrainingSetup(method.trains, config.precision, config.gradient_checkpointing,
                           vae_gradient_checkpointing=config.gradient_checkpointing and method.decodes_latents)
     known = set(tracker.live)
-    with model.training_session(setup) as session:
+    hooks: list[Any] = []  # taken off after the steps: the model's own parameters may carry them (DreamBooth)
+    with model.training_session(setup) as session, _removed(hooks):
         resident = module_tensors(modules)
         tracker.file_as(resident, "weights")
         kept = {id(t.untyped_storage()) for t in resident}
@@ -274,7 +277,7 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
         if hardware.residency == "medvram":
             tracker.host(module_tensors(_unused_modules(model, method)))
         with model.placement(), method.training_context(model), attention_kernel(hardware.attention):
-            ctx = _context(tracker, model, method, data, config, session)
+            ctx = _context(tracker, model, method, data, config, session, hooks)
             tracker.reset_peak()
             first = Measurement(0, {})
             for step in range(steps):
@@ -312,14 +315,23 @@ def attention_kernel(kernel: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _removed(hooks: list[Any]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _context(tracker: LiveBytes, model: DiffusionModel, method: Any, data: ShapeData, config: TrainConfig,
-             session: Any) -> Any:
+             session: Any, hooks: list[Any]) -> Any:
 
     groups = method.trainable_parameters(model)
     params = [p for g in groups for p in g.params]
     for p in params:
         p.requires_grad_(True)
-        p.register_post_accumulate_grad_hook(lambda p: tracker.file_as([p.grad], "gradients"))
+        hooks.append(p.register_post_accumulate_grad_hook(lambda p: tracker.file_as([p.grad], "gradients")))
     tracker.file_as(params, "weights")
     optimizer = _optimizer(groups, config)
     optimizer.register_step_pre_hook(lambda *_: setattr(tracker, "phase", "temporaries"))

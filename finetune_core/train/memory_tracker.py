@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries", "ema", "caches")
 BLOCK = 512  # the CUDA caching allocator's smallest block: every allocation is rounded up to it
 _SCALAR = torch.ops.aten._local_scalar_dense.default
+_DEVICE = torch.ops.prim.device.default
 
 
 def _rounded(nbytes: int) -> int:
@@ -133,12 +134,18 @@ class LiveBytes(TorchDispatchMode):
         return self.phase
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is _DEVICE:  # a fake tensor's device, asked by autograd for every tensor it sees: makes nothing
+            device = getattr(args[0], "fake_device", None)  # what FakeTensorMode answers, without its dispatch
+            return device if device is not None else func(*args)
         if func is _SCALAR and self.scalar is not None:
             dtype = args[0].dtype
             return bool(self.scalar) if dtype == torch.bool else (int(self.scalar) if not dtype.is_floating_point
                                                                   else float(self.scalar))
         out = func(*args, **(kwargs or {}))
         category = self._category()
+        if isinstance(out, torch.Tensor):
+            self.track(out, category, refile=False)
+            return out
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self.track(leaf, category, refile=False)

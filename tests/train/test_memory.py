@@ -129,3 +129,34 @@ def test_a_half_model_trained_as_float32_masters_counts_the_masters_not_the_half
     trained = measure(Request("dreambooth", "tiny-sd1", SMALL)).by_category["weights"]
     # fp16 -> float32 master: 2 more bytes per UNet value (4 more if the fp16 originals stayed on the device)
     assert (trained - frozen) / unet == pytest.approx(2.0, abs=0.2)
+
+
+def test_a_fake_model_reused_across_measurements_measures_as_one_built_for_each() -> None:
+    from finetune_core.jobs.fit import run_steps
+    from finetune_core.model.full_size import fake_model
+
+    requests = [Request(method, "tiny-sd1", SMALL) for method in
+                ("dreambooth", "lora", "textual-inversion", "hypernetwork", "dreamartist", "dreambooth")]
+    requests.append(Request("lora", "tiny-sd1", {**SMALL, "method": {"train_text_encoder": True},
+                                                 "train": {"optimizer": "adamw8bit"}}))
+    reused = [measure(request) for request in requests]  # one model serves all, DreamBooth's masters first
+    for request, measured in zip(requests, reused):
+        fresh = run_steps(request, fake_device(), lambda dtype, r=request: fake_model(r.model, dtype))
+        assert measured == fresh, request.method
+
+
+def test_a_fake_model_has_the_tensors_of_the_model_it_stands_for() -> None:
+    from finetune_core.model.full_size import fake_model
+    from finetune_core.model.single_file import build_component
+    from finetune_core.model.tiny import tiny_configs, tiny_spec
+
+    def layout(modules: dict[str, torch.nn.Module]) -> dict[str, list[tuple[str, tuple[int, ...], torch.dtype]]]:
+        return {key: [(name, tuple(t.shape), t.dtype) for name, t in
+                      [*module.named_parameters(), *module.named_buffers()]] for key, module in modules.items()}
+
+    built = {name: build_component(name, config).to(torch.float16)
+             for name, config in tiny_configs(tiny_spec("tiny-sdxl")).items()}
+    with fake_device():
+        model = fake_model("tiny-sdxl", torch.float16)
+        fake = {**model.trainable_modules(), "vae": model.vae}
+    assert layout(fake) == layout(built)
