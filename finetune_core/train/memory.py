@@ -22,7 +22,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from finetune_core.errors import ConfigError
 from finetune_core.model.interface import DiffusionModel, TrainingSetup
 from finetune_core.train import optim
 from finetune_core.train.ema import ParameterAverages
-from finetune_core.train.memory_tracker import LiveBytes, module_tensors
+from finetune_core.train.memory_tracker import LiveBytes, module_tensors, rounded
 from finetune_core.train.step import StepContext, make_grad_scaler, train_step
 from finetune_core.train.train_config import TrainConfig
 
@@ -84,11 +84,26 @@ class Hardware:
 
 
 @dataclass(frozen=True)
+class Trace:
+    """What the steps' peak is made of, kept to compute the same steps with another optimizer state
+    (`with_8bit_adamw`): per step (0, 1, ...) its segments, "pre" (to the optimizer step), "opt" (the optimizer
+    step: its value and totals are those on entering it) and "post", each with its largest live bytes less the
+    optimizer state and the totals at that moment; the size of each tensor given optimizer state; the optimizer."""
+
+    segments: tuple[tuple[int, str, int, tuple[tuple[str, int], ...]], ...]
+    state_numels: tuple[int, ...]
+    optimizer: str
+    steps: int
+
+
+@dataclass(frozen=True)
 class Measurement:
-    """The peak bytes of the steps and what was live at that moment, by category."""
+    """The peak bytes of the steps and what was live at that moment, by category (`trace`: how it was reached,
+    when the steps were measured)."""
 
     peak_bytes: int
     by_category: dict[str, int]
+    trace: Trace | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {gib(n)}" for name, n in self.by_category.items() if n)
@@ -284,14 +299,68 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
                 if step == 1:  # the steady state from here: the optimizer state exists and is filed as such
                     first = Measurement(tracker.peak, dict(tracker.peak_by_category))
                     tracker.reset_peak()
+                tracker.step = step
+                tracker.begin_segment(f"{step}:pre")
                 _measured_step(tracker, ctx, step)
                 if after_step is not None:
                     after_step(step)
-    steady = dict(tracker.peak_by_category)
+            tracker.end_segments()
+    trace = Trace(tuple((int(name.split(":")[0]), name.split(":")[1], value, tuple(totals.items()))
+                        for name, (value, totals) in tracker.segments),
+                  tuple(p.numel() for p in ctx.optimizer.state), config.optimizer, steps)
+    return _composed(first.peak_bytes, tracker.peak, dict(tracker.peak_by_category), trace)
+
+
+def _composed(first_peak: int, steady_peak: int, steady: dict[str, int], trace: Trace | None) -> Measurement:
+    """The measurement of the first step's peak and the steady steps' peak with its totals."""
+    steady = dict(steady)
     # the breakdown is the steady step's (the first files the optimizer state it creates as temporaries); where the
     # first step went higher (by what it made once: the state, the text cache), the excess counts as temporaries
-    steady["temporaries"] += max(0, first.peak_bytes - tracker.peak)
-    return Measurement(max(first.peak_bytes, tracker.peak), steady)
+    steady["temporaries"] += max(0, first_peak - steady_peak)
+    return Measurement(max(first_peak, steady_peak), steady, trace)
+
+
+def eight_bit_state_bytes(numel: int) -> int:
+    """Device bytes of one tensor's `BlockwiseAdamState` state, as the tracker counts them (512-byte blocks)."""
+    if numel < MIN_8BIT_SIZE:
+        moments = 2 * rounded(4 * numel)
+    else:
+        moments = 2 * rounded(numel) + 2 * rounded(4 * math.ceil(numel / BLOCKWISE))
+    return rounded(4) + moments  # the step count: a float32 scalar
+
+
+def with_8bit_adamw(measured: Measurement) -> Measurement | None:
+    """The measurement of the same steps with 8-bit AdamW (`BlockwiseAdamState`) in place of the measured torch
+    AdamW or Adam, computed from `measured.trace` without running them again (equal to measuring them: tested);
+    None when it cannot be (no trace, another optimizer).
+
+    The optimizer state is the only thing the optimizer changes outside its own step, and it is constant outside
+    it: every segment before or after an optimizer step keeps its moments, less the old state plus the new one.
+    8-bit AdamW's own step makes its state in the first step and nothing else: that segment peaks at its entry
+    plus the new state (filed as temporaries while it is made)."""
+
+    trace = measured.trace
+    if trace is None or trace.optimizer not in ("adamw", "adam"):
+        return None
+    state = sum(eight_bit_state_bytes(n) for n in trace.state_numels)
+    first: tuple[int, dict[str, int]] = (0, {})
+    steady: tuple[int, dict[str, int]] | None = None
+    for step, kind, value, items in trace.segments:
+        totals = dict(items)
+        had_state = totals["optimizer"] > 0
+        if kind == "opt" and not had_state:
+            totals["temporaries"] += state
+        else:
+            totals["optimizer"] = state if had_state else 0
+        value += state if kind == "opt" or had_state else 0
+        if step == 0 and trace.steps > 1:
+            if value > first[0]:
+                first = (value, totals)
+        elif steady is None or value > steady[0]:
+            steady = (value, totals)
+    if steady is None:
+        return None
+    return _composed(first[0], steady[0], steady[1], Trace((), trace.state_numels, "adamw8bit", trace.steps))
 
 
 def _unused_modules(model: DiffusionModel, method: Any) -> list[torch.nn.Module]:
@@ -334,7 +403,7 @@ def _context(tracker: LiveBytes, model: DiffusionModel, method: Any, data: Shape
         hooks.append(p.register_post_accumulate_grad_hook(lambda p: tracker.file_as([p.grad], "gradients")))
     tracker.file_as(params, "weights")
     optimizer = _optimizer(groups, config)
-    optimizer.register_step_pre_hook(lambda *_: setattr(tracker, "phase", "temporaries"))
+    optimizer.register_step_pre_hook(lambda *_: _before_optimizer(tracker))
     optimizer.register_step_post_hook(lambda *_: _after_optimizer(tracker, optimizer))
     averages = ParameterAverages(groups)
     tracker.file_as(averages.tensors(), "ema")
@@ -360,10 +429,16 @@ def _optimizer(groups: list[Any], config: TrainConfig) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _before_optimizer(tracker: LiveBytes) -> None:
+    tracker.phase = "temporaries"
+    tracker.begin_segment(f"{tracker.step}:opt", moving=False)  # its entry: what the optimizer makes is its own
+
+
 def _after_optimizer(tracker: LiveBytes, optimizer: torch.optim.Optimizer) -> None:
     tracker.file_as((t for state in optimizer.state.values() for t in state.values()
                      if isinstance(t, torch.Tensor)), "optimizer")
     tracker.phase = "activations"
+    tracker.begin_segment(f"{tracker.step}:post")
 
 
 def _measured_step(tracker: LiveBytes, ctx: Any, step: int) -> None:

@@ -25,7 +25,8 @@ _SCALAR = torch.ops.aten._local_scalar_dense.default
 _DEVICE = torch.ops.prim.device.default
 
 
-def _rounded(nbytes: int) -> int:
+def rounded(nbytes: int) -> int:
+    """`nbytes` in the CUDA allocator's blocks."""
     return (nbytes + BLOCK - 1) // BLOCK * BLOCK
 
 
@@ -49,6 +50,10 @@ class LiveBytes(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.peak_by_category = dict(self.totals)
+        # the steps' segments (`begin_segment`): name, then [largest live bytes less the optimizer state, totals then]
+        self.segments: list[tuple[str, list[Any]]] = []
+        self._segment: list[Any] | None = None
+        self.step = 0  # the measured step, for the segments' names
 
     # --- bookkeeping ----------------------------------------------------------------------------------------------
     def _storage(self, tensor: torch.Tensor) -> Any | None:
@@ -68,7 +73,7 @@ class LiveBytes(TorchDispatchMode):
             if refile:
                 self._refile(key, category)
             return
-        nbytes = _rounded(storage.nbytes())
+        nbytes = rounded(storage.nbytes())
         if nbytes == 0:
             return
         self.live[key] = (nbytes, category)
@@ -78,6 +83,10 @@ class LiveBytes(TorchDispatchMode):
         if self.current > self.peak:
             self.peak = self.current
             self.peak_by_category = dict(self.totals)
+        segment = self._segment
+        if segment is not None and self.current - self.totals["optimizer"] > segment[0]:
+            segment[0] = self.current - self.totals["optimizer"]
+            segment[1] = dict(self.totals)
 
     def _refile(self, key: int, category: str) -> None:
         nbytes, old = self.live[key]
@@ -122,6 +131,17 @@ class LiveBytes(TorchDispatchMode):
             self.totals[category] -= nbytes
             self.current -= nbytes
             self.live[key] = (0, "caches")  # known (its weak reference still clears it), zero bytes on the device
+
+    def begin_segment(self, name: str, moving: bool = True) -> None:
+        """From here on, keep apart the largest live total less the optimizer state, with the totals at that moment
+        (starting from now's; `moving=False`: only now's): what the same steps with another optimizer state would
+        peak at is computed from it (`train.memory.with_8bit_adamw`)."""
+        segment = [self.current - self.totals["optimizer"], dict(self.totals)]
+        self.segments.append((name, segment))
+        self._segment = segment if moving else None
+
+    def end_segments(self) -> None:
+        self._segment = None
 
     def reset_peak(self) -> None:
         self.peak = self.current

@@ -160,3 +160,21 @@ def test_a_fake_model_has_the_tensors_of_the_model_it_stands_for() -> None:
         model = fake_model("tiny-sdxl", torch.float16)
         fake = {**model.trainable_modules(), "vae": model.vae}
     assert layout(fake) == layout(built)
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("lora", {}),
+    ("hypernetwork", {}),
+    ("dreamartist", {}),
+    ("dreambooth", {"data": {"width": 128, "height": 128, "batch_size": 2},
+                    "train": {"gradient_accumulation": 2, "gradient_checkpointing": False, "optimizer": "adam"}}),
+])
+def test_8bit_adamw_computed_from_a_measurement_equals_measuring_it(method: str, settings: dict) -> None:
+    from finetune_core.train.memory import with_8bit_adamw
+
+    request = Request(method, "tiny-sd1", {**SMALL, **settings})
+    computed = with_8bit_adamw(measure(request))
+    measured = measure(request.with_settings("train", optimizer="adamw8bit"))
+    assert computed is not None
+    assert (computed.peak_bytes, computed.by_category) == (measured.peak_bytes, measured.by_category)
+    assert with_8bit_adamw(measured) is None  # not from another optimizer
