@@ -35,6 +35,7 @@ from finetune_core.train.memory import (
     measure_steps,
     real_device,
     with_8bit_adamw,
+    with_medvram,
 )
 from finetune_core.train.train_config import TrainConfig, missing_optimizers
 
@@ -257,7 +258,8 @@ def _candidates(request: Request, configs: Mapping[str, Any]) -> list[tuple[str,
 
 
 # changes whose measurement is computed from the one before (exactly: tests), not measured again
-COMPUTED: dict[str, Callable[[Measurement], Measurement | None]] = {"8-bit AdamW": with_8bit_adamw}
+COMPUTED: dict[str, Callable[[Measurement], Measurement | None]] = {"8-bit AdamW": with_8bit_adamw,
+                                                                     "medvram residency": with_medvram}
 
 
 def _resized(request: Request, width: int, height: int) -> Request:

@@ -94,6 +94,7 @@ class Trace:
     state_numels: tuple[int, ...]
     optimizer: str
     steps: int
+    hostable: tuple[tuple[str, int], ...] | None = None  # what medvram would leave in RAM, by category
 
 
 @dataclass(frozen=True)
@@ -289,8 +290,10 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
         # what the session set aside (the trained modules' original values) goes to RAM on a GPU machine
         tracker.host_keys([key for key in originals if key not in kept])
         tracker.host_keys([key for key in tracker.live if key not in known and key not in kept])
+        unused = module_tensors(_unused_modules(model, method))
+        hostable = None if hardware.residency == "medvram" else tuple(tracker.bytes_of(unused).items())
         if hardware.residency == "medvram":
-            tracker.host(module_tensors(_unused_modules(model, method)))
+            tracker.host(unused)
         with model.placement(), method.training_context(model), attention_kernel(hardware.attention):
             ctx = _context(tracker, model, method, data, config, session, hooks)
             tracker.reset_peak()
@@ -307,7 +310,7 @@ def measure_steps(tracker: LiveBytes, model: DiffusionModel, method: Any, data: 
             tracker.end_segments()
     trace = Trace(tuple((int(name.split(":")[0]), name.split(":")[1], value, tuple(totals.items()))
                         for name, (value, totals) in tracker.segments),
-                  tuple(p.numel() for p in ctx.optimizer.state), config.optimizer, steps)
+                  tuple(p.numel() for p in ctx.optimizer.state), config.optimizer, steps, hostable)
     return _composed(first.peak_bytes, tracker.peak, dict(tracker.peak_by_category), trace)
 
 
@@ -360,7 +363,23 @@ def with_8bit_adamw(measured: Measurement) -> Measurement | None:
             steady = (value, totals)
     if steady is None:
         return None
-    return _composed(first[0], steady[0], steady[1], Trace((), trace.state_numels, "adamw8bit", trace.steps))
+    return _composed(first[0], steady[0], steady[1],
+                     Trace((), trace.state_numels, "adamw8bit", trace.steps, trace.hostable))
+
+
+def with_medvram(measured: Measurement) -> Measurement | None:
+    """The measurement of the same steps under medvram residency, computed from a measurement with everything
+    resident (equal to measuring them: tested); None when it cannot be. The modules a step does not use are
+    weights that live from before the first step to after the last, untouched: leaving them in RAM lowers every
+    moment of the steps, the peak among them, by their bytes."""
+
+    trace = measured.trace
+    if trace is None or trace.hostable is None:
+        return None
+    hosted = dict(trace.hostable)
+    return Measurement(measured.peak_bytes - sum(hosted.values()),
+                       {name: n - hosted.get(name, 0) for name, n in measured.by_category.items()},
+                       Trace((), trace.state_numels, trace.optimizer, trace.steps, None))
 
 
 def _unused_modules(model: DiffusionModel, method: Any) -> list[torch.nn.Module]:

@@ -114,6 +114,20 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor):
                 self.track(tensor, category)
 
+    def bytes_of(self, tensors: Iterable[torch.Tensor]) -> dict[str, int]:
+        """The live bytes of these tensors' storages (each once), by category."""
+        seen: set[int] = set()
+        out: dict[str, int] = {}
+        for tensor in tensors:
+            storage = self._storage(tensor) if isinstance(tensor, torch.Tensor) else None
+            if storage is None or id(storage) in seen or id(storage) not in self.live:
+                continue
+            seen.add(id(storage))
+            nbytes, category = self.live[id(storage)]
+            if nbytes:
+                out[category] = out.get(category, 0) + nbytes
+        return out
+
     def host(self, tensors: Iterable[torch.Tensor]) -> None:
         """Take these tensors off the count: on a GPU machine they live in host memory."""
         for tensor in tensors:

@@ -178,3 +178,19 @@ def test_8bit_adamw_computed_from_a_measurement_equals_measuring_it(method: str,
     assert computed is not None
     assert (computed.peak_bytes, computed.by_category) == (measured.peak_bytes, measured.by_category)
     assert with_8bit_adamw(measured) is None  # not from another optimizer
+
+
+@pytest.mark.parametrize("method", ["lora", "textual-inversion", "dreamartist", "dreambooth"])
+def test_medvram_computed_from_a_measurement_equals_measuring_it(method: str) -> None:
+    from finetune_core.train.memory import with_8bit_adamw, with_medvram
+
+    request = Request(method, "tiny-sd1", SMALL)
+    medvram = dataclasses.replace(request, hardware=Hardware(residency="medvram"))
+    measured = measure(request)
+    for computed, expected in ((with_medvram(measured), measure(medvram)),
+                               (with_medvram(with_8bit_adamw(measured)),  # type: ignore[arg-type]
+                                measure(medvram.with_settings("train", optimizer="adamw8bit")))):
+        assert computed is not None
+        assert (computed.peak_bytes, computed.by_category) == (expected.peak_bytes, expected.by_category)
+    assert measured.peak_bytes - measure(medvram).peak_bytes > 0  # the VAE at least leaves the device
+    assert with_medvram(measure(medvram)) is None
