@@ -140,6 +140,13 @@ def test_a_fake_model_reused_across_measurements_measures_as_one_built_for_each(
     requests.append(Request("lora", "tiny-sd1", {**SMALL, "method": {"train_text_encoder": True},
                                                  "train": {"optimizer": "adamw8bit"}}))
     reused = [measure(request) for request in requests]  # one model serves all, DreamBooth's masters first
+    from finetune_core.jobs.fit import _FAKE_MODELS
+
+    model = _FAKE_MODELS.model("tiny-sd1", torch.float16)  # the one they used, left as it was found
+    params = [p for m in [*model.trainable_modules().values(), model.vae] for p in m.parameters()]
+    assert not any(p.requires_grad or p.grad is not None or getattr(p, "_post_accumulate_grad_hooks", None)
+                   for p in params)
+    assert {p.dtype for p in params} == {torch.float16}
     for request, measured in zip(requests, reused):
         fresh = run_steps(request, fake_device(), lambda dtype, r=request: fake_model(r.model, dtype))
         assert measured == fresh, request.method
