@@ -191,8 +191,11 @@ def test_a_file_of_another_family_or_with_foreign_keys_is_refused(sd1, tmp_path)
     folders = service.OutputFolders.standalone(tmp_path)
     loras = folders.for_kind("loras")
     random_lora_file(build_tiny("tiny-sdxl"), loras / "xl.safetensors")
+    with pytest.raises(ModelMismatchError, match="made for SDXL models and the model to train on is SD1"):
+        _train(sd1, tmp_path, "new1", method={"continue_from": "xl"})  # with the request (the model's family)
+    unchecked = service.plan(_request("new1", 4, method={"continue_from": "xl"}), folders)  # a host that cannot tell
     with pytest.raises(ModelMismatchError, match="LoRA for SDXL, but the loaded model is SD1"):
-        _train(sd1, tmp_path, "new1", method={"continue_from": "xl"})
+        service.train_plan(unchecked, sd1)
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
                "bundle_emb.thing.string_to_param.*": torch.zeros(1, 768)}, str(loras / "odd.safetensors"))
     with pytest.raises(ArtifactError, match="module bundle_emb has the parts .* which no network type"):
