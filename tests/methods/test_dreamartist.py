@@ -363,6 +363,9 @@ def test_a_pair_lands_together_or_not_at_all(tiny_model, tmp_path, monkeypatch) 
     model = tiny_model("tiny-sd1")
     create_file(model, "pair", DreamArtistCreate(), tmp_path, False)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    # Both halves of the new pair differ from the old in their numbers (an identical half could even come out
+    # byte-identical: the legacy .pt format keys storages by address, which the allocator may reuse).
+    changed = DreamArtistCreate(init_text="a dog", neg_init_text="a cat")
     real_write = embedding.save_pt
 
     def fail_on_negative(obj, path, overwrite=False, needed_bytes=0):
@@ -372,7 +375,7 @@ def test_a_pair_lands_together_or_not_at_all(tiny_model, tmp_path, monkeypatch) 
 
     monkeypatch.setattr(embedding, "save_pt", fail_on_negative)
     with pytest.raises(OSError):
-        create_file(model, "pair", DreamArtistCreate(init_text="a dog"), tmp_path, True)
+        create_file(model, "pair", changed, tmp_path, True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old pair intact, no temporaries
     monkeypatch.setattr(embedding, "save_pt", real_write)
 
@@ -388,7 +391,7 @@ def test_a_pair_lands_together_or_not_at_all(tiny_model, tmp_path, monkeypatch) 
 
     monkeypatch.setattr(atomic.os, "replace", killed_after_first_rename)
     with pytest.raises(KeyboardInterrupt):
-        create_file(model, "pair", DreamArtistCreate(init_text="a dog"), tmp_path, True)
+        create_file(model, "pair", changed, tmp_path, True)
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     remove_stale_temporaries(tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
